@@ -1,0 +1,7 @@
+"""autocompress: search per-layer pruning, quantization and distillation plans for causal LMs."""
+
+from autocompress.errors import UserError
+from autocompress.plan import CompressionPlan, LayerCompression
+
+__all__ = ["CompressionPlan", "LayerCompression", "UserError"]
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Calibration statistics at the input of every compressible Linear, from one pass of the dense model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from autocompress.methods import LayerStatistics, Statistic
+from autocompress.models import CompressibleLinear
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    linears: Iterable[CompressibleLinear],
+    tokens: torch.Tensor,
+    needs: set[Statistic],
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict[str, LayerStatistics]:
+    """Run the dense model over `tokens` and accumulate what the methods need, per Linear name.
+
+    Sums are kept in float32 on the model's device; nothing is collected when nothing is needed.
+    """
+    linears = list(linears)
+    statistics = {linear.name: LayerStatistics() for linear in linears}
+    if not needs:
+        return statistics
+
+    def accumulate(name: str):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            stats = statistics[name]
+            stats.n_tokens += x.shape[0]
+            if "input_sq_norms" in needs:
+                squares = x.square().sum(0)
+                stats.input_sq_norms = squares if stats.input_sq_norms is None else stats.input_sq_norms + squares
+            if "hessian" in needs:
+                outer = x.T @ x
+                stats.hessian = outer if stats.hessian is None else stats.hessian + outer
+
+        return hook
+
+    handles = [linear.module.register_forward_hook(accumulate(linear.name)) for linear in linears]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(tokens), batch_size), desc="calibration", disable=not progress, leave=False):
+            model(tokens[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics

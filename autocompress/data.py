@@ -1,0 +1,113 @@
+"""Text sources (the embedded default, a Hugging Face dataset, local files) into three disjoint token pools."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from autocompress.errors import UserError
+
+if TYPE_CHECKING:
+    from autocompress.config import DataConfig
+
+
+@dataclass(frozen=True)
+class TokenPools:
+    """Fixed-length token windows [n, seq_len]: calibration feeds the methods, fitness scores trials,
+    held-out judges the final frontier. No window appears in two pools."""
+
+    calibration: torch.Tensor
+    fitness: torch.Tensor
+    heldout: torch.Tensor
+
+
+def embedded_texts() -> list[str]:
+    """CPython's own English documentation, shipped in the stdlib: no download needed."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def dataset_texts(name: str, config: str | None, split: str, text_column: str) -> list[str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # datasets raises many unrelated types for a missing or unreachable set
+        raise UserError(f"data: dataset {name!r} cannot be loaded: {str(error).splitlines()[0]}") from error
+    if text_column not in dataset.column_names:
+        raise UserError(f"data: dataset {name!r} has no column {text_column!r}; it has {dataset.column_names}")
+    return [text for text in dataset[text_column] if text]
+
+
+def file_texts(paths: list[str], text_column: str) -> list[str]:
+    """Whole .txt files, or one record per line of .jsonl files (its `text_column` field)."""
+    texts = []
+    for raw in paths:
+        path = Path(raw)
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"data: cannot read {path}: {error}") from error
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(content.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(str(json.loads(line)[text_column]))
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise UserError(f"data: {path}:{number} is not a JSON object with {text_column!r}") from error
+        elif path.suffix == ".txt":
+            texts.append(content)
+        else:
+            raise UserError(f"data: {path} is neither .txt nor .jsonl")
+    return texts
+
+
+def load_texts(config: DataConfig) -> list[str]:
+    if config.source == "pydoc":
+        texts = embedded_texts()
+    elif config.source == "dataset":
+        texts = dataset_texts(config.dataset, config.dataset_config, config.split, config.text_column)
+    else:
+        texts = file_texts(config.files, config.text_column)
+    if not any(text.strip() for text in texts):
+        raise UserError(f"data: the {config.source} source holds no text")
+    return texts
+
+
+def token_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """All texts tokenized, joined with the end-of-sequence token, cut into windows of seq_len tokens."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for encoded in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.extend(separator)
+    count = len(ids) // seq_len
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).reshape(count, seq_len)
+
+
+def split_pools(windows: torch.Tensor, calibration: int, fitness: int, heldout: int, seed: int) -> TokenPools:
+    """A seeded shuffle of the windows, cut into three disjoint pools."""
+    needed = calibration + fitness + heldout
+    if needed > len(windows):
+        raise UserError(
+            f"data: the text gives {len(windows)} windows of {windows.shape[1]} tokens, "
+            f"but the pools ask for {needed} (calibration {calibration} + fitness {fitness} + heldout {heldout})"
+        )
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    return TokenPools(
+        calibration=windows[order[:calibration]],
+        fitness=windows[order[calibration : calibration + fitness]],
+        heldout=windows[order[calibration + fitness : needed]],
+    )
+
+
+def token_pools(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenPools:
+    windows = token_windows(load_texts(config), tokenizer, config.seq_len)
+    return split_pools(windows, config.calibration, config.fitness, config.heldout, config.seed)

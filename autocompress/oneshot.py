@@ -1,0 +1,56 @@
+"""Compress a model once with one plan and measure it against the dense model: what `apply` runs."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+from autocompress.calibration import collect_statistics
+from autocompress.compress import apply_plan, statistics_needed
+from autocompress.config import Config
+from autocompress.data import token_pools
+from autocompress.evaluate import evaluate
+from autocompress.models import compressible_linears, load_model
+from autocompress.plan import CompressionPlan
+from autocompress.size import model_size
+
+
+@dataclass(frozen=True)
+class OneshotResult:
+    dense_ppl: float
+    heldout_ppl: float
+    kl: float
+    size_bytes: int
+    dense_bytes: int
+    size_ratio: float
+    tokens_per_s: float
+    dense_tokens_per_s: float
+    per_layer_bytes: dict[str, int]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> OneshotResult:
+    model, tokenizer = load_model(**config.model.model_dump())
+    pools = token_pools(config.data, tokenizer)
+    batch_size = config.data.batch_size
+    dense = copy.deepcopy(model)
+    statistics = collect_statistics(
+        model, compressible_linears(model), pools.calibration, statistics_needed(plan), batch_size, progress
+    )
+    apply_plan(model, plan, statistics)
+    dense_metrics = evaluate(dense, pools.heldout, batch_size=batch_size)
+    metrics = evaluate(model, pools.heldout, reference=dense, batch_size=batch_size)
+    size = model_size(model, plan)
+    return OneshotResult(
+        dense_ppl=dense_metrics.ppl,
+        heldout_ppl=metrics.ppl,
+        kl=metrics.kl,
+        size_bytes=size.total_bytes,
+        dense_bytes=size.dense_bytes,
+        size_ratio=size.ratio,
+        tokens_per_s=metrics.tokens_per_s,
+        dense_tokens_per_s=dense_metrics.tokens_per_s,
+        per_layer_bytes=size.per_layer,
+    )

@@ -1,0 +1,73 @@
+"""Honest size: bytes as an exported artifact really stores them.
+
+A compressed Linear stores
+- its kept values at their bit-width, bit-packed (16-bit floats when not quantized);
+- a bitmask of kept positions (one bit per weight) when pruned;
+- one float16 scale per group, and for asymmetric grids one zero-point per group packed at the bit-width;
+- its bias, if any, in 16 bits.
+Each of these is a separate tensor rounded up to whole bytes. Everything that is not compressed
+(embeddings, norms, lm_head) is stored in 16 bits; tied weights count once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from autocompress.compress import sparsity_pattern
+from autocompress.methods.pruning import pruned_per_row
+from autocompress.methods.quantization import group_count
+from autocompress.models import compressible_linears
+from autocompress.plan import CompressionPlan, LayerCompression
+
+HALF_BYTES = 2
+
+
+def packed_bytes(count: int, bits: int) -> int:
+    return math.ceil(count * bits / 8)
+
+
+def linear_bytes(
+    out_features: int, in_features: int, setting: LayerCompression, plan: CompressionPlan, bias: bool = False
+) -> int:
+    """Bytes one Linear takes once compressed with `setting` under the plan-wide options of `plan`."""
+    total = out_features * in_features
+    kept = total - out_features * pruned_per_row(in_features, setting.sparsity, sparsity_pattern(plan))
+    size = packed_bytes(kept, setting.bits)
+    if setting.sparsity > 0:
+        size += packed_bytes(total, 1)
+    if setting.bits < 16:
+        groups = out_features * group_count(in_features, plan.group_size)
+        size += groups * HALF_BYTES
+        if not plan.symmetric:
+            size += packed_bytes(groups, setting.bits)
+    if bias:
+        size += out_features * HALF_BYTES
+    return size
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    total_bytes: int
+    dense_bytes: int  # the same model with every parameter in 16 bits
+    per_layer: dict[str, int]  # compressed Linear name -> bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.total_bytes / self.dense_bytes
+
+
+def model_size(model: nn.Module, plan: CompressionPlan) -> SizeReport:
+    linears = compressible_linears(model)
+    per_layer = {}
+    for linear in linears:
+        weight, bias = linear.module.weight, linear.module.bias
+        setting = plan.setting(linear.name, linear.block)
+        per_layer[linear.name] = linear_bytes(*weight.shape, setting, plan, bias=bias is not None)
+    compressed_ids = {id(parameter) for linear in linears for parameter in linear.module.parameters()}
+    parameters = list(model.parameters())  # tied parameters appear once
+    dense_bytes = sum(parameter.numel() for parameter in parameters) * HALF_BYTES
+    untouched = sum(p.numel() for p in parameters if id(p) not in compressed_ids) * HALF_BYTES
+    return SizeReport(total_bytes=untouched + sum(per_layer.values()), dense_bytes=dense_bytes, per_layer=per_layer)
