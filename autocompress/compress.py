@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from autocompress.errors import UserError
-from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, QuantSpec, SparsityPattern, Statistic
+from autocompress.methods import (
+    PRUNERS,
+    QUANTIZERS,
+    LayerStatistics,
+    QuantizedWeight,
+    QuantSpec,
+    SparsityPattern,
+    Statistic,
+)
 from autocompress.models import compressible_linears, unit_names
 from autocompress.plan import CompressionPlan, LayerCompression
 
@@ -28,28 +37,46 @@ def statistics_needed(plan: CompressionPlan) -> set[Statistic]:
     return needs
 
 
+@dataclass
+class CompressedLinear:
+    """One Linear as the plan leaves it: the weight it computes with, and what an artifact stores."""
+
+    weight: torch.Tensor  # the dense-shaped weight the compressed model runs with
+    mask: torch.Tensor | None  # kept positions, when pruned
+    quantized: QuantizedWeight | None  # codes and scales, when quantized
+
+
 def compress_weight(
     weight: torch.Tensor, setting: LayerCompression, plan: CompressionPlan, stats: LayerStatistics
-) -> torch.Tensor:
+) -> CompressedLinear:
     """One Linear's weight (out × in) compressed as the plan says, computed in float32."""
     compressed = weight.float()
-    mask = None
+    mask = quantized = None
     if setting.sparsity > 0:
         compressed = PRUNERS[plan.pruning].function(compressed, setting.sparsity, sparsity_pattern(plan), stats)
         mask = compressed != 0
     if setting.bits < 16:
         spec = QuantSpec(bits=setting.bits, group_size=plan.group_size, symmetric=plan.symmetric)
-        compressed = QUANTIZERS[plan.quantization].function(compressed, mask, spec, stats)
-    return compressed.to(weight.dtype)
+        quantized = QUANTIZERS[plan.quantization].function(compressed, mask, spec, stats)
+        compressed = quantized.dequantize()
+        if mask is not None:
+            compressed = compressed * mask
+    return CompressedLinear(compressed.to(weight.dtype), mask, quantized)
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: CompressionPlan, statistics: Mapping[str, LayerStatistics]) -> None:
-    """Compress the model in place. The result runs in plain transformers (masked, fake-quantized weights)."""
+def apply_plan(
+    model: nn.Module, plan: CompressionPlan, statistics: Mapping[str, LayerStatistics], keep: bool = False
+) -> dict[str, CompressedLinear]:
+    """Compress the model in place; it then runs in plain transformers (masked, fake-quantized weights).
+
+    With `keep`, return each compressed Linear's stored form (masks, codes, scales) by name, for export.
+    """
     try:
         plan.check_units(unit_names(model, plan.granularity))
     except ValueError as error:
         raise UserError(f"plan: {error}") from error
+    kept: dict[str, CompressedLinear] = {}
     for linear in compressible_linears(model):
         setting = plan.setting(linear.name, linear.block)
         if setting.is_identity:
@@ -59,4 +86,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, statistics: Mapping[str,
             compressed = compress_weight(linear.module.weight.data, setting, plan, stats)
         except ValueError as error:
             raise UserError(f"plan: cannot compress {linear.name}: {error}") from error
-        linear.module.weight.data.copy_(compressed)
+        linear.module.weight.data.copy_(compressed.weight)
+        if keep:
+            kept[linear.name] = compressed
+    return kept

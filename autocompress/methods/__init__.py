@@ -3,7 +3,8 @@
 A pruner takes a weight matrix (out × in), the fraction to prune, the sparsity pattern and the layer's
 calibration statistics, and returns the pruned matrix with exactly the requested number of zeros.
 A quantizer takes a weight matrix, the mask of kept weights (or None), a `QuantSpec` and the statistics,
-and returns the weights rounded to the values its format can store (fake quantization).
+and returns a `QuantizedWeight`: the codes and scales an artifact stores, which dequantize to the weights the
+compressed model computes with.
 Each registration names the calibration statistics its method needs, so they are collected only once
 and only when some method asks.
 """
@@ -47,8 +48,35 @@ class QuantSpec:
     symmetric: bool
 
 
+@dataclass
+class QuantizedWeight:
+    """A quantized weight matrix as it is stored: unsigned integer codes and per-group scales.
+
+    The value of a code is `(level(code) - zero) · scale` of its group, where `level` is the code itself on an
+    integer grid, or `levels[code]` for a non-uniform format (a lookup table of 2^bits values).
+    Symmetric integer grids store no zero-points: theirs is fixed at 2^(bits-1).
+    """
+
+    codes: torch.Tensor  # [out, in], uint8 (or a wider unsigned type), values in [0, 2^bits)
+    scale: torch.Tensor  # [out, groups], float16 as stored
+    zero: torch.Tensor  # [out, groups], integer-valued
+    bits: int
+    group_size: int  # -1: one group per row
+    symmetric: bool
+    levels: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        in_features = self.codes.shape[1]
+        size = in_features if self.group_size == -1 else self.group_size
+        values = self.codes.long() if self.levels is None else self.levels[self.codes.long()]
+        per_column = torch.arange(in_features, device=self.codes.device) // size
+        scale = self.scale.to(dtype)[:, per_column]
+        zero = self.zero.to(dtype)[:, per_column]
+        return (values.to(dtype) - zero) * scale
+
+
 Pruner = Callable[[torch.Tensor, float, SparsityPattern, LayerStatistics], torch.Tensor]
-Quantizer = Callable[[torch.Tensor, torch.Tensor | None, QuantSpec, LayerStatistics], torch.Tensor]
+Quantizer = Callable[[torch.Tensor, torch.Tensor | None, QuantSpec, LayerStatistics], QuantizedWeight]
 
 
 @dataclass(frozen=True)
@@ -61,8 +89,14 @@ PRUNERS: dict[str, Method] = {}
 QUANTIZERS: dict[str, Method] = {}
 
 
+def _check_unique(name: str) -> None:
+    if name in PRUNERS or name in QUANTIZERS:
+        raise ValueError(f"a method named {name!r} is already registered")
+
+
 def register_pruner(name: str, needs: tuple[Statistic, ...] = ()) -> Callable[[Pruner], Pruner]:
     def register(function: Pruner) -> Pruner:
+        _check_unique(name)
         PRUNERS[name] = Method(function, frozenset(needs))
         return function
 
@@ -71,6 +105,7 @@ def register_pruner(name: str, needs: tuple[Statistic, ...] = ()) -> Callable[[P
 
 def register_quantizer(name: str, needs: tuple[Statistic, ...] = ()) -> Callable[[Quantizer], Quantizer]:
     def register(function: Quantizer) -> Quantizer:
+        _check_unique(name)
         QUANTIZERS[name] = Method(function, frozenset(needs))
         return function
 
