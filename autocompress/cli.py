@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from autocompress.config import Config, describe_validation_error, load_config
+from autocompress.config import Config, describe_validation_error, load_config, parse_size
 from autocompress.errors import UserError
 from autocompress.methods import PRUNERS, QUANTIZERS
 from autocompress.plan import CompressionPlan
@@ -57,6 +57,93 @@ def command_apply(args: argparse.Namespace) -> None:
     print(f"throughput                      {result.tokens_per_s:10.1f} tokens/s")
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from '90', '90s', '30m', '8h' or '1d'."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 90s, 30m, 8h") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
+    return seconds
+
+
+def study_location(name: str, args: argparse.Namespace):
+    from autocompress.search import StudyLocation
+
+    return StudyLocation.resolve(name, args.out, args.storage)
+
+
+def command_search(args: argparse.Namespace) -> None:
+    from autocompress.search import run_search
+
+    config = load_config(args.config)
+    location = study_location(args.study or Path(args.config).stem, args)
+    study = run_search(config, location, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+    print(
+        f"study {location.name!r}: {len(study.trials)} trials in {location.storage_url}; outputs in {location.out_dir}"
+    )
+
+
+def command_frontier(args: argparse.Namespace) -> None:
+    from autocompress.frontier import frontier_points
+    from autocompress.search.study import dense_bytes_of, judge_frontier, load_existing
+
+    location = study_location(args.study, args)
+    study, config = load_existing(location)
+    alpha = config.search.alpha if args.alpha is None else args.alpha
+    beta = config.search.beta if args.beta is None else args.beta
+    limit = args.max_size if args.max_size is not None else config.search.max_size
+    dense_bytes = dense_bytes_of(study)
+    try:
+        max_bytes = None if limit is None or dense_bytes is None else parse_size(limit, dense_bytes)
+    except ValueError as error:
+        raise UserError(f"--max-size: {error}") from error
+    judge_frontier(study, config, location, max_bytes)
+    points = frontier_points(study, max_bytes, alpha, beta)
+    if args.json:
+        print(json.dumps([{**vars(point), "objective": point.objective} for point in points], indent=2))
+        return
+    print(
+        f"{'rank':>4} {'trial':>5} {'loss':>9} {'size_bytes':>12} {'size':>7} {'objective':>9} "
+        f"{'heldout_ppl':>11} {'heldout_kl':>10}"
+    )
+    for rank, point in enumerate(points, start=1):
+        ppl = "" if point.heldout_ppl is None else f"{point.heldout_ppl:.3f}"
+        kl = "" if point.heldout_kl is None else f"{point.heldout_kl:.4f}"
+        print(
+            f"{rank:>4} {point.trial:>5} {point.loss:>9.4f} {point.size_bytes:>12,d} {point.size_ratio:>7.1%} "
+            f"{point.objective:>9.4f} {ppl:>11} {kl:>10}{'  (uniform seed)' if point.is_seed else ''}"
+        )
+
+
+def command_report(args: argparse.Namespace) -> None:
+    from autocompress.report import write_outputs
+    from autocompress.search.study import dense_bytes_of, judge_frontier, load_existing
+
+    location = study_location(args.study, args)
+    study, config = load_existing(location)
+    dense_bytes = dense_bytes_of(study)
+    limit = config.search.max_size
+    judge_frontier(
+        study, config, location, None if limit is None or dense_bytes is None else parse_size(limit, dense_bytes)
+    )
+    write_outputs(study, location, config)
+    print(f"wrote {location.out_dir}/report.md, trials.csv, frontier.csv, pareto.png")
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, study_required: bool) -> None:
+    parser.add_argument("--study", required=study_required, help="study name (default: the config file's name)")
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: sqlite:///OUT/STUDY/study.db); "
+        "postgresql://..., or a journal file ending in .log",
+    )
+    parser.add_argument("--out", default="results", help="folder holding each study's outputs (default: results)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autocompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--plan", help="a CompressionPlan JSON file instead of a uniform plan")
     apply.add_argument("--json", action="store_true", help="print one JSON object")
     apply.set_defaults(run=command_apply)
+
+    search = commands.add_parser("search", help="run or resume a study over per-layer compression plans")
+    search.add_argument("config", help="search space YAML (model, data, compression, search)")
+    add_study_arguments(search, study_required=False)
+    search.add_argument("--n-trials", type=int, help="stop once the study holds this many complete trials")
+    search.add_argument("--timeout", type=parse_duration, help="stop starting trials after this long (90s, 30m, 8h)")
+    search.add_argument("--quiet", action="store_true", help="no progress bars")
+    search.set_defaults(run=command_search)
+
+    frontier = commands.add_parser("frontier", help="the Pareto frontier of a study, ranked by alpha*Loss + beta*Size")
+    add_study_arguments(frontier, study_required=True)
+    frontier.add_argument("--alpha", type=float, help="weight of Loss (default: the study's)")
+    frontier.add_argument("--beta", type=float, help="weight of Size (default: the study's)")
+    frontier.add_argument("--max-size", help="only plans up to this size: bytes ('80MB') or a fraction ('0.5')")
+    frontier.add_argument("--json", action="store_true", help="print JSON")
+    frontier.set_defaults(run=command_frontier)
+
+    report = commands.add_parser("report", help="write a study's outputs (trials.csv, frontier.csv, plots, report.md)")
+    add_study_arguments(report, study_required=True)
+    report.set_defaults(run=command_report)
     return parser
 
 
@@ -81,5 +188,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"autocompress: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("autocompress: interrupted", file=sys.stderr)
+        print("autocompress: interrupted; the study is saved and resumes where it stopped", file=sys.stderr)
         sys.exit(130)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +66,16 @@ def compress_weight(
 
 @torch.no_grad()
 def apply_plan(
-    model: nn.Module, plan: CompressionPlan, statistics: Mapping[str, LayerStatistics], keep: bool = False
+    model: nn.Module,
+    plan: CompressionPlan,
+    statistics: Mapping[str, LayerStatistics],
+    keep: bool = False,
+    only: Collection[str] | None = None,
 ) -> dict[str, CompressedLinear]:
     """Compress the model in place; it then runs in plain transformers (masked, fake-quantized weights).
 
     With `keep`, return each compressed Linear's stored form (masks, codes, scales) by name, for export.
+    With `only`, compress just the Linears of those names (the others are assumed to hold their plan already).
     """
     try:
         plan.check_units(unit_names(model, plan.granularity))
@@ -79,7 +84,7 @@ def apply_plan(
     kept: dict[str, CompressedLinear] = {}
     for linear in compressible_linears(model):
         setting = plan.setting(linear.name, linear.block)
-        if setting.is_identity:
+        if setting.is_identity or (only is not None and linear.name not in only):
             continue
         stats = statistics.get(linear.name, LayerStatistics())
         try:

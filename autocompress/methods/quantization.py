@@ -24,17 +24,20 @@ def grid_parameters(
     Scales are rounded to float16, the dtype they are stored in, so fake quantization computes exactly
     what an exported artifact holds. Zero-points are integer codes; a symmetric grid's is 2^(bits-1).
     """
-    kept = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask
     if spec.symmetric:
-        scale = torch.where(kept, weight.abs(), 0).amax(-1, keepdim=True) / (2 ** (spec.bits - 1) - 1)
+        magnitude = weight.abs() if mask is None else torch.where(mask, weight.abs(), 0)
+        scale = magnitude.amax(-1, keepdim=True) / (2 ** (spec.bits - 1) - 1)
     else:
-        low = torch.where(kept, weight, math.inf).amin(-1, keepdim=True)
-        high = torch.where(kept, weight, -math.inf).amax(-1, keepdim=True)
-        empty = torch.isinf(low)
+        if mask is None:
+            low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
+        else:
+            low = torch.where(mask, weight, math.inf).amin(-1, keepdim=True)
+            high = torch.where(mask, weight, -math.inf).amax(-1, keepdim=True)
+            empty = torch.isinf(low)
+            low, high = torch.where(empty, 0.0, low), torch.where(empty, 0.0, high)
         # The range always holds 0: the zero-point is a code in [0, 2^bits), so a grid whose values all share
         # a sign could not otherwise reach them (every weight would clamp to the grid's end).
-        low = torch.where(empty, 0.0, low).clamp(max=0.0)
-        high = torch.where(empty, 0.0, high).clamp(min=0.0)
+        low, high = low.clamp(max=0.0), high.clamp(min=0.0)
         scale = (high - low) / (2**spec.bits - 1)
     scale = scale.to(torch.float16).to(weight.dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -56,8 +59,10 @@ def quantize_rtn(weight: torch.Tensor, mask: torch.Tensor | None, spec: QuantSpe
     size = effective_group_size(in_features, spec.group_size)
     padding = group_count(in_features, spec.group_size) * size - in_features
     grouped = F.pad(weight, (0, padding)).reshape(out_features, -1, size)
-    kept = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask
-    grouped_mask = F.pad(kept, (0, padding), value=False).reshape(out_features, -1, size)
+    grouped_mask = None
+    if mask is not None or padding:  # the padding must not widen a group's range
+        kept = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask
+        grouped_mask = F.pad(kept, (0, padding), value=False).reshape(out_features, -1, size)
     scale, zero = grid_parameters(grouped, grouped_mask, spec)
     codes = encode(grouped, scale, zero, spec.bits).reshape(out_features, -1)[:, :in_features]
     return _stored(codes, scale.squeeze(-1), zero.squeeze(-1), spec, size)

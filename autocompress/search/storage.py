@@ -1,0 +1,50 @@
+"""Study storage: SQLite by default, any SQLAlchemy URL (PostgreSQL), or an Optuna journal file."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+
+from autocompress.errors import UserError
+
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+MAX_RETRIES = 3
+
+
+def default_storage_url(study_dir: Path) -> str:
+    return f"sqlite:///{study_dir / 'study.db'}"
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> BaseStorage:
+    """An Optuna storage for `url`. RDB storages get heartbeats: a killed process's trial is re-run."""
+    if url.startswith("journal:") or url.endswith(JOURNAL_SUFFIXES):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    heartbeat = {}
+    if heartbeat_interval is not None:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        heartbeat = {
+            "heartbeat_interval": heartbeat_interval,
+            "grace_period": grace_period,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+        }
+    try:
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    except Exception as error:  # SQLAlchemy raises many types for bad URLs and unreachable servers
+        raise UserError(f"storage {url!r} cannot be opened: {str(error).splitlines()[0]}") from error
+
+
+def load_study(name: str, storage: BaseStorage) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError as error:
+        known = [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
+        raise UserError(f"no study named {name!r} in that storage; it has: {', '.join(known) or 'none'}") from error

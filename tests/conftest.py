@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny randomly initialized Llama with a word-level tokenizer, saved as a model folder."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY_WORDS = [f"w{index}" for index in range(200)]
+SPECIAL_TOKENS = ["<unk>", "</s>"]
+
+
+def tiny_llama_config(tie_word_embeddings: bool = True) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=1,
+        bos_token_id=1,
+        pad_token_id=None,
+    )
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per whitespace-separated word: `w0`..`w199`, plus `<unk>` (0) and `</s>` (1)."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + TINY_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+
+
+def random_text(words: int, seed: int = 0) -> str:
+    """`words` tokens of the tiny vocabulary, chosen at random (so token windows are all different)."""
+    generator = random.Random(seed)
+    return " ".join(generator.choice(TINY_WORDS) for _ in range(words))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder `autocompress.models.load_model` loads: a seeded 2-block Llama (float32) and its tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    """A fresh, seeded tiny Llama in memory (no tokenizer), for tests that change its weights."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture
+def untied_tiny_model() -> LlamaForCausalLM:
+    """The tiny Llama with a separate lm_head instead of one tied to the embeddings."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny model's word-level tokenizer."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def write_corpus(tmp_path: Path) -> Callable[..., Path]:
+    """`write_corpus(words, name="corpus.txt", seed=0)`: a .txt file in tmp_path of `words` random tiny-vocabulary
+    words (one token each), so its token windows are all different."""
+
+    def write(words: int, name: str = "corpus.txt", seed: int = 0) -> Path:
+        path = tmp_path / name
+        path.write_text(random_text(words, seed), encoding="utf-8")
+        return path
+
+    return write

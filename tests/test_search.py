@@ -1,0 +1,355 @@
+"""The search: an Optuna study over per-unit plans that survives kills, failures and concurrent workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from autocompress.cli import main
+from autocompress.config import Config
+from autocompress.frontier import frontier_trials, non_dominated
+from autocompress.search import StudyLocation, run_search
+from autocompress.search.storage import open_storage
+from autocompress.session import CompressionSession
+from tests.conftest import random_text
+
+CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
+POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def space_file(tmp_path: Path, tiny_model_dir: Path):
+    """Write a search-space YAML for the tiny model; keyword arguments override `search` fields."""
+
+    def write(fitness: int = 4, **search: object) -> Path:
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text(random_text(8000, seed=1))
+        config = {
+            "model": {"name": str(tiny_model_dir), "device": "cpu"},
+            "data": {
+                "source": "files",
+                "files": [str(corpus)],
+                "seq_len": 32,
+                "calibration": 4,
+                "fitness": fitness,
+                "heldout": 4,
+            },
+            "compression": {"pruning": "wanda", "quantization": "rtn", "group_size": 32},
+            "search": {
+                "sparsity": [0.0, 0.3, 0.6],
+                "bits": [4, 8, 16],
+                "n_trials": 10,
+                "seed": 0,
+                "heartbeat_interval": 1,
+                "grace_period": 2,
+            }
+            | search,
+        }
+        path = tmp_path / "space.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write
+
+
+def load(path: Path) -> Config:
+    return Config.model_validate(yaml.safe_load(path.read_text()))
+
+
+def complete_trials(study: optuna.Study) -> list:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def test_a_search_writes_trials_frontier_plot_and_report(tmp_path: Path, space_file) -> None:
+    location = StudyLocation.resolve("tiny", tmp_path / "results")
+    study = run_search(load(space_file()), location, n_trials=10, progress=False)
+
+    assert len(complete_trials(study)) >= 10
+    for name in ("trials.csv", "frontier.csv", "pareto.png", "report.md"):
+        assert (location.out_dir / name).stat().st_size > 0, name
+    trials = pd.read_csv(location.out_dir / "trials.csv")
+    assert {"number", "state", "loss", "size_bytes", "size_ratio", "objective", "seconds", "stitch_s", "eval_s"} <= set(
+        trials.columns
+    )
+    assert any(column.endswith(".sparsity") for column in trials.columns)
+    frontier = pd.read_csv(location.out_dir / "frontier.csv")
+    assert {"trial", "loss", "size_bytes", "size_ratio", "objective", "heldout_ppl", "heldout_kl"} <= set(
+        frontier.columns
+    )
+    assert frontier["heldout_ppl"].notna().all() and frontier["heldout_kl"].notna().all()
+
+
+def test_the_frontier_is_non_dominated_and_keeps_every_non_dominated_uniform_seed(tmp_path: Path, space_file) -> None:
+    study = run_search(load(space_file()), StudyLocation.resolve("tiny", tmp_path), n_trials=10, progress=False)
+    scored = complete_trials(study)
+    front = {trial.number for trial in frontier_trials(study)}
+    for member in front:
+        mine = study.trials[member].user_attrs
+        for other in scored:
+            theirs = other.user_attrs
+            dominates = (
+                theirs["loss"] <= mine["loss"]
+                and theirs["size_bytes"] <= mine["size_bytes"]
+                and (theirs["loss"], theirs["size_bytes"]) != (mine["loss"], mine["size_bytes"])
+            )
+            assert not dominates, f"trial {other.number} dominates frontier member {member}"
+    seeds = [trial for trial in scored if trial.user_attrs.get("seed")]
+    assert len(seeds) == 5  # three sparsity levels at 16 bits, two more bit-widths unpruned
+    for seed in seeds:
+        beaten = any(
+            other.user_attrs["loss"] <= seed.user_attrs["loss"]
+            and other.user_attrs["size_bytes"] <= seed.user_attrs["size_bytes"]
+            and (other.user_attrs["loss"], other.user_attrs["size_bytes"])
+            != (seed.user_attrs["loss"], seed.user_attrs["size_bytes"])
+            for other in scored
+        )
+        assert (
+            beaten
+            or seed.number in front
+            or any(
+                (study.trials[m].user_attrs["loss"], study.trials[m].user_attrs["size_bytes"])
+                == (seed.user_attrs["loss"], seed.user_attrs["size_bytes"])
+                for m in front
+            )
+        )
+
+
+def test_non_dominated_keeps_exactly_the_pareto_points() -> None:
+    points = [(1.0, 5.0), (2.0, 3.0), (2.5, 3.0), (0.5, 9.0), (3.0, 1.0), (3.0, 2.0), (2.0, 3.0)]
+    assert non_dominated(points) == [0, 1, 3, 4]
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
+    tmp_path: Path, space_file, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_measure = CompressionSession.measure
+    calls = {"fitness": 0}
+
+    def measure_with_one_failure(self, plan, pool="fitness"):
+        if pool == "fitness":
+            calls["fitness"] += 1
+            if calls["fitness"] == 3:
+                raise RuntimeError("CUDA out of memory (simulated)")
+        return real_measure(self, plan, pool)
+
+    monkeypatch.setattr(CompressionSession, "measure", measure_with_one_failure)
+    study = run_search(load(space_file()), StudyLocation.resolve("tiny", tmp_path), n_trials=6, progress=False)
+
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1
+    assert failed[0].user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert len(complete_trials(study)) == 6
+    trials = pd.read_csv(tmp_path / "tiny" / "trials.csv")
+    assert (trials["state"] == "FAIL").sum() == 1
+
+
+def test_scalar_objective_minimizes_alpha_loss_plus_beta_size(tmp_path: Path, space_file) -> None:
+    study = run_search(
+        load(space_file(objective="scalar", alpha=2.0, beta=0.5)),
+        StudyLocation.resolve("tiny", tmp_path),
+        n_trials=6,
+        progress=False,
+    )
+    assert len(study.directions) == 1
+    for trial in complete_trials(study):
+        attrs = trial.user_attrs
+        assert trial.value == pytest.approx(2.0 * attrs["loss"] + 0.5 * attrs["size_ratio"])
+
+
+def test_a_size_limit_keeps_larger_plans_off_the_frontier(tmp_path: Path, space_file) -> None:
+    study = run_search(
+        load(space_file(max_size=0.6)), StudyLocation.resolve("tiny", tmp_path), n_trials=8, progress=False
+    )
+    assert any(trial.user_attrs["size_ratio"] > 0.6 for trial in complete_trials(study))
+    dense_bytes = (
+        complete_trials(study)[0].user_attrs["size_bytes"] / complete_trials(study)[0].user_attrs["size_ratio"]
+    )
+    front = frontier_trials(study, max_bytes=int(0.6 * dense_bytes))
+    assert front and all(trial.user_attrs["size_ratio"] <= 0.6 for trial in front)
+    assert all(
+        trial.user_attrs["size_over_limit"] > 0
+        for trial in complete_trials(study)
+        if trial.user_attrs["size_ratio"] > 0.6
+    )
+
+
+def test_running_search_again_continues_the_study(tmp_path: Path, space_file) -> None:
+    config, location = load(space_file()), StudyLocation.resolve("tiny", tmp_path)
+    first = run_search(config, location, n_trials=6, progress=False)
+    numbers = {trial.number for trial in complete_trials(first)}
+    second = run_search(config, location, n_trials=9, progress=False)
+    assert numbers <= {trial.number for trial in complete_trials(second)}
+    assert len(complete_trials(second)) == 9
+
+
+def test_a_changed_search_space_is_refused_on_resume(tmp_path: Path, space_file, capsys) -> None:
+    out = tmp_path / "results"
+    main(["search", str(space_file()), "--study", "s", "--out", str(out), "--n-trials", "2", "--quiet"])
+    changed = space_file(bits=[2, 16])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", str(changed), "--study", "s", "--out", str(out), "--n-trials", "3", "--quiet"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "different search space" in error[0]
+
+
+@pytest.mark.parametrize(
+    ("search", "named"),
+    [
+        ({"sampler": "annealing"}, "search.sampler"),
+        ({"bits": [7]}, "bits"),
+        ({"budget": 3}, "search.budget"),
+        ({"sparsity": {"low": 0, "high": 0.5, "step": 0.2}}, "whole number of steps"),
+    ],
+)
+def test_bad_search_yaml_gives_a_one_line_error(tmp_path: Path, space_file, search: dict, named: str) -> None:
+    result = subprocess.run(
+        [*CLI, "search", str(space_file(**search)), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autocompress: error:") and named in lines[0]
+
+
+def test_frontier_command_prints_ranked_json_with_heldout_figures(tmp_path: Path, space_file, capsys) -> None:
+    out = tmp_path / "results"
+    main(["search", str(space_file()), "--study", "f", "--out", str(out), "--n-trials", "6", "--quiet"])
+    capsys.readouterr()
+    main(["frontier", "--study", "f", "--out", str(out), "--json", "--alpha", "1", "--beta", "2"])
+    points = json.loads(capsys.readouterr().out)
+    assert points and all(point["heldout_ppl"] > 1 for point in points)
+    objectives = [point["loss"] + 2 * point["size_ratio"] for point in points]
+    assert objectives == sorted(objectives)
+    assert [point["objective"] for point in points] == pytest.approx(objectives)
+
+
+def test_frontier_of_an_unknown_study_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frontier", "--study", "nothing-here", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "run `autocompress search` first" in capsys.readouterr().err
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_kill_9_loses_no_trial_and_reruns_the_stale_one(tmp_path: Path, space_file) -> None:
+    space = space_file(fitness=64)  # trials long enough to be killed in the middle of one
+    out = tmp_path / "results"
+    command = [*CLI, "search", str(space), "--study", "k", "--out", str(out), "--n-trials", "8", "--quiet"]
+    storage_url = f"sqlite:///{out / 'k' / 'study.db'}"
+
+    def states() -> list[TrialState]:
+        try:
+            study = optuna.load_study(study_name="k", storage=storage_url)
+        except Exception:
+            return []
+        return [trial.state for trial in study.get_trials(deepcopy=False)]
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(
+            lambda: states().count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in states(),
+            180,
+            "two complete trials and one running",
+        )
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    before = optuna.load_study(study_name="k", storage=storage_url)
+    completed_before = {trial.number: trial.values for trial in complete_trials(before)}
+    stale = [trial.number for trial in before.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    assert stale
+
+    time.sleep(3)  # past the grace period: the killed trial's heartbeat is stale
+    subprocess.run(command, check=True, timeout=300, capture_output=True)
+
+    after = optuna.load_study(study_name="k", storage=open_storage(storage_url))
+    completed_after = {trial.number: trial.values for trial in complete_trials(after)}
+    assert len(completed_after) >= 8
+    for number, values in completed_before.items():
+        assert completed_after[number] == values
+    assert after.trials[stale[0]].state == TrialState.FAIL
+    retried = [trial for trial in complete_trials(after) if trial.system_attrs.get("failed_trial") == stale[0]]
+    assert len(retried) == 1, "the killed trial is re-run once"
+    assert retried[0].params == after.trials[stale[0]].params
+
+
+def postgres_available() -> bool:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(POSTGRES_URL).connect():
+            return True
+    except Exception:
+        return False
+
+
+def storage_urls() -> list:
+    postgres = pytest.param(
+        POSTGRES_URL,
+        id="postgresql",
+        marks=pytest.mark.skipif(
+            not os.environ.get("CI") and not postgres_available(),
+            reason="no PostgreSQL server on 127.0.0.1:5432 (under CI=true this test fails instead)",
+        ),
+    )
+    return [pytest.param(None, id="sqlite"), postgres]
+
+
+@pytest.mark.parametrize("storage", storage_urls())
+def test_two_concurrent_searches_on_one_study_lose_and_duplicate_no_trial(
+    tmp_path: Path, space_file, storage: str | None
+) -> None:
+    study_name = f"concurrent-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "results"
+    command = [
+        *CLI,
+        "search",
+        str(space_file(fitness=16)),
+        "--study",
+        study_name,
+        "--out",
+        str(out),
+        "--n-trials",
+        "12",
+        "--quiet",
+    ]
+    if storage:
+        command += ["--storage", storage]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr[-2000:]
+
+    url = storage or f"sqlite:///{out / study_name / 'study.db'}"
+    study = optuna.load_study(study_name=study_name, storage=url)
+    try:
+        trials = study.get_trials(deepcopy=False)
+        complete = complete_trials(study)
+        assert len(complete) >= 12
+        assert all(trial.state == TrialState.COMPLETE for trial in trials)
+        assert len({trial.number for trial in trials}) == len(trials)
+        seeds = [json.dumps(trial.params, sort_keys=True) for trial in complete if trial.user_attrs.get("seed")]
+        assert len(seeds) == 5 and len(set(seeds)) == 5, "each uniform seed is evaluated exactly once"
+    finally:
+        if storage:
+            optuna.delete_study(study_name=study_name, storage=url)
