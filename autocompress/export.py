@@ -13,11 +13,13 @@ An artifact folder holds
   package versions, and the sha256 of model.safetensors.
 - `config.json`, `generation_config.json` and the tokenizer files, as Hugging Face writes them.
 
-Only safetensors is read back, never pickle. `write_hf_folder` writes a plain dense Hugging Face folder instead.
+Only safetensors is read back, never pickle. `write_hf_folder` writes a plain dense Hugging Face folder instead
+(with the plan and provenance in `autocompress.json`); `autocompress.serving` writes GGUF for llama.cpp.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -44,6 +46,7 @@ FORMAT = "autocompress"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+PROVENANCE_FILE = "autocompress.json"  # beside a plain Hugging Face folder
 
 
 def storage_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,6 +131,8 @@ def _compressed_tensors(
         raise ValueError(f"{name}: codes of shape {tuple(codes.shape)} for a weight of {tuple(linear.weight.shape)}")
     kept_codes = codes.reshape(-1) if mask is None else codes[mask]
     tensors[f"{name}.codes"] = pack(kept_codes, quantized.bits)
+    if getattr(quantized, "format", None) is not None:
+        return tensors | _format_tensors(name, quantized), entry | _format_entry(quantized)
     tensors[f"{name}.scale"] = quantized.scale.detach().cpu().to(torch.float16).contiguous()
     zero = quantized.zero.detach().cpu()
     if quantized.symmetric:
@@ -147,6 +152,67 @@ def _compressed_tensors(
         levels=quantized.levels is not None,
     )
     return tensors, entry
+
+
+def _format_tensors(name: str, quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A named number format's scales as it stores them; its levels table is named in the manifest, not stored."""
+    from autocompress.methods.formats import scale_codes
+
+    if not torch.all(quantized.zero == 0):
+        raise ValueError(f"{name}: a {quantized.format} weight's zero-points must all be 0")
+    tensors: dict[str, torch.Tensor] = {}
+    scale = quantized.scale.detach().cpu()
+    if quantized.scale_format == "float16":
+        tensors[f"{name}.scale"] = scale.to(torch.float16).contiguous()
+    elif quantized.scale_format in ("e8m0", "e4m3"):
+        tensors[f"{name}.scale"] = scale_codes(scale, quantized.scale_format).contiguous()
+    if quantized.tensor_scale is not None:
+        tensors[f"{name}.tensor_scale"] = torch.tensor([quantized.tensor_scale], dtype=torch.float32)
+    return tensors
+
+
+def _format_entry(quantized: QuantizedWeight) -> dict[str, Any]:
+    return {
+        "bits": quantized.bits,
+        "group_size": quantized.group_size,
+        "symmetric": False,
+        "groups": int(quantized.scale.shape[1]),
+        "levels": False,
+        "format": quantized.format,
+        "scale_format": quantized.scale_format,
+        "tensor_scale": quantized.tensor_scale is not None,
+    }
+
+
+def _format_weight(
+    name: str, entry: Mapping[str, Any], codes: torch.Tensor, tensors: Mapping[str, torch.Tensor], file: Path
+) -> QuantizedWeight:
+    """The QuantizedWeight of a named number format, from its codes, stored scales and the format's levels."""
+    from autocompress.methods.formats import FORMATS, levels_tensor, scales_from_codes
+
+    if entry["format"] not in FORMATS:
+        raise ValueError(f"unknown number format {entry['format']!r}")
+    shape = (entry["shape"][0], entry["groups"])
+    scale_format = entry["scale_format"]
+    if scale_format == "none":
+        scale = torch.ones(shape, dtype=torch.float32)
+    else:
+        stored = _tensor(tensors, f"{name}.scale", file)
+        scale = stored if scale_format == "float16" else scales_from_codes(stored, scale_format)
+        scale = scale.reshape(shape)
+    tensor_scale = float(_tensor(tensors, f"{name}.tensor_scale", file)[0]) if entry["tensor_scale"] else None
+    return QuantizedWeight(
+        codes=codes,
+        scale=scale,
+        zero=torch.zeros(shape, dtype=torch.float32),
+        bits=entry["bits"],
+        group_size=entry["group_size"],
+        symmetric=False,
+        levels=levels_tensor(FORMATS[entry["format"]].element),
+        format=entry["format"],
+        scale_format=scale_format,
+        tensor_scale=tensor_scale,
+    )
 
 
 def _artifact_tensors(
@@ -262,6 +328,7 @@ def export_compressed(
 
     def write(folder: Path) -> None:
         save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        (folder / WEIGHTS_FILE).chmod(0o644)  # safetensors writes it owner-only; an artifact is meant to be shared
         manifest["files"] = {
             WEIGHTS_FILE: {
                 "sha256": sha256_file(folder / WEIGHTS_FILE),
@@ -285,8 +352,12 @@ def write_hf_folder(
     out_dir: Path | str,
     dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A plain Hugging Face folder (safetensors) of the model's dense weights in `dtype`, for tools that need one."""
+    """A plain Hugging Face folder (safetensors) of the model's dense weights in `dtype`, for tools that need one.
+
+    With `provenance`, it is written beside the weights as `autocompress.json` (the folder stays a plain one).
+    """
     out_dir = _prepare_out_dir(out_dir, overwrite)
     if isinstance(dtype, str):
         dtype = _torch_dtype(dtype, "write_hf_folder")
@@ -302,6 +373,9 @@ def write_hf_folder(
         dense.save_pretrained(folder)  # safetensors, the default
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        if provenance is not None:
+            text = json.dumps({"format": "hf", **provenance}, indent=2, default=_json_default)
+            (folder / PROVENANCE_FILE).write_text(text + "\n")
 
     return _staged_write(out_dir, write)
 
@@ -353,6 +427,9 @@ def rebuild_weight(
         else:
             codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
             codes[mask] = kept_codes
+        if entry.get("format"):
+            weight = _format_weight(name, entry, codes, tensors, file).dequantize(torch.float32)
+            return weight if mask is None else weight * mask
         scale = _tensor(tensors, f"{name}.scale", file)
         if entry["symmetric"]:
             zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.float32)
@@ -364,6 +441,15 @@ def rebuild_weight(
         return weight if mask is None else weight * mask
     except (ValueError, RuntimeError, IndexError) as error:
         raise UserError(f"{file}: the tensors of {name} do not fit its manifest entry: {error}") from error
+
+
+def _no_init_weights():
+    """transformers' context that skips random weight initialization, where this version has it."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialize, only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def load(path: Path | str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
@@ -392,7 +478,9 @@ def load(path: Path | str, dtype: torch.dtype | str | None = None, device: str |
         raise UserError(f"{path}: config.json is missing")
     try:
         config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with _no_init_weights():  # every weight is loaded below; random init would only cost time
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # skipped with the initialization
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"{path / 'config.json'}: cannot build the model: {error}") from error
 

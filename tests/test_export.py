@@ -19,6 +19,7 @@ from autocompress.compress import apply_plan, statistics_needed
 from autocompress.errors import UserError
 from autocompress.export import export_compressed, load, read_manifest, sha256_file, write_hf_folder
 from autocompress.methods import PRUNERS, QUANTIZERS
+from autocompress.methods.formats import FORMATS, format_storage
 from autocompress.models import compressible_linears
 from autocompress.packing import pack, pack_mask, packed_length, unpack, unpack_mask
 from autocompress.plan import CompressionPlan, LayerCompression
@@ -316,11 +317,32 @@ METHOD_PAIRS += [("magnitude", quantization) for quantization in sorted(QUANTIZE
 @pytest.mark.parametrize(("pruning", "quantization"), METHOD_PAIRS)
 def test_every_registered_method_exports_what_it_computes(pruning: str, quantization: str, tmp_path) -> None:
     model = tiny_model(hidden_size=64, intermediate_size=128)
+    bits = FORMATS[quantization].bits if quantization in FORMATS else 4  # a number format has its own bits
     plan = CompressionPlan.uniform(
-        sparsity=0.5, bits=4, pruning=pruning, quantization=quantization, group_size=32, granularity="linear"
+        sparsity=0.5, bits=bits, pruning=pruning, quantization=quantization, group_size=32, granularity="linear"
     )
     compressed = compress(model, plan)
     loaded, _ = load(export_compressed(model, None, plan, compressed, tmp_path / "out", {}))
+    for linear in compressible_linears(model):
+        assert torch.equal(loaded.get_submodule(linear.name).weight, linear.module.weight), linear.name
+
+
+@pytest.mark.parametrize("quantization", sorted(FORMATS))
+def test_number_formats_store_codes_and_scales_as_their_accounting_says(quantization: str, tmp_path) -> None:
+    model = tiny_model(hidden_size=64, intermediate_size=128)
+    plan = CompressionPlan.uniform(
+        bits=FORMATS[quantization].bits, quantization=quantization, group_size=32, granularity="linear"
+    )
+    path = export_compressed(model, None, plan, compress(model, plan), tmp_path / "out", {})
+    tensors = load_file(path / "model.safetensors")
+    manifest = read_manifest(path)
+    for linear in compressible_linears(model):
+        name = linear.name
+        assert manifest["layers"][name]["format"] == quantization
+        assert f"{name}.zero" not in tensors and f"{name}.levels" not in tensors  # zero is 0; levels are named
+        stored = sum(tensor.nbytes for key, tensor in tensors.items() if key.startswith(f"{name}."))
+        assert stored == format_storage(quantization, *linear.module.weight.shape, group_size=32).total, name
+    loaded, _ = load(path)
     for linear in compressible_linears(model):
         assert torch.equal(loaded.get_submodule(linear.name).weight, linear.module.weight), linear.name
 
