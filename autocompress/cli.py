@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,15 +77,57 @@ def study_location(name: str, args: argparse.Namespace):
     return StudyLocation.resolve(name, args.out, args.storage)
 
 
+RAY_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "concurrency", "max_failures")
+
+
 def command_search(args: argparse.Namespace) -> None:
     from autocompress.search import run_search
 
     config = load_config(args.config)
     location = study_location(args.study or Path(args.config).stem, args)
-    study = run_search(config, location, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+    if args.backend == "ray":
+        from autocompress.search.ray_backend import run_ray_search
+
+        study = run_ray_search(
+            config,
+            location,
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            progress=not args.quiet,
+            address=args.address,
+            cpus_per_trial=1.0 if args.cpus_per_trial is None else args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            concurrency=args.concurrency,
+            max_failures=3 if args.max_failures is None else args.max_failures,
+        )
+    else:
+        given = [flag for flag in RAY_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} goes with --backend ray")
+        study = run_search(config, location, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
     print(
         f"study {location.name!r}: {len(study.trials)} trials in {location.storage_url}; outputs in {location.out_dir}"
     )
+
+
+def command_worker(args: argparse.Namespace) -> None:
+    from autocompress.search.worker import run_worker, run_workers
+
+    if args.n_workers < 1:
+        raise UserError(f"--n-workers must be at least 1, got {args.n_workers}")
+    location = study_location(args.study, args)
+    if args.n_workers == 1:
+        run_worker(location, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
+        return
+    worker_args = ["--study", args.study, "--out", args.out, "--quiet"]
+    worker_args += ["--storage", location.storage_url]
+    if args.n_trials is not None:
+        worker_args += ["--n-trials", str(args.n_trials)]
+    if args.timeout is not None:
+        worker_args += ["--timeout", f"{args.timeout}s"]
+    code = run_workers(worker_args, args.n_workers)
+    if code:
+        sys.exit(code)
 
 
 def command_frontier(args: argparse.Namespace) -> None:
@@ -120,7 +163,7 @@ def command_frontier(args: argparse.Namespace) -> None:
 
 
 def command_report(args: argparse.Namespace) -> None:
-    from autocompress.report import write_outputs
+    from autocompress.report import sensitivity_profile, write_html_report, write_outputs
     from autocompress.search.study import dense_bytes_of, judge_frontier, load_existing
 
     location = study_location(args.study, args)
@@ -131,17 +174,80 @@ def command_report(args: argparse.Namespace) -> None:
         study, config, location, None if limit is None or dense_bytes is None else parse_size(limit, dense_bytes)
     )
     write_outputs(study, location, config)
-    print(f"wrote {location.out_dir}/report.md, trials.csv, frontier.csv, pareto.png")
+    html = write_html_report(study, location, config, sensitivity_profile(study, location, config, args.sensitivity))
+    print(f"wrote {location.out_dir}/report.md, {html.name}, trials.csv, frontier.csv, pareto.png")
 
 
-def add_study_arguments(parser: argparse.ArgumentParser, study_required: bool) -> None:
+def command_export(args: argparse.Namespace) -> None:
+    from autocompress.artifact import choose_trial, export_trial, json_text
+    from autocompress.search.study import dense_bytes_of, load_existing
+
+    location = study_location(args.study, args)
+    study, config = load_existing(location)
+    if args.trial is not None and (args.alpha is not None or args.beta is not None or args.max_size is not None):
+        raise UserError("--alpha, --beta and --max-size choose among the frontier; they go with --pick best")
+    frozen, chosen_by = choose_trial(
+        study, config, args.trial, args.alpha, args.beta, args.max_size, dense_bytes_of(study)
+    )
+    result = export_trial(study, config, location, frozen, args.artifact, args.format, args.overwrite, chosen_by)
+    if result.format != "compressed":
+        kind = "GGUF" if result.format == "gguf" else "a plain Hugging Face folder"
+        limits = "; ".join(note for note in result.notes if not note.startswith("GGUF tensor types"))
+        if limits:
+            print(f"autocompress: warning: {kind} cannot store this plan as searched: {limits}", file=sys.stderr)
+    if args.json:
+        print(json_text(result.as_dict()))
+        return
+    print(f"exported trial {result.trial} of study {location.name!r} ({chosen_by}) to {result.path}")
+    if result.trial_loss is not None:
+        print(f"fitness loss       {result.fitness_loss:.6f} (the trial recorded {result.trial_loss:.6f})")
+    accounted = result.trial_size_bytes or result.accounted_bytes
+    gap = (result.weights_bytes - accounted) / accounted
+    print(f"weights on disk    {result.weights_bytes:,} bytes ({gap:+.2%} against the {accounted:,} bytes accounted)")
+    for note in result.notes:
+        if note.startswith("GGUF tensor types"):
+            print(note)
+
+
+def command_evaluate(args: argparse.Namespace) -> None:
+    from autocompress.artifact import evaluate_artifact, evaluation_lines, json_text
+
+    data = load_config(args.data).data if args.data else None
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = evaluate_artifact(args.artifact, data, args.device, args.new_tokens, dense=not args.no_dense)
+    if args.json:
+        print(json_text(result))
+        return
+    print("\n".join(evaluation_lines(result)))
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, study_required: bool, results_flag: str = "--out") -> None:
+    """--study, --storage, and the results folder (`results_flag`: --out, or --results where --out means else)."""
+    folder = results_flag.removeprefix("--").upper()
     parser.add_argument("--study", required=study_required, help="study name (default: the config file's name)")
     parser.add_argument(
         "--storage",
-        help="Optuna storage URL (default: sqlite:///OUT/STUDY/study.db); "
+        help=f"Optuna storage URL (default: sqlite:///{folder}/STUDY/study.db); "
         "postgresql://..., or a journal file ending in .log",
     )
-    parser.add_argument("--out", default="results", help="folder holding each study's outputs (default: results)")
+    parser.add_argument(
+        results_flag,
+        dest="out",
+        metavar="DIR",
+        default="results",
+        help="folder holding each study's outputs (default: results)",
+    )
+
+
+def add_pickle_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickled checkpoints (.bin, .pt) of a model; they can run code, so only for files you trust",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--method", help="pruning or quantization method, e.g. wanda, magnitude, rtn")
     apply.add_argument("--plan", help="a CompressionPlan JSON file instead of a uniform plan")
     apply.add_argument("--json", action="store_true", help="print one JSON object")
+    add_pickle_argument(apply)
     apply.set_defaults(run=command_apply)
 
     search = commands.add_parser("search", help="run or resume a study over per-layer compression plans")
@@ -164,7 +271,31 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--n-trials", type=int, help="stop once the study holds this many complete trials")
     search.add_argument("--timeout", type=parse_duration, help="stop starting trials after this long (90s, 30m, 8h)")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_pickle_argument(search)
+    ray = search.add_argument_group("distributed (--backend ray)")
+    ray.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local: trials in this process (default); ray: Ray Tune runs them on a Ray cluster",
+    )
+    ray.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start one)")
+    ray.add_argument("--gpus-per-trial", type=float, help="GPUs each trial holds (default: 1 if the cluster has any)")
+    ray.add_argument("--cpus-per-trial", type=float, help="CPUs each trial holds (default: 1)")
+    ray.add_argument("--concurrency", type=int, help="trials running at once (default: as many as the cluster fits)")
+    ray.add_argument("--max-failures", type=int, help="re-runs of a trial whose Ray worker died (default: 3)")
     search.set_defaults(run=command_search)
+
+    worker = commands.add_parser(
+        "worker", help="join an existing study (e.g. on PostgreSQL) and run its trials; from any machine"
+    )
+    add_study_arguments(worker, study_required=True)
+    worker.add_argument("--n-workers", type=int, default=1, help="worker processes on this machine (default: 1)")
+    worker.add_argument("--n-trials", type=int, help="stop once the study holds this many complete trials")
+    worker.add_argument("--timeout", type=parse_duration, help="stop starting trials after this long (90s, 30m, 8h)")
+    worker.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_pickle_argument(worker)
+    worker.set_defaults(run=command_worker)
 
     frontier = commands.add_parser("frontier", help="the Pareto frontier of a study, ranked by alpha*Loss + beta*Size")
     add_study_arguments(frontier, study_required=True)
@@ -176,12 +307,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write a study's outputs (trials.csv, frontier.csv, plots, report.md)")
     add_study_arguments(report, study_required=True)
+    report.add_argument(
+        "--no-sensitivity",
+        dest="sensitivity",
+        action="store_false",
+        help="do not measure the per-unit sensitivity profile for report.html (one evaluation per unit; "
+        "a profile measured before is still shown)",
+    )
     report.set_defaults(run=command_report)
+
+    export = commands.add_parser(
+        "export", help="write a trial's plan as a real compressed artifact (or a Hugging Face folder, or GGUF)"
+    )
+    add_study_arguments(export, study_required=True, results_flag="--results")
+    chosen = export.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--trial", type=int, help="the trial number to export")
+    chosen.add_argument("--pick", choices=["best"], help="best: the frontier member with the lowest objective")
+    export.add_argument("--alpha", type=float, help="weight of Loss for --pick best (default: the study's)")
+    export.add_argument("--beta", type=float, help="weight of Size for --pick best (default: the study's)")
+    export.add_argument("--max-size", help="--pick best among plans up to this size: bytes ('80MB') or a fraction")
+    export.add_argument("--out", dest="artifact", metavar="DIR", required=True, help="the folder to write")
+    export.add_argument(
+        "--format",
+        choices=["compressed", "hf", "gguf"],
+        default="compressed",
+        help="compressed: bit-packed artifact for autocompress.load (default); hf: plain dense Hugging Face "
+        "folder; gguf: model.gguf for llama.cpp",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
+    export.add_argument("--json", action="store_true", help="print JSON")
+    add_pickle_argument(export)
+    export.set_defaults(run=command_export)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="held-out perplexity, size, load time and speed of an artifact beside its dense model"
+    )
+    evaluate.add_argument("artifact", help="a folder written by `autocompress export` (--format compressed)")
+    evaluate.add_argument("--data", help="a config YAML whose data section replaces the one the artifact records")
+    evaluate.add_argument("--device", help="cpu, cuda, ... (default: the device the study's config names)")
+    evaluate.add_argument("--new-tokens", type=int, default=32, help="tokens generated to time generate()")
+    evaluate.add_argument("--no-dense", action="store_true", help="skip the dense base model")
+    evaluate.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    add_pickle_argument(evaluate)
+    evaluate.set_defaults(run=command_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "allow_pickle", False):
+        from autocompress.models import ALLOW_PICKLE_ENV
+
+        os.environ[ALLOW_PICKLE_ENV] = "1"  # also for worker processes this one starts
     try:
         args.run(args)
     except UserError as error:

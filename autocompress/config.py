@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from autocompress.errors import UserError
 from autocompress.plan import BIT_WIDTHS, MAX_SPARSITY, CompressionPlan, Granularity
@@ -21,6 +22,15 @@ class ModelConfig(Section):
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="read pickled checkpoints (.bin, .pt); they can run code")
+
+    @model_serializer(mode="wrap")
+    def _omit_default_allow_pickle(self, handler):
+        """Leave allow_pickle out while it is off, so studies fingerprinted before it existed still match."""
+        data = handler(self)
+        if not self.allow_pickle:
+            data.pop("allow_pickle", None)
+        return data
 
 
 class DataConfig(Section):
@@ -77,6 +87,33 @@ class LevelRange(Section):
         return [round(self.low + index * self.step, 10) for index in range(count + 1)]
 
 
+class Budget(Section):
+    """A fixed size for a budget-aware search: the average sparsity, or the average bit-width, of the
+    compressible weights (weighted by their number), which every plan the search tries keeps exactly."""
+
+    sparsity: float | None = Field(None, ge=0.0, le=MAX_SPARSITY)
+    bits: float | None = Field(None, ge=min(BIT_WIDTHS), le=max(BIT_WIDTHS))
+
+    @model_validator(mode="after")
+    def _one_dimension(self) -> Budget:
+        if (self.sparsity is None) == (self.bits is None):
+            raise ValueError("a budget names exactly one of sparsity (e.g. {sparsity: 0.6}) or bits ({bits: 3.0})")
+        return self
+
+    @property
+    def dimension(self) -> Literal["sparsity", "bits"]:
+        return "sparsity" if self.sparsity is not None else "bits"
+
+    @property
+    def target(self) -> float:
+        return self.sparsity if self.sparsity is not None else self.bits
+
+
+def evenly_spaced(levels: list[float]) -> bool:
+    steps = [high - low for low, high in itertools.pairwise(levels)]
+    return all(abs(step - steps[0]) <= 1e-9 for step in steps)
+
+
 class SearchConfig(Section):
     """What a search may choose per unit, and how it scores and samples plans."""
 
@@ -87,12 +124,54 @@ class SearchConfig(Section):
     alpha: float = Field(1.0, ge=0, description="weight of Loss in alpha*Loss + beta*Size")
     beta: float = Field(1.0, ge=0, description="weight of Size (fraction of the dense fp16 bytes)")
     max_size: float | str | None = Field(None, description="bytes, or a fraction of dense such as 0.5 or '50%'")
-    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "gp", "random", "evolution"] = Field(
+        "tpe", description="evolution: the budget-aware search (level-switch mutations); the default with a budget"
+    )
     seed: int = 0
     seeds: Literal["levels", "grid", "none"] = "levels"
     n_trials: int = Field(40, ge=0)
     heartbeat_interval: int = Field(10, ge=1, description="seconds between heartbeats of a running trial (RDB)")
     grace_period: int = Field(60, ge=1, description="seconds without heartbeat before a trial is re-run (RDB)")
+    budget: Budget | None = Field(
+        None, description="search only plans at this average sparsity or bit-width, e.g. {sparsity: 0.6}"
+    )
+    max_mutations: int = Field(3, ge=1, description="most level switches one offspring of the evolution makes")
+    stages: list[float] | None = Field(
+        None,
+        description="staged fitness: fractions of the fitness pool scored in turn, e.g. [0.25, 0.5, 1.0]; a plan "
+        "whose partial loss is clearly worse than a no larger frontier member's is pruned. Default: "
+        "[0.25, 0.5, 1.0] with a budget, else [1.0] (off)",
+    )
+    stage_margin: float | None = Field(
+        None,
+        ge=0,
+        description="prune after a stage when the partial loss exceeds a no larger frontier member's (on the same "
+        "tokens) by more than this fraction. Default: 0 with a budget (an offspring must keep up with the best plan, "
+        "as in EvoPress' selection), else 0.05",
+    )
+    baselines: list[Literal["uniform", "owl", "sensitivity"]] | None = Field(
+        None,
+        description="allocations enqueued as seed trials, at the budget or at each level of a free search. "
+        "Default: all three with a budget, none without (the `seeds` uniform plans still are)",
+    )
+    owl_threshold: float = Field(5.0, gt=0, description="OWL: a weight is an outlier above this many times the mean")
+    owl_spread: float | None = Field(
+        None, gt=0, description="OWL: the largest shift from the budget (default 0.08 sparsity, 0.5 bits)"
+    )
+    profile_windows: int | None = Field(
+        None, ge=1, description="fitness windows the per-unit error profile is measured on (default: a quarter)"
+    )
+    database: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="layer-variant database on disk; auto: on when a method needs the Hessian (SparseGPT, GPTQ)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_chooses_evolution(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("budget") is not None and "sampler" not in data:
+            return {**data, "sampler": "evolution"}
+        return data
 
     @model_validator(mode="after")
     def _levels_are_valid(self) -> SearchConfig:
@@ -103,7 +182,47 @@ class SearchConfig(Section):
             raise ValueError(f"bits must be chosen from {list(BIT_WIDTHS)}, got {self.bits}")
         if self.max_size is not None:
             parse_size(self.max_size, dense_bytes=1)
+        if self.stages is not None:
+            stages = self.stages
+            if not stages or stages[-1] != 1.0 or any(not 0 < f <= 1 for f in stages) or stages != sorted(set(stages)):
+                raise ValueError(f"stages must be increasing fractions in (0, 1] ending with 1.0, got {stages}")
+        self._budget_is_valid()
         return self
+
+    def _budget_is_valid(self) -> None:
+        if self.budget is None:
+            if self.sampler == "evolution":
+                raise ValueError("the evolution sampler needs a budget, e.g. budget: {sparsity: 0.6}")
+            return
+        if self.sampler != "evolution":
+            raise ValueError(f"a budget search uses the evolution sampler, not {self.sampler!r}")
+        dimension = self.budget.dimension
+        levels = self.levels(dimension)
+        other = "bits" if dimension == "sparsity" else "sparsity"
+        if len(self.levels(other)) != 1:
+            raise ValueError(f"a {dimension} budget needs a single {other} level, got {self.levels(other)}")
+        if len(levels) < 2 or not evenly_spaced(levels):
+            raise ValueError(f"a {dimension} budget needs two or more evenly spaced {dimension} levels, got {levels}")
+        if not levels[0] <= self.budget.target <= levels[-1]:
+            raise ValueError(f"the budget {self.budget.target} lies outside the {dimension} levels {levels}")
+
+    def levels(self, dimension: str) -> list[float] | list[int]:
+        return self.sparsity_levels() if dimension == "sparsity" else self.bit_levels()
+
+    def stage_fractions(self) -> list[float]:
+        if self.stages is not None:
+            return list(self.stages)
+        return [0.25, 0.5, 1.0] if self.budget is not None else [1.0]
+
+    def margin(self) -> float:
+        if self.stage_margin is not None:
+            return self.stage_margin
+        return 0.0 if self.budget is not None else 0.05
+
+    def baseline_names(self) -> list[str]:
+        if self.baselines is not None:
+            return list(dict.fromkeys(self.baselines))
+        return ["uniform", "owl", "sensitivity"] if self.budget is not None else []
 
     def sparsity_levels(self) -> list[float]:
         levels = self.sparsity.levels() if isinstance(self.sparsity, LevelRange) else self.sparsity

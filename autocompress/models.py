@@ -92,30 +92,64 @@ def embedded_model_folder() -> Path:
     return folder
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ALLOW_PICKLE_ENV = "AUTOCOMPRESS_ALLOW_PICKLE"  # "1": what --allow-pickle sets, inherited by worker processes
+
+
+def pickle_allowed(allow_pickle: bool = False) -> bool:
+    return allow_pickle or os.environ.get(ALLOW_PICKLE_ENV) == "1"
+
+
+def refuse_pickled_folder(name: str, folder: Path) -> None:
+    """A UserError when a model folder holds pickled weights and no safetensors ones."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(path.name for path in folder.iterdir() if path.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise UserError(
+            f"model {name!r} holds only pickled weights ({pickled[0]}), which can run code when read; "
+            "autocompress reads safetensors only unless you pass --allow-pickle (or set model.allow_pickle: true)"
+        )
+
+
 def load_model(
-    name: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False
+    name: str,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from the embedded default, a GGUF file, a folder or a hub id."""
+    """Load a causal LM and its tokenizer from the embedded default, a GGUF file, a folder or a hub id.
+
+    Weights are read from safetensors (or GGUF) only; pickled checkpoints need `allow_pickle`.
+    """
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise UserError(f"model.dtype: unknown dtype {dtype!r}")
     kwargs: dict = {"trust_remote_code": trust_remote_code}
+    model_kwargs: dict = {}
+    safetensors_only = not pickle_allowed(allow_pickle)
     source: str | Path = name
     if name == EMBEDDED_MODEL:
         source = embedded_model_folder()
-    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
-        raise UserError(f"model: folder {name} not found")
     elif name.endswith(".gguf"):
-        path = Path(name)
+        path = Path(name).expanduser()
         if not path.is_file():
             raise UserError(f"model: GGUF file {name} not found")
         source, kwargs["gguf_file"] = path.parent, path.name
+    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model: folder {name} not found")
+    elif safetensors_only:
+        if Path(name).expanduser().is_dir():
+            refuse_pickled_folder(name, Path(name).expanduser())
+        model_kwargs["use_safetensors"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **model_kwargs)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"model {name!r} cannot be loaded: {first_line}") from error
+        hint = " (only safetensors weights are read unless --allow-pickle)" if model_kwargs else ""
+        raise UserError(f"model {name!r} cannot be loaded: {first_line}{hint}") from error
     model.to(resolve_device(device)).eval()
     return model, tokenizer
 

@@ -140,6 +140,16 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows])
 
 
+def compact_allocation(params: dict[str, float | int]) -> list[str]:
+    """One line per field listing every unit's value in order, instead of one line per parameter."""
+    lines = []
+    for field in ("sparsity", "bits"):
+        values = [value for key, value in params.items() if key.endswith(f".{field}")]
+        if values:
+            lines.append(f"- {field} per unit: " + ", ".join(f"{value:g}" for value in values))
+    return lines or ["- every unit at the space's single level"]
+
+
 def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) -> None:
     """Write every output of the study into its folder; safe to call at any time, again and again."""
     out = location.out_dir
@@ -192,9 +202,7 @@ def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) 
             + (f", held-out perplexity {best.heldout_ppl:.3f}" if best.heldout_ppl else "")
             + (" (a uniform seed)" if best.is_seed else ""),
             "",
-            "```",
-            *(f"{key}: {value}" for key, value in plan_params.items()),
-            "```",
+            *compact_allocation(plan_params),
         ]
     lines += [
         "",
@@ -208,3 +216,238 @@ def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) 
         lines += ["", "## Per-unit allocation of frontier members", "", "![allocation](allocation.png)"]
     text = "\n".join(lines) + "\n"
     write_atomically(out / "report.md", lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+# --- report.html: one self-contained page (images embedded as base64 PNG) ------------------------------------
+
+SENSITIVITY_KEY = "autocompress:sensitivity"
+
+
+def sensitivity_setting(config: Config) -> dict[str, float | int]:
+    """The most aggressive level the search space offers: its highest sparsity and lowest bit-width together."""
+    return {"sparsity": config.search.sparsity_levels()[-1], "bits": config.search.bit_levels()[0]}
+
+
+def sensitivity_profile(
+    study: optuna.Study, location: StudyLocation, config: Config, compute: bool = True
+) -> dict | None:
+    """Per-unit loss when only that unit takes the most aggressive level (one measure() per unit).
+
+    Kept in the study's user attributes and extended unit by unit, so an interrupted run loses nothing;
+    with `compute` False, whatever is stored is returned (None when nothing is).
+    """
+    setting = sensitivity_setting(config)
+    stored = study.user_attrs.get(SENSITIVITY_KEY)
+    if not stored or stored.get("setting") != setting or stored.get("loss") != config.search.loss:
+        stored = {"setting": setting, "loss": config.search.loss, "pool": "fitness", "values": {}}
+    if not compute:
+        return stored if stored["values"] else None
+    from autocompress.models import unit_names
+    from autocompress.plan import CompressionPlan, LayerCompression
+    from autocompress.session import CompressionSession
+
+    session = None
+    units: list[str] | None = stored.get("units")
+    if units is None or any(unit not in stored["values"] for unit in units):
+        session = CompressionSession(config, cache_dir=location.cache_dir)
+        units = unit_names(session.model, config.compression.granularity)
+        stored["units"] = units
+        options = config.compression.plan_options()
+        for unit in units:
+            if unit in stored["values"]:
+                continue
+            plan = CompressionPlan(layers={unit: LayerCompression(**setting)}, **options)
+            metrics = session.measure(plan).metrics
+            stored["values"][unit] = metrics.kl if config.search.loss == "kl" else metrics.ce
+            study.set_user_attr(SENSITIVITY_KEY, stored)
+    return stored
+
+
+def png_base64(figure: Figure, dpi: int = 110) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_history(trials: pd.DataFrame, alpha: float, beta: float, loss_name: str) -> Figure | None:
+    """α·Loss + β·Size of each complete trial by trial number with the best so far; beside it, the loss of each
+    trial coloured by its size."""
+    complete = trials[trials["state"] == "COMPLETE"].dropna(subset=["loss", "size_ratio"]) if len(trials) else trials
+    if not len(complete):
+        return None
+    complete = complete.sort_values("number")
+    objective = alpha * complete["loss"] + beta * complete["size_ratio"]
+    seeds = complete["seed"].astype(bool)
+    figure = Figure(figsize=(10, 3.6))
+    left, right = figure.subplots(1, 2)
+    left.scatter(complete["number"][~seeds], objective[~seeds], s=14, color="tab:gray", label="sampled")
+    left.scatter(
+        complete["number"][seeds],
+        objective[seeds],
+        s=30,
+        marker="s",
+        facecolors="none",
+        edgecolors="tab:blue",
+        label="uniform seeds",
+    )
+    left.step(complete["number"], objective.cummin(), where="post", color="tab:red", label="best so far")
+    left.set_ylabel(f"{alpha:g}·Loss + {beta:g}·Size")
+    left.set_title("objective by trial")
+    left.legend(fontsize=8)
+    points = right.scatter(complete["number"], complete["loss"], s=18, c=complete["size_ratio"], cmap="viridis")
+    figure.colorbar(points, ax=right, label="size (fraction of dense)")
+    right.set_ylabel(f"loss ({loss_name} to dense)")
+    right.set_title("loss by trial")
+    if (complete["loss"] > 0).all() and complete["loss"].max() / complete["loss"].min() > 50:
+        right.set_yscale("log")
+    for axes in (left, right):
+        axes.set_xlabel("trial")
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def plot_sensitivity(profile: dict) -> Figure | None:
+    units = [unit for unit in profile.get("units", profile["values"]) if unit in profile["values"]]
+    if not units:
+        return None
+    values = [profile["values"][unit] for unit in units]
+    figure = Figure(figsize=(max(6, 0.22 * len(units) + 2), 3.8))
+    axes = figure.subplots()
+    axes.bar(range(len(units)), values, color="tab:purple")
+    labels = [unit.removeprefix("model.layers.") for unit in units]
+    axes.set_xticks(range(len(units)), labels, rotation=90, fontsize=6 if len(units) > 40 else 8)
+    setting = profile["setting"]
+    axes.set_ylabel(f"{profile['loss']} to dense (fitness tokens)")
+    axes.set_title(
+        f"sensitivity: each unit alone at sparsity {setting['sparsity']:g}, {setting['bits']} bits, the rest dense"
+    )
+    if min(values) > 0 and max(values) / min(values) > 50:
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    return figure
+
+
+def _file_base64(render: Callable[[Path], object]) -> str | None:
+    """Let `render(path)` draw into a temporary PNG (the report's own plot functions), and return it as base64."""
+    import base64
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "figure.png"
+        drawn = render(path)
+        if drawn is False or not path.is_file():
+            return None
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_html_report(
+    study: optuna.Study, location: StudyLocation, config: Config, sensitivity: dict | None = None
+) -> Path:
+    """report.html beside report.md: the frontier plot, per-unit allocations, trial history, sensitivity profile,
+    and the frontier table; one file, nothing loaded from elsewhere."""
+    import html
+
+    out = location.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    search = config.search
+    trials = trials_frame(study)
+    complete = trials[trials["state"] == "COMPLETE"] if len(trials) else trials
+    dense_bytes = None
+    if len(complete):
+        dense_bytes = int(complete.iloc[0]["size_bytes"] / complete.iloc[0]["size_ratio"])
+    max_bytes = None if search.max_size is None or dense_bytes is None else parse_size(search.max_size, dense_bytes)
+    points = frontier_points(study, max_bytes, search.alpha, search.beta)
+    dense_ppl = study.user_attrs.get(DENSE_HELDOUT_KEY, {}).get("ppl")
+
+    sections: list[tuple[str, str | None, str]] = []  # (title, base64 PNG, caption)
+    if len(complete):
+        sections.append(
+            (
+                "Pareto frontier",
+                _file_base64(lambda path: plot_pareto(trials, points, path, search.loss)),
+                "Every complete trial by size and loss; the frontier in red.",
+            )
+        )
+        sections.append(
+            (
+                "Per-unit allocation of frontier members",
+                _file_base64(lambda path: plot_allocation(study, points, path)),
+                "Sparsity and bit-width each unit gets, frontier members from smallest to largest.",
+            )
+        )
+        history = plot_history(trials, search.alpha, search.beta, search.loss)
+        sections.append(
+            ("Trial history", png_base64(history) if history else None, "Objective and loss by trial number.")
+        )
+    if sensitivity:
+        figure = plot_sensitivity(sensitivity)
+        sections.append(
+            (
+                "Per-unit sensitivity",
+                png_base64(figure) if figure else None,
+                "How far the model moves when only one unit is compressed at the search's most aggressive level.",
+            )
+        )
+
+    summary = [
+        f"model <code>{html.escape(config.model.name)}</code>; data <code>{config.data.source}</code> "
+        f"({config.data.seq_len}-token windows: {config.data.calibration} calibration, {config.data.fitness} "
+        f"fitness, {config.data.heldout} held-out)",
+        f"methods: pruning <code>{config.compression.pruning}</code> ({config.compression.pattern}), quantization "
+        f"<code>{config.compression.quantization}</code> (group size {config.compression.group_size}), per "
+        f"{config.compression.granularity}",
+        "trials: "
+        + ", ".join(f"{count} {state.lower()}" for state, count in sorted(trials["state"].value_counts().items()))
+        if len(trials)
+        else "trials: none yet",
+        f"ranking by {search.alpha:g}·Loss + {search.beta:g}·Size (Size as a fraction of dense fp16 bytes)",
+    ]
+    if dense_bytes is not None:
+        summary.append(
+            f"dense model: {dense_bytes:,} bytes in fp16"
+            + (f", held-out perplexity {dense_ppl:.3f}" if dense_ppl else "")
+        )
+    if points:
+        best = points[0]
+        summary.append(
+            f"best plan: trial {best.trial}, loss {best.loss:.4f}, {best.size_bytes:,} bytes "
+            f"({best.size_ratio:.1%} of dense)"
+            + (f", held-out perplexity {best.heldout_ppl:.3f}" if best.heldout_ppl else "")
+            + f" &mdash; export it with <code>autocompress export --study {html.escape(location.name)} "
+            "--pick best --out DIR</code>"
+        )
+
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>autocompress study {html.escape(location.name)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:0.9em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}code{background:#f4f4f4;padding:0 3px}"
+        "figcaption{color:#555;font-size:0.9em}</style></head><body>",
+        f"<h1>Study <code>{html.escape(location.name)}</code></h1>",
+        "<ul>" + "".join(f"<li>{line}</li>" for line in summary) + "</ul>",
+    ]
+    for title, image, caption in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if image is None:
+            parts.append("<p>Nothing to show yet.</p>")
+        else:
+            parts.append(
+                f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{image}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+    frontier = frontier_frame(points)
+    parts += [
+        "<h2>Frontier (held-out figures on tokens the search never saw)</h2>",
+        frontier.to_html(index=False, float_format=lambda value: f"{value:.4g}", na_rep="", border=0),
+        "</body></html>",
+    ]
+    text = "\n".join(parts) + "\n"
+    path = out / "report.html"
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+    return path

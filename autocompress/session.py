@@ -8,37 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from autocompress.calibration import collect_statistics
 from autocompress.compress import apply_plan, statistics_needed
 from autocompress.config import Config
 from autocompress.data import token_pools
+from autocompress.database import BuildReport, VariantDatabase, methods_key, save_atomically, variant_settings
+from autocompress.errors import UserError
 from autocompress.evaluate import Metrics, dense_reference, evaluate
-from autocompress.methods import LayerStatistics, Statistic
-from autocompress.models import compressible_linears, load_model
+from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, Statistic
+from autocompress.models import compressible_linears, load_model, unit_names
 from autocompress.plan import CompressionPlan
 from autocompress.size import SizeReport, model_size
 
+__all__ = ["CompressionSession", "Measurement", "combine_metrics", "save_atomically"]
 
-def save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file under a temporary name, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(descriptor)
-    try:
-        save_file({key: value.contiguous() for key, value in tensors.items()}, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+# (stage index, windows scored so far, metrics on them, size of the plan)
+StageCallback = Callable[[int, int, Metrics, SizeReport], None]
 
 
 def inputs_fingerprint(config: Config) -> str:
@@ -50,9 +43,40 @@ def inputs_fingerprint(config: Config) -> str:
 @dataclass(frozen=True)
 class Measurement:
     size: SizeReport
-    metrics: Metrics
+    metrics: Metrics  # on every window scored (the whole pool unless `stages` stopped short of it)
     stitch_s: float
     eval_s: float
+    stages: tuple[tuple[int, Metrics], ...] = ()  # (windows scored so far, metrics on them) after each stage
+
+
+def combine_metrics(parts: Sequence[Metrics], seq_len: int) -> Metrics:
+    """The metrics of consecutive slices of one pool as if the pool had been scored at once."""
+    tokens = sum(part.n_tokens for part in parts)
+    predicted = [part.n_tokens // seq_len * (seq_len - 1) for part in parts]
+    kl = None
+    if all(part.kl is not None for part in parts):
+        kl = sum(part.kl * part.n_tokens for part in parts) / tokens
+    seconds = sum(part.n_tokens / part.tokens_per_s for part in parts if part.tokens_per_s not in (0, float("inf")))
+    return Metrics(
+        ce=sum(part.ce * count for part, count in zip(parts, predicted, strict=True)) / sum(predicted),
+        kl=kl,
+        tokens_per_s=tokens / seconds if seconds else float("inf"),
+        n_tokens=tokens,
+    )
+
+
+def uses_database(config: Config) -> bool:
+    """Whether trials stitch stored variants: 'auto' means when a configured method needs the Hessian."""
+    mode = config.search.database
+    if mode != "auto":
+        return mode == "on"
+    search, compression = config.search, config.compression
+    needs: set[Statistic] = set()
+    if any(level > 0 for level in search.sparsity_levels()):
+        needs |= PRUNERS[compression.pruning].needs
+    if any(bits < 16 for bits in search.bit_levels()):
+        needs |= QUANTIZERS[compression.quantization].needs
+    return "hessian" in needs
 
 
 class CompressionSession:
@@ -70,6 +94,10 @@ class CompressionSession:
         self._collected: set[Statistic] = set()
         self._references: dict[str, torch.Tensor] = {}
         self._applied: dict[str, tuple] = {}  # compressed Linear name -> (setting, plan-wide options) it holds
+        self.use_database = uses_database(config) and self.cache_dir is not None
+        self._databases: dict[str, VariantDatabase] = {}
+        self.last_stitch_s = 0.0  # of the latest measure(), for a trial that staged fitness stops
+        self._units = {granularity: unit_names(self.model, granularity) for granularity in ("block", "linear")}
 
     @property
     def dense_bytes(self) -> int:
@@ -128,11 +156,52 @@ class CompressionSession:
                 linear.module.weight.data.copy_(self.dense_weights[linear.name])
         self._applied.clear()
 
+    def database(self, plan: CompressionPlan | None = None) -> VariantDatabase:
+        """The layer-variant database of `plan`'s plan-wide options (the config's by default)."""
+        if self.cache_dir is None:
+            raise ValueError("a layer-variant database needs a session with a cache folder")
+        if plan is None:
+            plan = CompressionPlan(**self.config.compression.plan_options())
+        key = methods_key(plan)
+        if key not in self._databases:
+            device = next(self.model.parameters()).device
+            self._databases[key] = VariantDatabase(
+                self.cache_dir / "variants", plan, self.dense_weights, self.statistics, device
+            )
+        return self._databases[key]
+
+    def build_database(self, progress: bool | None = None) -> BuildReport:
+        """Compress every Linear at every level the config's search space may choose, once (resumable)."""
+        search = self.config.search
+        settings = variant_settings(search.sparsity_levels(), search.bit_levels())
+        names = [linear.name for linear in self.linears]
+        return self.database().build(names, settings, self.progress if progress is None else progress)
+
     def stitch(self, plan: CompressionPlan) -> SizeReport:
-        """Make the resident model compute with `plan`, recompressing only the Linears whose setting changed."""
-        statistics = self.statistics(statistics_needed(plan))  # first: collecting restores the dense weights
+        """Make the resident model compute with `plan`, changing only the Linears whose setting changed.
+
+        With the layer-variant database, a changed Linear gets its stored variant (computed and stored first
+        if missing); without it, the Linear is compressed again from its dense weight.
+        """
+        try:
+            plan.check_units(self._units[plan.granularity])
+        except ValueError as error:
+            raise UserError(f"plan: {error}") from error
+        database = self.database(plan) if self.use_database else None
+        # First, as collecting statistics restores the dense weights: what the methods need, for every Linear
+        # without a database, else for the variants the database still lacks (usually none).
+        if database is None:
+            statistics = self.statistics(statistics_needed(plan))
+        else:
+            settings = [plan.setting(linear.name, linear.block) for linear in self.linears]
+            missing = [
+                setting
+                for linear, setting in zip(self.linears, settings, strict=True)
+                if not setting.is_identity and not database.has(linear.name, setting)
+            ]
+            self.statistics(database.needs(missing))
         plan_wide = tuple(sorted(plan.model_dump(exclude={"default", "layers"}).items()))
-        to_compress = set()
+        to_compress = {}
         for linear in self.linears:
             setting = plan.setting(linear.name, linear.block)
             wanted = None if setting.is_identity else (setting, plan_wide)
@@ -142,16 +211,47 @@ class CompressionSession:
                 linear.module.weight.data.copy_(self.dense_weights[linear.name])
                 del self._applied[linear.name]
             if wanted is not None:
-                to_compress.add(linear.name)
-                self._applied[linear.name] = wanted
-        apply_plan(self.model, plan, statistics, only=to_compress)
+                to_compress[linear.name] = (linear, setting)
+        if database is None:
+            apply_plan(self.model, plan, statistics, only=set(to_compress))
+        else:
+            for linear, setting in to_compress.values():
+                linear.module.weight.data.copy_(database.load(linear.name, setting))
+        for name, (_linear, setting) in to_compress.items():
+            self._applied[name] = (setting, plan_wide)
         return model_size(self.model, plan)
 
-    def measure(self, plan: CompressionPlan, pool: str = "fitness") -> Measurement:
-        """Size of `plan` and its distance to the dense model on a pool, with the time each part took."""
+    def measure(
+        self,
+        plan: CompressionPlan,
+        pool: str = "fitness",
+        stages: Sequence[int] | None = None,
+        on_stage: StageCallback | None = None,
+    ) -> Measurement:
+        """Size of `plan` and its distance to the dense model on a pool, with the time each part took.
+
+        `stages` scores the pool in growing prefixes of that many windows (the last one is how far it goes,
+        the whole pool by default); after every stage but the last, `on_stage` sees the metrics so far and
+        may raise (optuna.TrialPruned) to stop there.
+        """
         reference = self.reference(pool)  # first: computing it restores the dense weights
+        tokens = getattr(self.pools, pool)
+        stages = [len(tokens)] if stages is None else [min(count, len(tokens)) for count in stages]
         began = time.perf_counter()
         size = self.stitch(plan)
         stitched = time.perf_counter()
-        metrics = evaluate(self.model, getattr(self.pools, pool), reference=reference, batch_size=self.batch_size)
-        return Measurement(size, metrics, stitch_s=stitched - began, eval_s=time.perf_counter() - stitched)
+        self.last_stitch_s = stitched - began
+        parts: list[Metrics] = []
+        done: list[tuple[int, Metrics]] = []
+        start = 0
+        for index, end in enumerate(stages):
+            if end > start:
+                batch = tokens[start:end]
+                parts.append(evaluate(self.model, batch, reference=reference[start:end], batch_size=self.batch_size))
+                start = end
+            done.append((start, combine_metrics(parts, tokens.shape[1])))
+            if on_stage is not None and index < len(stages) - 1:
+                on_stage(index, start, done[-1][1], size)
+        return Measurement(
+            size, done[-1][1], stitch_s=stitched - began, eval_s=time.perf_counter() - stitched, stages=tuple(done)
+        )

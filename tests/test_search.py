@@ -324,7 +324,7 @@ def test_two_concurrent_searches_on_one_study_lose_and_duplicate_no_trial(
     command = [
         *CLI,
         "search",
-        str(space_file(fitness=16)),
+        str(space_file(fitness=16, grace_period=30)),
         "--study",
         study_name,
         "--out",

@@ -52,9 +52,11 @@ class SearchSpace:
 
         'levels': each sparsity level alone (weights kept at full precision, or the widest bit-width offered),
         and each bit-width alone (no pruning, or the lightest sparsity offered). 'grid': every combination.
+        A budget search has none here: its seeds are the baseline allocations at the budget
+        (`search.study.enqueue_baselines`), as plans off the budget would be.
         """
         mode = self.config.search.seeds
-        if mode == "none":
+        if mode == "none" or self.config.search.budget is not None:  # a budget search seeds its baselines
             return []
         if mode == "grid":
             pairs = list(product(self.sparsity_levels, self.bit_levels))
@@ -80,4 +82,6 @@ class SearchSpace:
             "units": self.units,
             "scoring": scored,
         }
+        if search.budget is not None:  # left out otherwise, so studies made before budgets existed still match
+            space["budget"] = search.budget.model_dump(exclude_none=True)
         return json.dumps(space, sort_keys=True)

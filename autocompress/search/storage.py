@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+from filelock import FileLock
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from autocompress.errors import UserError
 
@@ -17,6 +20,22 @@ MAX_RETRIES = 3
 
 def default_storage_url(study_dir: Path) -> str:
     return f"sqlite:///{study_dir / 'study.db'}"
+
+
+class SQLiteStorage(RDBStorage):
+    """RDBStorage for SQLite, safe for several processes on one machine.
+
+    SQLite ignores SELECT ... FOR UPDATE, so two processes could both see a trial WAITING and both start it.
+    A file lock beside the database makes Optuna's check-and-set of a trial's state atomic.
+    """
+
+    def __init__(self, url: str, **kwargs: object) -> None:
+        super().__init__(url, **kwargs)
+        self._state_lock = FileLock(url.removeprefix("sqlite:///") + ".lock")
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        with self._state_lock:
+            return super().set_trial_state_values(trial_id, state, values)
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> BaseStorage:
@@ -37,7 +56,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         }
     try:
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        storage_class = SQLiteStorage if url.startswith("sqlite:///") else RDBStorage
+        return storage_class(url, engine_kwargs=engine_kwargs, **heartbeat)
     except Exception as error:  # SQLAlchemy raises many types for bad URLs and unreachable servers
         raise UserError(f"storage {url!r} cannot be opened: {str(error).splitlines()[0]}") from error
 

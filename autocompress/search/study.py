@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,16 +15,20 @@ from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from autocompress.config import Config, parse_size
+from autocompress.config import Config, evenly_spaced, parse_size
 from autocompress.errors import UserError
+from autocompress.evaluate import Metrics
 from autocompress.frontier import DENSE_HELDOUT_KEY, HELDOUT_KEY, frontier_trials, scored_trials
 from autocompress.models import unit_names
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import default_storage_url, open_storage
-from autocompress.session import CompressionSession
+from autocompress.session import CompressionSession, StageCallback
+from autocompress.size import SizeReport
 
 SPACE_KEY = "autocompress:space"
 CONFIG_KEY = "autocompress:config"
+BASELINES_KEY = "autocompress:baselines"
+DATABASE_KEY = "autocompress:database"
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,10 @@ class StudyLocation:
 def sampler_for(config: Config, seed: int) -> optuna.samplers.BaseSampler:
     """The configured sampler; all of them honour the size constraint trials record with set_constraint."""
     search = config.search
+    if search.sampler == "evolution":
+        from autocompress.search.evolution import BudgetEvolutionSampler
+
+        return BudgetEvolutionSampler(seed=seed, max_mutations=search.max_mutations)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if search.sampler == "nsga2":
@@ -69,6 +80,7 @@ def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed
             directions=directions,
             load_if_exists=True,
             sampler=sampler_for(config, seed),
+            pruner=optuna.pruners.NopPruner(),  # staged fitness prunes by the frontier (Objective.check_stage)
         )
         stored = study.user_attrs.get(SPACE_KEY)
         if stored is None:
@@ -88,7 +100,19 @@ def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed
 
 
 class Objective:
-    """Scores one trial: the plan it maps to, stitched into the resident model, measured on fitness tokens."""
+    """Scores one trial: the plan it maps to, stitched into the resident model, measured on fitness tokens.
+
+    Staged fitness (`search.stages`): the fitness pool is scored in growing prefixes. After each stage but
+    the last, a trial is pruned (optuna.TrialPruned) when its partial loss exceeds, by more than
+    `search.stage_margin`, the loss on the same windows of a frontier member no larger than it (within
+    `SIZE_SLACK`): such a plan cannot be expected to reach the frontier. Seed trials (baselines) always run
+    to the end. A single-objective study also gets the partial objective through trial.report, and its
+    pruner is consulted; Optuna supports neither for multi-objective studies, so there the decision is this
+    rule alone, with the partial loss kept in the trial's user attributes. Only complete trials carry a
+    `loss` (always on the whole fitness pool), and only complete trials are ever on the frontier.
+    """
+
+    SIZE_SLACK = 1e-3  # plans within 0.1% of a size count as no larger (rounding of per-row pruned counts)
 
     def __init__(self, config: Config, session: CompressionSession, space: SearchSpace) -> None:
         self.config = config
@@ -97,16 +121,26 @@ class Objective:
         max_size = config.search.max_size
         dense_bytes = session.dense_bytes
         self.max_bytes = None if max_size is None else parse_size(max_size, dense_bytes)
+        self.stages = stage_windows(len(session.pools.fitness), config.search.stage_fractions())
+
+    def loss_of(self, metrics: Metrics) -> float:
+        return metrics.kl if self.config.search.loss == "kl" else metrics.ce
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         search = self.config.search
         try:
             plan = self.space.plan_for(trial)
-            measured = self.session.measure(plan)
+            staged = len(self.stages) > 1
+            if staged:
+                measured = self.session.measure(plan, stages=self.stages, on_stage=self.stage_check(trial))
+            else:
+                measured = self.session.measure(plan)
             metrics = measured.metrics
-            loss = metrics.kl if search.loss == "kl" else metrics.ce
+            loss = self.loss_of(metrics)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the {search.loss} loss is not finite ({loss})")
+        except optuna.TrialPruned:
+            raise
         except Exception as error:  # the trial is recorded as FAIL with its reason; the study goes on
             trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}".splitlines()[0][:500])
             raise
@@ -122,16 +156,160 @@ class Objective:
             "objective": objective,
             "stitch_s": measured.stitch_s,
             "eval_s": measured.eval_s,
+            "forward_s": metrics.n_tokens / metrics.tokens_per_s,  # the model's forward passes alone
         }.items():
             trial.set_user_attr(key, value)
+        if len(measured.stages) > 1:
+            trial.set_user_attr("stage_losses", [[count, self.loss_of(part)] for count, part in measured.stages])
         if self.max_bytes is not None:  # Optuna's convention: feasible when <= 0
             trial.set_user_attr("size_over_limit", float(size.total_bytes - self.max_bytes))
             trial.set_constraint("size_over_limit", float(size.total_bytes - self.max_bytes))
         return (loss, size.ratio) if search.objective == "pareto" else objective
 
+    def stage_check(self, trial: optuna.Trial) -> StageCallback:
+        """The callback `measure` runs after each stage: record, report, and prune if hopeless."""
+        search = self.config.search
+        began = time.perf_counter()
+        partial: list[list[float]] = []
+
+        def check(index: int, windows: int, metrics: Metrics, size: SizeReport) -> None:
+            loss = self.loss_of(metrics)
+            partial.append([windows, loss])
+            trial.set_user_attr("stage_losses", partial)
+            beaten_by = self.beaten_by(trial.study, windows, loss, size.total_bytes)
+            optuna_prunes = False
+            if search.objective == "scalar":
+                trial.report(search.alpha * loss + search.beta * size.ratio, step=windows)
+                optuna_prunes = trial.should_prune()
+            if trial.user_attrs.get("seed") or (beaten_by is None and not optuna_prunes):
+                return
+            for key, value in {
+                "partial_loss": loss,
+                "partial_windows": windows,
+                "pruned_by": -1 if beaten_by is None else beaten_by,
+                "size_bytes": size.total_bytes,
+                "size_ratio": size.ratio,
+                "stitch_s": self.session.last_stitch_s,
+                "eval_s": time.perf_counter() - began - self.session.last_stitch_s,
+            }.items():
+                trial.set_user_attr(key, value)
+            raise optuna.TrialPruned(f"partial {search.loss} {loss:.4g} on {windows} windows")
+
+        return check
+
+    def beaten_by(self, study: optuna.Study, windows: int, loss: float, size_bytes: int) -> int | None:
+        """A frontier member no larger than `size_bytes` whose loss on the same windows beats `loss` by
+        more than the margin; None when there is none."""
+        for member in frontier_trials(study, self.max_bytes):
+            if member.user_attrs["size_bytes"] > size_bytes * (1 + self.SIZE_SLACK):
+                continue
+            stages = {int(count): value for count, value in member.user_attrs.get("stage_losses", [])}
+            reference = stages.get(windows, member.user_attrs["loss"])
+            if loss > reference * (1 + self.config.search.margin()) and loss > reference:
+                return member.number
+        return None
+
+
+def stage_windows(pool: int, fractions: Sequence[float]) -> list[int]:
+    """Growing window counts for the stage fractions of a pool of `pool` windows (at least one each)."""
+    counts = []
+    for fraction in fractions:
+        count = min(pool, max(1, round(fraction * pool)))
+        if not counts or count > counts[-1]:
+            counts.append(count)
+    if counts[-1] != pool:
+        counts.append(pool)
+    return counts
+
+
+def enqueue_baselines(
+    study: optuna.Study, session: CompressionSession, space: SearchSpace, location: StudyLocation
+) -> None:
+    """Enqueue the configured baseline allocations (uniform, OWL, sensitivity) as seed trials, once per study.
+
+    With a budget, at the budget; in a free search, at every level strictly inside each varying dimension's
+    evenly spaced levels (the other dimension uncompressed as far as its levels allow).
+    """
+    from autocompress.allocation import allocation_plan_params, baseline_allocations
+
+    search = space.config.search
+    names = search.baseline_names()
+    if not names or study.user_attrs.get(BASELINES_KEY):
+        return
+    with FileLock(location.out_dir / ".study.lock"):
+        if study.user_attrs.get(BASELINES_KEY):  # another process enqueued them while this one waited
+            return
+        targets: list[tuple[str, float, float | None]] = []
+        if search.budget is not None:
+            targets.append((search.budget.dimension, search.budget.target, None))
+        else:
+            names = [name for name in names if name != "uniform"]  # the uniform seeds are enqueued already
+            for dimension in ("sparsity", "bits"):
+                levels = search.levels(dimension)
+                if len(levels) < 3 or not evenly_spaced(levels):
+                    continue
+                other = space.bit_levels[-1] if dimension == "sparsity" else space.sparsity_levels[0]
+                targets += [(dimension, level, other) for level in levels[1:-1]]
+        enqueued = []
+        for dimension, target, other in targets:
+            allocations = baseline_allocations(
+                session, space, dimension, target, names, other=other, progress=session.progress
+            )
+            distinct: dict[str, tuple[dict, list[str]]] = {}  # baselines that coincide are one trial
+            for name, allocation in allocations.items():
+                params = allocation_plan_params(space, dimension, allocation, other)
+                key = json.dumps(params, sort_keys=True)
+                distinct.setdefault(key, (params, []))[1].append(name)
+                enqueued.append(f"{name}@{dimension}={target:g}")
+            for params, same in distinct.values():
+                attrs = {"seed": True, "baseline": same[0], "baselines": same, "budget": {dimension: target}}
+                study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+        study.set_user_attr(BASELINES_KEY, enqueued)
+
+
+def prepare_study(
+    study: optuna.Study, session: CompressionSession, space: SearchSpace, location: StudyLocation
+) -> None:
+    """What a study computes once before its trials: the layer-variant database (built or completed, its
+    disk use logged and kept in the study), then the baseline allocations enqueued as seed trials."""
+    budget = space.config.search.budget
+    if budget is not None:
+        from autocompress.allocation import BudgetGrid, unit_sizes
+        from autocompress.search.evolution import UNIT_SIZES_KEY
+
+        sizes = unit_sizes(session.linears, space.config.compression.granularity)
+        try:
+            BudgetGrid(space.units, space.config.search.levels(budget.dimension), budget.target, sizes)
+        except ValueError as error:
+            raise UserError(f"search.budget: {error}") from error
+        if study.user_attrs.get(UNIT_SIZES_KEY) is None:  # the evolution sampler's groups of equal size
+            study.set_user_attr(UNIT_SIZES_KEY, sizes)
+    if session.use_database:
+        report = session.build_database()
+        database = session.database()
+        usage = database.disk_usage()
+        weights = sum(weight.numel() for weight in session.dense_weights.values())
+        levels = usage.files / max(1, len(session.dense_weights))  # variants per Linear on disk, all configs
+        per_weight = usage.bytes / max(1.0, weights * levels)
+        print(
+            f"autocompress: layer-variant database {database.root}: {usage.files} variants, "
+            f"{usage.bytes / 2**20:,.1f} MiB ({per_weight:.2f} bytes per weight per level); "
+            f"computed {report.computed} now in {report.seconds:.0f} s",
+            flush=True,
+        )
+        study.set_user_attr(
+            DATABASE_KEY,
+            {"path": str(database.root), "files": usage.files, "bytes": usage.bytes, "bytes_per_weight": per_weight},
+        )
+    enqueue_baselines(study, session, space, location)
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward n_trials: pruned ones too (staged fitness)
+
 
 def complete_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """Trials finished: complete, or pruned by staged fitness (failed ones are re-run, so they do not count)."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 class ProgressBar:
@@ -143,7 +321,7 @@ class ProgressBar:
 
     def __call__(self, study: optuna.Study, _trial: FrozenTrial) -> None:
         trials = scored_trials(study)
-        self.bar.n = min(len(trials), self.target)
+        self.bar.n = min(complete_count(study), self.target)
         if trials:
             best = min(trial.user_attrs["objective"] for trial in trials)
             self.bar.set_postfix(best=f"{best:.4f}", frontier=len(frontier_trials(study)))
@@ -171,16 +349,32 @@ def evaluate_frontier_heldout(
     study: optuna.Study, session: CompressionSession, space: SearchSpace, max_bytes: int | None = None
 ) -> None:
     """Re-judge every frontier member (and the dense model) on the held-out pool, once; kept in the study."""
+    pending = heldout_pending(study, space, max_bytes)
+    for key, params in tqdm(
+        pending.items(), desc="held-out judging of the frontier", disable=not session.progress, leave=False
+    ):
+        study.set_user_attr(key, heldout_figures(session, space, key, params))
+
+
+def heldout_pending(
+    study: optuna.Study, space: SearchSpace, max_bytes: int | None = None
+) -> dict[str, dict[str, float | int]]:
+    """The held-out figures the study lacks: user-attr key -> params of the plan to measure (dense first)."""
     attrs = study.user_attrs
-    if DENSE_HELDOUT_KEY not in attrs:
-        dense = session.measure(space.plan_from_params(space.uniform_params(0.0, 16)), pool="heldout")
-        study.set_user_attr(DENSE_HELDOUT_KEY, {"ppl": dense.metrics.ppl})
+    pending = {} if DENSE_HELDOUT_KEY in attrs else {DENSE_HELDOUT_KEY: space.uniform_params(0.0, 16)}
     for trial in frontier_trials(study, max_bytes):
         key = HELDOUT_KEY.format(number=trial.number)
-        if key in attrs:
-            continue
-        measured = session.measure(space.plan_from_params(trial.params), pool="heldout")
-        study.set_user_attr(key, {"ppl": measured.metrics.ppl, "kl": measured.metrics.kl})
+        if key not in attrs:
+            pending[key] = dict(trial.params)
+    return pending
+
+
+def heldout_figures(
+    session: CompressionSession, space: SearchSpace, key: str, params: dict[str, float | int]
+) -> dict[str, float]:
+    """One plan's held-out figures as the study keeps them under `key` (the dense model's: perplexity only)."""
+    metrics = session.measure(space.plan_from_params(params), pool="heldout").metrics
+    return {"ppl": metrics.ppl} if key == DENSE_HELDOUT_KEY else {"ppl": metrics.ppl, "kl": metrics.kl}
 
 
 def run_search(
@@ -189,8 +383,13 @@ def run_search(
     n_trials: int | None = None,
     timeout: float | None = None,
     progress: bool = True,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
 ) -> optuna.Study:
-    """Run (or continue) the study until it holds `n_trials` complete trials or `timeout` seconds pass."""
+    """Run (or continue) the study until it holds `n_trials` finished (complete or pruned) trials or `timeout`
+    seconds pass.
+
+    `callbacks` run after each of this process's trials, beside the ones that stop and report the search.
+    """
     from autocompress.report import write_outputs
 
     target = config.search.n_trials if n_trials is None else n_trials
@@ -200,6 +399,7 @@ def run_search(
     study, created = open_study(config, location, space, config.search.seed)
     if not created:  # another process's sampler must not replay this one's suggestions
         study.sampler = sampler_for(config, config.search.seed + os.getpid())
+    prepare_study(study, session, space, location)
     objective = Objective(config, session, space)
     bar = ProgressBar(study, target, progress)
     try:
@@ -209,9 +409,10 @@ def run_search(
                 timeout=timeout,
                 catch=(Exception,),
                 callbacks=[
-                    optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE,)),
+                    optuna.study.MaxTrialsCallback(target, states=FINISHED),
                     StopAfterFailures(limit=max(5, target)),
                     bar,
+                    *callbacks,
                 ],
             )
     finally:

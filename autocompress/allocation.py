@@ -1,0 +1,356 @@
+"""Allocations at a budget: which level each unit gets so that the average sparsity (or bit-width) is fixed.
+
+A budget is an average over the compressible weights, weighted by their number. Units with the same number
+of weights form a group (all decoder blocks; per Linear, e.g. all q_proj and o_proj of a model, or all its
+MLP projections), and every allocation here keeps the sum of level indices of each group fixed: with evenly
+spaced levels and same-sized units that is exactly the budget, and it is what lets a search move compression
+from one unit to another without changing the size (`search/evolution.py`), as EvoPress's groups by size.
+Without the sizes, units whose names differ only in the block index are grouped (same shape in a transformer).
+
+- uniform: every unit at the budget; between two levels, the two alternate within each group.
+- OWL (Yin et al. 2023, outlier-weighted layerwise sparsity): a unit's outlier ratio is the fraction of its
+  Wanda scores |W_ij|·‖X_j‖ above `threshold` × their mean; ratios are scaled to [0, 2·spread] and centred,
+  and a unit gets budget − that shift in sparsity (more outliers, less pruning), or budget + shift in bits
+  (an OWL-style bit allocation: more outliers, more bits). Then rounded to the levels keeping the budget.
+- sensitivity: from a per-unit error profile (the loss increase when only that unit is compressed, at each
+  level, measured once and cached), the allocation minimizing the summed increases at the budget (an exact
+  dynamic programme per group).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from autocompress.methods import LayerStatistics
+from autocompress.models import CompressibleLinear
+from autocompress.plan import CompressionPlan
+
+if TYPE_CHECKING:
+    from autocompress.search.space import SearchSpace
+    from autocompress.session import CompressionSession
+
+Allocation = dict[str, float]  # unit -> level
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+DEFAULT_SPREAD = {"sparsity": 0.08, "bits": 0.8}  # OWL's lambda; for bits, in bits
+IDENTITY = {"sparsity": 0.0, "bits": 16}
+
+
+def unit_groups(units: Sequence[str], sizes: Mapping[str, int] | None = None) -> list[list[str]]:
+    """Units of one size (weights), or without `sizes` units that differ only in their block index; in model
+    order."""
+    groups: dict[object, list[str]] = {}
+    for unit in units:
+        key = sizes[unit] if sizes is not None else _INDEX.sub(".*", unit)
+        groups.setdefault(key, []).append(unit)
+    return list(groups.values())
+
+
+def unit_sizes(linears: Sequence[CompressibleLinear], granularity: str) -> dict[str, int]:
+    """The number of compressible weights of each unit."""
+    sizes: dict[str, int] = {}
+    for linear in linears:
+        unit = unit_of(linear, granularity)
+        sizes[unit] = sizes.get(unit, 0) + linear.module.weight.numel()
+    return sizes
+
+
+class BudgetGrid:
+    """Evenly spaced levels, the units' groups, and the level-index sum each group must keep."""
+
+    def __init__(
+        self, units: Sequence[str], levels: Sequence[float], target: float, sizes: Mapping[str, int] | None = None
+    ) -> None:
+        self.units = list(units)
+        self.levels = sorted(levels)
+        if len(self.levels) < 2:
+            raise ValueError(f"a budget needs two or more levels, got {self.levels}")
+        self.step = self.levels[1] - self.levels[0]
+        if any(abs(b - a - self.step) > 1e-9 for a, b in zip(self.levels, self.levels[1:], strict=False)):
+            raise ValueError(f"a budget needs evenly spaced levels, got {self.levels}")
+        if not self.levels[0] - 1e-9 <= target <= self.levels[-1] + 1e-9:
+            raise ValueError(f"the budget {target} lies outside the levels {self.levels}")
+        self.target = target
+        self.groups = unit_groups(self.units, sizes)
+        self.sums = {}
+        for group in self.groups:
+            exact = len(group) * (target - self.levels[0]) / self.step
+            if abs(exact - round(exact)) > 1e-6:
+                raise ValueError(
+                    f"a budget of {target:g} cannot be met exactly by {len(group)} units of levels {self.levels} "
+                    f"(e.g. {group[0]}); choose a budget on a level or halfway between two"
+                )
+            self.sums[group[0]] = round(exact)
+
+    @property
+    def top(self) -> int:
+        return len(self.levels) - 1
+
+    def index(self, level: float) -> int:
+        position = (level - self.levels[0]) / self.step
+        if abs(position - round(position)) > 1e-6 or not 0 <= round(position) <= self.top:
+            raise ValueError(f"{level} is not one of the levels {self.levels}")
+        return round(position)
+
+    def level(self, index: int) -> float:
+        return self.levels[index]
+
+    def respects(self, allocation: Mapping[str, float]) -> bool:
+        return all(sum(self.index(allocation[unit]) for unit in group) == self.sums[group[0]] for group in self.groups)
+
+    def round(self, continuous: Mapping[str, float]) -> Allocation:
+        """The nearest allocation on the levels that keeps each group's sum: floor, then hand the remaining
+        steps to the largest fractional parts (largest-remainder rounding), within the levels."""
+        allocation: Allocation = {}
+        for group in self.groups:
+            wanted = [min(max((continuous[unit] - self.levels[0]) / self.step, 0.0), self.top) for unit in group]
+            chosen = [math.floor(value + 1e-9) for value in wanted]
+            total = self.sums[group[0]]
+            while sum(chosen) < total:
+                candidates = [i for i in range(len(group)) if chosen[i] < self.top]
+                best = max(candidates, key=lambda i: (wanted[i] - chosen[i], -i))
+                chosen[best] += 1
+            while sum(chosen) > total:
+                candidates = [i for i in range(len(group)) if chosen[i] > 0]
+                best = min(candidates, key=lambda i: (wanted[i] - chosen[i], i))
+                chosen[best] -= 1
+            allocation |= {unit: self.level(index) for unit, index in zip(group, chosen, strict=True)}
+        return allocation
+
+
+def uniform_allocation(grid: BudgetGrid) -> Allocation:
+    """Every unit at the budget; between two levels, the upper one spread evenly over each group."""
+    allocation: Allocation = {}
+    for group in grid.groups:
+        low = grid.sums[group[0]] // len(group)
+        extra = grid.sums[group[0]] - low * len(group)  # units that take the level above
+        for position, unit in enumerate(group):
+            upper = (position + 1) * extra // len(group) - position * extra // len(group)
+            allocation[unit] = grid.level(low + upper)
+    return allocation
+
+
+def average_level(plan: CompressionPlan, linears: Sequence[CompressibleLinear], dimension: str) -> float:
+    """The plan's sparsity or bit-width averaged over the compressible weights (weighted by their number)."""
+    total = weighted = 0.0
+    for linear in linears:
+        count = linear.module.weight.numel()
+        weighted += count * getattr(plan.setting(linear.name, linear.block), dimension)
+        total += count
+    return weighted / total
+
+
+def unit_of(linear: CompressibleLinear, granularity: str) -> str:
+    return linear.name if granularity == "linear" else linear.block
+
+
+@torch.no_grad()
+def outlier_ratios(
+    linears: Sequence[CompressibleLinear],
+    dense_weights: Mapping[str, torch.Tensor],
+    statistics: Mapping[str, LayerStatistics],
+    granularity: str,
+    threshold: float = 5.0,
+) -> dict[str, float]:
+    """OWL's layerwise outlier distribution: per unit, the fraction of Wanda scores |W|·‖X‖ above
+    `threshold` × their mean, over all the unit's Linears together."""
+    scores: dict[str, list[torch.Tensor]] = {}
+    for linear in linears:
+        norms = statistics[linear.name].input_sq_norms
+        if norms is None:
+            raise ValueError("OWL needs the calibration activation norms (input_sq_norms)")
+        weight = dense_weights[linear.name].float()
+        score = weight.abs() * norms.to(weight).sqrt().unsqueeze(0)
+        scores.setdefault(unit_of(linear, granularity), []).append(score.flatten())
+    ratios = {}
+    for unit, parts in scores.items():
+        joined = torch.cat(parts)
+        ratios[unit] = (joined > threshold * joined.mean()).float().mean().item()
+    return ratios
+
+
+def owl_allocation(
+    ratios: Mapping[str, float], grid: BudgetGrid, dimension: str, spread: float | None = None
+) -> Allocation:
+    """OWL: shifts of at most ±`spread` from the budget, fewer pruned weights (more bits) where more outliers."""
+    spread = DEFAULT_SPREAD[dimension] if spread is None else spread
+    values = torch.tensor([ratios[unit] for unit in grid.units], dtype=torch.float64)
+    width = values.max() - values.min()
+    scaled = (values - values.min()) / width * 2 * spread if width > 0 else torch.zeros_like(values)
+    shift = scaled - scaled.mean()
+    sign = -1.0 if dimension == "sparsity" else 1.0
+    continuous = {unit: grid.target + sign * float(delta) for unit, delta in zip(grid.units, shift, strict=True)}
+    return grid.round(continuous)
+
+
+def sensitivity_allocation(profile: Mapping[str, Mapping[float, float]], grid: BudgetGrid) -> Allocation:
+    """The allocation minimizing the sum of per-unit loss increases at the budget (exact, per group)."""
+    allocation: Allocation = {}
+    for group in grid.groups:
+        total = grid.sums[group[0]]
+        infinity = float("inf")
+        best = [0.0] + [infinity] * total  # best[s]: least cost of the units so far with index sum s
+        choices: list[list[int]] = []
+        for unit in group:
+            costs = [profile[unit][grid.level(index)] for index in range(grid.top + 1)]
+            following = [infinity] * (total + 1)
+            picked = [-1] * (total + 1)
+            for reached, cost_so_far in enumerate(best):
+                if cost_so_far == infinity:
+                    continue
+                for index, cost in enumerate(costs):
+                    if reached + index <= total and cost_so_far + cost < following[reached + index]:
+                        following[reached + index] = cost_so_far + cost
+                        picked[reached + index] = index
+            choices.append(picked)
+            best = following
+        remaining = total
+        for unit, picked in zip(reversed(group), reversed(choices), strict=True):
+            index = picked[remaining]
+            allocation[unit] = grid.level(index)
+            remaining -= index
+    return allocation
+
+
+def allocation_plan_params(
+    space: SearchSpace, dimension: str, allocation: Mapping[str, float], other: float | None = None
+) -> dict[str, float | int]:
+    """Trial parameters of an allocation: the budget dimension per unit, the other one at `other`
+    (its single level, or the given one when it also varies)."""
+    params: dict[str, float | int] = {}
+    other_dimension = "bits" if dimension == "sparsity" else "sparsity"
+    varying = {"sparsity": len(space.sparsity_levels) > 1, "bits": len(space.bit_levels) > 1}
+    for unit in space.units:
+        if varying[dimension]:
+            params[f"{unit}.{dimension}"] = _as_level(dimension, allocation[unit])
+        if varying[other_dimension]:
+            params[f"{unit}.{other_dimension}"] = _as_level(other_dimension, other)
+    return params
+
+
+def _as_level(dimension: str, value: float | None) -> float | int:
+    if value is None:
+        raise ValueError(f"the {dimension} of the other dimension must be given when it varies")
+    return int(value) if dimension == "bits" else float(value)
+
+
+def measure_profile(
+    session: CompressionSession,
+    space: SearchSpace,
+    dimension: str,
+    levels: Sequence[float],
+    windows: int,
+    other: float | None = None,
+    progress: bool = False,
+) -> dict[str, dict[float, float]]:
+    """Per unit and level: the fitness-loss increase over the base plan when only that unit takes the level.
+
+    The base plan leaves the budget dimension uncompressed (sparsity 0 or 16 bits) and the other dimension at
+    `other` (or its single level). Measured on the first `windows` fitness windows, once: kept in the
+    session's cache folder and extended unit by unit, so an interrupted profile resumes.
+    """
+    other_dimension = "bits" if dimension == "sparsity" else "sparsity"
+    if other is None:
+        other = space.bit_levels[0] if other_dimension == "bits" else space.sparsity_levels[0]
+    loss_name = session.config.search.loss
+    key_fields = {
+        "dimension": dimension,
+        "levels": [float(level) for level in levels],
+        "other": float(other),
+        "windows": windows,
+        "loss": loss_name,
+        "compression": session.config.compression.model_dump(mode="json"),
+        "units": list(space.units),
+    }
+    digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    path = None if session.cache_dir is None else Path(session.cache_dir) / "profiles" / f"{dimension}-{digest}.json"
+    stored: dict = {"key": key_fields, "base": None, "values": {}}
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text())
+
+    def loss_of(allocation: Mapping[str, float]) -> float:
+        params = allocation_plan_params(space, dimension, allocation, other)
+        metrics = session.measure(space.plan_from_params(params), stages=[windows]).metrics
+        return metrics.kl if loss_name == "kl" else metrics.ce
+
+    def save() -> None:
+        if path is not None:
+            write_text_atomically(path, json.dumps(stored))
+
+    identity = IDENTITY[dimension]
+    base = dict.fromkeys(space.units, identity)
+    if stored["base"] is None:
+        stored["base"] = loss_of(base)
+        save()
+    todo = [unit for unit in space.units if unit not in stored["values"]]
+    for unit in tqdm(todo, desc=f"{dimension} error profile", disable=not progress, leave=False):
+        row = {}
+        for level in levels:
+            if level == identity:
+                continue
+            row[repr(float(level))] = loss_of({**base, unit: level}) - stored["base"]
+        stored["values"][unit] = row
+        save()
+    return {
+        unit: {float(level): value for level, value in row.items()} | {float(identity): 0.0}
+        for unit, row in stored["values"].items()
+    }
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def baseline_allocations(
+    session: CompressionSession,
+    space: SearchSpace,
+    dimension: str,
+    target: float,
+    names: Sequence[str],
+    levels: Sequence[float] | None = None,
+    other: float | None = None,
+    progress: bool = False,
+    on_missing: Callable[[str, str], None] | None = None,
+) -> dict[str, Allocation]:
+    """The named allocations (uniform, owl, sensitivity) of `dimension` at `target`, on the space's levels."""
+    search = session.config.search
+    levels = list(
+        levels if levels is not None else (space.sparsity_levels if dimension == "sparsity" else space.bit_levels)
+    )
+    grid = BudgetGrid(space.units, levels, target, unit_sizes(session.linears, space.config.compression.granularity))
+    allocations: dict[str, Allocation] = {}
+    for name in names:
+        if name == "uniform":
+            allocations[name] = uniform_allocation(grid)
+        elif name == "owl":
+            statistics = session.statistics({"input_sq_norms"})
+            ratios = outlier_ratios(
+                session.linears, session.dense_weights, statistics, space.config.compression.granularity,
+                search.owl_threshold,
+            )  # fmt: skip
+            allocations[name] = owl_allocation(ratios, grid, dimension, search.owl_spread)
+        elif name == "sensitivity":
+            windows = search.profile_windows or max(1, len(session.pools.fitness) // 4)
+            profile = measure_profile(session, space, dimension, levels, windows, other, progress)
+            allocations[name] = sensitivity_allocation(profile, grid)
+        elif on_missing is not None:
+            on_missing(name, "unknown allocation")
+    return allocations

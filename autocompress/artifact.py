@@ -1,0 +1,360 @@
+"""From a study to a shipped model and back: pick a trial, compress a fresh model with its plan, write it
+(compressed artifact, plain Hugging Face folder or GGUF), then evaluate what was written against the dense model."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from autocompress.compress import apply_plan, statistics_needed
+from autocompress.config import Config, DataConfig, ModelConfig, parse_size
+from autocompress.errors import UserError
+from autocompress.evaluate import evaluate
+from autocompress.export import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    _json_default,
+    _package_versions,
+    _prepare_out_dir,
+    _staged_write,
+    artifact_bytes,
+    export_compressed,
+    load,
+    read_manifest,
+    write_hf_folder,
+)
+from autocompress.frontier import DENSE_HELDOUT_KEY, HELDOUT_KEY, frontier_points
+from autocompress.models import EMBEDDED_MODEL, embedded_gguf, embedded_model_folder, load_model, resolve_device
+from autocompress.plan import CompressionPlan
+from autocompress.size import model_size
+
+FORMATS = ("compressed", "hf", "gguf")
+NEW_TOKENS = 32  # generated per throughput measurement
+PROMPT_TOKENS = 16
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    trial: int
+    plan: CompressionPlan
+    accounted_bytes: int  # what size accounting says the plan takes
+    trial_size_bytes: int | None  # what the trial recorded
+    trial_loss: float | None
+    fitness_loss: float  # the exported model's loss on the fitness pool, measured again
+    weights_bytes: int  # the bytes of the weights file written
+    notes: list[str] = field(default_factory=list)  # what the format could not express
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "trial": self.trial,
+            "accounted_bytes": self.accounted_bytes,
+            "trial_size_bytes": self.trial_size_bytes,
+            "weights_bytes": self.weights_bytes,
+            "trial_loss": self.trial_loss,
+            "fitness_loss": self.fitness_loss,
+            "notes": self.notes,
+        }
+
+
+def _redacted(url: str) -> str:
+    """A storage URL without its password."""
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+
+
+def choose_trial(
+    study: optuna.Study,
+    config: Config,
+    trial: int | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    max_size: str | float | None = None,
+    dense_bytes: int | None = None,
+) -> tuple[FrozenTrial, str]:
+    """Trial `trial`, or the frontier member with the lowest alpha·Loss + beta·Size; and how it was chosen."""
+    if trial is not None:
+        if not 0 <= trial < len(study.trials):
+            raise UserError(f"study {study.study_name!r} has no trial {trial} (it has {len(study.trials)})")
+        frozen = study.trials[trial]
+        if frozen.state != TrialState.COMPLETE or "loss" not in frozen.user_attrs:
+            raise UserError(f"trial {trial} is {frozen.state.name.lower()}, not a complete scored trial")
+        return frozen, f"trial {trial}"
+    alpha = config.search.alpha if alpha is None else alpha
+    beta = config.search.beta if beta is None else beta
+    limit = config.search.max_size if max_size is None else max_size
+    try:
+        max_bytes = None if limit is None or dense_bytes is None else parse_size(limit, dense_bytes)
+    except ValueError as error:
+        raise UserError(f"--max-size: {error}") from error
+    points = frontier_points(study, max_bytes, alpha, beta)
+    if not points:
+        within = "" if max_bytes is None else f" within {max_bytes:,} bytes"
+        raise UserError(f"study {study.study_name!r} has no complete trial on its frontier{within}")
+    how = f"best on the frontier by {alpha:g}·Loss + {beta:g}·Size"
+    return study.trials[points[0].trial], how + ("" if max_bytes is None else f" within {max_bytes:,} bytes")
+
+
+def _tokenizer_gguf(model: ModelConfig) -> Path | None:
+    """The GGUF file the base model came from, whose tokenizer llama.cpp reads as is."""
+    if model.name == EMBEDDED_MODEL:
+        return embedded_gguf()
+    if model.name.endswith(".gguf"):
+        return Path(model.name).expanduser()
+    return None
+
+
+def export_trial(
+    study: optuna.Study,
+    config: Config,
+    location,
+    frozen: FrozenTrial,
+    out_dir: Path | str,
+    format: str = "compressed",
+    overwrite: bool = False,
+    chosen_by: str = "",
+) -> ExportResult:
+    """Compress a fresh dense model with the trial's plan (the study's cached calibration statistics) and write it."""
+    from autocompress.models import unit_names
+    from autocompress.search.space import SearchSpace
+    from autocompress.search.study import dense_bytes_of
+    from autocompress.session import CompressionSession
+
+    if format not in FORMATS:
+        raise UserError(f"--format: unknown format {format!r}; choose {', '.join(FORMATS)}")
+    out_dir = _prepare_out_dir(out_dir, overwrite)  # fail before the model loads
+    session = CompressionSession(config, cache_dir=location.cache_dir)
+    model = session.model
+    space = SearchSpace(config, unit_names(model, config.compression.granularity))
+    plan = space.plan_from_params(frozen.params)
+    reference = session.reference("fitness")  # before compressing: it may need the dense model
+    statistics = session.statistics(statistics_needed(plan))
+    compressed = apply_plan(model, plan, statistics, keep=True)
+    metrics = evaluate(model, session.pools.fitness, reference=reference, batch_size=config.data.batch_size)
+    fitness_loss = metrics.kl if config.search.loss == "kl" else metrics.ce
+    accounted = model_size(model, plan).total_bytes
+
+    attrs = frozen.user_attrs
+    recorded = ("loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective")
+    provenance = {
+        "base_model": config.model.model_dump(mode="json"),
+        "study": location.name,
+        "storage": _redacted(location.storage_url),
+        "trial": frozen.number,
+        "chosen_by": chosen_by or f"trial {frozen.number}",
+        "data": config.data.model_dump(mode="json"),
+        "compression": config.compression.model_dump(mode="json"),
+        "scoring": {"loss": config.search.loss, "alpha": config.search.alpha, "beta": config.search.beta},
+        "metrics": {key: attrs[key] for key in recorded if key in attrs},
+        "heldout": study.user_attrs.get(HELDOUT_KEY.format(number=frozen.number)),
+        "dense_heldout": study.user_attrs.get(DENSE_HELDOUT_KEY),
+        "dense_bytes": dense_bytes_of(study),
+        "accounted_bytes": accounted,
+        "export_fitness_loss": fitness_loss,
+        "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    notes: list[str] = []
+    if format == "compressed":
+        path = export_compressed(model, session.tokenizer, plan, compressed, out_dir, provenance, overwrite=True)
+        weights = artifact_bytes(path)
+    elif format == "hf":
+        provenance |= {"plan": json.loads(plan.to_json()), "versions": _package_versions()}
+        path = write_hf_folder(model, session.tokenizer, out_dir, model.dtype, overwrite=True, provenance=provenance)
+        weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
+        notes.append(f"a plain Hugging Face folder stores every weight densely in {str(model.dtype)[6:]}")
+    else:
+        from autocompress.serving import GGUF_FILE, write_gguf
+
+        provenance["versions"] = _package_versions()
+        reports = []
+
+        def write(folder: Path) -> None:
+            reports.append(
+                write_gguf(
+                    model,
+                    session.tokenizer,
+                    plan,
+                    compressed,
+                    folder / GGUF_FILE,
+                    metadata=provenance,
+                    tokenizer_source=_tokenizer_gguf(config.model),
+                )
+            )
+
+        path = _staged_write(out_dir, write)
+        weights = (path / GGUF_FILE).stat().st_size
+        notes += [f"GGUF tensor types: {reports[0].summary()}", *reports[0].notes]
+    return ExportResult(
+        path=path,
+        format=format,
+        trial=frozen.number,
+        plan=plan,
+        accounted_bytes=accounted,
+        trial_size_bytes=attrs.get("size_bytes"),
+        trial_loss=attrs.get("loss"),
+        fitness_loss=fitness_loss,
+        weights_bytes=weights,
+        notes=notes,
+    )
+
+
+# --- evaluate --------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generation_speed(model, prompt: torch.Tensor, new_tokens: int = NEW_TOKENS) -> float:
+    """Tokens per second of greedy generate() producing exactly `new_tokens` after `prompt` (after a warm-up)."""
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    config = model.generation_config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    if isinstance(pad, list):
+        pad = pad[0]
+    options = {"do_sample": False, "pad_token_id": pad, "attention_mask": torch.ones_like(prompt)}
+    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **options)
+    _synchronize(device)
+    began = time.perf_counter()
+    output = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+    _synchronize(device)
+    return (output.shape[1] - prompt.shape[1]) / (time.perf_counter() - began)
+
+
+def _model_weights_bytes(name: str) -> int | None:
+    """Bytes of the base model's weight files as they are stored (safetensors, or the GGUF file)."""
+    try:
+        if name == EMBEDDED_MODEL:
+            folder = embedded_model_folder()
+        elif name.endswith(".gguf"):
+            return Path(name).expanduser().stat().st_size
+        elif Path(name).expanduser().is_dir():
+            folder = Path(name).expanduser()
+        else:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, local_files_only=True))
+        return sum(file.stat().st_size for file in folder.glob("*.safetensors")) or None
+    except Exception:  # a hub model not in the local cache, an unreadable folder: the figure is left out
+        return None
+
+
+def _figures(model, tokens: torch.Tensor, batch_size: int, new_tokens: int) -> dict[str, float]:
+    metrics = evaluate(model, tokens, batch_size=batch_size)
+    prompt = tokens[:1, : min(PROMPT_TOKENS, tokens.shape[1] // 2)]
+    return {"heldout_ppl": metrics.ppl, "tokens_per_s": generation_speed(model, prompt, new_tokens)}
+
+
+def evaluate_artifact(
+    path: Path | str,
+    data: DataConfig | None = None,
+    device: str | None = None,
+    new_tokens: int = NEW_TOKENS,
+    dense: bool = True,
+) -> dict[str, Any]:
+    """Held-out perplexity, size on disk, load time and generation speed of an artifact, and of its dense base."""
+    from autocompress.data import token_pools
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    provenance = manifest.get("provenance", {})
+    if data is None:
+        if "data" not in provenance:
+            raise UserError(f"{path / MANIFEST_FILE}: no data config in the provenance; pass --data CONFIG.yaml")
+        data = DataConfig.model_validate(provenance["data"])
+    base = ModelConfig.model_validate(provenance["base_model"]) if "base_model" in provenance else None
+    target = resolve_device(device or (base.device if base else "auto"))
+
+    began = time.perf_counter()
+    model, tokenizer = load(path, device=target)
+    load_s = time.perf_counter() - began
+    if tokenizer is None:
+        raise UserError(f"{path}: the artifact holds no tokenizer, so it cannot be evaluated on text")
+    tokens = token_pools(data, tokenizer).heldout
+    result: dict[str, Any] = {
+        "path": str(path),
+        "study": provenance.get("study"),
+        "trial": provenance.get("trial"),
+        "device": str(target),
+        "heldout_windows": int(tokens.shape[0]),
+        "heldout_tokens": int(tokens.numel()),
+        "new_tokens": new_tokens,
+        "size_on_disk_bytes": artifact_bytes(path),
+        "folder_bytes": sum(file.stat().st_size for file in path.iterdir() if file.is_file()),
+        "accounted_bytes": provenance.get("accounted_bytes"),
+        "load_s": load_s,
+        **_figures(model, tokens, data.batch_size, new_tokens),
+    }
+    del model
+    gc.collect()
+    if not dense or base is None:
+        return result
+    began = time.perf_counter()
+    dense_model, _ = load_model(**base.model_copy(update={"device": str(target)}).model_dump())
+    dense_load_s = time.perf_counter() - began
+    figures = _figures(dense_model, tokens, data.batch_size, new_tokens)
+    result |= {
+        "dense_heldout_ppl": figures["heldout_ppl"],
+        "dense_size_on_disk_bytes": _model_weights_bytes(base.name),
+        "dense_fp16_bytes": provenance.get("dense_bytes"),
+        "dense_load_s": dense_load_s,
+        "dense_tokens_per_s": figures["tokens_per_s"],
+    }
+    return result
+
+
+def evaluation_lines(result: dict[str, Any]) -> list[str]:
+    """The figures of `evaluate_artifact` as an aligned table: artifact beside dense."""
+
+    def cell(key: str, form: str) -> str:
+        value = result.get(key)
+        return "" if value is None else format(value, form)
+
+    rows = [
+        ("held-out perplexity", "heldout_ppl", ".3f"),
+        ("size on disk (bytes)", "size_on_disk_bytes", ",d"),
+        ("load time (s)", "load_s", ".2f"),
+        ("generation (tokens/s)", "tokens_per_s", ".1f"),
+    ]
+    lines = [f"{'':24}{'artifact':>16}{'dense':>16}"]
+    for label, key, form in rows:
+        lines.append(f"{label:24}{cell(key, form):>16}{cell('dense_' + key, form):>16}")
+    if result.get("dense_fp16_bytes"):
+        lines.append(f"{'dense in fp16 (bytes)':24}{'':>16}{result['dense_fp16_bytes']:>16,d}")
+    lines.append(
+        f"({result['heldout_windows']} held-out windows, {result['heldout_tokens']} tokens; "
+        f"{result['new_tokens']} new tokens per generate(); on {result['device']})"
+    )
+    return lines
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, default=_json_default)
+
+
+__all__ = [
+    "FORMATS",
+    "WEIGHTS_FILE",
+    "ExportResult",
+    "choose_trial",
+    "evaluate_artifact",
+    "evaluation_lines",
+    "export_trial",
+    "generation_speed",
+    "json_text",
+]

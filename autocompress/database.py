@@ -1,0 +1,333 @@
+"""The layer-variant database: every compressible Linear compressed once at every level a search may choose.
+
+A trial then only swaps stored variants into the resident model (`CompressionSession.stitch`) instead of
+running the compression methods again, which for SparseGPT and GPTQ costs far more than scoring the plan.
+
+Layout, beside the study's other caches (`results/<study>/cache/<inputs fingerprint>/variants/`):
+
+    <methods key>/                      e.g. sparsegpt-unstructured-gptq-g128-asym-v1
+      <linear name>/                    e.g. model.layers.3.mlp.down_proj
+        s0.6000_b16.safetensors         one file per (sparsity, bits) level
+        .lock                           held by the process computing this Linear's variants
+
+Each file holds the compact stored form of one compressed weight, never the dense matrix:
+- pruned: the kept positions as a 1-bit mask (row-major, `packing.pack_mask`);
+- quantized: uint8 codes (only of the kept positions when pruned), float16 scales, uint8 zero-points;
+- pruned only: the kept values in the model's dtype (the exact values the compressed model computes with).
+So a quantized variant takes about 1 byte per weight or less, a pruned-only one (1 − sparsity) values.
+
+Files are written under a temporary name and renamed, so a kill at any moment leaves either a whole file
+or none (a stale temporary file is removed by the next process that takes the Linear's lock). Several
+processes may build one database at once: each claims a Linear with a non-blocking file lock and skips
+the Linears others are computing, then waits for them at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from autocompress.compress import sparsity_pattern
+from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, QuantizedWeight, QuantSpec, Statistic
+from autocompress.packing import pack_mask
+from autocompress.plan import CompressionPlan, LayerCompression
+
+STORE_VERSION = "1"
+log = logging.getLogger(__name__)
+
+StatisticsProvider = Callable[[set[Statistic]], Mapping[str, LayerStatistics]]
+
+
+def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file under a temporary name, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(descriptor)
+    try:
+        save_file({key: value.contiguous() for key, value in tensors.items()}, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def methods_key(plan: CompressionPlan) -> str:
+    """The folder name of the variants one set of plan-wide options produces."""
+    pattern = plan.pattern.replace(":", "of")
+    symmetry = "sym" if plan.symmetric else "asym"
+    group = "row" if plan.group_size == -1 else plan.group_size
+    return f"{plan.pruning}-{pattern}-{plan.quantization}-g{group}-{symmetry}-v{STORE_VERSION}"
+
+
+def variant_settings(sparsity_levels: Iterable[float], bit_levels: Iterable[int]) -> list[LayerCompression]:
+    """Every combination of the levels except the identity (which is the dense weight itself)."""
+    settings = [LayerCompression(sparsity=sparsity, bits=bits) for sparsity in sparsity_levels for bits in bit_levels]
+    return [setting for setting in dict.fromkeys(settings) if not setting.is_identity]
+
+
+def variant_filename(setting: LayerCompression) -> str:
+    return f"s{setting.sparsity:.4f}_b{setting.bits}.safetensors"
+
+
+@torch.no_grad()
+def compress_variants(
+    weight: torch.Tensor, settings: list[LayerCompression], plan: CompressionPlan, stats: LayerStatistics
+) -> dict[LayerCompression, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """The stored form of `weight` compressed at each setting, as `compress.compress_weight` computes it.
+
+    This follows compress_weight step for step (prune in float32, mask = the non-zeros, quantize the pruned
+    weight with that mask), pruning once per sparsity level and quantizing that result at each bit-width,
+    so a stitched weight equals a directly compressed one exactly.
+    """
+    dense = weight.float()
+    stored = {}
+    for sparsity in sorted({setting.sparsity for setting in settings}):
+        if sparsity > 0:
+            pruned = PRUNERS[plan.pruning].function(dense, sparsity, sparsity_pattern(plan), stats)
+            mask = pruned != 0
+        else:
+            pruned, mask = dense, None
+        for setting in [setting for setting in settings if setting.sparsity == sparsity]:
+            quantized = None
+            if setting.bits < 16:
+                spec = QuantSpec(bits=setting.bits, group_size=plan.group_size, symmetric=plan.symmetric)
+                quantized = QUANTIZERS[plan.quantization].function(pruned, mask, spec, stats)
+            stored[setting] = encode_variant(pruned, mask, quantized, setting, weight.dtype)
+    return stored
+
+
+def encode_variant(
+    pruned: torch.Tensor,
+    mask: torch.Tensor | None,
+    quantized: QuantizedWeight | None,
+    setting: LayerCompression,
+    dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of one variant's compact stored form (see the module docstring)."""
+    out_features, in_features = pruned.shape
+    metadata = {
+        "version": STORE_VERSION,
+        "shape": f"{out_features},{in_features}",
+        "sparsity": repr(setting.sparsity),
+        "bits": str(setting.bits),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    if mask is not None:
+        tensors["mask"] = pack_mask(mask.cpu())
+    if quantized is None:
+        if mask is None:
+            raise ValueError("a variant is pruned, quantized or both")
+        tensors["values"] = pruned.to(dtype)[mask].cpu()
+        return tensors, metadata
+    codes = quantized.codes if mask is None else quantized.codes[mask]
+    tensors["codes"] = codes.reshape(-1).to(torch.uint8).cpu()
+    tensors["scale"] = quantized.scale.to(torch.float16).cpu()
+    zero = quantized.zero
+    integer = torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 255
+    tensors["zero"] = (zero.to(torch.uint8) if integer else zero.float()).cpu()
+    if quantized.levels is not None:
+        tensors["levels"] = quantized.levels.cpu()
+    metadata |= {"group_size": str(quantized.group_size), "symmetric": str(int(quantized.symmetric))}
+    return tensors, metadata
+
+
+def unpack_mask_fast(data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`packing.unpack_mask` (little-endian bit order) through numpy, several times faster on the CPU."""
+    count = int(np.prod(shape))
+    bits = np.unpackbits(data.cpu().numpy(), count=count, bitorder="little")
+    return torch.from_numpy(bits.view(np.bool_)).reshape(shape)
+
+
+def decode_variant(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The weight a stored variant's model computes with, in the dtype it was stored for."""
+    shape = tuple(int(size) for size in metadata["shape"].split(","))
+    dtype = getattr(torch, metadata["dtype"])
+    mask = unpack_mask_fast(tensors.pop("mask"), shape).to(device) if "mask" in tensors else None
+    tensors = {key: value.to(device) for key, value in tensors.items()}
+    if "codes" not in tensors:
+        weight = torch.zeros(shape, dtype=dtype, device=device)
+        return weight.masked_scatter_(mask, tensors["values"])
+    zero, scale = tensors["zero"], tensors["scale"]
+    group_size = int(metadata["group_size"])
+    if mask is None:
+        codes = tensors["codes"].reshape(shape)
+    else:  # pruned positions take the code of 0; the mask zeroes them below either way
+        size = shape[1] if group_size == -1 else group_size
+        per_column = torch.arange(shape[1], device=device) // size
+        codes = zero.to(torch.uint8)[:, per_column].masked_scatter_(mask, tensors["codes"])
+    quantized = QuantizedWeight(
+        codes=codes,
+        scale=scale,
+        zero=zero,
+        bits=int(metadata["bits"]),
+        group_size=group_size,
+        symmetric=bool(int(metadata["symmetric"])),
+        levels=tensors.get("levels"),
+    )
+    weight = quantized.dequantize()
+    if mask is not None:
+        weight = weight * mask
+    return weight.to(dtype)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    variants: int  # variants the build was asked for
+    computed: int  # of which this process computed now
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    files: int
+    bytes: int
+
+
+class VariantDatabase:
+    """The variants of one model's Linears under one set of plan-wide options, on disk, loaded lazily.
+
+    `dense_weights` maps each Linear's name to its dense weight (any device; variants are computed on
+    `device`), `statistics(needs)` gives the calibration statistics, asked for only when something must be
+    computed, so a complete database never needs them.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        plan: CompressionPlan,
+        dense_weights: Mapping[str, torch.Tensor],
+        statistics: StatisticsProvider,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.plan = plan.model_copy(update={"layers": {}, "default": LayerCompression()})
+        self.root = Path(root) / methods_key(plan)
+        self.dense_weights = dense_weights
+        self.statistics = statistics
+        self.device = torch.device(device)
+        self.computed = 0  # variants this process computed, over its lifetime
+
+    def path(self, name: str, setting: LayerCompression) -> Path:
+        return self.root / name / variant_filename(setting)
+
+    def has(self, name: str, setting: LayerCompression) -> bool:
+        return self.path(name, setting).is_file()
+
+    def needs(self, settings: Iterable[LayerCompression]) -> set[Statistic]:
+        needs: set[Statistic] = set()
+        for setting in settings:
+            if setting.sparsity > 0:
+                needs |= PRUNERS[self.plan.pruning].needs
+            if setting.bits < 16:
+                needs |= QUANTIZERS[self.plan.quantization].needs
+        return needs
+
+    def _compute(self, name: str, settings: list[LayerCompression]) -> int:
+        """Compute and store the missing ones of `settings` for one Linear; the caller holds its lock."""
+        folder = self.root / name
+        for stale in folder.glob(".*.safetensors.*"):  # left by a killed writer; nobody else writes here now
+            stale.unlink(missing_ok=True)
+        missing = [setting for setting in settings if not self.has(name, setting)]
+        if not missing:
+            return 0
+        stats = self.statistics(self.needs(missing)).get(name, LayerStatistics())
+        weight = self.dense_weights[name].to(self.device)
+        for setting, (tensors, metadata) in compress_variants(weight, missing, self.plan, stats).items():
+            save_atomically(tensors, self.path(name, setting), metadata)
+        self.computed += len(missing)
+        return len(missing)
+
+    def _lock(self, name: str, timeout: float) -> FileLock:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.root / name / ".lock", timeout=timeout)
+        lock.acquire()
+        return lock
+
+    def build(self, names: Iterable[str], settings: list[LayerCompression], progress: bool = False) -> BuildReport:
+        """Make sure every Linear of `names` has every setting on disk; compute only what is missing.
+
+        Linears another process is computing are skipped at first and waited for at the end.
+        """
+        began = time.perf_counter()
+        names = list(names)
+        computed = 0
+        pending = [name for name in names if not all(self.has(name, setting) for setting in settings)]
+        bar = tqdm(total=len(names), initial=len(names) - len(pending), desc="layer variants", disable=not progress)
+        try:
+            for blocking in (False, True):
+                deferred = []
+                for name in pending:
+                    try:
+                        lock = self._lock(name, timeout=-1 if blocking else 0)
+                    except Timeout:
+                        deferred.append(name)
+                        continue
+                    try:
+                        computed += self._compute(name, settings)
+                    finally:
+                        lock.release()
+                    bar.update(1)
+                    bar.set_postfix(computed=computed)
+                pending = deferred
+        finally:
+            bar.close()
+        return BuildReport(len(names) * len(settings), computed, time.perf_counter() - began)
+
+    def load(self, name: str, setting: LayerCompression) -> torch.Tensor:
+        """The weight of one variant, computed and stored first if it is missing (or unreadable)."""
+        path = self.path(name, setting)
+        for attempt in range(2):
+            if not path.is_file():
+                lock = self._lock(name, timeout=-1)
+                try:
+                    self._compute(name, [setting])
+                finally:
+                    lock.release()
+            try:
+                return self._read(path, name)
+            except (SafetensorError, OSError, KeyError, ValueError) as error:
+                if attempt:
+                    raise
+                log.warning("layer variant %s is unreadable (%s); computing it again", path, error)
+                path.unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def _read(self, path: Path, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        if metadata.get("version") != STORE_VERSION:
+            raise ValueError(f"stored with format version {metadata.get('version')}, expected {STORE_VERSION}")
+        expected = ",".join(str(size) for size in self.dense_weights[name].shape)
+        if metadata.get("shape") != expected:
+            raise ValueError(f"stored for shape {metadata.get('shape')}, the layer is {expected}")
+        return decode_variant(tensors, metadata, self.device)
+
+    def disk_usage(self) -> DiskUsage:
+        files = [path for path in self.root.rglob("*.safetensors") if not path.name.startswith(".")]
+        return DiskUsage(len(files), sum(path.stat().st_size for path in files))
+
+
+def load_variant_file(path: Path) -> torch.Tensor:
+    """One stored variant, decoded on the CPU (for inspection and tests)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return decode_variant(load_file(path), metadata)

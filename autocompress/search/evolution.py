@@ -1,0 +1,132 @@
+"""Budget-aware search: an Optuna sampler that only proposes plans at the study's budget (EvoPress-style).
+
+EvoPress (Sieberling et al. 2024) searches per-layer compression levels at a fixed total size with a
+(1 + λ) evolution: each offspring is its parent with a few *level switches* (one unit one level up, another
+unit of the same size one level down, so the size does not change), offspring are scored on few tokens
+first and on more only if they look competitive, and the best one replaces the parent.
+
+Here that loop is an Optuna sampler, so its trials land in the study like any other (frontier, report,
+resume, concurrent workers unchanged), and staged fitness (`Objective`) plays the multi-step selection:
+an offspring whose partial loss is clearly worse than the best plan's is pruned early.
+- The parent of each new trial is the best complete trial of the study (lowest loss; all have one size).
+  The sampler keeps no other state, so a resumed or concurrent search continues from the study alone.
+- An offspring makes min(U, U') level switches, U, U' uniform in 1..`max_mutations` (as EvoPress, biased
+  towards one), each within a group of units of one size (`allocation.unit_groups`; the sizes are kept in
+  the study by `prepare_study`, else units are grouped by name), and is never a plan the study has tried.
+- Before any trial completes, the parent is the uniform allocation at the budget.
+What the sampler needs (units, levels, budget) it reads from the search-space fingerprint stored in the
+study, so it is built from the config alone (`sampler_for`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from autocompress.allocation import BudgetGrid, uniform_allocation
+
+SPACE_KEY = "autocompress:space"  # where open_study keeps the search-space fingerprint (study.py)
+UNIT_SIZES_KEY = "autocompress:unit_sizes"  # where prepare_study keeps the number of weights of each unit
+
+
+class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
+    """Level-switch mutations of the best plan so far; every proposed plan keeps the budget exactly."""
+
+    def __init__(self, seed: int | None = None, max_mutations: int = 3, attempts: int = 200) -> None:
+        self._rng = random.Random(seed)
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        self.max_mutations = max_mutations
+        self.attempts = attempts
+        self._layout: tuple[str, BudgetGrid] | None = None
+
+    def layout(self, study: optuna.Study) -> tuple[str, BudgetGrid]:
+        """The budget dimension and its grid, from the study's stored search space."""
+        if self._layout is None:
+            stored = study.user_attrs.get(SPACE_KEY)
+            if stored is None:
+                raise RuntimeError("the evolution sampler needs a study created by autocompress (with a budget)")
+            space = json.loads(stored)
+            budget = space.get("budget")
+            if not budget:
+                raise RuntimeError("the evolution sampler needs a study with a budget")
+            (dimension, target), *_ = budget.items()
+            sizes = study.user_attrs.get(UNIT_SIZES_KEY)
+            self._layout = dimension, BudgetGrid(space["units"], space[dimension], target, sizes)
+        return self._layout
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        dimension, grid = self.layout(study)
+        return {f"{unit}.{dimension}": CategoricalDistribution(grid.levels) for unit in grid.units}
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, float]:
+        if not search_space:
+            return {}
+        dimension, grid = self.layout(study)
+        names = {unit: f"{unit}.{dimension}" for unit in grid.units}
+        trials = study.get_trials(deepcopy=False)
+        scored = [
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE and "loss" in t.user_attrs and all(n in t.params for n in names.values())
+        ]
+        if scored:
+            best = min(scored, key=lambda t: (t.user_attrs["loss"], t.number))
+            parent = {unit: grid.index(best.params[name]) for unit, name in names.items()}
+        else:
+            parent = {unit: grid.index(level) for unit, level in uniform_allocation(grid).items()}
+        seen = {self._key(t.params, names) for t in trials if all(n in t.params for n in names.values())}
+        child = parent
+        for _ in range(self.attempts):
+            child = self.mutate(parent, grid)
+            if self._key({names[u]: grid.level(i) for u, i in child.items()}, names) not in seen:
+                break
+        return {names[unit]: grid.level(index) for unit, index in child.items()}
+
+    @staticmethod
+    def _key(params: dict, names: dict[str, str]) -> tuple:
+        return tuple(round(float(params[name]), 9) for name in names.values())
+
+    def mutate(self, parent: dict[str, int], grid: BudgetGrid) -> dict[str, int]:
+        """`parent` (unit -> level index) with a few level switches inside groups of same-shaped units."""
+        child = dict(parent)
+        count = min(self._rng.randint(1, self.max_mutations), self._rng.randint(1, self.max_mutations))
+        groups = [group for group in grid.groups if len(group) > 1]
+        made = 0
+        for _ in range(self.attempts):
+            if made == count or not groups:
+                break
+            group = self._rng.choice(groups)
+            up = self._rng.choice(group)
+            downs = [unit for unit in group if unit != up and child[unit] > 0]
+            if child[up] >= grid.top or not downs:
+                continue
+            down = self._rng.choice(downs)
+            child[up] += 1
+            child[down] -= 1
+            made += 1
+        return child
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> object:
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        self._fallback.reseed_rng()
+
+
+def respects_budget(params: dict, units: Sequence[str], dimension: str, grid: BudgetGrid) -> bool:
+    """Whether a trial's parameters keep the budget (every group's level-index sum)."""
+    return grid.respects({unit: params[f"{unit}.{dimension}"] for unit in units})
