@@ -21,7 +21,7 @@ from autocompress.allocation import (
 from autocompress.config import Config, SearchConfig
 from autocompress.errors import UserError
 from autocompress.search import SearchSpace, StudyLocation, run_search
-from autocompress.search.evolution import BudgetEvolutionSampler
+from autocompress.search.evolution import UNIT_SIZES_KEY, BudgetEvolutionSampler
 from autocompress.search.study import BASELINES_KEY
 from autocompress.session import CompressionSession
 from tests.conftest import random_text
@@ -177,6 +177,8 @@ def test_every_trial_of_a_budget_search_keeps_the_budget(tmp_path: Path, budget_
     baselines = [name for trial in trials for name in trial.user_attrs.get("baselines", [])]
     assert sorted(baselines) == ["owl", "sensitivity", "uniform"]  # one trial each, or shared if they coincide
     assert len(study.user_attrs[BASELINES_KEY]) == 3
+    sizes = study.user_attrs[UNIT_SIZES_KEY]  # the sampler's groups: units of one size (q with o, k with v...)
+    assert sizes["model.layers.0.self_attn.q_proj"] == sizes["model.layers.1.self_attn.o_proj"] == 64 * 64
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
     best = min(complete, key=lambda trial: trial.user_attrs["loss"])
     uniform = next(trial for trial in complete if trial.user_attrs.get("baseline") == "uniform")

@@ -400,6 +400,9 @@ class StudySearcher(OptunaSearch):
                 study.tell(trial, state=TrialState[recorded["state"]])
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # another process judged it stale and failed it; its retry is in the study
+        except (ValueError, TypeError, NotImplementedError) as error:  # what Optuna refuses, it records as FAIL
+            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}".splitlines()[0][:500])
+            study.tell(trial, state=TrialState.FAIL)
         frozen = study._storage.get_trial(trial._trial_id)
         self.failures_in_a_row = self.failures_in_a_row + 1 if frozen.state == TrialState.FAIL else 0
         if self.failures_in_a_row >= self.failure_limit:
