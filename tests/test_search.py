@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -264,10 +265,18 @@ def test_resume_after_kill_9_loses_no_trial_and_reruns_the_stale_one(tmp_path: P
             return []
         return [trial.state for trial in study.get_trials(deepcopy=False)]
 
+    def running_for() -> float:
+        try:
+            study = optuna.load_study(study_name="k", storage=storage_url)
+        except Exception:
+            return 0.0
+        starts = [t.datetime_start for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        return max(((datetime.now() - start).total_seconds() for start in starts if start), default=0.0)
+
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(
-            lambda: states().count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in states(),
+        wait_for(  # a trial killed before its first heartbeat never goes stale: kill one running > 1.5 s
+            lambda: states().count(TrialState.COMPLETE) >= 2 and running_for() > 1.5,
             180,
             "two complete trials and one running",
         )
