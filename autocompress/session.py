@@ -97,6 +97,7 @@ class CompressionSession:
         self.use_database = uses_database(config) and self.cache_dir is not None
         self._databases: dict[str, VariantDatabase] = {}
         self.last_stitch_s = 0.0  # of the latest measure(), for a trial that staged fitness stops
+        self._restores = 0  # times the resident model went back to dense (collecting statistics does)
         self._units = {granularity: unit_names(self.model, granularity) for granularity in ("block", "linear")}
 
     @property
@@ -151,6 +152,7 @@ class CompressionSession:
         return reference
 
     def restore_dense(self) -> None:
+        self._restores += 1
         for linear in self.linears:
             if linear.name in self._applied:
                 linear.module.weight.data.copy_(self.dense_weights[linear.name])
@@ -215,8 +217,11 @@ class CompressionSession:
         if database is None:
             apply_plan(self.model, plan, statistics, only=set(to_compress))
         else:
+            restores = self._restores
             for linear, setting in to_compress.values():
                 linear.module.weight.data.copy_(database.load(linear.name, setting))
+            if self._restores != restores:  # a variant computed on the spot needed statistics: start over
+                return self.stitch(plan)
         for name, (_linear, setting) in to_compress.items():
             self._applied[name] = (setting, plan_wide)
         return model_size(self.model, plan)

@@ -135,7 +135,7 @@ def trainable_processes() -> list:
 
 
 def test_a_study_on_a_local_ray_cluster_is_the_same_study_and_a_restarted_driver_continues_it(
-    ray_cluster: str, tmp_path: Path, write_space
+    ray_cluster: str, tmp_path: Path, write_space, capsys
 ) -> None:
     from autocompress.search.ray_backend import run_ray_search
 
@@ -179,7 +179,10 @@ def test_a_study_on_a_local_ray_cluster_is_the_same_study_and_a_restarted_driver
     errors = list((out / "ray" / "ray").glob("ray-*/trial_*/error.txt"))
     assert errors, "Tune saw the killed worker fail"
 
+    capsys.readouterr()
     main(["frontier", "--study", "ray", "--out", str(out), "--json"])
+    points = json.loads(capsys.readouterr().out)
+    assert points and all(point["heldout_ppl"] > 1 and point["heldout_kl"] is not None for point in points)
 
 
 def test_the_ray_searcher_asks_seeds_first_and_writes_trials_as_the_objective_recorded_them(
