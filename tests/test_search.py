@@ -260,16 +260,19 @@ def test_resume_after_kill_9_loses_no_trial_and_reruns_the_stale_one(tmp_path: P
     storage_url = f"sqlite:///{out / 'k' / 'study.db'}"
 
     def killable() -> bool:
-        """Two trials complete and one running past its first heartbeat (one killed before it never goes stale)."""
+        """Two trials complete and one being scored: past its first heartbeat (a trial killed before it never
+        goes stale) and with all its parameters sampled (a retry keeps what the killed trial had)."""
+        params_of = "(SELECT COUNT(*) FROM trial_params p WHERE p.trial_id = t.trial_id)"
+        beating = "EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)"
         try:
             with closing(sqlite3.connect(out / "k" / "study.db", timeout=5)) as database:
-                complete = database.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
-                beating = database.execute(
-                    "SELECT COUNT(*) FROM trials JOIN trial_heartbeats USING (trial_id) WHERE state = 'RUNNING'"
-                ).fetchone()[0]
+                complete = database.execute(f"SELECT {params_of} FROM trials t WHERE state = 'COMPLETE'").fetchall()
+                running = database.execute(
+                    f"SELECT {params_of} FROM trials t WHERE state = 'RUNNING' AND {beating}"
+                ).fetchall()
         except sqlite3.Error:  # not created yet
             return False
-        return complete >= 2 and beating > 0
+        return len(complete) >= 2 and any(row in complete for row in running)
 
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
