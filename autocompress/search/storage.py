@@ -31,7 +31,21 @@ class SQLiteStorage(RDBStorage):
 
     def __init__(self, url: str, **kwargs: object) -> None:
         super().__init__(url, **kwargs)
-        self._state_lock = FileLock(url.removeprefix("sqlite:///") + ".lock")
+        self._state_lock = self._lock_for(url)
+
+    @staticmethod
+    def _lock_for(url: str) -> FileLock:
+        return FileLock(url.removeprefix("sqlite:///") + ".lock")
+
+    # Pickled to reach other processes (Ray workers, `n_jobs` pools) as RDBStorage is; a lock does not pickle.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        del state["_state_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._state_lock = self._lock_for(self.url)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         with self._state_lock:
