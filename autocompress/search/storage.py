@@ -30,8 +30,9 @@ class SQLiteStorage(RDBStorage):
     """
 
     def __init__(self, url: str, **kwargs: object) -> None:
-        super().__init__(url, **kwargs)
         self._state_lock = self._lock_for(url)
+        with self._state_lock:  # two processes opening a new file would both create its tables
+            super().__init__(url, **kwargs)
 
     @staticmethod
     def _lock_for(url: str) -> FileLock:
