@@ -37,7 +37,9 @@ def plan_from_args(config: Config, args: argparse.Namespace) -> CompressionPlan:
             plan = CompressionPlan.from_json(text)
             overrides = {key: value for key, value in options.items() if key in ("pruning", "quantization")}
             return plan.model_copy(update=overrides) if args.method else plan
-        return CompressionPlan.uniform(sparsity=args.sparsity, bits=args.bits, **options)
+        if args.format is not None and args.bits != 16:
+            raise UserError("--bits and --format both set the precision; give one")
+        return CompressionPlan.uniform(sparsity=args.sparsity, bits=args.bits, format=args.format, **options)
     except ValidationError as error:
         raise UserError(f"plan: {describe_validation_error(error)}") from error
 
@@ -258,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("config", help="study config YAML (model, data, compression)")
     apply.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights pruned in every layer")
     apply.add_argument("--bits", type=int, default=16, help="bit-width of every layer (16: not quantized)")
+    apply.add_argument(
+        "--format", help="precision level of every layer instead of --bits: int4-g128, nf4, mxfp4, nvfp4, fp8-e4m3..."
+    )
     apply.add_argument("--group-size", type=int, help="weights per quantization scale; -1 for one per row")
     apply.add_argument("--method", help="pruning or quantization method, e.g. wanda, magnitude, rtn")
     apply.add_argument("--plan", help="a CompressionPlan JSON file instead of a uniform plan")

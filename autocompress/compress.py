@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from autocompress.methods import (
     SparsityPattern,
     Statistic,
 )
+from autocompress.methods.formats import FORMATS
 from autocompress.models import compressible_linears, unit_names
 from autocompress.plan import CompressionPlan, LayerCompression
 
@@ -26,15 +27,31 @@ def sparsity_pattern(plan: CompressionPlan) -> SparsityPattern:
     return SparsityPattern(*plan.nm) if plan.nm else SparsityPattern()
 
 
+def quantizer_for(setting: LayerCompression, plan: CompressionPlan) -> tuple[str, QuantSpec]:
+    """The registered quantizer a quantized setting runs and its spec: a named format's own quantizer and
+    scale layout, else the plan's method in the setting's groups (the plan's unless the level names them)."""
+    level = setting.level
+    if level.is_format:
+        group_size = FORMATS[level.method].default_group_size if level.group_size is None else level.group_size
+        return level.method, QuantSpec(bits=level.bits, group_size=group_size, symmetric=False)
+    group_size = plan.group_size if level.group_size is None else level.group_size
+    return plan.quantization, QuantSpec(bits=setting.bits, group_size=group_size, symmetric=plan.symmetric)
+
+
+def settings_needs(settings: Iterable[LayerCompression], plan: CompressionPlan) -> set[Statistic]:
+    """The calibration statistics the methods of `plan` need to compress at each of `settings`."""
+    needs: set[Statistic] = set()
+    for setting in settings:
+        if setting.sparsity > 0:
+            needs |= PRUNERS[plan.pruning].needs
+        if setting.bits < 16:
+            needs |= QUANTIZERS[quantizer_for(setting, plan)[0]].needs
+    return needs
+
+
 def statistics_needed(plan: CompressionPlan) -> set[Statistic]:
     """The calibration statistics the plan's methods need for the levels it uses."""
-    settings = [plan.default, *plan.layers.values()]
-    needs: set[Statistic] = set()
-    if any(setting.sparsity > 0 for setting in settings):
-        needs |= PRUNERS[plan.pruning].needs
-    if any(setting.bits < 16 for setting in settings):
-        needs |= QUANTIZERS[plan.quantization].needs
-    return needs
+    return settings_needs([plan.default, *plan.layers.values()], plan)
 
 
 @dataclass
@@ -56,8 +73,8 @@ def compress_weight(
         compressed = PRUNERS[plan.pruning].function(compressed, setting.sparsity, sparsity_pattern(plan), stats)
         mask = compressed != 0
     if setting.bits < 16:
-        spec = QuantSpec(bits=setting.bits, group_size=plan.group_size, symmetric=plan.symmetric)
-        quantized = QUANTIZERS[plan.quantization].function(compressed, mask, spec, stats)
+        method, spec = quantizer_for(setting, plan)
+        quantized = QUANTIZERS[method].function(compressed, mask, spec, stats)
         compressed = quantized.dequantize()
         if mask is not None:
             compressed = compressed * mask

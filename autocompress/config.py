@@ -7,10 +7,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from autocompress.errors import UserError
-from autocompress.plan import BIT_WIDTHS, MAX_SPARSITY, CompressionPlan, Granularity
+from autocompress.methods.formats import FORMATS
+from autocompress.plan import BIT_WIDTHS, MAX_SPARSITY, CompressionPlan, Granularity, parse_level
 
 
 class Section(BaseModel):
@@ -119,6 +128,11 @@ class SearchConfig(Section):
 
     sparsity: list[float] | LevelRange = Field(default_factory=lambda: [0.0])
     bits: list[int] = Field(default_factory=lambda: [16])
+    formats: list[str] | None = Field(
+        None,
+        description="named precision levels each unit may take instead of `bits`, e.g. [int4-g128, nf4, mxfp4, "
+        "nvfp4, fp8-e4m3, int8, fp16]; see autocompress.plan.parse_level",
+    )
     objective: Literal["pareto", "scalar"] = "pareto"
     loss: Literal["kl", "ce"] = "kl"
     alpha: float = Field(1.0, ge=0, description="weight of Loss in alpha*Loss + beta*Size")
@@ -166,6 +180,13 @@ class SearchConfig(Section):
         description="layer-variant database on disk; auto: on when a method needs the Hessian (SparseGPT, GPTQ)",
     )
 
+    @field_validator("formats")
+    @classmethod
+    def _known_levels(cls, formats: list[str] | None) -> list[str] | None:
+        for name in formats or ():
+            parse_level(name)
+        return formats
+
     @model_validator(mode="before")
     @classmethod
     def _budget_chooses_evolution(cls, data: object) -> object:
@@ -180,6 +201,8 @@ class SearchConfig(Section):
             raise ValueError(f"sparsity levels must lie in [0, {MAX_SPARSITY}], got {levels}")
         if not self.bits or not set(self.bits) <= set(BIT_WIDTHS):
             raise ValueError(f"bits must be chosen from {list(BIT_WIDTHS)}, got {self.bits}")
+        if self.formats is not None:
+            self._formats_are_valid()
         if self.max_size is not None:
             parse_size(self.max_size, dense_bytes=1)
         if self.stages is not None:
@@ -188,6 +211,17 @@ class SearchConfig(Section):
                 raise ValueError(f"stages must be increasing fractions in (0, 1] ending with 1.0, got {stages}")
         self._budget_is_valid()
         return self
+
+    def _formats_are_valid(self) -> None:
+        """Formats replace the bit-widths: one list of precision levels, each a name `parse_level` knows."""
+        if not self.formats:
+            raise ValueError("formats lists at least one precision level, e.g. [int4-g128, nf4, fp8-e4m3]")
+        if self.bits != [16]:
+            raise ValueError("give the precision levels in bits or in formats, not both (formats may hold int4...)")
+        if self.budget is not None:
+            raise ValueError("a budget search chooses among bits, not formats; drop budget or list bits")
+        if self.baselines:
+            raise ValueError("baselines (uniform, owl, sensitivity) allocate bits, not formats; drop baselines")
 
     def _budget_is_valid(self) -> None:
         if self.budget is None:
@@ -231,6 +265,13 @@ class SearchConfig(Section):
     def bit_levels(self) -> list[int]:
         return sorted(set(self.bits))
 
+    def precision_levels(self) -> list[int] | list[str]:
+        """The precision levels a unit may take, fewest bits first: the format names, or else the bit-widths.
+        Formats of equal bits keep the order the config lists them in."""
+        if self.formats is None:
+            return self.bit_levels()
+        return sorted(dict.fromkeys(self.formats), key=lambda name: parse_level(name).bits)
+
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -258,14 +299,28 @@ class Config(Section):
     compression: CompressionConfig = CompressionConfig()
     search: SearchConfig = SearchConfig()
 
+    @model_validator(mode="after")
+    def _integer_formats_have_an_integer_method(self) -> Config:
+        method = self.compression.quantization
+        if method not in FORMATS:
+            return self
+        for name in self.search.formats or ():
+            level = parse_level(name)
+            if not level.is_format and level.bits < 16:
+                raise ValueError(
+                    f"search.formats: {name} is an integer grid, but compression.quantization is the number format "
+                    f"{method!r}; choose an integer method there (rtn, gptq...)"
+                )
+        return self
+
 
 def describe_validation_error(error: ValidationError) -> str:
     """The first problem as `section.field: message`, with a count of the others."""
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "config"
+    location = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{location}: {message}{more}"
+    return f"{location}: {message}{more}" if location else f"{message}{more}"  # a whole-config check names its fields
 
 
 def load_config(path: str | Path) -> Config:

@@ -8,11 +8,13 @@ Layout, beside the study's other caches (`results/<study>/cache/<inputs fingerpr
     <methods key>/                      e.g. sparsegpt-unstructured-gptq-g128-asym-v1
       <linear name>/                    e.g. model.layers.3.mlp.down_proj
         s0.6000_b16.safetensors         one file per (sparsity, bits) level
+        s0.0000_nf4.safetensors         or per (sparsity, named precision level)
         .lock                           held by the process computing this Linear's variants
 
 Each file holds the compact stored form of one compressed weight, never the dense matrix:
 - pruned: the kept positions as a 1-bit mask (row-major, `packing.pack_mask`);
 - quantized: uint8 codes (only of the kept positions when pruned), float16 scales, uint8 zero-points;
+  in a number format, its scales exactly as float32 when they are not float16, and its tensor scale;
 - pruned only: the kept values in the model's dtype (the exact values the compressed model computes with).
 So a quantized variant takes about 1 byte per weight or less, a pruned-only one (1 − sparsity) values.
 
@@ -39,8 +41,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from autocompress.compress import sparsity_pattern
-from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, QuantizedWeight, QuantSpec, Statistic
+from autocompress.compress import quantizer_for, settings_needs, sparsity_pattern
+from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, QuantizedWeight, Statistic
+from autocompress.methods.formats import FORMATS
 from autocompress.packing import pack_mask
 from autocompress.plan import CompressionPlan, LayerCompression
 
@@ -71,14 +74,23 @@ def methods_key(plan: CompressionPlan) -> str:
     return f"{plan.pruning}-{pattern}-{plan.quantization}-g{group}-{symmetry}-v{STORE_VERSION}"
 
 
-def variant_settings(sparsity_levels: Iterable[float], bit_levels: Iterable[int]) -> list[LayerCompression]:
+def setting_at(sparsity: float, precision: int | str) -> LayerCompression:
+    """The setting of a sparsity level and a precision level (a bit-width, or a named level)."""
+    if isinstance(precision, str):
+        return LayerCompression(sparsity=sparsity, format=precision)
+    return LayerCompression(sparsity=sparsity, bits=precision)
+
+
+def variant_settings(sparsity_levels: Iterable[float], precision_levels: Iterable[int | str]) -> list[LayerCompression]:
     """Every combination of the levels except the identity (which is the dense weight itself)."""
-    settings = [LayerCompression(sparsity=sparsity, bits=bits) for sparsity in sparsity_levels for bits in bit_levels]
+    precisions = list(precision_levels)
+    settings = [setting_at(sparsity, precision) for sparsity in sparsity_levels for precision in precisions]
     return [setting for setting in dict.fromkeys(settings) if not setting.is_identity]
 
 
 def variant_filename(setting: LayerCompression) -> str:
-    return f"s{setting.sparsity:.4f}_b{setting.bits}.safetensors"
+    precision = f"b{setting.bits}" if setting.format is None else setting.format
+    return f"s{setting.sparsity:.4f}_{precision}.safetensors"
 
 
 @torch.no_grad()
@@ -102,8 +114,8 @@ def compress_variants(
         for setting in [setting for setting in settings if setting.sparsity == sparsity]:
             quantized = None
             if setting.bits < 16:
-                spec = QuantSpec(bits=setting.bits, group_size=plan.group_size, symmetric=plan.symmetric)
-                quantized = QUANTIZERS[plan.quantization].function(pruned, mask, spec, stats)
+                method, spec = quantizer_for(setting, plan)
+                quantized = QUANTIZERS[method].function(pruned, mask, spec, stats)
             stored[setting] = encode_variant(pruned, mask, quantized, setting, weight.dtype)
     return stored
 
@@ -134,7 +146,12 @@ def encode_variant(
         return tensors, metadata
     codes = quantized.codes if mask is None else quantized.codes[mask]
     tensors["codes"] = codes.reshape(-1).to(torch.uint8).cpu()
-    tensors["scale"] = quantized.scale.to(torch.float16).cpu()
+    exact_scale = quantized.scale_format in ("float16", "none")  # E8M0 and E4M3 scales may leave float16
+    tensors["scale"] = quantized.scale.to(torch.float16 if exact_scale else torch.float32).cpu()
+    if quantized.format is not None:
+        metadata |= {"format": quantized.format, "scale_format": quantized.scale_format}
+    if quantized.tensor_scale is not None:
+        tensors["tensor_scale"] = torch.tensor([quantized.tensor_scale], dtype=torch.float32)
     zero = quantized.zero
     integer = torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 255
     tensors["zero"] = (zero.to(torch.uint8) if integer else zero.float()).cpu()
@@ -178,6 +195,9 @@ def decode_variant(
         group_size=group_size,
         symmetric=bool(int(metadata["symmetric"])),
         levels=tensors.get("levels"),
+        format=metadata.get("format"),
+        scale_format=metadata.get("scale_format", "float16"),
+        tensor_scale=float(tensors["tensor_scale"][0]) if "tensor_scale" in tensors else None,
     )
     weight = quantized.dequantize()
     if mask is not None:
@@ -228,13 +248,7 @@ class VariantDatabase:
         return self.path(name, setting).is_file()
 
     def needs(self, settings: Iterable[LayerCompression]) -> set[Statistic]:
-        needs: set[Statistic] = set()
-        for setting in settings:
-            if setting.sparsity > 0:
-                needs |= PRUNERS[self.plan.pruning].needs
-            if setting.bits < 16:
-                needs |= QUANTIZERS[self.plan.quantization].needs
-        return needs
+        return settings_needs(settings, self.plan)
 
     def _compute(self, name: str, settings: list[LayerCompression]) -> int:
         """Compute and store the missing ones of `settings` for one Linear; the caller holds its lock."""
@@ -317,6 +331,9 @@ class VariantDatabase:
         expected = ",".join(str(size) for size in self.dense_weights[name].shape)
         if metadata.get("shape") != expected:
             raise ValueError(f"stored for shape {metadata.get('shape')}, the layer is {expected}")
+        if "codes" in tensors and "format" not in metadata and self.plan.quantization in FORMATS:
+            # Written before variants kept a format's E8M0 / E4M3 scales and NVFP4's tensor scale exactly.
+            raise ValueError(f"a {self.plan.quantization} variant stored without its format")
         return decode_variant(tensors, metadata, self.device)
 
     def disk_usage(self) -> DiskUsage:

@@ -1,33 +1,118 @@
-"""The data a trial is: how much to prune and how many bits to keep, per decoder block or per Linear."""
+"""The data a trial is: how much to prune and at which precision to keep, per decoder block or per Linear."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from autocompress.methods import PRUNERS, QUANTIZERS
+from autocompress.methods.formats import FORMATS, PER_ROW, PER_TENSOR
 
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8, 16)
 MAX_SPARSITY = 0.95
 Granularity = Literal["block", "linear"]
+UNQUANTIZED = "fp16"  # the level name of weights kept in 16 bits (bfloat16 for a bfloat16 model)
 
 _N_M = re.compile(r"^(\d+):(\d+)$")
+_INTEGER_LEVEL = re.compile(r"^int(\d+)(?:-(?:g(\d+)|(row)))?$")
+_FORMAT_LEVEL = re.compile(rf"^({'|'.join(map(re.escape, FORMATS))})(?:-(?:g(\d+)|(row)|(tensor)))?$")
+LEVEL_NAMES_HELP = (
+    f"{UNQUANTIZED}, int<bits>[-g<size>|-row] (bits {', '.join(map(str, BIT_WIDTHS[:-1]))}), "
+    "fp8-e4m3 or fp8-e5m2 [-g<size>|-row|-tensor], nf4[-g<size>|-row], mxfp4, nvfp4"
+)
+
+
+@dataclass(frozen=True)
+class Level:
+    """What a named precision level stands for.
+
+    `int<b>` is the plan's integer method (rtn, gptq...) at b bits in the plan's groups, `int<b>-g<size>` /
+    `int<b>-row` the same in groups of `size` inputs / one group per row. A number format's name
+    (`methods.formats.FORMATS`) is that format at its canonical scale layout; `-g<size>`, `-row` and, for FP8,
+    `-tensor` choose another one (MXFP4 and NVFP4 fix their blocks). `fp16` keeps the weights in 16 bits.
+    """
+
+    name: str
+    bits: int
+    method: str | None  # the quantizer of a number format; None: the plan's (integer) method
+    group_size: int | None  # None: the plan's group size (integer grids), the format's canonical one (formats)
+
+    @property
+    def is_format(self) -> bool:
+        return self.method is not None
+
+
+def parse_level(name: str) -> Level:
+    """The level a name stands for; ValueError (one line) for a name that is none."""
+    if name == UNQUANTIZED:
+        return Level(name, 16, None, None)
+    integer = _INTEGER_LEVEL.match(name)
+    if integer and int(integer[1]) in BIT_WIDTHS[:-1]:
+        group = PER_ROW if integer[3] else (int(integer[2]) if integer[2] else None)
+        if group == 0:
+            raise ValueError(f"precision level {name!r}: a group holds at least one input")
+        return Level(name, int(integer[1]), None, group)
+    number_format = _FORMAT_LEVEL.match(name)
+    if number_format:
+        spec = FORMATS[number_format[1]]
+        if number_format[2] and int(number_format[2]) == 0:
+            raise ValueError(f"precision level {name!r}: a group holds at least one input")
+        group = int(number_format[2]) if number_format[2] else None
+        group = PER_ROW if number_format[3] else PER_TENSOR if number_format[4] else group
+        if group is not None and spec.block_size is not None:
+            raise ValueError(f"precision level {name!r}: {spec.name} fixes its blocks at {spec.block_size} inputs")
+        if group == PER_TENSOR and not spec.allows_per_tensor:
+            raise ValueError(f"precision level {name!r}: only FP8 takes one scale per tensor")
+        return Level(name, spec.bits, spec.name, group)
+    raise ValueError(f"unknown precision level {name!r}; use {LEVEL_NAMES_HELP}")
 
 
 class LayerCompression(BaseModel):
-    """What one unit (a decoder block or a Linear) gets: the fraction of weights pruned, the bits kept."""
+    """What one unit (a decoder block or a Linear) gets: the fraction of weights pruned, the precision kept.
+
+    The precision is `bits` on the plan's integer grid, or a named level `format` (see `Level`), whose bits
+    `bits` then holds. Names that say no more than `bits` does (`fp16`, `int4`) are stored as `bits` alone,
+    so one setting has one form.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sparsity: float = Field(0.0, ge=0.0, le=MAX_SPARSITY)
     bits: Literal[2, 3, 4, 5, 6, 8, 16] = 16
+    format: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bits_of_the_format(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("format"), str):
+            return data  # no level named (or not a name: the field's own type check says so)
+        level = parse_level(data["format"])
+        if "bits" in data and data["bits"] != level.bits:
+            raise ValueError(f"precision level {level.name!r} stores {level.bits} bits, not {data['bits']}")
+        plain = level.name == UNQUANTIZED or (not level.is_format and level.group_size is None)
+        return {**data, "bits": level.bits, "format": None if plain else level.name}
+
+    @model_serializer(mode="wrap")
+    def _omit_plain_format(self, handler):
+        """Leave `format` out of a plain bit-width, so such plans serialize as they did before formats."""
+        data = handler(self)
+        if self.format is None:
+            data.pop("format", None)
+        return data
 
     @property
     def is_identity(self) -> bool:
         return self.sparsity == 0.0 and self.bits == 16
+
+    @property
+    def level(self) -> Level:
+        if self.format is not None:
+            return parse_level(self.format)
+        return parse_level(UNQUANTIZED if self.bits == 16 else f"int{self.bits}")
 
 
 class CompressionPlan(BaseModel):
@@ -83,7 +168,7 @@ class CompressionPlan(BaseModel):
     @model_validator(mode="after")
     def _sparsity_fits_pattern(self) -> CompressionPlan:
         if self.nm is None:
-            return self
+            return self._integer_levels_have_an_integer_method()
         n, m = self.nm
         allowed = 1 - n / m
         for unit, setting in [("default", self.default), *self.layers.items()]:
@@ -91,6 +176,17 @@ class CompressionPlan(BaseModel):
                 raise ValueError(
                     f"pattern {self.pattern} keeps {n} of every {m} weights, so the sparsity of {unit} "
                     f"must be 0 or {allowed:g}, got {setting.sparsity:g}"
+                )
+        return self._integer_levels_have_an_integer_method()
+
+    def _integer_levels_have_an_integer_method(self) -> CompressionPlan:
+        if self.quantization not in FORMATS:
+            return self
+        for unit, setting in [("default", self.default), *self.layers.items()]:
+            if setting.format is not None and not setting.level.is_format:
+                raise ValueError(
+                    f"{unit} takes the integer level {setting.format!r}, but the plan's quantization is the number "
+                    f"format {self.quantization!r}; choose an integer method (rtn, gptq...)"
                 )
         return self
 
@@ -101,9 +197,12 @@ class CompressionPlan(BaseModel):
         return (int(match[1]), int(match[2])) if match else None
 
     @classmethod
-    def uniform(cls, sparsity: float = 0.0, bits: int = 16, **options: object) -> CompressionPlan:
-        """The same sparsity and bit-width for every unit."""
-        return cls(default=LayerCompression(sparsity=sparsity, bits=bits), **options)
+    def uniform(
+        cls, sparsity: float = 0.0, bits: int = 16, format: str | None = None, **options: object
+    ) -> CompressionPlan:
+        """The same sparsity and precision (a bit-width, or a named level `format`) for every unit."""
+        precision = {"bits": bits} if format is None else {"format": format}
+        return cls(default=LayerCompression(sparsity=sparsity, **precision), **options)
 
     def setting(self, linear_name: str, block_name: str) -> LayerCompression:
         """The compression a Linear gets, given its own name and the name of its decoder block."""
@@ -125,22 +224,28 @@ class CompressionPlan(BaseModel):
     def from_json(cls, text: str) -> CompressionPlan:
         return cls.model_validate_json(text)
 
-    def to_params(self) -> dict[str, float | int]:
-        """Flat per-unit parameters, as an Optuna trial holds them: `{unit}.sparsity`, `{unit}.bits`."""
-        params: dict[str, float | int] = {}
+    def to_params(self) -> dict[str, float | int | str]:
+        """Flat per-unit parameters, as an Optuna trial holds them: `{unit}.sparsity`, and `{unit}.bits` or
+        `{unit}.format` (a named level)."""
+        params: dict[str, float | int | str] = {}
         for unit, setting in self.layers.items():
             params[f"{unit}.sparsity"] = setting.sparsity
-            params[f"{unit}.bits"] = setting.bits
+            if setting.format is None:
+                params[f"{unit}.bits"] = setting.bits
+            else:
+                params[f"{unit}.format"] = setting.format
         return params
 
     @classmethod
-    def from_params(cls, params: Mapping[str, float | int], **options: object) -> CompressionPlan:
+    def from_params(cls, params: Mapping[str, float | int | str], **options: object) -> CompressionPlan:
         """The inverse of `to_params`; `options` sets the plan-wide fields (methods, granularity...)."""
-        per_unit: dict[str, dict[str, float | int]] = {}
+        per_unit: dict[str, dict[str, float | int | str]] = {}
         for key, value in params.items():
             unit, _, field = key.rpartition(".")
-            if field not in ("sparsity", "bits") or not unit:
-                raise ValueError(f"parameter {key!r} is not of the form '<unit>.sparsity' or '<unit>.bits'")
+            if field not in ("sparsity", "bits", "format") or not unit:
+                raise ValueError(
+                    f"parameter {key!r} is not of the form '<unit>.sparsity', '<unit>.bits' or '<unit>.format'"
+                )
             per_unit.setdefault(unit, {})[field] = value
         layers = {unit: LayerCompression(**fields) for unit, fields in per_unit.items()}
         return cls(layers=layers, **options)

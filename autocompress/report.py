@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from matplotlib.figure import Figure
 
 from autocompress.config import Config, parse_size
 from autocompress.frontier import DENSE_HELDOUT_KEY, FrontierPoint, frontier_points
+from autocompress.plan import parse_level
 
 if TYPE_CHECKING:
     from autocompress.search.study import StudyLocation
@@ -50,9 +52,32 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def frontier_frame(points: list[FrontierPoint]) -> pd.DataFrame:
+ALLOCATION_FIELDS = ("sparsity", "bits", "format")  # the per-unit parameters a plan's trial holds
+
+
+def allocation_summary(params: Mapping[str, float | int | str]) -> str:
+    """How many units take each level, per field: e.g. 'format nf4×18 int4-g128×12; sparsity 0.3×30'."""
+    parts = []
+    for field in ALLOCATION_FIELDS:
+        counts = Counter(_level_text(value) for key, value in params.items() if key.endswith(f".{field}"))
+        if counts:
+            parts.append(f"{field} " + " ".join(f"{level}×{count}" for level, count in counts.most_common()))
+    return "; ".join(parts)
+
+
+def _level_text(value: float | int | str) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def frontier_frame(points: list[FrontierPoint], study: optuna.Study, per_unit: bool = True) -> pd.DataFrame:
+    """The frontier's figures, each member's allocation in brief and, with `per_unit`, every unit's level."""
     columns = ["trial", "loss", "size_bytes", "size_ratio", "objective", "heldout_ppl", "heldout_kl", "is_seed"]
-    return pd.DataFrame([{column: getattr(point, column) for column in columns} for point in points], columns=columns)
+    rows = []
+    for point in points:
+        params = study.trials[point.trial].params
+        row = {column: getattr(point, column) for column in columns} | {"allocation": allocation_summary(params)}
+        rows.append(row | (dict(params) if per_unit else {}))
+    return pd.DataFrame(rows, columns=None if rows else [*columns, "allocation"])
 
 
 def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, loss_name: str) -> None:
@@ -85,7 +110,7 @@ def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, l
 
 
 def allocation_frame(study: optuna.Study, trial_numbers: list[int], field: str) -> pd.DataFrame:
-    """Per-unit values of `field` (sparsity or bits) for the given trials: units down, trials across."""
+    """Per-unit values of `field` (sparsity, bits or format) for the given trials: units down, trials across."""
     columns = {}
     for number in trial_numbers:
         params = study.trials[number].params
@@ -96,11 +121,12 @@ def allocation_frame(study: optuna.Study, trial_numbers: list[int], field: str) 
 
 
 def plot_allocation(study: optuna.Study, points: list[FrontierPoint], path: Path) -> bool:
-    """Heatmaps of per-unit sparsity and bits for a few frontier members; False when nothing varies."""
+    """Heatmaps of per-unit sparsity and bit-width or format for a few frontier members; False when nothing
+    varies. Formats are coloured by rank of bits (then name), their names on the colour bar."""
     chosen = [point.trial for point in sorted(points, key=lambda point: point.size_ratio)]
     if len(chosen) > 6:
         chosen = [chosen[round(index * (len(chosen) - 1) / 5)] for index in range(6)]
-    frames = {field: allocation_frame(study, chosen, field) for field in ("sparsity", "bits")}
+    frames = {field: allocation_frame(study, chosen, field) for field in ALLOCATION_FIELDS}
     frames = {field: frame for field, frame in frames.items() if not frame.empty}
     if not frames:
         return False
@@ -108,9 +134,14 @@ def plot_allocation(study: optuna.Study, points: list[FrontierPoint], path: Path
     figure = Figure(figsize=(4 + 2.5 * len(frames), height))
     axes = figure.subplots(1, len(frames), squeeze=False)
     for axis, (field, frame) in zip(axes[0], frames.items(), strict=True):
-        image = axis.imshow(
-            frame.to_numpy(dtype=float), aspect="auto", cmap="viridis_r" if field == "bits" else "viridis"
-        )
+        names: list[str] = []
+        if field == "format":
+            names = sorted(set(frame.stack()), key=lambda name: (parse_level(name).bits, name))
+            rank = {name: index for index, name in enumerate(names)}
+            values = frame.map(rank.get).to_numpy(dtype=float)
+        else:
+            values = frame.to_numpy(dtype=float)
+        image = axis.imshow(values, aspect="auto", cmap="viridis" if field == "sparsity" else "viridis_r")
         axis.set_title(field)
         axis.set_xticks(range(frame.shape[1]), frame.columns)
         axis.set_yticks(
@@ -118,7 +149,9 @@ def plot_allocation(study: optuna.Study, points: list[FrontierPoint], path: Path
             [unit.rsplit(".", 1)[-1] if len(frame) > 40 else unit for unit in frame.index],
             fontsize=6,
         )
-        figure.colorbar(image, ax=axis)
+        colorbar = figure.colorbar(image, ax=axis)
+        if names:
+            colorbar.set_ticks(range(len(names)), labels=names)
     figure.suptitle("per-unit allocation of frontier members (smallest to largest)")
     figure.tight_layout()
     write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
@@ -140,13 +173,13 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows])
 
 
-def compact_allocation(params: dict[str, float | int]) -> list[str]:
+def compact_allocation(params: Mapping[str, float | int | str]) -> list[str]:
     """One line per field listing every unit's value in order, instead of one line per parameter."""
     lines = []
-    for field in ("sparsity", "bits"):
+    for field in ALLOCATION_FIELDS:
         values = [value for key, value in params.items() if key.endswith(f".{field}")]
         if values:
-            lines.append(f"- {field} per unit: " + ", ".join(f"{value:g}" for value in values))
+            lines.append(f"- {field} per unit: " + ", ".join(map(_level_text, values)))
     return lines or ["- every unit at the space's single level"]
 
 
@@ -164,7 +197,7 @@ def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) 
     max_bytes = None if search.max_size is None or dense_bytes is None else parse_size(search.max_size, dense_bytes)
     points = frontier_points(study, max_bytes, search.alpha, search.beta)
     write_atomically(out / "trials.csv", lambda temporary: trials.to_csv(temporary, index=False))
-    frontier = frontier_frame(points)
+    frontier = frontier_frame(points, study)
     write_atomically(out / "frontier.csv", lambda temporary: frontier.to_csv(temporary, index=False))
     if not len(complete):
         return
@@ -208,7 +241,7 @@ def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) 
         "",
         "## Frontier (held-out figures on tokens the search never saw)",
         "",
-        markdown_table(frontier),
+        markdown_table(frontier_frame(points, study, per_unit=False)),
         "",
         "![Pareto frontier](pareto.png)",
     ]
@@ -223,9 +256,10 @@ def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) 
 SENSITIVITY_KEY = "autocompress:sensitivity"
 
 
-def sensitivity_setting(config: Config) -> dict[str, float | int]:
-    """The most aggressive level the search space offers: its highest sparsity and lowest bit-width together."""
-    return {"sparsity": config.search.sparsity_levels()[-1], "bits": config.search.bit_levels()[0]}
+def sensitivity_setting(config: Config) -> dict[str, float | int | str]:
+    """The most aggressive level the search space offers: its highest sparsity and fewest bits together."""
+    precision = "bits" if config.search.formats is None else "format"
+    return {"sparsity": config.search.sparsity_levels()[-1], precision: config.search.precision_levels()[0]}
 
 
 def sensitivity_profile(
@@ -323,7 +357,9 @@ def plot_sensitivity(profile: dict) -> Figure | None:
     setting = profile["setting"]
     axes.set_ylabel(f"{profile['loss']} to dense (fitness tokens)")
     axes.set_title(
-        f"sensitivity: each unit alone at sparsity {setting['sparsity']:g}, {setting['bits']} bits, the rest dense"
+        f"sensitivity: each unit alone at sparsity {setting['sparsity']:g}, "
+        + (f"{setting['bits']} bits" if "bits" in setting else setting["format"])
+        + ", the rest dense"
     )
     if min(values) > 0 and max(values) / min(values) > 50:
         axes.set_yscale("log")
@@ -441,7 +477,7 @@ def write_html_report(
                 f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{image}">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
-    frontier = frontier_frame(points)
+    frontier = frontier_frame(points, study, per_unit=False)
     parts += [
         "<h2>Frontier (held-out figures on tokens the search never saw)</h2>",
         frontier.to_html(index=False, float_format=lambda value: f"{value:.4g}", na_rep="", border=0),

@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from autocompress.calibration import collect_statistics
-from autocompress.compress import apply_plan, statistics_needed
+from autocompress.compress import apply_plan, settings_needs, statistics_needed
 from autocompress.config import Config
 from autocompress.data import token_pools
 from autocompress.database import BuildReport, VariantDatabase, methods_key, save_atomically, variant_settings
 from autocompress.errors import UserError
 from autocompress.evaluate import Metrics, dense_reference, evaluate
-from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, Statistic
+from autocompress.methods import LayerStatistics, Statistic
 from autocompress.models import compressible_linears, load_model, unit_names
 from autocompress.plan import CompressionPlan
 from autocompress.size import SizeReport, model_size
@@ -70,13 +70,8 @@ def uses_database(config: Config) -> bool:
     mode = config.search.database
     if mode != "auto":
         return mode == "on"
-    search, compression = config.search, config.compression
-    needs: set[Statistic] = set()
-    if any(level > 0 for level in search.sparsity_levels()):
-        needs |= PRUNERS[compression.pruning].needs
-    if any(bits < 16 for bits in search.bit_levels()):
-        needs |= QUANTIZERS[compression.quantization].needs
-    return "hessian" in needs
+    settings = variant_settings(config.search.sparsity_levels(), config.search.precision_levels())
+    return "hessian" in settings_needs(settings, CompressionPlan(**config.compression.plan_options()))
 
 
 class CompressionSession:
@@ -175,7 +170,7 @@ class CompressionSession:
     def build_database(self, progress: bool | None = None) -> BuildReport:
         """Compress every Linear at every level the config's search space may choose, once (resumable)."""
         search = self.config.search
-        settings = variant_settings(search.sparsity_levels(), search.bit_levels())
+        settings = variant_settings(search.sparsity_levels(), search.precision_levels())
         names = [linear.name for linear in self.linears]
         return self.database().build(names, settings, self.progress if progress is None else progress)
 

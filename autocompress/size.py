@@ -3,7 +3,10 @@
 A compressed Linear stores
 - its kept values at their bit-width, bit-packed (16-bit floats when not quantized);
 - a bitmask of kept positions (one bit per weight) when pruned;
-- one float16 scale per group, and for asymmetric grids one zero-point per group packed at the bit-width;
+- on an integer grid, one float16 scale per group, and for asymmetric grids one zero-point per group packed
+  at the bit-width; in a number format (FP8, MXFP4, NVFP4, NF4), its scales in the format's scale type
+  (float16, E8M0 or E4M3 bytes) and its float32 tensor scale if it has one, no zero-points
+  (`methods.formats.format_storage`);
 - its bias, if any, in 16 bits.
 Each of these is a separate tensor rounded up to whole bytes. Everything that is not compressed
 (embeddings, norms, lm_head) is stored in 16 bits; tied weights count once.
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from autocompress.compress import sparsity_pattern
+from autocompress.compress import quantizer_for, sparsity_pattern
+from autocompress.methods.formats import FORMATS, format_storage
 from autocompress.methods.pruning import pruned_per_row
 from autocompress.methods.quantization import group_count
 from autocompress.models import compressible_linears
@@ -35,14 +39,18 @@ def linear_bytes(
     """Bytes one Linear takes once compressed with `setting` under the plan-wide options of `plan`."""
     total = out_features * in_features
     kept = total - out_features * pruned_per_row(in_features, setting.sparsity, sparsity_pattern(plan))
-    size = packed_bytes(kept, setting.bits)
-    if setting.sparsity > 0:
-        size += packed_bytes(total, 1)
-    if setting.bits < 16:
-        groups = out_features * group_count(in_features, plan.group_size)
-        size += groups * HALF_BYTES
-        if not plan.symmetric:
-            size += packed_bytes(groups, setting.bits)
+    size = packed_bytes(total, 1) if setting.sparsity > 0 else 0
+    if setting.bits == 16:
+        size += packed_bytes(kept, 16)
+    else:
+        method, spec = quantizer_for(setting, plan)
+        if method in FORMATS:
+            size += format_storage(method, out_features, in_features, kept, spec.group_size).total
+        else:
+            groups = out_features * group_count(in_features, spec.group_size)
+            size += packed_bytes(kept, spec.bits) + groups * HALF_BYTES
+            if not spec.symmetric:
+                size += packed_bytes(groups, spec.bits)
     if bias:
         size += out_features * HALF_BYTES
     return size

@@ -73,8 +73,8 @@ def resident_weights(session: CompressionSession) -> dict[str, torch.Tensor]:
 
 
 def mixed_plan(config: Config, session: CompressionSession, shift: int = 0) -> CompressionPlan:
-    """Every Linear at a different (sparsity, bits) of the space, combinations included."""
-    settings = variant_settings(config.search.sparsity_levels(), config.search.bit_levels())
+    """Every Linear at a different (sparsity, precision) of the space, combinations included."""
+    settings = variant_settings(config.search.sparsity_levels(), config.search.precision_levels())
     layers = {linear.name: settings[(i + shift) % len(settings)] for i, linear in enumerate(session.linears)}
     return CompressionPlan(layers=layers, **(config.compression.plan_options() | {"granularity": "linear"}))
 
@@ -94,6 +94,27 @@ def test_a_stitched_model_equals_the_directly_compressed_one(tmp_path: Path, wri
     for name, weight in direct.items():
         assert torch.equal(stitched[name], weight), name
     assert session.database().computed == report.computed, "stitching computed nothing the build had not"
+
+
+def test_format_levels_are_variants_of_their_own_and_stitch_exactly(tmp_path: Path, write_config) -> None:
+    formats = ["int3", "int4-g64", "nf4", "mxfp4", "nvfp4", "fp8-e4m3-tensor", "fp16"]
+    config = write_config(sparsity=[0.0, 0.5], bits=[16], formats=formats, compression={"pruning": "magnitude"})
+    session = CompressionSession(config, cache_dir=tmp_path / "cache")
+    assert session.use_database  # GPTQ, for the integer levels
+    report = session.build_database()
+    assert report.computed == report.variants == len(session.linears) * 13  # 2 × 7 levels, less the dense one
+    folder = session.database().root / session.linears[0].name
+    assert {path.name for path in folder.glob("s0.0000_*")} == {
+        f"s0.0000_{name}.safetensors" for name in ("b3", "int4-g64", "nf4", "mxfp4", "nvfp4", "fp8-e4m3-tensor")
+    }
+    first, second = mixed_plan(config, session), mixed_plan(config, session, shift=5)
+    assert {setting.format for setting in second.layers.values()} >= {"nf4", "mxfp4", "nvfp4", "fp8-e4m3-tensor"}
+    session.stitch(first)
+    session.stitch(second)
+    stitched = resident_weights(session)
+    for name, weight in directly_compressed(config, second).items():
+        assert torch.equal(stitched[name], weight), name  # E8M0, E4M3 and tensor scales survive the store
+    assert session.database().computed == report.computed
 
 
 def test_stitching_loads_only_the_linears_whose_setting_changed(tmp_path: Path, write_config, monkeypatch) -> None:

@@ -363,3 +363,27 @@ def test_write_hf_folder_is_a_plain_dense_folder(artifact, tmp_path) -> None:
     name = f"{PRUNED_4BIT[0]}.weight"
     assert torch.equal(dense.state_dict()[name], artifact["loaded"].state_dict()[name].half())
     assert artifact["loaded"].dtype == torch.float32  # the model given is left as it was
+
+
+FORMAT_LEVELS = ["nf4", "mxfp4", "nvfp4", "fp8-e4m3", "fp8-e5m2-tensor", "int4-g32", "nf4-g128"]
+
+
+def test_a_plan_of_per_layer_formats_stores_what_size_accounts_and_loads_back(tmp_path) -> None:
+    model = tiny_model()
+    layers = {
+        linear.name: LayerCompression(sparsity=0.5 * (index % 3 == 0), format=FORMAT_LEVELS[index % 7])
+        for index, linear in enumerate(compressible_linears(model))
+    }
+    plan = CompressionPlan(layers=layers, granularity="linear", pruning="magnitude", group_size=64)
+    path = export_compressed(model, None, plan, compress(model, plan), tmp_path / "out", {})
+    tensors = load_file(path / "model.safetensors")
+    size = model_size(model, plan)
+    for name, setting in layers.items():
+        stored = sum(tensor.nbytes for key, tensor in tensors.items() if key.startswith(f"{name}."))
+        assert stored == size.per_layer[name], (name, setting)
+    on_disk = (path / "model.safetensors").stat().st_size
+    assert size.total_bytes <= on_disk < size.total_bytes * 1.02  # the rest: the safetensors header
+    assert CompressionPlan.model_validate(read_manifest(path)["plan"]) == plan
+    loaded, _ = load(path)
+    for linear in compressible_linears(model):
+        assert torch.equal(loaded.get_submodule(linear.name).weight, linear.module.weight), linear.name

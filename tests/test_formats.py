@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
+import optuna
+import pandas as pd
 import pytest
 import torch
+import yaml
+from pydantic import ValidationError
 
+from autocompress.cli import main
 from autocompress.compress import apply_plan, compress_weight
+from autocompress.config import Config, load_config
 from autocompress.errors import UserError
 from autocompress.methods import QUANTIZERS, LayerStatistics, QuantizedWeight, QuantSpec
 from autocompress.methods.formats import (
@@ -30,7 +39,12 @@ from autocompress.methods.formats import (
     scale_codes,
     scales_from_codes,
 )
-from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.models import compressible_linears
+from autocompress.plan import CompressionPlan, LayerCompression, Level, parse_level
+from autocompress.search import SearchSpace, StudyLocation, run_search
+from autocompress.session import CompressionSession
+from autocompress.size import linear_bytes, model_size
+from tests.conftest import random_text
 
 NO_STATS = LayerStatistics()
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -453,3 +467,253 @@ def test_accounted_scales_are_the_scales_a_quantizer_returns(name, group_size):
 def test_per_tensor_fp8_accounts_no_row_scales():
     quantized = quantize("fp8-e4m3", random_weight(6, 100), PER_TENSOR)
     assert quantized.scale_format == "none" and format_storage("fp8-e4m3", 6, 100, group_size=PER_TENSOR).scales == 0
+
+
+# --- precision levels: a per-unit format in plans -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "bits", "method", "group_size"),
+    [
+        ("fp16", 16, None, None),
+        ("int4", 4, None, None),  # the plan's integer method and groups
+        ("int3-g64", 3, None, 64),
+        ("int8-row", 8, None, PER_ROW),
+        ("nf4", 4, "nf4", None),  # the format's canonical blocks (64)
+        ("nf4-g128", 4, "nf4", 128),
+        ("mxfp4", 4, "mxfp4", None),
+        ("nvfp4", 4, "nvfp4", None),
+        ("fp8-e4m3", 8, "fp8-e4m3", None),  # one scale per row
+        ("fp8-e5m2-g32", 8, "fp8-e5m2", 32),
+        ("fp8-e4m3-tensor", 8, "fp8-e4m3", PER_TENSOR),
+    ],
+)
+def test_level_names_say_bits_method_and_groups(name, bits, method, group_size):
+    assert parse_level(name) == Level(name, bits, method, group_size)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("int4-g128x", "unknown precision level 'int4-g128x'; use fp16, int<bits>"),
+        ("int7", "unknown precision level 'int7'"),
+        ("fp4", "unknown precision level 'fp4'"),
+        ("int4-g0", "a group holds at least one input"),
+        ("mxfp4-g64", "mxfp4 fixes its blocks at 32 inputs"),
+        ("nvfp4-row", "nvfp4 fixes its blocks at 16 inputs"),
+        ("nf4-tensor", "only FP8 takes one scale per tensor"),
+    ],
+)
+def test_a_name_that_is_no_level_is_refused_in_one_line(name, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)) as error:
+        parse_level(name)
+    assert "\n" not in str(error.value)
+
+
+def test_a_format_setting_takes_the_bits_of_its_level_and_plain_names_are_plain_bits():
+    assert LayerCompression(format="nf4") == LayerCompression(bits=4, format="nf4")
+    assert LayerCompression(format="fp8-e4m3").bits == 8
+    assert LayerCompression(format="int4") == LayerCompression(bits=4)  # one setting, one form
+    assert LayerCompression(sparsity=0.5, format="fp16") == LayerCompression(sparsity=0.5)
+    assert LayerCompression(format="int4-g32").format == "int4-g32"  # its own groups: a level of its own
+    with pytest.raises(ValidationError, match="'nf4' stores 4 bits, not 8"):
+        LayerCompression(format="nf4", bits=8)
+    with pytest.raises(ValidationError, match="unknown precision level 'nf5'"):
+        LayerCompression(format="nf5")
+
+
+def format_plan(**options: object) -> CompressionPlan:
+    """A plan naming a different level for each Linear of the tiny model's first block, pruning one of them."""
+    layers = {
+        "model.layers.0.self_attn.q_proj": LayerCompression(format="nf4"),
+        "model.layers.0.self_attn.k_proj": LayerCompression(format="mxfp4"),
+        "model.layers.0.self_attn.v_proj": LayerCompression(format="nvfp4"),
+        "model.layers.0.self_attn.o_proj": LayerCompression(format="fp8-e4m3"),
+        "model.layers.0.mlp.gate_proj": LayerCompression(sparsity=0.5, format="fp8-e5m2-tensor"),
+        "model.layers.0.mlp.up_proj": LayerCompression(format="int4-g32"),
+        "model.layers.0.mlp.down_proj": LayerCompression(bits=3),  # the plan's integer grid
+    }
+    return CompressionPlan(layers=layers, granularity="linear", **{"pruning": "magnitude", "group_size": 64} | options)
+
+
+def test_a_plan_naming_formats_round_trips_through_json_and_trial_parameters():
+    plan = format_plan()
+    assert CompressionPlan.from_json(plan.to_json()) == plan
+    params = plan.to_params()
+    assert params["model.layers.0.self_attn.q_proj.format"] == "nf4"
+    assert params["model.layers.0.mlp.down_proj.bits"] == 3 and "model.layers.0.mlp.down_proj.format" not in params
+    assert CompressionPlan.from_params(params, **plan.model_dump(exclude={"default", "layers"})) == plan
+    assert "format" not in json.loads(CompressionPlan.uniform(bits=4).to_json())["default"]  # plans of old read alike
+
+
+def test_applying_a_plan_gives_each_linear_its_format_and_groups(tiny_model):
+    kept = apply_plan(tiny_model, format_plan(), {}, keep=True)
+    quantized = {name.removeprefix("model.layers.0."): linear.quantized for name, linear in kept.items()}
+    assert {name: q.format for name, q in quantized.items()} == {
+        "self_attn.q_proj": "nf4",
+        "self_attn.k_proj": "mxfp4",
+        "self_attn.v_proj": "nvfp4",
+        "self_attn.o_proj": "fp8-e4m3",
+        "mlp.gate_proj": "fp8-e5m2",
+        "mlp.up_proj": None,
+        "mlp.down_proj": None,
+    }
+    groups = {name: (q.group_size, q.bits, q.scale_format) for name, q in quantized.items()}
+    assert groups["self_attn.q_proj"] == (64, 4, "float16") and groups["self_attn.k_proj"] == (32, 4, "e8m0")
+    assert groups["self_attn.v_proj"] == (16, 4, "e4m3") and groups["self_attn.o_proj"] == (PER_ROW, 8, "float16")
+    assert groups["mlp.gate_proj"] == (PER_ROW, 8, "none") and kept["model.layers.0.mlp.gate_proj"].mask is not None
+    assert groups["mlp.up_proj"] == (32, 4, "float16") and groups["mlp.down_proj"] == (64, 3, "float16")
+
+
+def test_an_integer_level_needs_an_integer_method():
+    with pytest.raises(ValidationError, match="integer level 'int4-g32', but the plan's quantization is the number"):
+        format_plan(quantization="nf4")
+
+
+# --- honest size of format levels -------------------------------------------------------------------------------
+
+
+def linear_size(level: str, sparsity: float = 0.0, bias: bool = False, **options: object) -> int:
+    """Bytes of a 64 × 128 Linear at a level, under a plan with groups of 64 (asymmetric, magnitude pruning)."""
+    plan = CompressionPlan(**{"group_size": 64, "pruning": "magnitude"} | options)
+    return linear_bytes(64, 128, LayerCompression(sparsity=sparsity, format=level), plan, bias=bias)
+
+
+def test_format_levels_cost_their_codes_and_scales_and_no_zero_points_by_hand():
+    codes4, codes8 = 64 * 128 // 2, 64 * 128
+    assert linear_size("nf4") == codes4 + 64 * 2 * 2  # blocks of 64: 2 float16 absmax per row
+    assert linear_size("nf4-g128") == codes4 + 64 * 2
+    assert linear_size("mxfp4") == codes4 + 64 * 4  # blocks of 32: 4 E8M0 bytes per row
+    assert linear_size("nvfp4") == codes4 + 64 * 8 + 4  # blocks of 16: 8 E4M3 bytes per row, a float32 tensor scale
+    assert linear_size("fp8-e4m3") == codes8 + 64 * 2  # one float16 scale per row
+    assert linear_size("fp8-e5m2-tensor") == codes8 + 4  # one float32 scale in all
+    assert linear_size("int4-g32") == codes4 + 64 * 4 * 2 + 64 * 4 // 2  # float16 scales, 4-bit zero-points
+    assert linear_size("int4-g32", symmetric=True) == codes4 + 64 * 4 * 2
+    assert linear_size("int4") == codes4 + 64 * 2 * 2 + 64 * 2 // 2  # the plan's groups of 64
+
+
+def test_a_pruned_format_level_stores_a_mask_and_only_the_kept_codes_and_a_bias_in_16_bits():
+    mask, kept_codes = 64 * 128 // 8, 64 * 64 // 2
+    assert linear_size("nf4", sparsity=0.5) == mask + kept_codes + 64 * 2 * 2
+    assert linear_size("nvfp4", sparsity=0.5, bias=True) == mask + kept_codes + 64 * 8 + 4 + 64 * 2
+
+
+def test_a_plan_wide_number_format_is_sized_as_the_format_it_is():
+    plan = CompressionPlan(quantization="nf4", group_size=128)
+    assert linear_bytes(64, 128, LayerCompression(bits=4), plan) == linear_size("nf4-g128")
+
+
+def test_the_model_size_of_a_format_plan_sums_its_linears(tiny_model):
+    plan = format_plan()
+    report = model_size(tiny_model, plan)
+    linears = {linear.name: linear.module for linear in compressible_linears(tiny_model)}
+    for name, setting in plan.layers.items():
+        out_features, in_features = linears[name].weight.shape
+        assert report.per_layer[name] == linear_bytes(out_features, in_features, setting, plan), name
+    assert report.per_layer["model.layers.0.self_attn.q_proj"] == format_storage("nf4", 64, 64).total
+
+
+# --- a search over formats --------------------------------------------------------------------------------------
+
+SEARCHED_FORMATS = ["int4", "nf4", "mxfp4", "nvfp4", "fp8-e4m3", "fp16"]
+
+
+def format_search_config(model_dir: Path, folder: Path, **search: object) -> dict:
+    corpus = folder / "corpus.txt"
+    corpus.write_text(random_text(6000, seed=1))
+    return {
+        "model": {"name": str(model_dir), "device": "cpu"},
+        "data": {"source": "files", "files": [str(corpus)], "seq_len": 32, "calibration": 4, "fitness": 4},
+        "compression": {"quantization": "rtn", "group_size": 32},
+        "search": {"formats": SEARCHED_FORMATS, "n_trials": 10, "seed": 0} | search,
+    }
+
+
+def test_a_search_over_integer_and_float_formats_reports_the_format_of_each_block(tmp_path, tiny_model_dir):
+    config = Config.model_validate(format_search_config(tiny_model_dir, tmp_path))
+    location = StudyLocation.resolve("formats", tmp_path / "results")
+    study = run_search(config, location, n_trials=10, progress=False)
+
+    seeds = [trial.params for trial in study.trials if trial.user_attrs.get("seed")]
+    assert [set(params.values()) for params in seeds] == [{"fp16"}] + [{name} for name in SEARCHED_FORMATS[:-1]]
+    sizes = {trial.params["model.layers.0.format"]: trial.user_attrs["size_bytes"] for trial in study.trials[:6]}
+    # bits per weight: nf4 and mxfp4 4.25, nvfp4 4.5, int4 in the plan's asymmetric groups of 32 4.625
+    assert sizes["nf4"] == sizes["mxfp4"] < sizes["nvfp4"] < sizes["int4"] < sizes["fp8-e4m3"] < sizes["fp16"]
+    trials = pd.read_csv(location.out_dir / "trials.csv")
+    assert set(trials["model.layers.1.format"]) <= set(SEARCHED_FORMATS)
+    frontier = pd.read_csv(location.out_dir / "frontier.csv")
+    assert frontier["heldout_ppl"].notna().all()
+    for _, member in frontier.iterrows():  # each block's format, and a summary of them
+        formats = [member["model.layers.0.format"], member["model.layers.1.format"]]
+        assert all(name in member["allocation"] for name in formats), member["allocation"]
+    assert "- format per unit: " in (location.out_dir / "report.md").read_text()
+    if frontier["allocation"].nunique() > 1:  # a frontier of different formats draws their heatmap
+        assert (location.out_dir / "allocation.png").stat().st_size > 0
+
+
+def test_the_search_space_samples_formats_and_seeds_one_uniform_plan_per_format(tiny_model_dir, tmp_path):
+    config = Config.model_validate(format_search_config(tiny_model_dir, tmp_path, sparsity=[0.0, 0.5]))
+    space = SearchSpace(config, ["model.layers.0", "model.layers.1"])
+    assert space.precision_levels == ["int4", "nf4", "mxfp4", "nvfp4", "fp8-e4m3", "fp16"]  # fewest bits first
+    seeds = space.seeds()  # each sparsity at the widest level, then each level unpruned
+    first_block = {key: value for key, value in seeds[1].items() if key.startswith("model.layers.0.")}
+    assert first_block == {"model.layers.0.sparsity": 0.5, "model.layers.0.format": "fp16"}
+    assert [seed["model.layers.1.format"] for seed in seeds[2:]] == space.precision_levels[:-1]
+    plan = space.plan_from_params({"model.layers.0.format": "nvfp4", "model.layers.1.format": "int4"})
+    assert plan.layers["model.layers.0"] == LayerCompression(format="nvfp4")
+    assert plan.layers["model.layers.1"] == LayerCompression(bits=4)
+    dense = space.plan_from_params(space.dense_params())
+    assert all(setting.is_identity for setting in dense.layers.values())
+    trial = optuna.create_study().ask()
+    sampled = space.plan_for(trial)
+    assert set(trial.params) == {f"model.layers.{i}.{field}" for i in (0, 1) for field in ("sparsity", "format")}
+    assert sampled.layers["model.layers.1"].level.name == trial.params["model.layers.1.format"]
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        ({"formats": ["int4", "fp5"]}, "search.formats: unknown precision level 'fp5'; use fp16, int<bits>"),
+        ({"formats": ["nf4"], "bits": [4, 16]}, "search: give the precision levels in bits or in formats, not both"),
+        ({"formats": []}, "search: formats lists at least one precision level"),
+        (
+            {"formats": ["nf4"], "sparsity": [0.4, 0.5, 0.6], "budget": {"sparsity": 0.5}},
+            "search: a budget search chooses among bits, not formats",
+        ),
+    ],
+)
+def test_a_bad_formats_list_is_one_line_and_exit_2_from_the_cli(search, message, tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(format_search_config(tiny_model_dir, tmp_path, **search)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", str(path), "--study", "bad", "--out", str(tmp_path / "results")])
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in error and "Traceback" not in error
+    assert error.startswith("autocompress: error: config ") and message in error, error
+
+
+def test_an_integer_format_with_a_number_format_method_is_refused(tmp_path, tiny_model_dir):
+    raw = format_search_config(tiny_model_dir, tmp_path)
+    raw["compression"]["quantization"] = "nf4"
+    with pytest.raises(ValidationError, match=r"search\.formats: int4 is an integer grid, but compression"):
+        Config.model_validate(raw)
+
+
+def test_apply_takes_a_format_and_refuses_an_unknown_one(tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({key: value for key, value in format_search_config(tiny_model_dir, tmp_path).items()
+                                    if key != "search"}))  # fmt: skip
+    main(["apply", str(path), "--format", "nvfp4", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    tiny = CompressionSession(Config.model_validate(yaml.safe_load(path.read_text())))
+    assert result["size_bytes"] == model_size(tiny.model, CompressionPlan.uniform(format="nvfp4")).total_bytes
+    with pytest.raises(SystemExit) as exit_:
+        main(["apply", str(path), "--format", "nf3"])
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and error.startswith("autocompress: error: plan: ") and "'nf3'" in error
+
+
+def test_the_formats_recipe_searches_named_levels_under_int4_g128s_size():
+    config = load_config(Path(__file__).parent.parent / "search_spaces" / "smollm2-formats.yaml")
+    assert config.search.precision_levels() == ["int3-g128", "int4-g128", "nf4-g128", "nf4", "nvfp4", "fp8-e4m3"]
+    assert config.search.max_size == 112_023_936 and config.compression.quantization == "gptq"

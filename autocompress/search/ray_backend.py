@@ -39,6 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autocompress.config import Config, parse_size
 from autocompress.errors import UserError
 from autocompress.frontier import frontier_trials
+from autocompress.plan import CompressionPlan
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import MAX_RETRIES
 from autocompress.search.study import (
@@ -244,7 +245,8 @@ class StudyPreparer:
 
     def describe(self) -> dict:
         """Load the model and data (proving a worker can), fill the cache folder, and name the model's units."""
-        from autocompress.compress import statistics_needed
+        from autocompress.compress import settings_needs
+        from autocompress.database import variant_settings
         from autocompress.models import unit_names
         from autocompress.session import CompressionSession
 
@@ -252,8 +254,8 @@ class StudyPreparer:
         self.session = CompressionSession(config, cache_dir=Path(self.setup.cache_dir))
         self.space = SearchSpace(config, unit_names(self.session.model, config.compression.granularity))
         space = self.space
-        heaviest = space.plan_from_params(space.uniform_params(space.sparsity_levels[-1], space.bit_levels[0]))
-        self.session.statistics(statistics_needed(heaviest))
+        plan = CompressionPlan(**config.compression.plan_options())
+        self.session.statistics(settings_needs(variant_settings(space.sparsity_levels, space.precision_levels), plan))
         self.session.reference("fitness")
         return {"units": space.units, "dense_bytes": self.session.dense_bytes}
 

@@ -361,7 +361,7 @@ def heldout_pending(
 ) -> dict[str, dict[str, float | int]]:
     """The held-out figures the study lacks: user-attr key -> params of the plan to measure (dense first)."""
     attrs = study.user_attrs
-    pending = {} if DENSE_HELDOUT_KEY in attrs else {DENSE_HELDOUT_KEY: space.uniform_params(0.0, 16)}
+    pending = {} if DENSE_HELDOUT_KEY in attrs else {DENSE_HELDOUT_KEY: space.dense_params()}
     for trial in frontier_trials(study, max_bytes):
         key = HELDOUT_KEY.format(number=trial.number)
         if key not in attrs:
