@@ -1,4 +1,5 @@
-"""The data a trial is: how much to prune and how many bits to keep, per decoder block or per Linear."""
+"""The data a trial is: an optional student architecture, then how much to prune and how many bits to keep,
+per decoder block or per Linear (of the student, when there is one)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autocompress.methods import PRUNERS, QUANTIZERS
+from autocompress.methods.distillation import StudentArchitecture
 
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8, 16)
 MAX_SPARSITY = 0.95
 Granularity = Literal["block", "linear"]
 
+STUDENT_PREFIX = "student."  # trial parameters of the student architecture: student.num_layers, ...
 _N_M = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -36,6 +39,11 @@ class CompressionPlan(BaseModel):
     `default` applies to every unit not named in `layers`. Units are named as the model names them:
     a decoder block (`model.layers.3`) when granularity is "block", a Linear
     (`model.layers.3.mlp.down_proj`) when it is "linear".
+
+    With a `student`, the plan is applied in order distil → prune → quantize: the student is cut from the
+    teacher and distilled, and the units name the student's own blocks. `recovery_steps` > 0 adds a short
+    knowledge-distillation fine-tune after pruning (masks frozen), before quantizing (so the grid is computed
+    on the recovered weights and never left). Such plans build a new model: `autocompress.students.realize_plan`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,6 +56,8 @@ class CompressionPlan(BaseModel):
     quantization: str = "rtn"
     group_size: int = Field(128, description="Weights sharing one scale along the input dimension; -1: per row.")
     symmetric: bool = False
+    student: StudentArchitecture | None = None
+    recovery_steps: int = Field(0, ge=0, description="KD steps after pruning, masks frozen, before quantizing")
 
     @field_validator("pruning")
     @classmethod
@@ -125,9 +135,18 @@ class CompressionPlan(BaseModel):
     def from_json(cls, text: str) -> CompressionPlan:
         return cls.model_validate_json(text)
 
+    @property
+    def trains(self) -> bool:
+        """Whether applying the plan trains weights (a student, or a recovery fine-tune)."""
+        return self.student is not None or self.recovery_steps > 0
+
     def to_params(self) -> dict[str, float | int]:
-        """Flat per-unit parameters, as an Optuna trial holds them: `{unit}.sparsity`, `{unit}.bits`."""
+        """Flat parameters, as an Optuna trial holds them: `student.{dimension}` for each student dimension
+        given, then per unit `{unit}.sparsity`, `{unit}.bits`."""
         params: dict[str, float | int] = {}
+        if self.student is not None:
+            shape = self.student.model_dump(exclude_none=True)
+            params |= {f"{STUDENT_PREFIX}{dimension}": value for dimension, value in shape.items()}
         for unit, setting in self.layers.items():
             params[f"{unit}.sparsity"] = setting.sparsity
             params[f"{unit}.bits"] = setting.bits
@@ -137,10 +156,16 @@ class CompressionPlan(BaseModel):
     def from_params(cls, params: Mapping[str, float | int], **options: object) -> CompressionPlan:
         """The inverse of `to_params`; `options` sets the plan-wide fields (methods, granularity...)."""
         per_unit: dict[str, dict[str, float | int]] = {}
+        student: dict[str, int] = {}
         for key, value in params.items():
+            if key.startswith(STUDENT_PREFIX):
+                student[key.removeprefix(STUDENT_PREFIX)] = int(value)
+                continue
             unit, _, field = key.rpartition(".")
             if field not in ("sparsity", "bits") or not unit:
                 raise ValueError(f"parameter {key!r} is not of the form '<unit>.sparsity' or '<unit>.bits'")
             per_unit.setdefault(unit, {})[field] = value
         layers = {unit: LayerCompression(**fields) for unit, fields in per_unit.items()}
+        if student:
+            options = {**options, "student": StudentArchitecture(**student)}
         return cls(layers=layers, **options)
