@@ -140,8 +140,14 @@ def export_trial(
     space = SearchSpace(config, unit_names(model, config.compression.granularity))
     plan = space.plan_from_params(frozen.params)
     reference = session.reference("fitness")  # before compressing: it may need the dense model
-    statistics = session.statistics(statistics_needed(plan))
-    compressed = apply_plan(model, plan, statistics, keep=True)
+    if session.trains(plan):  # a student (or a recovered plan): built and distilled again, or from the cache
+        trained = session.realize(plan)
+        model, compressed = trained.model, trained.compressed
+    else:
+        if plan.student is not None:  # a "student" of the teacher's own shape is the teacher
+            plan = plan.model_copy(update={"student": None})
+        statistics = session.statistics(statistics_needed(plan))
+        compressed = apply_plan(model, plan, statistics, keep=True)
     metrics = evaluate(model, session.pools.fitness, reference=reference, batch_size=config.data.batch_size)
     fitness_loss = metrics.kl if config.search.loss == "kl" else metrics.ce
     accounted = model_size(model, plan).total_bytes

@@ -64,12 +64,21 @@ class CompressedLinear:
 
 
 def compress_weight(
-    weight: torch.Tensor, setting: LayerCompression, plan: CompressionPlan, stats: LayerStatistics
+    weight: torch.Tensor,
+    setting: LayerCompression,
+    plan: CompressionPlan,
+    stats: LayerStatistics,
+    mask: torch.Tensor | None = None,
 ) -> CompressedLinear:
-    """One Linear's weight (out × in) compressed as the plan says, computed in float32."""
+    """One Linear's weight (out × in) compressed as the plan says, computed in float32.
+
+    A `mask` fixed beforehand (pruned, then fine-tuned with the mask frozen) is kept instead of pruning again.
+    """
     compressed = weight.float()
-    mask = quantized = None
-    if setting.sparsity > 0:
+    quantized = None
+    if mask is not None:
+        compressed = compressed * mask
+    elif setting.sparsity > 0:
         compressed = PRUNERS[plan.pruning].function(compressed, setting.sparsity, sparsity_pattern(plan), stats)
         mask = compressed != 0
     if setting.bits < 16:
@@ -88,12 +97,17 @@ def apply_plan(
     statistics: Mapping[str, LayerStatistics],
     keep: bool = False,
     only: Collection[str] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, CompressedLinear]:
     """Compress the model in place; it then runs in plain transformers (masked, fake-quantized weights).
 
     With `keep`, return each compressed Linear's stored form (masks, codes, scales) by name, for export.
     With `only`, compress just the Linears of those names (the others are assumed to hold their plan already).
+    `masks` (by Linear name) are kept as they are instead of pruning again (a recovered student).
+    A plan with a student compresses the student, not this model: see `autocompress.students.realize_plan`.
     """
+    if plan.student is not None:
+        raise UserError("plan: a student plan builds a new model; apply it with autocompress.students.realize_plan")
     try:
         plan.check_units(unit_names(model, plan.granularity))
     except ValueError as error:
@@ -105,7 +119,8 @@ def apply_plan(
             continue
         stats = statistics.get(linear.name, LayerStatistics())
         try:
-            compressed = compress_weight(linear.module.weight.data, setting, plan, stats)
+            mask = None if masks is None else masks.get(linear.name)
+            compressed = compress_weight(linear.module.weight.data, setting, plan, stats, mask)
         except ValueError as error:
             raise UserError(f"plan: cannot compress {linear.name}: {error}") from error
         linear.module.weight.data.copy_(compressed.weight)

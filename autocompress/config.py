@@ -96,6 +96,99 @@ class LevelRange(Section):
         return [round(self.low + index * self.step, 10) for index in range(count + 1)]
 
 
+class IntRange(Section):
+    """Whole numbers from `low` to `high` in steps of `step`, e.g. {low: 256, high: 1536, step: 256}."""
+
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+    step: int = Field(gt=0)
+
+    def values(self) -> list[int]:
+        if self.high < self.low or (self.high - self.low) % self.step:
+            raise ValueError(f"range {self.low}..{self.high} is not a whole number of steps of {self.step}")
+        return list(range(self.low, self.high + 1, self.step))
+
+
+class DistillationConfig(Section):
+    """How each student is trained to imitate the dense teacher (knowledge distillation on calibration tokens)."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    learning_rate: float = Field(1e-4, gt=0)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; default 200 unless `tokens` is given")
+    tokens: int | None = Field(None, ge=1, description="token budget instead of steps: steps = tokens / (batch x seq)")
+    batch_size: int = Field(4, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    hidden_weight: float = Field(0.0, ge=0, description="weight of the last hidden state's MSE (same hidden size)")
+    weight_decay: float = Field(0.0, ge=0)
+    bf16: Literal["auto", "on", "off"] = Field("auto", description="bfloat16 autocast; auto: on CUDA only")
+    gradient_checkpointing: bool = False
+    report_every: int = Field(25, ge=1, description="steps between KD losses on the fitness pool (Optuna reports)")
+    pruner: Literal["median", "halving", "hyperband", "none"] = Field(
+        "median",
+        description="stop weak students early: the median rule, successive halving, or Hyperband (brackets of "
+        "successive halving; one bracket in a multi-objective study)",
+    )
+    startup_trials: int = Field(2, ge=0, description="students trained to the end before the pruner judges any")
+    reduction_factor: int = Field(3, ge=2, description="successive halving: keep 1 in this many at each rung")
+    importance_windows: int = Field(
+        32, ge=1, description="calibration windows the importance of blocks, heads and channels is measured on"
+    )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> DistillationConfig:
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("give the distillation budget as steps or as tokens, not both")
+        return self
+
+    def step_count(self, seq_len: int) -> int:
+        if self.tokens is not None:
+            return max(1, self.tokens // (self.batch_size * seq_len))
+        return 200 if self.steps is None else self.steps
+
+
+StudentDimension = list[int] | IntRange
+STUDENT_DIMENSIONS = ("num_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "hidden_size")
+
+
+class StudentSearchConfig(Section):
+    """Student architectures the search may choose (each a list or a range; the teacher's value where absent),
+    how they are distilled, and the optional KD recovery of compressed students."""
+
+    num_layers: StudentDimension | None = None
+    intermediate_size: StudentDimension | None = None
+    num_attention_heads: StudentDimension | None = None
+    num_key_value_heads: StudentDimension | None = None
+    hidden_size: StudentDimension | None = None
+    distillation: DistillationConfig = DistillationConfig()
+    recovery_steps: int = Field(
+        0, ge=0, description="KD steps after pruning a student, masks frozen, before it is quantized (0: none)"
+    )
+
+    @model_validator(mode="after")
+    def _dimensions_are_valid(self) -> StudentSearchConfig:
+        chosen = self.dimensions()
+        if not chosen:
+            raise ValueError(
+                "a student section needs at least one of num_layers, intermediate_size, num_attention_heads, "
+                "num_key_value_heads, hidden_size"
+            )
+        for name, values in chosen.items():
+            if not values:
+                raise ValueError(f"student {name} needs at least one value")
+            if min(values) < 1:
+                raise ValueError(f"student {name} values must be positive, got {values}")
+        return self
+
+    def dimensions(self) -> dict[str, list[int]]:
+        """The dimensions the config names, each as its sorted distinct values."""
+        chosen = {}
+        for name in STUDENT_DIMENSIONS:
+            given = getattr(self, name)
+            if given is not None:
+                chosen[name] = sorted(set(given.values() if isinstance(given, IntRange) else given))
+        return chosen
+
+
 class Budget(Section):
     """A fixed size for a budget-aware search: the average sparsity, or the average bit-width, of the
     compressible weights (weighted by their number), which every plan the search tries keeps exactly."""
@@ -179,6 +272,9 @@ class SearchConfig(Section):
         "auto",
         description="layer-variant database on disk; auto: on when a method needs the Hessian (SparseGPT, GPTQ)",
     )
+    student: StudentSearchConfig | None = Field(
+        None, description="distilled student architectures searched beside the teacher's compression plans"
+    )
 
     @field_validator("formats")
     @classmethod
@@ -210,6 +306,8 @@ class SearchConfig(Section):
             if not stages or stages[-1] != 1.0 or any(not 0 < f <= 1 for f in stages) or stages != sorted(set(stages)):
                 raise ValueError(f"stages must be increasing fractions in (0, 1] ending with 1.0, got {stages}")
         self._budget_is_valid()
+        if self.student is not None and self.budget is not None:
+            raise ValueError("a budget search keeps the teacher's shape; drop search.student or search.budget")
         return self
 
     def _formats_are_valid(self) -> None:

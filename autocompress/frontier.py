@@ -21,6 +21,8 @@ class FrontierPoint:
     is_seed: bool
     heldout_ppl: float | None
     heldout_kl: float | None
+    architecture: dict[str, int] | None = None  # in a study with students: the shape of the model measured
+    is_student: bool = False
 
     def score(self, alpha: float, beta: float) -> float:
         return alpha * self.loss + beta * self.size_ratio
@@ -69,6 +71,8 @@ def frontier_points(study: optuna.Study, max_bytes: int | None, alpha: float, be
                 is_seed=bool(trial.user_attrs.get("seed", False)),
                 heldout_ppl=heldout.get("ppl"),
                 heldout_kl=heldout.get("kl"),
+                architecture=trial.user_attrs.get("architecture"),
+                is_student=bool(trial.user_attrs.get("student", False)),
             )
         )
     return sorted(points, key=lambda point: (point.objective, point.trial))

@@ -32,6 +32,8 @@ class OneshotResult:
 
 
 def oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> OneshotResult:
+    if plan.trains:
+        return trained_oneshot(config, plan, progress)
     model, tokenizer = load_model(**config.model.model_dump())
     pools = token_pools(config.data, tokenizer)
     batch_size = config.data.batch_size
@@ -53,4 +55,26 @@ def oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> One
         tokens_per_s=metrics.tokens_per_s,
         dense_tokens_per_s=dense_metrics.tokens_per_s,
         per_layer_bytes=size.per_layer,
+    )
+
+
+def trained_oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> OneshotResult:
+    """A plan that trains (a student, a recovery): built beside the dense teacher, distilled with the config's
+    `search.student.distillation` settings (the defaults without one), compressed, then judged the same way."""
+    from autocompress.session import CompressionSession
+
+    session = CompressionSession(config, progress=progress)
+    measured = session.measure(plan, pool="heldout")
+    session.restore_dense()
+    dense_metrics = evaluate(session.model, session.pools.heldout, batch_size=session.batch_size)
+    return OneshotResult(
+        dense_ppl=dense_metrics.ppl,
+        heldout_ppl=measured.metrics.ppl,
+        kl=measured.metrics.kl,
+        size_bytes=measured.size.total_bytes,
+        dense_bytes=measured.size.dense_bytes,
+        size_ratio=measured.size.ratio,
+        tokens_per_s=measured.metrics.tokens_per_s,
+        dense_tokens_per_s=dense_metrics.tokens_per_s,
+        per_layer_bytes=measured.size.per_layer,
     )

@@ -1,4 +1,5 @@
-"""The data a trial is: how much to prune and at which precision to keep, per decoder block or per Linear."""
+"""The data a trial is: an optional student architecture, then how much to prune and at which precision to
+keep, per decoder block or per Linear (of the student, when there is one)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from autocompress.methods import PRUNERS, QUANTIZERS
+from autocompress.methods.distillation import StudentArchitecture
 from autocompress.methods.formats import FORMATS, PER_ROW, PER_TENSOR
 
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8, 16)
@@ -17,6 +19,7 @@ MAX_SPARSITY = 0.95
 Granularity = Literal["block", "linear"]
 UNQUANTIZED = "fp16"  # the level name of weights kept in 16 bits (bfloat16 for a bfloat16 model)
 
+STUDENT_PREFIX = "student."  # trial parameters of the student architecture: student.num_layers, ...
 _N_M = re.compile(r"^(\d+):(\d+)$")
 _INTEGER_LEVEL = re.compile(r"^int(\d+)(?:-(?:g(\d+)|(row)))?$")
 _FORMAT_LEVEL = re.compile(rf"^({'|'.join(map(re.escape, FORMATS))})(?:-(?:g(\d+)|(row)|(tensor)))?$")
@@ -121,6 +124,11 @@ class CompressionPlan(BaseModel):
     `default` applies to every unit not named in `layers`. Units are named as the model names them:
     a decoder block (`model.layers.3`) when granularity is "block", a Linear
     (`model.layers.3.mlp.down_proj`) when it is "linear".
+
+    With a `student`, the plan is applied in order distil → prune → quantize: the student is cut from the
+    teacher and distilled, and the units name the student's own blocks. `recovery_steps` > 0 adds a short
+    knowledge-distillation fine-tune after pruning (masks frozen), before quantizing (so the grid is computed
+    on the recovered weights and never left). Such plans build a new model: `autocompress.students.realize_plan`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -133,6 +141,8 @@ class CompressionPlan(BaseModel):
     quantization: str = "rtn"
     group_size: int = Field(128, description="Weights sharing one scale along the input dimension; -1: per row.")
     symmetric: bool = False
+    student: StudentArchitecture | None = None
+    recovery_steps: int = Field(0, ge=0, description="KD steps after pruning, masks frozen, before quantizing")
 
     @field_validator("pruning")
     @classmethod
@@ -224,10 +234,18 @@ class CompressionPlan(BaseModel):
     def from_json(cls, text: str) -> CompressionPlan:
         return cls.model_validate_json(text)
 
+    @property
+    def trains(self) -> bool:
+        """Whether applying the plan trains weights (a student, or a recovery fine-tune)."""
+        return self.student is not None or self.recovery_steps > 0
+
     def to_params(self) -> dict[str, float | int | str]:
-        """Flat per-unit parameters, as an Optuna trial holds them: `{unit}.sparsity`, and `{unit}.bits` or
-        `{unit}.format` (a named level)."""
+        """Flat parameters, as an Optuna trial holds them: `student.{dimension}` for each student dimension
+        given, then per unit `{unit}.sparsity`, and `{unit}.bits` or `{unit}.format` (a named level)."""
         params: dict[str, float | int | str] = {}
+        if self.student is not None:
+            shape = self.student.model_dump(exclude_none=True)
+            params |= {f"{STUDENT_PREFIX}{dimension}": value for dimension, value in shape.items()}
         for unit, setting in self.layers.items():
             params[f"{unit}.sparsity"] = setting.sparsity
             if setting.format is None:
@@ -240,7 +258,11 @@ class CompressionPlan(BaseModel):
     def from_params(cls, params: Mapping[str, float | int | str], **options: object) -> CompressionPlan:
         """The inverse of `to_params`; `options` sets the plan-wide fields (methods, granularity...)."""
         per_unit: dict[str, dict[str, float | int | str]] = {}
+        student: dict[str, int] = {}
         for key, value in params.items():
+            if key.startswith(STUDENT_PREFIX):
+                student[key.removeprefix(STUDENT_PREFIX)] = int(value)
+                continue
             unit, _, field = key.rpartition(".")
             if field not in ("sparsity", "bits", "format") or not unit:
                 raise ValueError(
@@ -248,4 +270,6 @@ class CompressionPlan(BaseModel):
                 )
             per_unit.setdefault(unit, {})[field] = value
         layers = {unit: LayerCompression(**fields) for unit, fields in per_unit.items()}
+        if student:
+            options = {**options, "student": StudentArchitecture(**student)}
         return cls(layers=layers, **options)

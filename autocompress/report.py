@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from autocompress.config import Config, parse_size
 from autocompress.frontier import DENSE_HELDOUT_KEY, FrontierPoint, frontier_points
 from autocompress.plan import parse_level
+from autocompress.students import ARCHITECTURE_COLUMNS, architecture_columns
 
 if TYPE_CHECKING:
     from autocompress.search.study import StudyLocation
@@ -47,6 +48,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row |= {column: trial.user_attrs.get(column) for column in TRIAL_COLUMNS}
         row["seed"] = bool(trial.user_attrs.get("seed", False))
         row["fail_reason"] = trial.user_attrs.get("fail_reason", "")
+        if "architecture" in trial.user_attrs:  # a study with students: every trial's shape, the teacher's too
+            row["student"] = bool(trial.user_attrs.get("student", False))
+            row |= architecture_columns(trial.user_attrs["architecture"])
         row |= dict(trial.params)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -70,23 +74,40 @@ def _level_text(value: float | int | str) -> str:
 
 
 def frontier_frame(points: list[FrontierPoint], study: optuna.Study, per_unit: bool = True) -> pd.DataFrame:
-    """The frontier's figures, each member's allocation in brief and, with `per_unit`, every unit's level."""
+    """The frontier's figures, each member's allocation in brief, architecture columns when its study has
+    students and, with `per_unit`, every unit's level."""
     columns = ["trial", "loss", "size_bytes", "size_ratio", "objective", "heldout_ppl", "heldout_kl", "is_seed"]
+    with_students = any(point.architecture for point in points)
     rows = []
     for point in points:
         params = study.trials[point.trial].params
         row = {column: getattr(point, column) for column in columns} | {"allocation": allocation_summary(params)}
+        if with_students:
+            row |= {"student": point.is_student} | architecture_columns(point.architecture or {})
         rows.append(row | (dict(params) if per_unit else {}))
-    return pd.DataFrame(rows, columns=None if rows else [*columns, "allocation"])
+    empty = [*columns, "allocation", *(["student", *ARCHITECTURE_COLUMNS] if with_students else [])]
+    return pd.DataFrame(rows, columns=None if rows else empty)
 
 
 def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, loss_name: str) -> None:
     complete = trials[trials["state"] == "COMPLETE"]
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
-    sampled = complete[~complete["seed"]]
-    seeds = complete[complete["seed"]]
+    no_students = pd.Series(False, index=complete.index)
+    students = complete["student"].fillna(False).astype(bool) if "student" in complete else no_students
+    sampled = complete[~complete["seed"] & ~students]
+    seeds = complete[complete["seed"] & ~students]
     axes.scatter(sampled["size_ratio"], sampled["loss"], s=14, color="tab:gray", alpha=0.6, label="trials")
+    if students.any():
+        axes.scatter(
+            complete[students]["size_ratio"],
+            complete[students]["loss"],
+            s=22,
+            marker="^",
+            color="tab:green",
+            alpha=0.8,
+            label="distilled students",
+        )
     axes.scatter(
         seeds["size_ratio"],
         seeds["loss"],
@@ -176,6 +197,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def compact_allocation(params: Mapping[str, float | int | str]) -> list[str]:
     """One line per field listing every unit's value in order, instead of one line per parameter."""
     lines = []
+    student = {key.removeprefix("student."): value for key, value in params.items() if key.startswith("student.")}
+    if student:
+        lines.append("- student: " + ", ".join(f"{dimension} {value}" for dimension, value in student.items()))
     for field in ALLOCATION_FIELDS:
         values = [value for key, value in params.items() if key.endswith(f".{field}")]
         if values:

@@ -6,12 +6,14 @@ One session serves every plan a process scores. Statistics and the fitness refer
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -27,6 +29,9 @@ from autocompress.methods import LayerStatistics, Statistic
 from autocompress.models import compressible_linears, load_model, unit_names
 from autocompress.plan import CompressionPlan
 from autocompress.size import SizeReport, model_size
+
+if TYPE_CHECKING:
+    from autocompress.students import ReportCallback, StudentTrainer, TrainedModel
 
 __all__ = ["CompressionSession", "Measurement", "combine_metrics", "save_atomically"]
 
@@ -47,6 +52,8 @@ class Measurement:
     stitch_s: float
     eval_s: float
     stages: tuple[tuple[int, Metrics], ...] = ()  # (windows scored so far, metrics on them) after each stage
+    curve: tuple[tuple[int, float], ...] = ()  # a student's (training step, KL on the fitness pool)
+    shape: dict[str, int] | None = None  # the architecture of the model measured (student or teacher)
 
 
 def combine_metrics(parts: Sequence[Metrics], seq_len: int) -> Metrics:
@@ -94,6 +101,45 @@ class CompressionSession:
         self.last_stitch_s = 0.0  # of the latest measure(), for a trial that staged fitness stops
         self._restores = 0  # times the resident model went back to dense (collecting statistics does)
         self._units = {granularity: unit_names(self.model, granularity) for granularity in ("block", "linear")}
+        self._trainer: StudentTrainer | None = None
+
+    @property
+    def trainer(self) -> StudentTrainer:
+        """Builds, distils and compresses students of the resident (dense) teacher."""
+        if self._trainer is None:
+            from autocompress.config import DistillationConfig
+            from autocompress.methods.distillation import measure_importance
+            from autocompress.students import StudentTrainer
+
+            student = self.config.search.student
+            settings = DistillationConfig() if student is None else student.distillation
+
+            @functools.cache  # measured once per session, when the first student is cut
+            def importance():
+                self.restore_dense()
+                windows = self.pools.calibration[: settings.importance_windows]
+                return measure_importance(self.model, windows, self.batch_size)
+
+            self._trainer = StudentTrainer(
+                teacher=self.model,
+                importance=importance,
+                calibration=self.pools.calibration,
+                fitness=self.pools.fitness,
+                settings=settings,
+                batch_size=self.batch_size,
+                cache_dir=self.cache_dir,
+                inputs_key=inputs_fingerprint(self.config),
+            )
+        return self._trainer
+
+    def trains(self, plan: CompressionPlan) -> bool:
+        """Whether scoring `plan` trains a model (a student, or a recovery) instead of stitching the teacher."""
+        return plan.recovery_steps > 0 or (plan.student is not None and not self.trainer.is_teacher(plan))
+
+    def realize(self, plan: CompressionPlan, on_report: ReportCallback | None = None) -> TrainedModel:
+        """A plan that trains, applied: a new model beside the resident teacher (kept dense meanwhile)."""
+        self.restore_dense()
+        return self.trainer.realize(plan, on_report)
 
     @property
     def dense_bytes(self) -> int:
@@ -227,14 +273,21 @@ class CompressionSession:
         pool: str = "fitness",
         stages: Sequence[int] | None = None,
         on_stage: StageCallback | None = None,
+        on_report: ReportCallback | None = None,
     ) -> Measurement:
         """Size of `plan` and its distance to the dense model on a pool, with the time each part took.
 
         `stages` scores the pool in growing prefixes of that many windows (the last one is how far it goes,
         the whole pool by default); after every stage but the last, `on_stage` sees the metrics so far and
-        may raise (optuna.TrialPruned) to stop there.
+        may raise (optuna.TrialPruned) to stop there. A plan that trains (a student) is built, distilled and
+        compressed instead of stitched; `on_report` sees its KD loss on the fitness pool every few steps and
+        may raise to stop the training. Its size is a fraction of the dense teacher's, like every plan's.
         """
         reference = self.reference(pool)  # first: computing it restores the dense weights
+        if self.trains(plan):
+            return self._measure_trained(plan, pool, reference, on_report)
+        if plan.student is not None:  # a "student" of the teacher's own shape is the teacher
+            plan = plan.model_copy(update={"student": None})
         tokens = getattr(self.pools, pool)
         stages = [len(tokens)] if stages is None else [min(count, len(tokens)) for count in stages]
         began = time.perf_counter()
@@ -254,4 +307,26 @@ class CompressionSession:
                 on_stage(index, start, done[-1][1], size)
         return Measurement(
             size, done[-1][1], stitch_s=stitched - began, eval_s=time.perf_counter() - stitched, stages=tuple(done)
+        )
+
+    def _measure_trained(
+        self, plan: CompressionPlan, pool: str, reference: torch.Tensor, on_report: ReportCallback | None
+    ) -> Measurement:
+        from autocompress.students import without_training
+
+        began = time.perf_counter()
+        trained = self.realize(plan, on_report)
+        built = time.perf_counter()
+        self.last_stitch_s = built - began
+        own = model_size(trained.model, without_training(plan))
+        size = SizeReport(own.total_bytes, self.dense_bytes, own.per_layer)  # a fraction of the teacher
+        tokens = getattr(self.pools, pool)
+        metrics = evaluate(trained.model, tokens, reference=reference, batch_size=self.batch_size)
+        return Measurement(
+            size,
+            metrics,
+            stitch_s=built - began,
+            eval_s=time.perf_counter() - built,
+            curve=tuple(trained.curve),
+            shape=trained.shape,
         )

@@ -246,6 +246,7 @@ def build_student(
 @dataclass(frozen=True)
 class DistillationOptions:
     steps: int = 200
+    optimizer: str = "adamw"  # adamw | sgd
     learning_rate: float = 1e-4
     batch_size: int = 4
     temperature: float = 1.0
@@ -253,6 +254,17 @@ class DistillationOptions:
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
     eval_every: int = 50
+    bf16: bool | None = None  # bfloat16 autocast; None: where it pays (CUDA)
+    seed: int = 0  # of the order training windows are drawn in
+    loss: str = "kd"  # kd: imitate the teacher; ce: plain next-token cross-entropy (the baseline KD must beat)
+
+
+def _optimizer(name: str, parameters, options: DistillationOptions) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=options.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=options.learning_rate, weight_decay=options.weight_decay, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -277,6 +289,27 @@ def evaluate_kd(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, ba
     return total / tokens.numel()
 
 
+def _training_loss(
+    student: nn.Module, teacher: nn.Module, batch: torch.Tensor, options: DistillationOptions, autocast
+) -> torch.Tensor:
+    """The loss of one batch: KL to the teacher at the temperature (plus the hidden-state MSE), or plain CE."""
+    if options.loss == "ce":
+        with autocast:
+            logits = student(batch, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+    with_hidden = options.hidden_weight > 0
+    with torch.no_grad():
+        teacher_out = teacher(batch, use_cache=False, output_hidden_states=with_hidden)
+    with autocast:
+        student_out = student(batch, use_cache=False, output_hidden_states=with_hidden)
+    loss = kd_loss(student_out.logits, teacher_out.logits, options.temperature)
+    if with_hidden and student_out.hidden_states[-1].shape == teacher_out.hidden_states[-1].shape:
+        loss = loss + options.hidden_weight * F.mse_loss(
+            student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float()
+        )
+    return loss
+
+
 def distill(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
@@ -297,27 +330,17 @@ def distill(
     student.train()
     if options.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    generator = torch.Generator().manual_seed(0)
+    optimizer = _optimizer(options.optimizer, student.parameters(), options)
+    bf16 = device.type == "cuda" if options.bf16 is None else options.bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    generator = torch.Generator().manual_seed(options.seed)
     history: list[tuple[int, float]] = []
     parameters = dict(student.named_parameters())
     try:
         for step in tqdm(range(1, options.steps + 1), desc="distillation", disable=not progress, leave=False):
             rows = torch.randint(len(train_tokens), (options.batch_size,), generator=generator)
             batch = train_tokens[rows].to(device)
-            with torch.no_grad():
-                teacher_out = teacher(batch, use_cache=False, output_hidden_states=options.hidden_weight > 0)
-            with autocast:
-                student_out = student(batch, use_cache=False, output_hidden_states=options.hidden_weight > 0)
-                loss = kd_loss(student_out.logits, teacher_out.logits, options.temperature)
-                if (
-                    options.hidden_weight > 0
-                    and student_out.hidden_states[-1].shape == teacher_out.hidden_states[-1].shape
-                ):
-                    loss = loss + options.hidden_weight * F.mse_loss(
-                        student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float()
-                    )
+            loss = _training_loss(student, teacher, batch, options, autocast)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"distillation loss is not finite at step {step}")
             optimizer.zero_grad(set_to_none=True)

@@ -564,6 +564,8 @@ def run_ray_search(
 
     if ray is None:
         raise UserError("--backend ray needs Ray Tune: pip install -e '.[ray]'")
+    if config.search.student is not None:  # its held-out judging rebuilds plans by unit lists alone
+        raise UserError("search.student runs with the local backend or `autocompress worker`, not --backend ray")
     if address is not None and address.startswith("ray://") and location.storage_url.startswith("sqlite"):
         raise UserError(
             "with a ray:// address the search runs on the cluster; give a --storage both sides reach (postgresql://...)"

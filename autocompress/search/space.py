@@ -1,4 +1,5 @@
-"""The search space: which levels each unit may take, the trial → plan mapping, and the uniform seeds."""
+"""The search space: which levels each unit may take (and, with a student section, which student
+architecture), the trial → plan mapping, and the uniform seeds."""
 
 from __future__ import annotations
 
@@ -8,13 +9,20 @@ from itertools import product
 import optuna
 
 from autocompress.config import Config
-from autocompress.plan import UNQUANTIZED, CompressionPlan
+from autocompress.plan import STUDENT_PREFIX, UNQUANTIZED, CompressionPlan
 
 Params = dict[str, float | int | str]
 
 
+def block_index(unit: str) -> int:
+    """The decoder block a unit belongs to: the first number in its name (`model.layers.3.mlp.up_proj` → 3)."""
+    return next(int(part) for part in unit.split(".") if part.isdigit())
+
+
 class SearchSpace:
-    """Per-unit choices of sparsity and precision over the units of one model.
+    """Per-unit choices of sparsity and precision over the units of one model, and optionally the student
+    architecture (`search.student`), whose units are the first `num_layers` blocks' (a student names its
+    blocks 0..n-1 as the teacher does).
 
     The precision is a bit-width (`{unit}.bits`, from `search.bits`) or a named level (`{unit}.format`, from
     `search.formats`: int4-g128, nf4, mxfp4, nvfp4, fp8-e4m3...), whichever the config lists.
@@ -27,11 +35,37 @@ class SearchSpace:
         self.bit_levels = config.search.bit_levels()
         self.precision_levels = config.search.precision_levels()  # fewest bits first
         self.precision_key = "bits" if config.search.formats is None else "format"
+        student = config.search.student
+        self.student_choices = {} if student is None else student.dimensions()
+
+    def student_params(self, trial: optuna.Trial) -> dict[str, int]:
+        """The architecture the trial chooses: `student.<dimension>` for each dimension with several values."""
+        return {
+            f"{STUDENT_PREFIX}{dimension}": trial.suggest_categorical(f"{STUDENT_PREFIX}{dimension}", values)
+            for dimension, values in self.student_choices.items()
+            if len(values) > 1
+        }
+
+    def largest_student(self) -> dict[str, int]:
+        """The parameters of the largest architecture offered (the teacher itself, when the lists include it)."""
+        return {
+            f"{STUDENT_PREFIX}{dimension}": values[-1]
+            for dimension, values in self.student_choices.items()
+            if len(values) > 1
+        }
+
+    def units_of(self, params: Params) -> list[str]:
+        """The units of the model the parameters describe: the student's first blocks, or all of them."""
+        layers = params.get(f"{STUDENT_PREFIX}num_layers")
+        if layers is None and "num_layers" in self.student_choices:
+            layers = self.student_choices["num_layers"][-1]
+        return self.units if layers is None else [unit for unit in self.units if block_index(unit) < layers]
 
     def plan_for(self, trial: optuna.Trial) -> CompressionPlan:
-        """Ask the trial for every unit's sparsity and precision; the only place that reads trials."""
-        params: Params = {}
-        for unit in self.units:
+        """Ask the trial for its architecture, then every unit's sparsity and precision; the only place that
+        reads trials."""
+        params: Params = dict(self.student_params(trial))
+        for unit in self.units_of(params):
             if len(self.sparsity_levels) > 1:
                 params[f"{unit}.sparsity"] = trial.suggest_categorical(f"{unit}.sparsity", self.sparsity_levels)
             if len(self.precision_levels) > 1:
@@ -40,17 +74,29 @@ class SearchSpace:
         return self.plan_from_params(params)
 
     def plan_from_params(self, params: Params) -> CompressionPlan:
-        """The plan a trial's parameters describe; levels the space fixes come from its single choice."""
-        complete = {}
-        for unit in self.units:
+        """The plan a trial's parameters describe; levels the space fixes come from its single choice (the
+        largest architecture where a varying dimension is missing)."""
+        complete: Params = {}
+        for dimension, values in self.student_choices.items():
+            key = f"{STUDENT_PREFIX}{dimension}"
+            complete[key] = params.get(key, values[-1])
+        for unit in self.units_of(params):
             precision = f"{unit}.{self.precision_key}"
             complete[f"{unit}.sparsity"] = params.get(f"{unit}.sparsity", self.sparsity_levels[0])
             complete[precision] = params.get(precision, self.precision_levels[0])
-        return CompressionPlan.from_params(complete, **self.config.compression.plan_options())
+        options = self.config.compression.plan_options()
+        if self.config.search.student is not None:
+            options["recovery_steps"] = self.config.search.student.recovery_steps
+        return CompressionPlan.from_params(complete, **options)
+
+    def teacher_plan(self) -> CompressionPlan:
+        """The dense teacher, uncompressed: what every loss is measured against."""
+        return CompressionPlan(**self.config.compression.plan_options())
 
     def uniform_params(self, sparsity: float, precision: int | str) -> Params:
-        params: Params = {}
-        for unit in self.units:
+        """Every unit at one level, in the largest architecture offered."""
+        params: Params = dict(self.largest_student())
+        for unit in self.units_of(params):
             if len(self.sparsity_levels) > 1:
                 params[f"{unit}.sparsity"] = sparsity
             if len(self.precision_levels) > 1:
@@ -104,4 +150,6 @@ class SearchSpace:
             space["budget"] = search.budget.model_dump(exclude_none=True)
         if search.formats is not None:  # likewise
             space["formats"] = self.precision_levels
+        if search.student is not None:  # likewise
+            space["student"] = search.student.model_dump(mode="json")
         return json.dumps(space, sort_keys=True)

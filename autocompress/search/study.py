@@ -5,25 +5,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import optuna
+import torch
 from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
-from autocompress.config import Config, evenly_spaced, parse_size
+from autocompress.config import Config, DistillationConfig, evenly_spaced, parse_size
 from autocompress.errors import UserError
 from autocompress.evaluate import Metrics
 from autocompress.frontier import DENSE_HELDOUT_KEY, HELDOUT_KEY, frontier_trials, scored_trials
 from autocompress.models import unit_names
+from autocompress.plan import CompressionPlan
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import default_storage_url, open_storage
 from autocompress.session import CompressionSession, StageCallback
-from autocompress.size import SizeReport
+from autocompress.size import HALF_BYTES, SizeReport
+from autocompress.students import ReportCallback
 
 SPACE_KEY = "autocompress:space"
 CONFIG_KEY = "autocompress:config"
@@ -63,6 +69,27 @@ def sampler_for(config: Config, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
 
+def study_pruner(config: Config) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of a single-objective study with students (`distillation.pruner`), judging their KD
+    curves; otherwise none: staged fitness prunes by the frontier (Objective.stage_check), and a multi-objective
+    study applies the same student rules itself (`search.student_pruning`), as Optuna refuses to there."""
+    student = config.search.student
+    if student is None or config.search.objective != "scalar" or student.distillation.pruner == "none":
+        return optuna.pruners.NopPruner()
+    settings = student.distillation
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=0)
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=settings.report_every,
+            max_resource=settings.step_count(config.data.seq_len),
+            reduction_factor=settings.reduction_factor,
+        )
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=settings.report_every, reduction_factor=settings.reduction_factor
+    )
+
+
 def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed: int) -> tuple[optuna.Study, bool]:
     """Create the study (seeded with uniform plans) or resume it; refuse a changed search space.
 
@@ -80,7 +107,7 @@ def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed
             directions=directions,
             load_if_exists=True,
             sampler=sampler_for(config, seed),
-            pruner=optuna.pruners.NopPruner(),  # staged fitness prunes by the frontier (Objective.check_stage)
+            pruner=study_pruner(config),
         )
         stored = study.user_attrs.get(SPACE_KEY)
         if stored is None:
@@ -131,7 +158,9 @@ class Objective:
         try:
             plan = self.space.plan_for(trial)
             staged = len(self.stages) > 1
-            if staged:
+            if self.session.trains(plan):
+                measured = self.session.measure(plan, on_report=self.student_check(trial, plan))
+            elif staged:
                 measured = self.session.measure(plan, stages=self.stages, on_stage=self.stage_check(trial))
             else:
                 measured = self.session.measure(plan)
@@ -161,10 +190,56 @@ class Objective:
             trial.set_user_attr(key, value)
         if len(measured.stages) > 1:
             trial.set_user_attr("stage_losses", [[count, self.loss_of(part)] for count, part in measured.stages])
+        if self.config.search.student is not None:
+            trial.set_user_attr("architecture", measured.shape or self.session.trainer.shape_of(plan))
+            trial.set_user_attr("student", bool(measured.shape) and measured.shape != self.teacher_shape)
+        if measured.curve:
+            trial.set_user_attr(KD_CURVE_KEY, [list(point) for point in measured.curve])
         if self.max_bytes is not None:  # Optuna's convention: feasible when <= 0
             trial.set_user_attr("size_over_limit", float(size.total_bytes - self.max_bytes))
             trial.set_constraint("size_over_limit", float(size.total_bytes - self.max_bytes))
         return (loss, size.ratio) if search.objective == "pareto" else objective
+
+    @property
+    def teacher_shape(self) -> dict[str, int]:
+        from autocompress.students import teacher_shape
+
+        return teacher_shape(self.session.model.config)
+
+    def student_check(self, trial: optuna.Trial, plan: CompressionPlan) -> ReportCallback:
+        """The callback a student's distillation runs every `report_every` steps: record its KD loss on the
+        fitness pool, and stop the trial (optuna.TrialPruned) when the configured pruner judges it weak.
+
+        A single-objective study reports α·KD + β·(the dense student's size) to Optuna and asks its pruner (the
+        scalar objective's own terms, so a small student is not judged by loss alone). Optuna refuses
+        report/should_prune in multi-objective studies, so there `student_pruning` applies the same rule itself
+        to the curves trials keep in their user attributes, comparing a student only with students no larger
+        than it: on a Pareto frontier a smaller student may well have a higher loss.
+        """
+        search = self.config.search
+        settings = search.student.distillation
+        shape = self.session.trainer.shape_of(plan)
+        size_bytes = student_dense_bytes(self.session.model.config, shape)
+        size_ratio = size_bytes / self.session.dense_bytes
+        trial.set_user_attr("student_dense_bytes", size_bytes)
+        curve: list[list[float]] = []
+
+        def check(step: int, kl: float) -> None:
+            curve.append([step, kl])
+            trial.set_user_attr(KD_CURVE_KEY, curve)
+            if settings.pruner == "none" or trial.user_attrs.get("seed"):
+                return
+            if search.objective == "scalar":
+                trial.report(search.alpha * kl + search.beta * size_ratio, step=step)
+                prune = trial.should_prune()
+            else:
+                prune = student_pruning(trial.study, trial.number, step, kl, size_bytes, settings)
+            if prune:
+                trial.set_user_attr("partial_loss", kl)
+                trial.set_user_attr("pruned_at_step", step)
+                raise optuna.TrialPruned(f"KD loss {kl:.4g} at step {step}")
+
+        return check
 
     def stage_check(self, trial: optuna.Trial) -> StageCallback:
         """The callback `measure` runs after each stage: record, report, and prune if hopeless."""
@@ -208,6 +283,50 @@ class Objective:
             if loss > reference * (1 + self.config.search.margin()) and loss > reference:
                 return member.number
         return None
+
+
+KD_CURVE_KEY = "kd_curve"  # a student's [[step, KL on the fitness pool], ...]
+
+
+def student_dense_bytes(config, shape: dict[str, int]) -> int:
+    """Bytes of a student of `shape` with every parameter in 16 bits (tied embeddings once), before compression."""
+    from autocompress.methods.distillation import student_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(student_config(config, shape))
+    return sum(parameter.numel() for parameter in model.parameters()) * HALF_BYTES
+
+
+def student_pruning(
+    study: optuna.Study, number: int, step: int, kl: float, size_bytes: int, settings: DistillationConfig
+) -> bool:
+    """Whether a student's KD loss at `step` marks it as weak, among the students no larger than it that reached
+    that step (complete, pruned or running), once `startup_trials` of them have.
+
+    median: its loss is above their median (Optuna's MedianPruner rule). halving and hyperband: at each rung
+    (report_every · reduction_factor^k steps) it is not among the best 1/reduction_factor of them and itself
+    (the rule of Optuna's SuccessiveHalvingPruner; Hyperband's brackets would split a handful of students
+    into groups too small to compare, so a multi-objective study runs the one bracket).
+    """
+    peers = []
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)):
+        if other.number == number or other.user_attrs.get("student_dense_bytes", math.inf) > size_bytes * 1.001:
+            continue
+        at_step = {int(point[0]): point[1] for point in other.user_attrs.get(KD_CURVE_KEY, [])}
+        if step in at_step:
+            peers.append(at_step[step])
+    if len(peers) < max(1, settings.startup_trials):
+        return False
+    if settings.pruner == "median":
+        return kl > statistics.median(peers)
+    rung = settings.report_every
+    while rung < step:
+        rung *= settings.reduction_factor
+    if rung != step:
+        return False
+    competitors = sorted([*peers, kl])
+    kept = max(1, len(competitors) // settings.reduction_factor)
+    return kl > competitors[kept - 1]
 
 
 def stage_windows(pool: int, fractions: Sequence[float]) -> list[int]:
@@ -267,11 +386,30 @@ def enqueue_baselines(
         study.set_user_attr(BASELINES_KEY, enqueued)
 
 
+def check_student_space(space: SearchSpace, teacher_config) -> None:
+    """Refuse, before any trial, student dimensions the teacher cannot give: larger than its own, or attention
+    heads that do not group over key/value heads as the teacher's do."""
+    from autocompress.methods.distillation import StudentArchitecture
+
+    choices = space.student_choices
+    if not choices:
+        return
+    largest = {dimension: values[-1] for dimension, values in choices.items()}
+    head_pairs = product(choices.get("num_attention_heads", [None]), choices.get("num_key_value_heads", [None]))
+    for heads, kv_heads in head_pairs:  # None: the teacher's
+        shape = largest | {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+        try:
+            StudentArchitecture(**shape).resolved(teacher_config)
+        except ValueError as error:
+            raise UserError(f"search.student: {error}") from error
+
+
 def prepare_study(
     study: optuna.Study, session: CompressionSession, space: SearchSpace, location: StudyLocation
 ) -> None:
     """What a study computes once before its trials: the layer-variant database (built or completed, its
     disk use logged and kept in the study), then the baseline allocations enqueued as seed trials."""
+    check_student_space(space, session.model.config)
     budget = space.config.search.budget
     if budget is not None:
         from autocompress.allocation import BudgetGrid, unit_sizes
@@ -373,7 +511,8 @@ def heldout_figures(
     session: CompressionSession, space: SearchSpace, key: str, params: dict[str, float | int]
 ) -> dict[str, float]:
     """One plan's held-out figures as the study keeps them under `key` (the dense model's: perplexity only)."""
-    metrics = session.measure(space.plan_from_params(params), pool="heldout").metrics
+    plan = space.teacher_plan() if key == DENSE_HELDOUT_KEY else space.plan_from_params(params)
+    metrics = session.measure(plan, pool="heldout").metrics
     return {"ppl": metrics.ppl} if key == DENSE_HELDOUT_KEY else {"ppl": metrics.ppl, "kl": metrics.kl}
 
 

@@ -1,0 +1,216 @@
+"""Plans that train: distil a student → prune → (recover) → quantize, into a new model beside the teacher.
+
+A student has other shapes than the teacher, so the teacher's layer-variant database and stitching do not
+serve it: the student is built (cut from the teacher, `methods.distillation.build_student`), distilled on the
+calibration pool, then compressed directly with its own calibration statistics. The distilled dense student
+depends only on its architecture and the distillation settings, so it is kept on disk (beside the study's
+other caches) and every later plan of the same architecture, whatever its sparsity and bits, reuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from autocompress.calibration import collect_statistics
+from autocompress.compress import CompressedLinear, apply_plan
+from autocompress.config import STUDENT_DIMENSIONS, DistillationConfig
+from autocompress.errors import UserError
+from autocompress.methods import PRUNERS, QUANTIZERS, Statistic
+from autocompress.methods.distillation import (
+    DistillationOptions,
+    Importance,
+    StudentArchitecture,
+    build_student,
+    distill,
+    student_config,
+)
+from autocompress.models import compressible_linears, unit_names
+from autocompress.plan import CompressionPlan, LayerCompression
+
+# (training step, KL to the teacher on the fitness pool); may raise to stop the training (a pruner's verdict)
+ReportCallback = Callable[[int, float], None]
+
+
+def teacher_shape(config) -> dict[str, int]:
+    """The teacher's own value of every student dimension."""
+    return StudentArchitecture().resolved(config)
+
+
+def distillation_options(settings: DistillationConfig, seq_len: int, steps: int | None = None) -> DistillationOptions:
+    """The training options of the config's distillation section (`steps` overrides its budget: recovery)."""
+    return DistillationOptions(
+        steps=settings.step_count(seq_len) if steps is None else steps,
+        optimizer=settings.optimizer,
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        temperature=settings.temperature,
+        hidden_weight=settings.hidden_weight,
+        weight_decay=settings.weight_decay,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        eval_every=settings.report_every,
+        bf16=None if settings.bf16 == "auto" else settings.bf16 == "on",
+    )
+
+
+def without_training(plan: CompressionPlan) -> CompressionPlan:
+    """The plan's compression alone (no student, no recovery), as `apply_plan` applies it to the built model."""
+    return plan.model_copy(update={"student": None, "recovery_steps": 0})
+
+
+def pruning_only(plan: CompressionPlan) -> CompressionPlan:
+    """The plan with every unit kept at 16 bits: its pruning stage."""
+
+    def unquantized(setting: LayerCompression) -> LayerCompression:
+        return LayerCompression(sparsity=setting.sparsity, bits=16)
+
+    return without_training(plan).model_copy(
+        update={
+            "default": unquantized(plan.default),
+            "layers": {unit: unquantized(setting) for unit, setting in plan.layers.items()},
+        }
+    )
+
+
+def needs_of(plan: CompressionPlan, stage: str) -> set[Statistic]:
+    settings = [plan.default, *plan.layers.values()]
+    if stage == "pruning":
+        return set(PRUNERS[plan.pruning].needs) if any(s.sparsity > 0 for s in settings) else set()
+    return set(QUANTIZERS[plan.quantization].needs) if any(s.bits < 16 for s in settings) else set()
+
+
+@dataclass
+class TrainedModel:
+    """A plan applied: the new model, each compressed Linear's stored form, and the KD curve of its training."""
+
+    model: PreTrainedModel
+    compressed: dict[str, CompressedLinear]
+    curve: list[tuple[int, float]]  # (step, KL on the fitness pool) of the student's distillation
+    shape: dict[str, int]
+
+
+class StudentTrainer:
+    """Builds, distils (once per architecture, cached on disk) and compresses the students of one teacher."""
+
+    def __init__(
+        self,
+        teacher: PreTrainedModel,
+        importance: Callable[[], Importance],
+        calibration: torch.Tensor,
+        fitness: torch.Tensor,
+        settings: DistillationConfig,
+        batch_size: int,
+        cache_dir: Path | None,
+        inputs_key: str,
+    ) -> None:
+        self.teacher = teacher
+        self.importance = importance
+        self.calibration = calibration
+        self.fitness = fitness
+        self.settings = settings
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.inputs_key = inputs_key
+        self.seq_len = calibration.shape[1]
+
+    def shape_of(self, plan: CompressionPlan) -> dict[str, int]:
+        """Every dimension of the plan's model (the teacher's where the plan has no student)."""
+        architecture = plan.student or StudentArchitecture()
+        try:
+            return architecture.resolved(self.teacher.config)
+        except ValueError as error:
+            raise UserError(f"plan: {error}") from error
+
+    def is_teacher(self, plan: CompressionPlan) -> bool:
+        return self.shape_of(plan) == teacher_shape(self.teacher.config)
+
+    def _cache_path(self, shape: Mapping[str, int]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = json.dumps(
+            {"inputs": self.inputs_key, "shape": dict(shape), "distillation": self.settings.model_dump()},
+            sort_keys=True,
+        )
+        return self.cache_dir / "students" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+
+    def distilled(
+        self, shape: dict[str, int], on_report: ReportCallback | None
+    ) -> tuple[PreTrainedModel, list[tuple[int, float]]]:
+        """The dense student of `shape`, distilled to the end (from the disk cache when it was before)."""
+        path = self._cache_path(shape)
+        if path is not None and path.is_file():
+            dtype = next(self.teacher.parameters()).dtype
+            student = AutoModelForCausalLM.from_config(student_config(self.teacher.config, shape), dtype=dtype)
+            load_model(student, path, device=str(next(self.teacher.parameters()).device))
+            curve = json.loads(path.with_suffix(".json").read_text())["curve"]
+            return student.eval(), [tuple(point) for point in curve]
+        architecture = StudentArchitecture(**shape)
+        student = build_student(self.teacher, architecture, self.importance())
+        curve: list[tuple[int, float]] = []
+
+        def report(step: int, kl: float) -> bool:
+            curve.append((step, kl))
+            if on_report is not None:
+                on_report(step, kl)  # raises to stop a hopeless student
+            return False
+
+        options = distillation_options(self.settings, self.seq_len)
+        distill(student, self.teacher, self.calibration, options, eval_tokens=self.fitness, on_eval=report)
+        if path is not None:  # only a student trained to the end is kept: a stopped one is not this shape's best
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may train one shape at once
+            save_model(student, str(temporary))
+            path.with_suffix(".json").write_text(json.dumps({"shape": shape, "curve": curve}))
+            temporary.replace(path)
+        return student, curve
+
+    def realize(self, plan: CompressionPlan, on_report: ReportCallback | None = None) -> TrainedModel:
+        """Apply a plan that trains: distil (or copy the teacher) → prune → recover → quantize."""
+        shape = self.shape_of(plan)
+        if self.is_teacher(plan):
+            model, curve = copy.deepcopy(self.teacher).eval(), []
+        else:
+            model, curve = self.distilled(shape, on_report)
+        compression = without_training(plan)
+        try:
+            compression.check_units(unit_names(model, plan.granularity))
+        except ValueError as error:
+            raise UserError(f"plan: {error}") from error
+        linears = compressible_linears(model)
+        masks = None
+        pruned = any(setting.sparsity > 0 for setting in [plan.default, *plan.layers.values()])
+        if plan.recovery_steps > 0 and pruned:  # a quantized-only plan has nothing to recover before its grid
+            masks = self._prune_and_recover(model, plan, linears)
+        needs = needs_of(compression, "quantization") | (needs_of(compression, "pruning") if masks is None else set())
+        statistics = collect_statistics(model, linears, self.calibration, needs, self.batch_size)
+        compressed = apply_plan(model, compression, statistics, keep=True, masks=masks)
+        return TrainedModel(model.eval(), compressed, curve, shape)
+
+    def _prune_and_recover(self, model: PreTrainedModel, plan: CompressionPlan, linears) -> dict[str, torch.Tensor]:
+        """Prune, then fine-tune by KD with the masks frozen; return the masks the quantization keeps."""
+        pruning = pruning_only(plan)
+        statistics = collect_statistics(model, linears, self.calibration, needs_of(pruning, "pruning"), self.batch_size)
+        pruned = apply_plan(model, pruning, statistics, keep=True)
+        masks = {name: kept.mask for name, kept in pruned.items() if kept.mask is not None}
+        options = distillation_options(self.settings, self.seq_len, steps=plan.recovery_steps)
+        frozen = {f"{name}.weight": mask.to(model.dtype) for name, mask in masks.items()}
+        distill(model, self.teacher, self.calibration, options, frozen_masks=frozen)
+        return masks
+
+
+def architecture_columns(shape: Mapping[str, int]) -> dict[str, int]:
+    """The architecture as trials.csv and frontier.csv name it."""
+    names = dict(zip(STUDENT_DIMENSIONS, ARCHITECTURE_COLUMNS, strict=True))
+    return {names[dimension]: value for dimension, value in shape.items()}
+
+
+ARCHITECTURE_COLUMNS = ("num_layers", "intermediate_size", "heads", "kv_heads", "hidden_size")
