@@ -119,6 +119,9 @@ class DistillationConfig(Section):
     batch_size: int = Field(4, ge=1)
     temperature: float = Field(1.0, gt=0)
     hidden_weight: float = Field(0.0, ge=0, description="weight of the last hidden state's MSE (same hidden size)")
+    ce_weight: float = Field(
+        0.0, ge=0, description="weight of the next-token cross-entropy added to the KL (Hinton's hard-label term)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     bf16: Literal["auto", "on", "off"] = Field("auto", description="bfloat16 autocast; auto: on CUDA only")
     gradient_checkpointing: bool = False

@@ -55,6 +55,7 @@ def distillation_options(settings: DistillationConfig, seq_len: int, steps: int 
         batch_size=settings.batch_size,
         temperature=settings.temperature,
         hidden_weight=settings.hidden_weight,
+        ce_weight=settings.ce_weight,
         weight_decay=settings.weight_decay,
         gradient_checkpointing=settings.gradient_checkpointing,
         eval_every=settings.report_every,

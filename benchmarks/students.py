@@ -148,6 +148,7 @@ def judged(session: CompressionSession, model, dense_bytes: int, shape: dict[str
 
 
 ROW_KEY = ["kind", "student", "training"]
+TRAININGS = {"kd": {"loss": "kd"}, "kd+ce": {"loss": "kd", "ce_weight": 1.0}, "ce": {"loss": "ce"}}
 
 
 def recorded(out: Path, rows: list[dict], lock: Path) -> pd.DataFrame:
@@ -173,11 +174,22 @@ def main(argv: list[str] | None = None) -> None:
         default="search,hand-picked",
         help="search (the teacher and searched students), hand-picked (KD and CE): run apart, their rows merge",
     )
-    parser.add_argument("--hand-picked", help="comma-separated names of hand-picked students to train (default: all)")
+    parser.add_argument(
+        "--hand-picked", action="append", help="a hand-picked student to train, by name; repeatable (default: all)"
+    )
+    parser.add_argument(
+        "--trainings",
+        default=",".join(TRAININGS),
+        help="hand-picked students' trainings: kd (KL to the teacher), kd+ce (plus the labels' cross-entropy, "
+        "weight 1), ce (labels alone)",
+    )
     parser.add_argument("--work", type=Path, help="study and caches (default: results/students-bench[-quick])")
     parser.add_argument("--out", type=Path, help="CSV (default: results/benchmarks/students[-quick].csv)")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
+    trainings = args.trainings.split(",")
+    if not set(trainings) <= set(TRAININGS):
+        parser.error(f"--trainings: choose from {', '.join(TRAININGS)}; got {args.trainings!r}")
     if not parts or not parts <= {"search", "hand-picked"}:
         parser.error(f"--parts: choose from search, hand-picked; got {args.parts!r}")
     settings = QUICK if args.quick else FULL
@@ -240,17 +252,17 @@ def main(argv: list[str] | None = None) -> None:
         importance = session.trainer.importance()
         options = distillation_options(config.search.student.distillation, settings.seq_len)
         for name, (architecture, cut_by) in hand_picked(teacher.config, importance).items():
-            if args.hand_picked and name not in args.hand_picked.split(","):
+            if args.hand_picked and name not in args.hand_picked:
                 continue
             shape = architecture.resolved(teacher.config)
             initial = build_student(teacher, architecture, cut_by)
             add("hand-picked", name, "none (cut only)", shape, judged(session, initial, dense_bytes, shape))
-            for loss in ("kd", "ce"):
+            for training in trainings:
                 student = build_student(teacher, architecture, cut_by)  # the same initialization each time
-                distill(student, teacher, session.pools.calibration, replace(options, loss=loss))
+                distill(student, teacher, session.pools.calibration, replace(options, **TRAININGS[training]))
                 fitness_kl = evaluate_kd(student, teacher, session.pools.fitness, settings.batch)
                 figures = judged(session, student, dense_bytes, shape)
-                add("hand-picked", name, loss, shape, figures, fitness_kl=fitness_kl)
+                add("hand-picked", name, training, shape, figures, fitness_kl=fitness_kl)
 
     frame = recorded(out, rows, work / "csv.lock")
     plot(frame, out.with_suffix(".png"), settings)
@@ -263,6 +275,7 @@ def plot(frame: pd.DataFrame, path: Path, settings: Settings) -> None:
     styles = {
         ("searched", "kd"): ("tab:green", "^", "searched, KD"),
         ("hand-picked", "kd"): ("tab:blue", "o", "hand-picked, KD"),
+        ("hand-picked", "kd+ce"): ("tab:purple", "D", "hand-picked, KD + cross-entropy"),
         ("hand-picked", "ce"): ("tab:orange", "s", "hand-picked, cross-entropy"),
         ("hand-picked", "none (cut only)"): ("tab:gray", "x", "hand-picked, cut, untrained"),
     }

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -43,6 +44,41 @@ def random_text(words: int, seed: int = 0) -> str:
     """`words` tokens of the tiny vocabulary, chosen at random (so token windows are all different)."""
     generator = random.Random(seed)
     return " ".join(generator.choice(TINY_WORDS) for _ in range(words))
+
+
+def tiny_study_config(
+    folder: Path,
+    model_dir: Path,
+    *,
+    fitness: int = 4,
+    calibration: int = 4,
+    corpus_words: int = 8000,
+    compression: dict | None = None,
+    search: dict | None = None,
+) -> dict:
+    """A search config for a model folder on a random corpus written into `folder`: 32-token windows,
+    Wanda + RTN in groups of 32, sparsity 0/0.3/0.6 and bits 4/8/16 per block, 10 trials, seed 0.
+    `compression` and `search` override fields of their sections."""
+    corpus = folder / "corpus.txt"
+    corpus.write_text(random_text(corpus_words, seed=1))
+    return {
+        "model": {"name": str(model_dir), "device": "cpu"},
+        "data": {
+            "source": "files",
+            "files": [str(corpus)],
+            "seq_len": 32,
+            "calibration": calibration,
+            "fitness": fitness,
+            "heldout": 4,
+        },
+        "compression": {"pruning": "wanda", "quantization": "rtn", "group_size": 32} | (compression or {}),
+        "search": {"sparsity": [0.0, 0.3, 0.6], "bits": [4, 8, 16], "n_trials": 10, "seed": 0} | (search or {}),
+    }
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture(scope="session")

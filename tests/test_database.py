@@ -12,7 +12,6 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-import yaml
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
@@ -27,7 +26,7 @@ from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.search import SearchSpace, StudyLocation, run_search
 from autocompress.search.study import DATABASE_KEY, Objective, stage_windows
 from autocompress.session import CompressionSession
-from tests.conftest import random_text
+from tests.conftest import tiny_study_config, write_yaml
 
 
 @pytest.fixture
@@ -35,24 +34,15 @@ def write_config(tmp_path: Path, tiny_model_dir: Path):
     """A config for the tiny model with SparseGPT + GPTQ; keyword arguments override `search` fields."""
 
     def write(fitness: int = 4, compression: dict | None = None, **search: object) -> Config:
-        corpus = tmp_path / "corpus.txt"
-        corpus.write_text(random_text(8000, seed=1))
-        config = {
-            "model": {"name": str(tiny_model_dir), "device": "cpu"},
-            "data": {
-                "source": "files",
-                "files": [str(corpus)],
-                "seq_len": 32,
-                "calibration": 8,
-                "fitness": fitness,
-                "heldout": 4,
-            },
-            "compression": {"pruning": "sparsegpt", "quantization": "gptq", "group_size": 32} | (compression or {}),
-            "search": {"sparsity": [0.0, 0.3, 0.6], "bits": [3, 4, 16], "n_trials": 6, "seed": 0, "database": "on"}
-            | search,
-        }
-        path = tmp_path / "space.yaml"
-        path.write_text(yaml.safe_dump(config))
+        config = tiny_study_config(
+            tmp_path,
+            tiny_model_dir,
+            fitness=fitness,
+            calibration=8,
+            compression={"pruning": "sparsegpt", "quantization": "gptq"} | (compression or {}),
+            search={"bits": [3, 4, 16], "n_trials": 6, "database": "on"} | search,
+        )
+        write_yaml(tmp_path / "space.yaml", config)
         return Config.model_validate(config)
 
     return write

@@ -21,7 +21,7 @@ from autocompress.cli import main
 from autocompress.config import Config
 from autocompress.report import TRIAL_COLUMNS
 from autocompress.search import StudyLocation, run_search
-from tests.conftest import random_text
+from tests.conftest import tiny_study_config, write_yaml
 
 CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
 POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -33,32 +33,10 @@ def write_space(tmp_path: Path, tiny_model_dir: Path):
     """A search-space YAML for the tiny model; `fitness` sets how many fitness windows (so how long) a trial takes."""
 
     def write(fitness: int = 4, **search: object) -> Path:
-        corpus = tmp_path / "corpus.txt"
-        corpus.write_text(random_text(max(8000, 32 * (fitness + 16)), seed=1))
-        config = {
-            "model": {"name": str(tiny_model_dir), "device": "cpu"},
-            "data": {
-                "source": "files",
-                "files": [str(corpus)],
-                "seq_len": 32,
-                "calibration": 4,
-                "fitness": fitness,
-                "heldout": 4,
-            },
-            "compression": {"pruning": "wanda", "quantization": "rtn", "group_size": 32},
-            "search": {
-                "sparsity": [0.0, 0.3, 0.6],
-                "bits": [4, 8, 16],
-                "n_trials": 10,
-                "seed": 0,
-                "heartbeat_interval": 1,
-                "grace_period": 2,
-            }
-            | search,
-        }
-        path = tmp_path / "space.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        search = {"heartbeat_interval": 1, "grace_period": 2} | search
+        words = max(8000, 32 * (fitness + 16))
+        config = tiny_study_config(tmp_path, tiny_model_dir, fitness=fitness, corpus_words=words, search=search)
+        return write_yaml(tmp_path / "space.yaml", config)
 
     return write
 

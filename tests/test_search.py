@@ -25,7 +25,7 @@ from autocompress.frontier import frontier_trials, non_dominated
 from autocompress.search import StudyLocation, run_search
 from autocompress.search.storage import open_storage
 from autocompress.session import CompressionSession
-from tests.conftest import random_text
+from tests.conftest import tiny_study_config, write_yaml
 
 CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
 POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -36,32 +36,9 @@ def space_file(tmp_path: Path, tiny_model_dir: Path):
     """Write a search-space YAML for the tiny model; keyword arguments override `search` fields."""
 
     def write(fitness: int = 4, **search: object) -> Path:
-        corpus = tmp_path / "corpus.txt"
-        corpus.write_text(random_text(8000, seed=1))
-        config = {
-            "model": {"name": str(tiny_model_dir), "device": "cpu"},
-            "data": {
-                "source": "files",
-                "files": [str(corpus)],
-                "seq_len": 32,
-                "calibration": 4,
-                "fitness": fitness,
-                "heldout": 4,
-            },
-            "compression": {"pruning": "wanda", "quantization": "rtn", "group_size": 32},
-            "search": {
-                "sparsity": [0.0, 0.3, 0.6],
-                "bits": [4, 8, 16],
-                "n_trials": 10,
-                "seed": 0,
-                "heartbeat_interval": 1,
-                "grace_period": 2,
-            }
-            | search,
-        }
-        path = tmp_path / "space.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        search = {"heartbeat_interval": 1, "grace_period": 2} | search
+        config = tiny_study_config(tmp_path, tiny_model_dir, fitness=fitness, search=search)
+        return write_yaml(tmp_path / "space.yaml", config)
 
     return write
 

@@ -3,6 +3,7 @@ trained by knowledge distillation to move closer to the teacher."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from autocompress.methods.distillation import (
     DistillationOptions,
     StudentArchitecture,
+    _training_loss,
     build_student,
     distill,
     evaluate_kd,
+    kd_loss,
     measure_importance,
+    next_token_ce,
 )
 
 
@@ -135,6 +139,19 @@ def test_distillation_lowers_the_kl_to_the_teacher(teacher, importance, tokens) 
     )
     assert [step for step, _ in history] == [10, 20, 30, 40]
     assert history[-1][1] < 0.9 * before
+
+
+def test_the_hard_label_term_adds_the_weighted_cross_entropy_to_the_kl(teacher, importance, tokens) -> None:
+    student = build_student(teacher, StudentArchitecture(num_layers=2, intermediate_size=64), importance)
+    batch = tokens[:4]
+    with torch.no_grad():
+        teacher_logits, student_logits = teacher(batch).logits, student(batch).logits
+        kl = kd_loss(student_logits, teacher_logits, temperature=2.0)
+        ce = next_token_ce(student_logits, batch)
+        mixed = _training_loss(
+            student, teacher, batch, DistillationOptions(temperature=2.0, ce_weight=0.5), nullcontext()
+        )
+    assert mixed.item() == pytest.approx((kl + 0.5 * ce).item(), rel=1e-5)
 
 
 def test_an_early_stop_verdict_ends_training(teacher, importance, tokens) -> None:
