@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import yaml
+from optuna.trial import TrialState
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from autocompress.config import Config
+
+CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
+POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 TINY_WORDS = [f"w{index}" for index in range(200)]
 SPECIAL_TOKENS = ["<unk>", "</s>"]
 
@@ -123,3 +132,52 @@ def write_corpus(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def space_file(tmp_path: Path, tiny_model_dir: Path):
+    """Write a search-space YAML for the tiny model, heartbeats every second and stale after 2; `fitness` sets
+    how many fitness windows (so how long) a trial takes, keyword arguments override `search` fields."""
+
+    def write(fitness: int = 4, **search: object) -> Path:
+        search = {"heartbeat_interval": 1, "grace_period": 2} | search
+        words = max(8000, 32 * (fitness + 16))
+        config = tiny_study_config(tmp_path, tiny_model_dir, fitness=fitness, corpus_words=words, search=search)
+        return write_yaml(tmp_path / "space.yaml", config)
+
+    return write
+
+
+def load_config(path: Path) -> Config:
+    return Config.model_validate(yaml.safe_load(path.read_text()))
+
+
+def complete_trials(study: optuna.Study) -> list:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll `condition` until it returns something true, and return that; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def postgres_available() -> bool:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(POSTGRES_URL).connect():
+            return True
+    except Exception:
+        return False
+
+
+needs_postgres = pytest.mark.skipif(
+    not os.environ.get("CI") and not postgres_available(),
+    reason="no PostgreSQL server on 127.0.0.1:5432 (under CI=true this test fails instead)",
+)

@@ -7,56 +7,20 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from autocompress.cli import main
-from autocompress.config import Config
 from autocompress.report import TRIAL_COLUMNS
 from autocompress.search import StudyLocation, run_search
-from tests.conftest import tiny_study_config, write_yaml
+from tests.conftest import CLI, POSTGRES_URL, load_config, needs_postgres, wait_for
 
-CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
-POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 IN_CI = bool(os.environ.get("CI"))
-
-
-@pytest.fixture
-def write_space(tmp_path: Path, tiny_model_dir: Path):
-    """A search-space YAML for the tiny model; `fitness` sets how many fitness windows (so how long) a trial takes."""
-
-    def write(fitness: int = 4, **search: object) -> Path:
-        search = {"heartbeat_interval": 1, "grace_period": 2} | search
-        words = max(8000, 32 * (fitness + 16))
-        config = tiny_study_config(tmp_path, tiny_model_dir, fitness=fitness, corpus_words=words, search=search)
-        return write_yaml(tmp_path / "space.yaml", config)
-
-    return write
-
-
-def load(path: Path) -> Config:
-    return Config.model_validate(yaml.safe_load(path.read_text()))
-
-
-def complete_trials(study: optuna.Study) -> list:
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- Ray Tune ---------------------------------------------------------------------------------------------------
@@ -113,14 +77,14 @@ def trainable_processes() -> list:
 
 
 def test_a_study_on_a_local_ray_cluster_is_the_same_study_and_a_restarted_driver_continues_it(
-    ray_cluster: str, tmp_path: Path, write_space, capsys
+    ray_cluster: str, tmp_path: Path, space_file, capsys
 ) -> None:
     from autocompress.search.ray_backend import run_ray_search
 
-    space = write_space(fitness=8)
+    space = space_file(fitness=8)
     out = tmp_path / "results"
     location = StudyLocation.resolve("ray", out)
-    study = run_ray_search(load(space), location, n_trials=7, progress=False, concurrency=2)
+    study = run_ray_search(load_config(space), location, n_trials=7, progress=False, concurrency=2)
 
     trials = study.get_trials(deepcopy=False)
     assert [trial.state for trial in trials] == [TrialState.COMPLETE] * 7
@@ -164,7 +128,7 @@ def test_a_study_on_a_local_ray_cluster_is_the_same_study_and_a_restarted_driver
 
 
 def test_the_ray_searcher_asks_seeds_first_and_writes_trials_as_the_objective_recorded_them(
-    tmp_path: Path, write_space
+    tmp_path: Path, space_file
 ) -> None:
     """The driver's half of the Ray backend, without a cluster: OptunaSearch bound to our study."""
     pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install -e '.[ray]')")
@@ -175,7 +139,7 @@ def test_the_ray_searcher_asks_seeds_first_and_writes_trials_as_the_objective_re
     from autocompress.search.space import SearchSpace
     from autocompress.search.study import open_study
 
-    config = load(write_space())
+    config = load_config(space_file())
     space = SearchSpace(config, ["model.layers.0", "model.layers.1"])
     location = StudyLocation.resolve("driver", tmp_path)
     study, _ = open_study(config, location, space, seed=0)
@@ -233,7 +197,7 @@ def test_the_ray_searcher_asks_seeds_first_and_writes_trials_as_the_objective_re
     assert copy.suggest("t9") == Searcher.FINISHED
 
 
-def test_the_ray_preparer_adds_to_the_study_what_a_local_search_adds(tmp_path: Path, write_space) -> None:
+def test_the_ray_preparer_adds_to_the_study_what_a_local_search_adds(tmp_path: Path, space_file) -> None:
     """Layer-variant database and baseline allocations: computed on a Ray worker, written by the driver."""
     pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install -e '.[ray]')")
     from autocompress.search.ray_backend import StudyPreparer, WorkerSetup, write_prepared
@@ -241,7 +205,7 @@ def test_the_ray_preparer_adds_to_the_study_what_a_local_search_adds(tmp_path: P
     from autocompress.search.study import open_study, prepare_study
 
     budget = {"sparsity": [0.0, 0.2, 0.4], "bits": [16], "budget": {"sparsity": 0.2}, "database": "on"}
-    config = load(write_space(**budget))
+    config = load_config(space_file(**budget))
     preparer = StudyPreparer(WorkerSetup(config.model_dump(mode="json"), str(tmp_path / "cache")))
     space = SearchSpace(config, preparer.describe()["units"])
     studies = {}
@@ -266,9 +230,9 @@ def test_the_ray_preparer_adds_to_the_study_what_a_local_search_adds(tmp_path: P
     assert studies["ray"].user_attrs["autocompress:database"]["files"] > 0
 
 
-def test_ray_flags_without_the_ray_backend_are_a_one_line_error(tmp_path: Path, write_space, capsys) -> None:
+def test_ray_flags_without_the_ray_backend_are_a_one_line_error(tmp_path: Path, space_file, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["search", str(write_space()), "--out", str(tmp_path), "--gpus-per-trial", "1"])
+        main(["search", str(space_file()), "--out", str(tmp_path), "--gpus-per-trial", "1"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "autocompress: error: --gpus-per-trial goes with --backend ray"
 
@@ -276,24 +240,8 @@ def test_ray_flags_without_the_ray_backend_are_a_one_line_error(tmp_path: Path, 
 # -- Optuna workers on PostgreSQL --------------------------------------------------------------------------------
 
 
-def postgres_available() -> bool:
-    try:
-        import sqlalchemy
-
-        with sqlalchemy.create_engine(POSTGRES_URL).connect():
-            return True
-    except Exception:
-        return False
-
-
-needs_postgres = pytest.mark.skipif(
-    not IN_CI and not postgres_available(),
-    reason="no PostgreSQL server on 127.0.0.1:5432 (under CI=true this test fails instead)",
-)
-
-
 @pytest.fixture
-def postgres_study(tmp_path: Path, write_space):
+def postgres_study(tmp_path: Path, space_file):
     """Create a study on PostgreSQL as a user would (`search --n-trials 0`); delete it afterwards."""
     created = []
 
@@ -301,7 +249,7 @@ def postgres_study(tmp_path: Path, write_space):
         name = f"workers-{uuid.uuid4().hex[:8]}"
         out = tmp_path / "results"
         run_search(
-            load(write_space(fitness)), StudyLocation.resolve(name, out, POSTGRES_URL), n_trials=0, progress=False
+            load_config(space_file(fitness)), StudyLocation.resolve(name, out, POSTGRES_URL), n_trials=0, progress=False
         )
         created.append(name)
         return name, out

@@ -7,7 +7,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from contextlib import closing
@@ -16,44 +15,19 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from autocompress.cli import main
-from autocompress.config import Config
 from autocompress.frontier import frontier_trials, non_dominated
 from autocompress.search import StudyLocation, run_search
 from autocompress.search.storage import open_storage
 from autocompress.session import CompressionSession
-from tests.conftest import tiny_study_config, write_yaml
-
-CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
-POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def space_file(tmp_path: Path, tiny_model_dir: Path):
-    """Write a search-space YAML for the tiny model; keyword arguments override `search` fields."""
-
-    def write(fitness: int = 4, **search: object) -> Path:
-        search = {"heartbeat_interval": 1, "grace_period": 2} | search
-        config = tiny_study_config(tmp_path, tiny_model_dir, fitness=fitness, search=search)
-        return write_yaml(tmp_path / "space.yaml", config)
-
-    return write
-
-
-def load(path: Path) -> Config:
-    return Config.model_validate(yaml.safe_load(path.read_text()))
-
-
-def complete_trials(study: optuna.Study) -> list:
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+from tests.conftest import CLI, POSTGRES_URL, complete_trials, load_config, needs_postgres, wait_for
 
 
 def test_a_search_writes_trials_frontier_plot_and_report(tmp_path: Path, space_file) -> None:
     location = StudyLocation.resolve("tiny", tmp_path / "results")
-    study = run_search(load(space_file()), location, n_trials=10, progress=False)
+    study = run_search(load_config(space_file()), location, n_trials=10, progress=False)
 
     assert len(complete_trials(study)) >= 10
     for name in ("trials.csv", "frontier.csv", "pareto.png", "report.md"):
@@ -71,7 +45,7 @@ def test_a_search_writes_trials_frontier_plot_and_report(tmp_path: Path, space_f
 
 
 def test_the_frontier_is_non_dominated_and_keeps_every_non_dominated_uniform_seed(tmp_path: Path, space_file) -> None:
-    study = run_search(load(space_file()), StudyLocation.resolve("tiny", tmp_path), n_trials=10, progress=False)
+    study = run_search(load_config(space_file()), StudyLocation.resolve("tiny", tmp_path), n_trials=10, progress=False)
     scored = complete_trials(study)
     front = {trial.number for trial in frontier_trials(study)}
     for member in front:
@@ -124,7 +98,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
         return real_measure(self, plan, pool)
 
     monkeypatch.setattr(CompressionSession, "measure", measure_with_one_failure)
-    study = run_search(load(space_file()), StudyLocation.resolve("tiny", tmp_path), n_trials=6, progress=False)
+    study = run_search(load_config(space_file()), StudyLocation.resolve("tiny", tmp_path), n_trials=6, progress=False)
 
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
@@ -136,7 +110,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
 
 def test_scalar_objective_minimizes_alpha_loss_plus_beta_size(tmp_path: Path, space_file) -> None:
     study = run_search(
-        load(space_file(objective="scalar", alpha=2.0, beta=0.5)),
+        load_config(space_file(objective="scalar", alpha=2.0, beta=0.5)),
         StudyLocation.resolve("tiny", tmp_path),
         n_trials=6,
         progress=False,
@@ -149,7 +123,7 @@ def test_scalar_objective_minimizes_alpha_loss_plus_beta_size(tmp_path: Path, sp
 
 def test_a_size_limit_keeps_larger_plans_off_the_frontier(tmp_path: Path, space_file) -> None:
     study = run_search(
-        load(space_file(max_size=0.6)), StudyLocation.resolve("tiny", tmp_path), n_trials=8, progress=False
+        load_config(space_file(max_size=0.6)), StudyLocation.resolve("tiny", tmp_path), n_trials=8, progress=False
     )
     assert any(trial.user_attrs["size_ratio"] > 0.6 for trial in complete_trials(study))
     dense_bytes = (
@@ -165,7 +139,7 @@ def test_a_size_limit_keeps_larger_plans_off_the_frontier(tmp_path: Path, space_
 
 
 def test_running_search_again_continues_the_study(tmp_path: Path, space_file) -> None:
-    config, location = load(space_file()), StudyLocation.resolve("tiny", tmp_path)
+    config, location = load_config(space_file()), StudyLocation.resolve("tiny", tmp_path)
     first = run_search(config, location, n_trials=6, progress=False)
     numbers = {trial.number for trial in complete_trials(first)}
     second = run_search(config, location, n_trials=9, progress=False)
@@ -221,15 +195,6 @@ def test_frontier_of_an_unknown_study_is_a_one_line_error(tmp_path: Path, capsys
     assert "run `autocompress search` first" in capsys.readouterr().err
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_resume_after_kill_9_loses_no_trial_and_reruns_the_stale_one(tmp_path: Path, space_file) -> None:
     space = space_file(fitness=64)  # trials long enough to be killed in the middle of one
     out = tmp_path / "results"
@@ -276,24 +241,11 @@ def test_resume_after_kill_9_loses_no_trial_and_reruns_the_stale_one(tmp_path: P
     assert retried[0].params == after.trials[stale[0]].params
 
 
-def postgres_available() -> bool:
-    try:
-        import sqlalchemy
-
-        with sqlalchemy.create_engine(POSTGRES_URL).connect():
-            return True
-    except Exception:
-        return False
-
-
 def storage_urls() -> list:
     postgres = pytest.param(
         POSTGRES_URL,
         id="postgresql",
-        marks=pytest.mark.skipif(
-            not os.environ.get("CI") and not postgres_available(),
-            reason="no PostgreSQL server on 127.0.0.1:5432 (under CI=true this test fails instead)",
-        ),
+        marks=needs_postgres,
     )
     return [pytest.param(None, id="sqlite"), postgres]
 
