@@ -20,6 +20,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,6 +322,26 @@ def merged(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(_order=order).sort_values(["_order", "budget"]).drop(columns="_order").reset_index(drop=True)
 
 
+def prepare_run(
+    name: str, quick: bool, work: Path | None, out: Path | None, threads: int
+) -> tuple[Path, Path, Callable[[str], None]]:
+    """A benchmark run's work folder (studies, caches) and CSV path, both made, Optuna quiet, torch seeded on
+    `threads` threads, and a log printing timestamped lines."""
+    suffix = "-quick" if quick else ""
+    work = work or ROOT / "results" / f"{name}-bench{suffix}"
+    out = out or ROOT / "results" / "benchmarks" / f"{name}{suffix}.csv"
+    work.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+
+    def log(line: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+    return work, out, log
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes: one budget per family, few trials")
@@ -341,18 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.budgets:
         budgets = tuple((part.split(":")[0], float(part.split(":")[1])) for part in args.budgets.split(","))
         settings = Settings(**{**settings.__dict__, "budgets": budgets})
-    suffix = "-quick" if args.quick else ""
-    work = args.work or ROOT / "results" / f"allocation-bench{suffix}"
-    out = args.out or ROOT / "results" / "benchmarks" / f"allocation{suffix}.csv"
-    work.mkdir(parents=True, exist_ok=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-
-    def log(line: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
-
+    work, out, log = prepare_run("allocation", args.quick, args.work, args.out, args.threads)
     log(f"{settings.mode} run: {settings}")
     earlier = pd.read_csv(out) if out.is_file() else pd.DataFrame()
     rows = []

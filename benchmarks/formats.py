@@ -26,7 +26,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import torch
-from allocation import heldout_ppl  # a sibling benchmark's helper: held-out perplexity of trial parameters
+from allocation import heldout_ppl, prepare_run  # a sibling benchmark's helpers
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
@@ -39,7 +39,6 @@ from autocompress.search.study import FINISHED, Objective, StudyLocation, open_s
 from autocompress.session import CompressionSession
 from autocompress.size import model_size
 
-ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "int4-g128"  # the uniform level whose size the searched mix must not exceed
 UNIFORM_LEVELS = ("int3-g128", "int4-g128", "nf4-g128", "nf4", "mxfp4", "nvfp4", "fp8-e4m3")
 SEARCH_LEVELS = tuple(level for level in UNIFORM_LEVELS if level != "mxfp4")
@@ -210,18 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = QUICK if args.quick else FULL
     if args.trials:
         settings = replace(settings, trials=args.trials)
-    suffix = "-quick" if args.quick else ""
-    work = args.work or ROOT / "results" / f"formats-bench{suffix}"
-    out = args.out or ROOT / "results" / "benchmarks" / f"formats{suffix}.csv"
-    work.mkdir(parents=True, exist_ok=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-
-    def log(line: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
-
+    work, out, log = prepare_run("formats", args.quick, args.work, args.out, args.threads)
     log(f"{settings.mode} run: {settings}")
     frame = run(settings, work, log)
     frame.to_csv(out, index=False, float_format="%.6g")
