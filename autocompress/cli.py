@@ -16,6 +16,12 @@ from autocompress.methods import PRUNERS, QUANTIZERS
 from autocompress.plan import CompressionPlan
 
 
+def json_text(value: object) -> str:
+    from autocompress.targets.artifact import json_default
+
+    return json.dumps(value, indent=2, default=json_default)
+
+
 def plan_from_args(config: Config, args: argparse.Namespace) -> CompressionPlan:
     options = config.compression.plan_options()
     if args.method:
@@ -45,7 +51,7 @@ def plan_from_args(config: Config, args: argparse.Namespace) -> CompressionPlan:
 
 
 def command_apply(args: argparse.Namespace) -> None:
-    from autocompress.oneshot import oneshot
+    from autocompress.apply import oneshot
 
     config = load_config(args.config)
     plan = plan_from_args(config, args)
@@ -181,7 +187,7 @@ def command_report(args: argparse.Namespace) -> None:
 
 
 def command_export(args: argparse.Namespace) -> None:
-    from autocompress.artifact import choose_trial, export_trial, json_text
+    from autocompress.export import choose_trial, export_trial
     from autocompress.search.study import dense_bytes_of, load_existing
 
     location = study_location(args.study, args)
@@ -212,7 +218,7 @@ def command_export(args: argparse.Namespace) -> None:
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
-    from autocompress.artifact import evaluate_artifact, evaluation_lines, json_text
+    from autocompress.evaluate import evaluate_artifact, evaluation_lines
 
     data = load_config(args.data).data if args.data else None
     if args.threads is not None:

@@ -192,3 +192,21 @@ def unit_names(model: nn.Module, granularity: str) -> list[str]:
     if granularity == "linear":
         return [linear.name for linear in linears]
     return list(dict.fromkeys(linear.block for linear in linears))
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def student_config(config, shape: dict[str, int]):
+    """The teacher's config with the student's dimensions (head size kept), validated by its own class."""
+    values = config.to_dict() | {
+        "num_hidden_layers": shape["num_layers"],
+        "intermediate_size": shape["intermediate_size"],
+        "num_attention_heads": shape["num_attention_heads"],
+        "num_key_value_heads": shape["num_key_value_heads"],
+        "hidden_size": shape["hidden_size"],
+        "head_dim": head_dim(config),
+    }
+    values.pop("layer_types", None)
+    return type(config)(**values)

@@ -11,8 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from autocompress.methods import PRUNERS, QUANTIZERS
-from autocompress.methods.distillation import StudentArchitecture
 from autocompress.methods.formats import FORMATS, PER_ROW, PER_TENSOR
+from autocompress.models import student_config
 
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8, 16)
 MAX_SPARSITY = 0.95
@@ -27,6 +27,44 @@ LEVEL_NAMES_HELP = (
     f"{UNQUANTIZED}, int<bits>[-g<size>|-row] (bits {', '.join(map(str, BIT_WIDTHS[:-1]))}), "
     "fp8-e4m3 or fp8-e5m2 [-g<size>|-row|-tensor], nf4[-g<size>|-row], mxfp4, nvfp4"
 )
+
+
+class StudentArchitecture(BaseModel):
+    """The student's shape; a field left None keeps the teacher's value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_layers: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=1)
+    num_attention_heads: int | None = Field(None, ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=1)
+
+    def resolved(self, config) -> dict[str, int]:
+        """Every dimension, the teacher's where not given; raises ValueError if the shape cannot be cut."""
+        teacher = {
+            "num_layers": config.num_hidden_layers,
+            "intermediate_size": config.intermediate_size,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            "hidden_size": config.hidden_size,
+        }
+        shape = {key: teacher[key] if value is None else value for key, value in self.model_dump().items()}
+        for key, value in shape.items():
+            if value > teacher[key]:
+                raise ValueError(f"student {key} {value} exceeds the teacher's {teacher[key]}")
+        heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+        teacher_group = teacher["num_attention_heads"] // teacher["num_key_value_heads"]
+        if heads % kv_heads or heads // kv_heads > teacher_group:
+            raise ValueError(
+                f"student attention heads {heads} must be a multiple of its key/value heads {kv_heads}, "
+                f"at most {teacher_group} query heads per key/value head as in the teacher"
+            )
+        try:
+            student_config(config, shape)
+        except Exception as error:  # the family's own config validation raises its own error types
+            raise ValueError(f"student shape {shape} is not a valid {type(config).__name__}: {error}") from error
+        return shape
 
 
 @dataclass(frozen=True)

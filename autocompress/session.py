@@ -22,13 +22,13 @@ from autocompress.calibration import collect_statistics
 from autocompress.compress import apply_plan, settings_needs, statistics_needed
 from autocompress.config import Config
 from autocompress.data import token_pools
-from autocompress.database import BuildReport, VariantDatabase, methods_key, save_atomically, variant_settings
 from autocompress.errors import UserError
-from autocompress.evaluate import Metrics, dense_reference, evaluate
 from autocompress.methods import LayerStatistics, Statistic
+from autocompress.metrics import Metrics, dense_reference, evaluate
 from autocompress.models import compressible_linears, load_model, unit_names
 from autocompress.plan import CompressionPlan
 from autocompress.size import SizeReport, model_size
+from autocompress.variants import BuildReport, VariantDatabase, methods_key, save_atomically, variant_settings
 
 if TYPE_CHECKING:
     from autocompress.students import ReportCallback, StudentTrainer, TrainedModel
@@ -108,7 +108,7 @@ class CompressionSession:
         """Builds, distils and compresses students of the resident (dense) teacher."""
         if self._trainer is None:
             from autocompress.config import DistillationConfig
-            from autocompress.methods.distillation import measure_importance
+            from autocompress.distillation import measure_importance
             from autocompress.students import StudentTrainer
 
             student = self.config.search.student

@@ -24,18 +24,16 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from autocompress.calibration import collect_statistics
 from autocompress.compress import CompressedLinear, apply_plan
 from autocompress.config import STUDENT_DIMENSIONS, DistillationConfig
-from autocompress.errors import UserError
-from autocompress.methods import PRUNERS, QUANTIZERS, Statistic
-from autocompress.methods.distillation import (
+from autocompress.distillation import (
     DistillationOptions,
     Importance,
-    StudentArchitecture,
     build_student,
     distill,
-    student_config,
 )
-from autocompress.models import compressible_linears, unit_names
-from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.errors import UserError
+from autocompress.methods import PRUNERS, QUANTIZERS, Statistic
+from autocompress.models import compressible_linears, student_config, unit_names
+from autocompress.plan import CompressionPlan, LayerCompression, StudentArchitecture
 
 # (training step, KL to the teacher on the fitness pool); may raise to stop the training (a pruner's verdict)
 ReportCallback = Callable[[int, float], None]

@@ -34,9 +34,10 @@ from filelock import FileLock
 from matplotlib.figure import Figure
 
 from autocompress.config import Config
-from autocompress.evaluate import evaluate
-from autocompress.methods.distillation import Importance, StudentArchitecture, build_student, distill, evaluate_kd
+from autocompress.distillation import Importance, build_student, distill, evaluate_kd
+from autocompress.metrics import evaluate
 from autocompress.models import unit_names
+from autocompress.plan import StudentArchitecture
 from autocompress.search import StudyLocation, run_search
 from autocompress.search.space import SearchSpace
 from autocompress.search.study import student_dense_bytes

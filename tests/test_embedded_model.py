@@ -16,7 +16,7 @@ from autocompress.calibration import collect_statistics
 from autocompress.compress import apply_plan, statistics_needed
 from autocompress.config import DataConfig
 from autocompress.data import TokenPools, token_pools
-from autocompress.evaluate import evaluate
+from autocompress.metrics import evaluate
 from autocompress.models import EMBEDDED_MODEL, compressible_linears, load_model, unit_names
 from autocompress.plan import CompressionPlan
 

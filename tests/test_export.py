@@ -13,17 +13,17 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from autocompress import export
 from autocompress.calibration import collect_statistics
+from autocompress.codecs.packing import pack, pack_mask, packed_length, unpack, unpack_mask
 from autocompress.compress import apply_plan, statistics_needed
 from autocompress.errors import UserError
-from autocompress.export import export_compressed, load, read_manifest, sha256_file, write_hf_folder
 from autocompress.methods import PRUNERS, QUANTIZERS
 from autocompress.methods.formats import FORMATS, format_storage
 from autocompress.models import compressible_linears
-from autocompress.packing import pack, pack_mask, packed_length, unpack, unpack_mask
 from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.size import model_size
+from autocompress.targets import artifact as artifact_format
+from autocompress.targets.artifact import export_compressed, load, read_manifest, sha256_file, write_hf_folder
 
 PRUNED_4BIT = [
     "model.layers.0.self_attn.q_proj",
@@ -159,7 +159,7 @@ def test_manifest_holds_plan_layers_and_provenance(artifact) -> None:
     manifest = read_manifest(artifact["path"])
     assert CompressionPlan.model_validate(manifest["plan"]) == artifact["plan"]
     assert manifest["provenance"] == PROVENANCE
-    assert manifest["format_version"] == export.FORMAT_VERSION
+    assert manifest["format_version"] == artifact_format.FORMAT_VERSION
     assert {"torch", "transformers", "autocompress"} <= manifest["versions"].keys()
     assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(artifact["path"] / "model.safetensors")
     assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
@@ -285,7 +285,7 @@ def test_a_crash_leaves_no_artifact(tmp_path, monkeypatch) -> None:
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "save_file", crash)
+    monkeypatch.setattr(artifact_format, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         export_compressed(model, None, plan, compressed, tmp_path / "out", {})
     assert list(tmp_path.iterdir()) == []

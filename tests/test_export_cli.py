@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from autocompress.cli import main
 from autocompress.config import Config
 from autocompress.errors import UserError
-from autocompress.export import load, read_manifest
 from autocompress.frontier import frontier_points
 from autocompress.methods import QuantSpec
 from autocompress.methods.quantization import quantize_rtn
@@ -26,8 +25,9 @@ from autocompress.plan import CompressionPlan
 from autocompress.report import SENSITIVITY_KEY
 from autocompress.search import SearchSpace, StudyLocation, run_search
 from autocompress.search.study import load_existing
-from autocompress.serving import encode_blocks, gguf_type_for
 from autocompress.session import CompressionSession
+from autocompress.targets.artifact import load, read_manifest
+from autocompress.targets.gguf import encode_blocks, gguf_type_for
 from tests.conftest import random_text, tiny_tokenizer
 
 QType = gguf.GGMLQuantizationType

@@ -16,15 +16,14 @@ from optuna.trial import TrialState, create_trial
 from autocompress.cli import main
 from autocompress.config import Config, DistillationConfig, load_config
 from autocompress.errors import UserError
-from autocompress.export import load
-from autocompress.methods.distillation import StudentArchitecture
 from autocompress.models import compressible_linears, unit_names
-from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.plan import CompressionPlan, LayerCompression, StudentArchitecture
 from autocompress.search import StudyLocation, run_search
 from autocompress.search.space import SearchSpace
 from autocompress.search.study import Objective, open_study, student_pruning
 from autocompress.session import CompressionSession
 from autocompress.size import HALF_BYTES, linear_bytes
+from autocompress.targets.artifact import load
 from tests.conftest import random_text
 
 FAST_DISTILLATION = {"steps": 4, "report_every": 2, "learning_rate": 1e-3, "startup_trials": 1, "batch_size": 4}
@@ -183,8 +182,8 @@ def test_a_recovered_student_keeps_its_masks_and_lies_on_its_grid(session: Compr
 
 
 def test_a_joint_student_plan_exports_an_artifact_of_its_accounted_size_that_loads(session, tmp_path) -> None:
-    from autocompress.export import export_compressed
     from autocompress.students import without_training
+    from autocompress.targets.artifact import export_compressed
 
     plan = CompressionPlan(student=StudentArchitecture(num_layers=1), default=LayerCompression(sparsity=0.5, bits=4))
     trained = session.realize(plan)
@@ -233,7 +232,7 @@ def test_students_sit_on_the_frontier_with_their_architecture_columns(student_st
 
 
 def test_the_best_student_trial_exports_and_loads_with_its_own_shape(student_study, tmp_path) -> None:
-    from autocompress.artifact import export_trial
+    from autocompress.export import export_trial
 
     study, config, location = student_study
     student = next(trial for trial in study.trials if trial.user_attrs.get("student"))

@@ -10,9 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from autocompress.methods.distillation import (
+from autocompress.distillation import (
     DistillationOptions,
-    StudentArchitecture,
     _training_loss,
     build_student,
     distill,
@@ -21,6 +20,7 @@ from autocompress.methods.distillation import (
     measure_importance,
     next_token_ce,
 )
+from autocompress.plan import StudentArchitecture
 
 
 @pytest.fixture(scope="module")

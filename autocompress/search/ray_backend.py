@@ -246,9 +246,9 @@ class StudyPreparer:
     def describe(self) -> dict:
         """Load the model and data (proving a worker can), fill the cache folder, and name the model's units."""
         from autocompress.compress import settings_needs
-        from autocompress.database import variant_settings
         from autocompress.models import unit_names
         from autocompress.session import CompressionSession
+        from autocompress.variants import variant_settings
 
         config = Config.model_validate(self.setup.config)
         self.session = CompressionSession(config, cache_dir=Path(self.setup.cache_dir))

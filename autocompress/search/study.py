@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from autocompress.config import Config, DistillationConfig, evenly_spaced, parse_size
 from autocompress.errors import UserError
-from autocompress.evaluate import Metrics
 from autocompress.frontier import DENSE_HELDOUT_KEY, HELDOUT_KEY, frontier_trials, scored_trials
+from autocompress.metrics import Metrics
 from autocompress.models import unit_names
 from autocompress.plan import CompressionPlan
 from autocompress.search.space import SearchSpace
@@ -290,7 +290,7 @@ KD_CURVE_KEY = "kd_curve"  # a student's [[step, KL on the fitness pool], ...]
 
 def student_dense_bytes(config, shape: dict[str, int]) -> int:
     """Bytes of a student of `shape` with every parameter in 16 bits (tied embeddings once), before compression."""
-    from autocompress.methods.distillation import student_config
+    from autocompress.models import student_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(student_config(config, shape))
@@ -389,7 +389,7 @@ def enqueue_baselines(
 def check_student_space(space: SearchSpace, teacher_config) -> None:
     """Refuse, before any trial, student dimensions the teacher cannot give: larger than its own, or attention
     heads that do not group over key/value heads as the teacher's do."""
-    from autocompress.methods.distillation import StudentArchitecture
+    from autocompress.plan import StudentArchitecture
 
     choices = space.student_choices
     if not choices:

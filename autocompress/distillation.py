@@ -19,64 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from autocompress.models import decoder_blocks
-
-
-class StudentArchitecture(BaseModel):
-    """The student's shape; a field left None keeps the teacher's value."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    num_layers: int | None = Field(None, ge=1)
-    intermediate_size: int | None = Field(None, ge=1)
-    num_attention_heads: int | None = Field(None, ge=1)
-    num_key_value_heads: int | None = Field(None, ge=1)
-    hidden_size: int | None = Field(None, ge=1)
-
-    def resolved(self, config) -> dict[str, int]:
-        """Every dimension, the teacher's where not given; raises ValueError if the shape cannot be cut."""
-        teacher = {
-            "num_layers": config.num_hidden_layers,
-            "intermediate_size": config.intermediate_size,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            "hidden_size": config.hidden_size,
-        }
-        shape = {key: teacher[key] if value is None else value for key, value in self.model_dump().items()}
-        for key, value in shape.items():
-            if value > teacher[key]:
-                raise ValueError(f"student {key} {value} exceeds the teacher's {teacher[key]}")
-        heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
-        teacher_group = teacher["num_attention_heads"] // teacher["num_key_value_heads"]
-        if heads % kv_heads or heads // kv_heads > teacher_group:
-            raise ValueError(
-                f"student attention heads {heads} must be a multiple of its key/value heads {kv_heads}, "
-                f"at most {teacher_group} query heads per key/value head as in the teacher"
-            )
-        try:
-            student_config(config, shape)
-        except Exception as error:  # the family's own config validation raises its own error types
-            raise ValueError(f"student shape {shape} is not a valid {type(config).__name__}: {error}") from error
-        return shape
-
-
-def student_config(config, shape: dict[str, int]):
-    """The teacher's config with the student's dimensions (head size kept), validated by its own class."""
-    values = config.to_dict() | {
-        "num_hidden_layers": shape["num_layers"],
-        "intermediate_size": shape["intermediate_size"],
-        "num_attention_heads": shape["num_attention_heads"],
-        "num_key_value_heads": shape["num_key_value_heads"],
-        "hidden_size": shape["hidden_size"],
-        "head_dim": _head_dim(config),
-    }
-    values.pop("layer_types", None)
-    return type(config)(**values)
+from autocompress.models import decoder_blocks, student_config
+from autocompress.models import head_dim as head_size
+from autocompress.plan import StudentArchitecture
 
 
 @dataclass(frozen=True)
@@ -97,7 +46,7 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 def measure_importance(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 4) -> Importance:
     config = model.config
     blocks = _blocks(model)
-    n_layers, head_dim = len(blocks), _head_dim(config)
+    n_layers, head_dim = len(blocks), head_size(config)
     sums = {
         "blocks": torch.zeros(n_layers),
         "mlp": torch.zeros(n_layers, config.intermediate_size),
@@ -147,10 +96,6 @@ def measure_importance(model: PreTrainedModel, tokens: torch.Tensor, batch_size:
     return Importance(sums["blocks"] / n, sums["mlp"] / n, sums["heads"] / n, sums["hidden"] / n)
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the `count` highest scores, in their original order."""
     return scores.topk(count).indices.sort().values
@@ -189,7 +134,7 @@ def build_student(
     """A student cut from a copy of the teacher's weights; the teacher is left untouched."""
     config = teacher.config
     shape = architecture.resolved(config)
-    head_dim = _head_dim(config)
+    head_dim = head_size(config)
     teacher_group = config.num_attention_heads // (
         getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     )

@@ -9,7 +9,7 @@ from autocompress.calibration import collect_statistics
 from autocompress.compress import apply_plan, statistics_needed
 from autocompress.config import Config
 from autocompress.data import token_pools
-from autocompress.evaluate import evaluate
+from autocompress.metrics import evaluate
 from autocompress.models import compressible_linears, load_model
 from autocompress.plan import CompressionPlan
 from autocompress.size import model_size

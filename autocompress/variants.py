@@ -41,10 +41,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from autocompress.codecs.packing import pack_mask
 from autocompress.compress import quantizer_for, settings_needs, sparsity_pattern
 from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, QuantizedWeight, Statistic
 from autocompress.methods.formats import FORMATS
-from autocompress.packing import pack_mask
 from autocompress.plan import CompressionPlan, LayerCompression
 
 STORE_VERSION = "1"

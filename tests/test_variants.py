@@ -19,13 +19,13 @@ from autocompress.calibration import collect_statistics
 from autocompress.compress import apply_plan, statistics_needed
 from autocompress.config import Config
 from autocompress.data import token_pools
-from autocompress.database import VariantDatabase, load_variant_file, variant_settings
 from autocompress.frontier import frontier_trials
 from autocompress.models import compressible_linears, load_model
 from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.search import SearchSpace, StudyLocation, run_search
 from autocompress.search.study import DATABASE_KEY, Objective, stage_windows
 from autocompress.session import CompressionSession
+from autocompress.variants import VariantDatabase, load_variant_file, variant_settings
 from tests.conftest import tiny_study_config, write_yaml
 
 
@@ -298,8 +298,8 @@ def test_a_search_with_the_database_runs_end_to_end(tmp_path: Path, write_config
 
 
 def test_the_fast_mask_reader_reads_what_packing_writes() -> None:
-    from autocompress.database import unpack_mask_fast
-    from autocompress.packing import pack_mask, unpack_mask
+    from autocompress.codecs.packing import pack_mask, unpack_mask
+    from autocompress.variants import unpack_mask_fast
 
     for shape in [(1, 1), (3, 5), (37, 53), (64, 128)]:
         mask = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) > 0.4

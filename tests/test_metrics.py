@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from autocompress.compress import apply_plan
-from autocompress.evaluate import REFERENCE_DTYPE, dense_reference, evaluate
+from autocompress.metrics import REFERENCE_DTYPE, dense_reference, evaluate
 from autocompress.plan import CompressionPlan
 
 

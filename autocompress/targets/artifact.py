@@ -1,0 +1,533 @@
+"""The compressed artifact: what a plan really stores, written to a folder and loaded back into a runnable model.
+
+An artifact folder holds
+- `model.safetensors`: for each compressed Linear `<name>`,
+  `<name>.codes` (uint8, the codes of the kept positions in row-major order, bit-packed at the layer's bit-width)
+  when quantized, or `<name>.values` (the kept values in 16 bits) when only pruned;
+  `<name>.mask` (uint8, the kept positions bit-packed one bit each) when pruned;
+  `<name>.scale` (float16 [out, groups]) and, for asymmetric grids, `<name>.zero` (uint8, bit-packed at the
+  bit-width) when quantized; `<name>.levels` for a non-uniform grid.
+  Every other tensor of the state dict is stored in 16 bits (bfloat16 for a bfloat16 model, else float16),
+  tied tensors once.
+- `manifest.json`: the format version, the plan, per-layer shapes and formats, the model config, provenance,
+  package versions, and the sha256 of model.safetensors.
+- `config.json`, `generation_config.json` and the tokenizer files, as Hugging Face writes them.
+
+Only safetensors is read back, never pickle. `write_hf_folder` writes a plain dense Hugging Face folder instead
+(with the plan and provenance in `autocompress.json`); `autocompress.targets.gguf` writes GGUF for llama.cpp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from autocompress.codecs.packing import pack, pack_mask, unpack, unpack_mask
+from autocompress.compress import CompressedLinear
+from autocompress.errors import UserError
+from autocompress.methods import QuantizedWeight
+from autocompress.models import compressible_linears, plain_copy
+from autocompress.plan import CompressionPlan
+
+FORMAT = "autocompress"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+PROVENANCE_FILE = "autocompress.json"  # beside a plain Hugging Face folder
+
+
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit dtype an artifact stores uncompressed tensors in: bfloat16 for bfloat16 models, else float16."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _torch_dtype(name: str, where: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(f"{where}: unknown dtype {name!r}")
+    return dtype
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    from autocompress import __version__  # here, not at import time: the package imports this module
+
+    return {
+        "autocompress": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def json_default(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.dtype):
+        return _dtype_name(value)
+    if hasattr(value, "item"):  # torch and numpy scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def _plain_config(model: PreTrainedModel):
+    """The model's config, without a loading-time quantizer (GGUF) that the artifact's weights do not have."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _compressed_tensors(
+    name: str, linear: nn.Linear, compressed: CompressedLinear, store: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The stored tensors of one compressed Linear, and its manifest entry."""
+    out_features, in_features = linear.weight.shape
+    mask, quantized = compressed.mask, compressed.quantized
+    if mask is None and quantized is None:
+        raise ValueError(f"{name}: a compressed Linear needs a mask or quantized codes")
+    tensors: dict[str, torch.Tensor] = {}
+    entry: dict[str, Any] = {"shape": [out_features, in_features], "pruned": mask is not None, "bits": 16}
+    if mask is not None:
+        mask = mask.detach().cpu().bool()
+        if tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(f"{name}: mask of shape {tuple(mask.shape)} for a weight of {tuple(linear.weight.shape)}")
+        tensors[f"{name}.mask"] = pack_mask(mask)
+        entry["kept"] = int(mask.sum())
+    if quantized is None:
+        weight = compressed.weight.detach().cpu()
+        tensors[f"{name}.values"] = weight[mask].to(store).contiguous()
+        entry["values_dtype"] = _dtype_name(store)
+        return tensors, entry
+    codes = quantized.codes.detach().cpu()
+    if tuple(codes.shape) != (out_features, in_features):
+        raise ValueError(f"{name}: codes of shape {tuple(codes.shape)} for a weight of {tuple(linear.weight.shape)}")
+    kept_codes = codes.reshape(-1) if mask is None else codes[mask]
+    tensors[f"{name}.codes"] = pack(kept_codes, quantized.bits)
+    if getattr(quantized, "format", None) is not None:
+        return tensors | _format_tensors(name, quantized), entry | _format_entry(quantized)
+    tensors[f"{name}.scale"] = quantized.scale.detach().cpu().to(torch.float16).contiguous()
+    zero = quantized.zero.detach().cpu()
+    if quantized.symmetric:
+        if not torch.all(zero == 2 ** (quantized.bits - 1)):
+            raise ValueError(f"{name}: a symmetric grid's zero-points must all be {2 ** (quantized.bits - 1)}")
+    else:
+        if not torch.equal(zero, zero.round()):
+            raise ValueError(f"{name}: zero-points must be integers to be stored at {quantized.bits} bits")
+        tensors[f"{name}.zero"] = pack(zero.to(torch.int64), quantized.bits)
+    if quantized.levels is not None:
+        tensors[f"{name}.levels"] = quantized.levels.detach().cpu().contiguous()
+    entry.update(
+        bits=quantized.bits,
+        group_size=quantized.group_size,
+        symmetric=quantized.symmetric,
+        groups=int(quantized.scale.shape[1]),
+        levels=quantized.levels is not None,
+    )
+    return tensors, entry
+
+
+def _format_tensors(name: str, quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A named number format's scales as it stores them; its levels table is named in the manifest, not stored."""
+    from autocompress.methods.formats import scale_codes
+
+    if not torch.all(quantized.zero == 0):
+        raise ValueError(f"{name}: a {quantized.format} weight's zero-points must all be 0")
+    tensors: dict[str, torch.Tensor] = {}
+    scale = quantized.scale.detach().cpu()
+    if quantized.scale_format == "float16":
+        tensors[f"{name}.scale"] = scale.to(torch.float16).contiguous()
+    elif quantized.scale_format in ("e8m0", "e4m3"):
+        tensors[f"{name}.scale"] = scale_codes(scale, quantized.scale_format).contiguous()
+    if quantized.tensor_scale is not None:
+        tensors[f"{name}.tensor_scale"] = torch.tensor([quantized.tensor_scale], dtype=torch.float32)
+    return tensors
+
+
+def _format_entry(quantized: QuantizedWeight) -> dict[str, Any]:
+    return {
+        "bits": quantized.bits,
+        "group_size": quantized.group_size,
+        "symmetric": False,
+        "groups": int(quantized.scale.shape[1]),
+        "levels": False,
+        "format": quantized.format,
+        "scale_format": quantized.scale_format,
+        "tensor_scale": quantized.tensor_scale is not None,
+    }
+
+
+def _format_weight(
+    name: str, entry: Mapping[str, Any], codes: torch.Tensor, tensors: Mapping[str, torch.Tensor], file: Path
+) -> QuantizedWeight:
+    """The QuantizedWeight of a named number format, from its codes, stored scales and the format's levels."""
+    from autocompress.methods.formats import FORMATS, levels_tensor, scales_from_codes
+
+    if entry["format"] not in FORMATS:
+        raise ValueError(f"unknown number format {entry['format']!r}")
+    shape = (entry["shape"][0], entry["groups"])
+    scale_format = entry["scale_format"]
+    if scale_format == "none":
+        scale = torch.ones(shape, dtype=torch.float32)
+    else:
+        stored = _tensor(tensors, f"{name}.scale", file)
+        scale = stored if scale_format == "float16" else scales_from_codes(stored, scale_format)
+        scale = scale.reshape(shape)
+    tensor_scale = float(_tensor(tensors, f"{name}.tensor_scale", file)[0]) if entry["tensor_scale"] else None
+    return QuantizedWeight(
+        codes=codes,
+        scale=scale,
+        zero=torch.zeros(shape, dtype=torch.float32),
+        bits=entry["bits"],
+        group_size=entry["group_size"],
+        symmetric=False,
+        levels=levels_tensor(FORMATS[entry["format"]].element),
+        format=entry["format"],
+        scale_format=scale_format,
+        tensor_scale=tensor_scale,
+    )
+
+
+def _artifact_tensors(
+    model: PreTrainedModel, plan: CompressionPlan, compressed: Mapping[str, CompressedLinear], store: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str], list[str]]:
+    """Everything model.safetensors holds; the per-layer manifest; tied names -> the name stored; dense names."""
+    linears = {linear.name: linear for linear in compressible_linears(model)}
+    unknown = sorted(set(compressed) - set(linears))
+    if unknown:
+        raise UserError(f"export: {unknown[0]!r} is not a compressible Linear of the model")
+    for linear in linears.values():
+        if not plan.setting(linear.name, linear.block).is_identity and linear.name not in compressed:
+            raise UserError(
+                f"export: the plan compresses {linear.name} but its stored form is missing; "
+                "pass what apply_plan(..., keep=True) returns"
+            )
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name, kept in compressed.items():
+        layer_tensors, layers[name] = _compressed_tensors(name, linears[name].module, kept, store)
+        tensors.update(layer_tensors)
+    replaced = {f"{name}.weight" for name in compressed}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    dense: list[str] = []
+    for key, tensor in model.state_dict().items():
+        if key in replaced:
+            continue
+        identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if tensor.numel() and identity in seen:
+            tied[key] = seen[identity]
+            continue
+        seen[identity] = key
+        if key in tensors:
+            raise UserError(f"export: the state dict's {key!r} collides with a compressed tensor name")
+        value = tensor.detach().cpu()
+        tensors[key] = (value.to(store) if value.is_floating_point() else value).contiguous()
+        dense.append(key)
+    return tensors, layers, tied, dense
+
+
+def _replace_folder(staging: Path, out_dir: Path) -> None:
+    """Move the finished `staging` folder to `out_dir`, replacing what is there."""
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+        out_dir.rename(trash / out_dir.name)
+        staging.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def prepare_out_dir(out_dir: Path | str, overwrite: bool) -> Path:
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"export: {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"export: {out_dir} exists and is not empty; choose another folder or overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def staged_write(out_dir: Path, write) -> Path:
+    """Run `write(folder)` in a temporary sibling folder, then rename it to `out_dir`: never half an artifact."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        write(staging)
+        staging.chmod(0o755)
+        _replace_folder(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@torch.no_grad()
+def export_compressed(
+    model: PreTrainedModel,
+    tokenizer,
+    plan: CompressionPlan,
+    compressed: Mapping[str, CompressedLinear],
+    out_dir: Path | str,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the compressed artifact of `model` (compressed in place by `apply_plan(..., keep=True)`,
+    which returned `compressed`) to `out_dir`; return its path.
+
+    `provenance` (base model, study, trial, data, metrics...) is recorded as given in the manifest.
+    """
+    out_dir = prepare_out_dir(out_dir, overwrite)
+    store = storage_dtype(model.dtype)
+    tensors, layers, tied, dense = _artifact_tensors(model, plan, compressed, store)
+    config = _plain_config(model)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": _dtype_name(model.dtype),
+        "storage_dtype": _dtype_name(store),
+        "architecture": type(model).__name__,
+        "plan": json.loads(plan.to_json()),
+        "layers": layers,
+        "dense": dense,
+        "tied": tied,
+        "config": json.loads(config.to_json_string(use_diff=False)),
+        "provenance": dict(provenance or {}),
+        "versions": package_versions(),
+    }
+    try:
+        json.dumps(manifest, default=json_default)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"export: the provenance is not JSON-serializable: {error}") from error
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        (folder / WEIGHTS_FILE).chmod(0o644)  # safetensors writes it owner-only; an artifact is meant to be shared
+        manifest["files"] = {
+            WEIGHTS_FILE: {
+                "sha256": sha256_file(folder / WEIGHTS_FILE),
+                "bytes": (folder / WEIGHTS_FILE).stat().st_size,
+            }
+        }
+        text = json.dumps(manifest, indent=2, default=json_default)
+        (folder / MANIFEST_FILE).write_text(text + "\n")
+        config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    return staged_write(out_dir, write)
+
+
+def write_hf_folder(
+    model: PreTrainedModel,
+    tokenizer,
+    out_dir: Path | str,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """A plain Hugging Face folder (safetensors) of the model's dense weights in `dtype`, for tools that need one.
+
+    With `provenance`, it is written beside the weights as `autocompress.json` (the folder stays a plain one).
+    """
+    out_dir = prepare_out_dir(out_dir, overwrite)
+    if isinstance(dtype, str):
+        dtype = _torch_dtype(dtype, "write_hf_folder")
+    dense = model
+    if hasattr(model.config, "quantization_config"):
+        dense = plain_copy(model)  # save_pretrained refuses a model with a GGUF quantizer attached
+    if dtype is not None and dtype != dense.dtype:
+        dense = copy.deepcopy(dense) if dense is model else dense
+        dense.to(dtype)
+        dense.config.dtype = dtype
+
+    def write(folder: Path) -> None:
+        dense.save_pretrained(folder)  # safetensors, the default
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if provenance is not None:
+            text = json.dumps({"format": "hf", **provenance}, indent=2, default=json_default)
+            (folder / PROVENANCE_FILE).write_text(text + "\n")
+
+    return staged_write(out_dir, write)
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    """The manifest of the artifact at `path`, checked for format and version."""
+    file = Path(path) / MANIFEST_FILE
+    if not file.is_file():
+        raise UserError(f"{path}: not an autocompress artifact ({MANIFEST_FILE} is missing)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{file}: unreadable manifest: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{file}: not an autocompress manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{file}: unknown format version {version!r}; this autocompress reads {FORMAT_VERSION}")
+    return manifest
+
+
+def _tensor(tensors: Mapping[str, torch.Tensor], key: str, file: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise UserError(f"{file}: missing tensor {key!r}")
+    return tensors[key]
+
+
+def rebuild_weight(
+    name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], file: Path = Path(WEIGHTS_FILE)
+) -> torch.Tensor:
+    """The dense float32 weight of one compressed Linear, exactly as the compressed model computed with it."""
+    out_features, in_features = entry["shape"]
+    bits = entry["bits"]
+    try:
+        mask = None
+        if entry["pruned"]:
+            mask = unpack_mask(_tensor(tensors, f"{name}.mask", file), (out_features, in_features))
+        if bits == 16:
+            if mask is None:
+                raise ValueError("a 16-bit layer must be pruned")
+            values = _tensor(tensors, f"{name}.values", file)
+            weight = torch.zeros(out_features, in_features, dtype=values.dtype)
+            weight[mask] = values
+            return weight.float()
+        kept = out_features * in_features if mask is None else int(mask.sum())
+        kept_codes = unpack(_tensor(tensors, f"{name}.codes", file), kept, bits)
+        if mask is None:
+            codes = kept_codes.reshape(out_features, in_features)
+        else:
+            codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+            codes[mask] = kept_codes
+        if entry.get("format"):
+            weight = _format_weight(name, entry, codes, tensors, file).dequantize(torch.float32)
+            return weight if mask is None else weight * mask
+        scale = _tensor(tensors, f"{name}.scale", file)
+        if entry["symmetric"]:
+            zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.float32)
+        else:
+            zero = unpack(_tensor(tensors, f"{name}.zero", file), scale.numel(), bits).reshape(scale.shape).float()
+        levels = _tensor(tensors, f"{name}.levels", file) if entry.get("levels") else None
+        quantized = QuantizedWeight(codes, scale, zero, bits, entry["group_size"], entry["symmetric"], levels)
+        weight = quantized.dequantize(torch.float32)
+        return weight if mask is None else weight * mask
+    except (ValueError, RuntimeError, IndexError) as error:
+        raise UserError(f"{file}: the tensors of {name} do not fit its manifest entry: {error}") from error
+
+
+def _no_init_weights():
+    """transformers' context that skips random weight initialization, where this version has it."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialize, only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def load(path: Path | str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
+    """Load an artifact written by `export_compressed`: (model, tokenizer), the model dense and ready to generate.
+
+    The model is in the dtype it was exported from unless `dtype` says otherwise.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise UserError(f"{file}: missing")
+    expected = manifest.get("files", {}).get(WEIGHTS_FILE, {}).get("sha256")
+    actual = sha256_file(file)
+    if actual != expected:
+        raise UserError(f"{file}: checksum mismatch (the file is truncated or corrupted)")
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{file}: unreadable: {error}") from error
+
+    if isinstance(dtype, str):
+        dtype = _torch_dtype(dtype, "load")
+    dtype = dtype or _torch_dtype(manifest["dtype"], str(path / MANIFEST_FILE))
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: config.json is missing")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with _no_init_weights():  # every weight is loaded below; random init would only cost time
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # skipped with the initialization
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{path / 'config.json'}: cannot build the model: {error}") from error
+
+    state: dict[str, torch.Tensor] = {}
+    for key in manifest["dense"]:
+        tensor = _tensor(tensors, key, file)
+        state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for name, entry in manifest["layers"].items():
+        state[f"{name}.weight"] = rebuild_weight(name, entry, tensors, file).to(dtype)
+    for alias, key in manifest["tied"].items():
+        state[alias] = state[key]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1].strip()
+        raise UserError(f"{file}: tensors do not fit {type(model).__name__}: {first_line}") from error
+    if missing:
+        raise UserError(f"{file}: missing tensor {missing[0]!r} that {type(model).__name__} needs")
+    if unexpected:
+        raise UserError(f"{file}: tensor {unexpected[0]!r} that {type(model).__name__} does not have")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.to(device).eval()
+
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def artifact_bytes(path: Path | str) -> int:
+    """Bytes of the weights file of an artifact: what size accounting predicts."""
+    return (Path(path) / WEIGHTS_FILE).stat().st_size
+
+
+def size_gap(path: Path | str, accounted_bytes: int) -> float:
+    """Relative difference of the weights file's size to the accounted size."""
+    return abs(artifact_bytes(path) - accounted_bytes) / max(accounted_bytes, 1)
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "artifact_bytes",
+    "export_compressed",
+    "load",
+    "read_manifest",
+    "rebuild_weight",
+    "size_gap",
+    "write_hf_folder",
+]
