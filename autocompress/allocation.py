@@ -22,19 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
+from autocompress.files import write_text_atomically
 from autocompress.methods import LayerStatistics
 from autocompress.models import CompressibleLinear
 from autocompress.plan import CompressionPlan
+from autocompress.sensitivity import measure_sensitivity, variant_label
 
 if TYPE_CHECKING:
     from autocompress.search.space import SearchSpace
@@ -262,13 +261,12 @@ def measure_profile(
     other_dimension = "bits" if dimension == "sparsity" else "sparsity"
     if other is None:
         other = space.bit_levels[0] if other_dimension == "bits" else space.sparsity_levels[0]
-    loss_name = session.config.search.loss
     key_fields = {
         "dimension": dimension,
         "levels": [float(level) for level in levels],
         "other": float(other),
         "windows": windows,
-        "loss": loss_name,
+        "loss": session.config.search.loss,
         "compression": session.config.compression.model_dump(mode="json"),
         "units": list(space.units),
     }
@@ -278,45 +276,20 @@ def measure_profile(
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())
 
-    def loss_of(allocation: Mapping[str, float]) -> float:
-        params = allocation_plan_params(space, dimension, allocation, other)
-        metrics = session.measure(space.plan_from_params(params), stages=[windows]).metrics
-        return metrics.kl if loss_name == "kl" else metrics.ce
-
-    def save() -> None:
+    def save(profile: dict) -> None:
         if path is not None:
-            write_text_atomically(path, json.dumps(stored))
+            write_text_atomically(path, json.dumps(profile))
 
     identity = IDENTITY[dimension]
-    base = dict.fromkeys(space.units, identity)
-    if stored["base"] is None:
-        stored["base"] = loss_of(base)
-        save()
-    todo = [unit for unit in space.units if unit not in stored["values"]]
-    for unit in tqdm(todo, desc=f"{dimension} error profile", disable=not progress, leave=False):
-        row = {}
-        for level in levels:
-            if level == identity:
-                continue
-            row[repr(float(level))] = loss_of({**base, unit: level}) - stored["base"]
-        stored["values"][unit] = row
-        save()
+    compressed = {variant_label({dimension: _as_level(dimension, level)}): float(level) for level in levels}
+    compressed = {label: level for label, level in compressed.items() if level != identity}
+    base = allocation_plan_params(space, dimension, dict.fromkeys(space.units, identity), other)
+    variants = [{dimension: _as_level(dimension, level)} for level in compressed.values()]
+    measure_sensitivity(session, space, base, variants, windows, stored, save, progress, f"{dimension} error profile")
     return {
-        unit: {float(level): value for level, value in row.items()} | {float(identity): 0.0}
+        unit: {compressed[label]: value for label, value in row.items()} | {float(identity): 0.0}
         for unit, row in stored["values"].items()
     }
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def baseline_allocations(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from autocompress.config import Config, describe_validation_error, load_config, parse_size
+from autocompress.config import Config, describe_validation_error, load_config
 from autocompress.errors import UserError
 from autocompress.methods import PRUNERS, QUANTIZERS
 from autocompress.plan import CompressionPlan
@@ -82,7 +83,7 @@ def parse_duration(text: str) -> float:
 def study_location(name: str, args: argparse.Namespace):
     from autocompress.search import StudyLocation
 
-    return StudyLocation.resolve(name, args.out, args.storage)
+    return StudyLocation.resolve(name, args.results, args.storage)
 
 
 RAY_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "concurrency", "max_failures")
@@ -127,7 +128,7 @@ def command_worker(args: argparse.Namespace) -> None:
     if args.n_workers == 1:
         run_worker(location, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
         return
-    worker_args = ["--study", args.study, "--out", args.out, "--quiet"]
+    worker_args = ["--study", args.study, "--results", args.results, "--quiet"]
     worker_args += ["--storage", location.storage_url]
     if args.n_trials is not None:
         worker_args += ["--n-trials", str(args.n_trials)]
@@ -140,20 +141,17 @@ def command_worker(args: argparse.Namespace) -> None:
 
 def command_frontier(args: argparse.Namespace) -> None:
     from autocompress.frontier import frontier_points
-    from autocompress.search.study import dense_bytes_of, judge_frontier, load_existing
+    from autocompress.record import StudyRecord, trial_records
+    from autocompress.search.heldout import judge_frontier
+    from autocompress.search.study import load_existing
 
     location = study_location(args.study, args)
-    study, config = load_existing(location)
-    alpha = config.search.alpha if args.alpha is None else args.alpha
-    beta = config.search.beta if args.beta is None else args.beta
-    limit = args.max_size if args.max_size is not None else config.search.max_size
-    dense_bytes = dense_bytes_of(study)
-    try:
-        max_bytes = None if limit is None or dense_bytes is None else parse_size(limit, dense_bytes)
-    except ValueError as error:
-        raise UserError(f"--max-size: {error}") from error
-    judge_frontier(study, config, location, max_bytes)
-    points = frontier_points(study, max_bytes, alpha, beta)
+    study, record = load_existing(location)
+    alpha = record.config.search.alpha if args.alpha is None else args.alpha
+    beta = record.config.search.beta if args.beta is None else args.beta
+    max_bytes = record.max_bytes(args.max_size)
+    judge_frontier(study, location, max_bytes)
+    points = frontier_points(StudyRecord.of(study), trial_records(study), max_bytes, alpha, beta)
     if args.json:
         print(json.dumps([{**vars(point), "objective": point.objective} for point in points], indent=2))
         return
@@ -171,34 +169,32 @@ def command_frontier(args: argparse.Namespace) -> None:
 
 
 def command_report(args: argparse.Namespace) -> None:
-    from autocompress.report import sensitivity_profile, write_html_report, write_outputs
-    from autocompress.search.study import dense_bytes_of, judge_frontier, load_existing
+    from autocompress.record import StudyRecord
+    from autocompress.report import write_html_report, write_outputs
+    from autocompress.search.heldout import judge_frontier
+    from autocompress.search.study import load_existing, study_session
+    from autocompress.sensitivity import study_sensitivity
 
     location = study_location(args.study, args)
-    study, config = load_existing(location)
-    dense_bytes = dense_bytes_of(study)
-    limit = config.search.max_size
-    judge_frontier(
-        study, config, location, None if limit is None or dense_bytes is None else parse_size(limit, dense_bytes)
-    )
-    write_outputs(study, location, config)
-    html = write_html_report(study, location, config, sensitivity_profile(study, location, config, args.sensitivity))
+    study, record = load_existing(location)
+    judge_frontier(study, location, record.max_bytes())
+    write_outputs(study, location)
+    open_session = (lambda: study_session(record.config, location.cache_dir)) if args.sensitivity else None
+    html = write_html_report(study, location, study_sensitivity(study, StudyRecord.of(study), open_session))
     print(f"wrote {location.out_dir}/report.md, {html.name}, trials.csv, frontier.csv, pareto.png")
 
 
 def command_export(args: argparse.Namespace) -> None:
     from autocompress.export import choose_trial, export_trial
-    from autocompress.search.study import dense_bytes_of, load_existing
+    from autocompress.search.study import load_existing
 
     location = study_location(args.study, args)
-    study, config = load_existing(location)
+    study, record = load_existing(location)
     if args.trial is not None and (args.alpha is not None or args.beta is not None or args.max_size is not None):
         raise UserError("--alpha, --beta and --max-size choose among the frontier; they go with --pick best")
-    frozen, chosen_by = choose_trial(
-        study, config, args.trial, args.alpha, args.beta, args.max_size, dense_bytes_of(study)
-    )
-    result = export_trial(study, config, location, frozen, args.artifact, args.format, args.overwrite, chosen_by)
-    if result.format != "compressed":
+    chosen, chosen_by = choose_trial(study, record, args.trial, args.alpha, args.beta, args.max_size)
+    result = export_trial(record, location, chosen, args.artifact, args.format, args.overwrite, chosen_by)
+    if result.format not in ("compressed", "compressed-tensors"):
         kind = "GGUF" if result.format == "gguf" else "a plain Hugging Face folder"
         limits = "; ".join(note for note in result.notes if not note.startswith("GGUF tensor types"))
         if limits:
@@ -232,29 +228,35 @@ def command_evaluate(args: argparse.Namespace) -> None:
     print("\n".join(evaluation_lines(result)))
 
 
-def add_study_arguments(parser: argparse.ArgumentParser, study_required: bool, results_flag: str = "--out") -> None:
-    """--study, --storage, and the results folder (`results_flag`: --out, or --results where --out means else)."""
-    folder = results_flag.removeprefix("--").upper()
+def add_study_arguments(parser: argparse.ArgumentParser, study_required: bool) -> None:
+    """--study, --storage, and --results: the folder of study outputs, named alike in every command (`export --out`
+    is the folder it writes the model to)."""
     parser.add_argument("--study", required=study_required, help="study name (default: the config file's name)")
     parser.add_argument(
         "--storage",
-        help=f"Optuna storage URL (default: sqlite:///{folder}/STUDY/study.db); "
+        help="Optuna storage URL (default: sqlite:///RESULTS/STUDY/study.db); "
         "postgresql://..., or a journal file ending in .log",
     )
     parser.add_argument(
-        results_flag,
-        dest="out",
+        "--results",
         metavar="DIR",
         default="results",
         help="folder holding each study's outputs (default: results)",
     )
 
 
-def add_pickle_argument(parser: argparse.ArgumentParser) -> None:
+def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
+    """--allow-pickle and --trust-remote-code: the only way to switch those on for a model whose config comes from
+    a study's storage or an artifact (a config YAML of the user's own may set them itself)."""
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="read pickled checkpoints (.bin, .pt) of a model; they can run code, so only for files you trust",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a model that a study's storage or an artifact names run its own Python code (only if you trust it)",
     )
 
 
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--method", help="pruning or quantization method, e.g. wanda, magnitude, rtn")
     apply.add_argument("--plan", help="a CompressionPlan JSON file instead of a uniform plan")
     apply.add_argument("--json", action="store_true", help="print one JSON object")
-    add_pickle_argument(apply)
+    add_trust_arguments(apply)
     apply.set_defaults(run=command_apply)
 
     search = commands.add_parser("search", help="run or resume a study over per-layer compression plans")
@@ -282,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--n-trials", type=int, help="stop once the study holds this many complete trials")
     search.add_argument("--timeout", type=parse_duration, help="stop starting trials after this long (90s, 30m, 8h)")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_pickle_argument(search)
+    add_trust_arguments(search)
     ray = search.add_argument_group("distributed (--backend ray)")
     ray.add_argument(
         "--backend",
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--n-trials", type=int, help="stop once the study holds this many complete trials")
     worker.add_argument("--timeout", type=parse_duration, help="stop starting trials after this long (90s, 30m, 8h)")
     worker.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_pickle_argument(worker)
+    add_trust_arguments(worker)
     worker.set_defaults(run=command_worker)
 
     frontier = commands.add_parser("frontier", help="the Pareto frontier of a study, ranked by alpha*Loss + beta*Size")
@@ -330,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="write a trial's plan as a real compressed artifact (or a Hugging Face folder, or GGUF)"
     )
-    add_study_arguments(export, study_required=True, results_flag="--results")
+    add_study_arguments(export, study_required=True)
     chosen = export.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--trial", type=int, help="the trial number to export")
     chosen.add_argument("--pick", choices=["best"], help="best: the frontier member with the lowest objective")
@@ -340,14 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", dest="artifact", metavar="DIR", required=True, help="the folder to write")
     export.add_argument(
         "--format",
-        choices=["compressed", "hf", "gguf"],
-        default="compressed",
-        help="compressed: bit-packed artifact for autocompress.load (default); hf: plain dense Hugging Face "
-        "folder; gguf: model.gguf for llama.cpp",
+        choices=["compressed", "hf", "gguf", "compressed-tensors"],
+        help="compressed: bit-packed artifact for autocompress.load (the default of target artifact); hf: plain "
+        "dense Hugging Face folder; gguf: model.gguf for llama.cpp; compressed-tensors: a checkpoint for vLLM "
+        "(the default of target vllm)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
     export.add_argument("--json", action="store_true", help="print JSON")
-    add_pickle_argument(export)
+    add_trust_arguments(export)
     export.set_defaults(run=command_export)
 
     evaluate = commands.add_parser(
@@ -360,21 +362,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-dense", action="store_true", help="skip the dense base model")
     evaluate.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
-    add_pickle_argument(evaluate)
+    add_trust_arguments(evaluate)
     evaluate.set_defaults(run=command_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if getattr(args, "allow_pickle", False):
-        from autocompress.models import ALLOW_PICKLE_ENV
+    from autocompress.models import ALLOW_PICKLE_ENV, TRUST_REMOTE_CODE_ENV
 
-        os.environ[ALLOW_PICKLE_ENV] = "1"  # also for worker processes this one starts
+    for flag, variable in (("allow_pickle", ALLOW_PICKLE_ENV), ("trust_remote_code", TRUST_REMOTE_CODE_ENV)):
+        if getattr(args, flag, False):
+            os.environ[variable] = "1"  # also for worker processes this one starts
     try:
         args.run(args)
     except UserError as error:
         print(f"autocompress: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(
+            f"autocompress: error: no space left on the device{where}; free some and run the command again "
+            "(what was stored before is kept whole)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         print("autocompress: interrupted; the study is saved and resumes where it stopped", file=sys.stderr)

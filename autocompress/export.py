@@ -1,36 +1,44 @@
 """From a study to a shipped model and back: pick a trial, compress a fresh model with its plan, write it
-(compressed artifact, plain Hugging Face folder or GGUF), then evaluate what was written against the dense model."""
+(compressed artifact, plain Hugging Face folder, GGUF or compressed-tensors), then evaluate what was written against
+the dense model."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from transformers import PreTrainedModel
 
-from autocompress.compress import apply_plan, statistics_needed
-from autocompress.config import Config, ModelConfig, parse_size
+from autocompress.codecs import CompressedLinear
+from autocompress.config import ModelConfig
 from autocompress.errors import UserError
-from autocompress.frontier import DENSE_HELDOUT_KEY, HELDOUT_KEY, frontier_points
+from autocompress.frontier import frontier_points
 from autocompress.metrics import evaluate
 from autocompress.models import EMBEDDED_MODEL, embedded_gguf
 from autocompress.plan import CompressionPlan
+from autocompress.record import StudyLocation, StudyRecord, TrialRecord, trial_records
+from autocompress.search.space import SearchSpace
+from autocompress.session import CompressionSession
 from autocompress.size import model_size
+from autocompress.targets import target_named
 from autocompress.targets.artifact import (
+    PROVENANCE_FILE,
     artifact_bytes,
     export_compressed,
+    json_default,
     package_versions,
     prepare_out_dir,
     staged_write,
     write_hf_folder,
 )
 
-FORMATS = ("compressed", "hf", "gguf")
+FORMATS = ("compressed", "hf", "gguf", "compressed-tensors")
 
 
 @dataclass
@@ -67,34 +75,30 @@ def _redacted(url: str) -> str:
 
 def choose_trial(
     study: optuna.Study,
-    config: Config,
+    record: StudyRecord,
     trial: int | None = None,
     alpha: float | None = None,
     beta: float | None = None,
-    max_size: str | float | None = None,
-    dense_bytes: int | None = None,
-) -> tuple[FrozenTrial, str]:
+    max_size: str | None = None,
+) -> tuple[TrialRecord, str]:
     """Trial `trial`, or the frontier member with the lowest alpha·Loss + beta·Size; and how it was chosen."""
+    records = trial_records(study)
     if trial is not None:
-        if not 0 <= trial < len(study.trials):
-            raise UserError(f"study {study.study_name!r} has no trial {trial} (it has {len(study.trials)})")
-        frozen = study.trials[trial]
-        if frozen.state != TrialState.COMPLETE or "loss" not in frozen.user_attrs:
-            raise UserError(f"trial {trial} is {frozen.state.name.lower()}, not a complete scored trial")
-        return frozen, f"trial {trial}"
-    alpha = config.search.alpha if alpha is None else alpha
-    beta = config.search.beta if beta is None else beta
-    limit = config.search.max_size if max_size is None else max_size
-    try:
-        max_bytes = None if limit is None or dense_bytes is None else parse_size(limit, dense_bytes)
-    except ValueError as error:
-        raise UserError(f"--max-size: {error}") from error
-    points = frontier_points(study, max_bytes, alpha, beta)
+        if not 0 <= trial < len(records):
+            raise UserError(f"study {record.name!r} has no trial {trial} (it has {len(records)})")
+        chosen = records[trial]
+        if not chosen.scored:
+            raise UserError(f"trial {trial} is {chosen.state.name.lower()}, not a complete scored trial")
+        return chosen, f"trial {trial}"
+    alpha = record.config.search.alpha if alpha is None else alpha
+    beta = record.config.search.beta if beta is None else beta
+    max_bytes = record.max_bytes(max_size)
+    points = frontier_points(record, records, max_bytes, alpha, beta)
     if not points:
         within = "" if max_bytes is None else f" within {max_bytes:,} bytes"
-        raise UserError(f"study {study.study_name!r} has no complete trial on its frontier{within}")
+        raise UserError(f"study {record.name!r} has no complete trial on its frontier{within}")
     how = f"best on the frontier by {alpha:g}·Loss + {beta:g}·Size"
-    return study.trials[points[0].trial], how + ("" if max_bytes is None else f" within {max_bytes:,} bytes")
+    return records[points[0].trial], how + ("" if max_bytes is None else f" within {max_bytes:,} bytes")
 
 
 def _tokenizer_gguf(model: ModelConfig) -> Path | None:
@@ -107,28 +111,24 @@ def _tokenizer_gguf(model: ModelConfig) -> Path | None:
 
 
 def export_trial(
-    study: optuna.Study,
-    config: Config,
-    location,
-    frozen: FrozenTrial,
+    record: StudyRecord,
+    location: StudyLocation,
+    chosen: TrialRecord,
     out_dir: Path | str,
-    format: str = "compressed",
+    format: str | None = None,
     overwrite: bool = False,
     chosen_by: str = "",
 ) -> ExportResult:
-    """Compress a fresh dense model with the trial's plan (the study's cached calibration statistics) and write it."""
-    from autocompress.models import unit_names
-    from autocompress.search.space import SearchSpace
-    from autocompress.search.study import dense_bytes_of
-    from autocompress.session import CompressionSession
-
+    """Compress a fresh dense model with the trial's plan (the study's cached calibration statistics) and write it,
+    in `format` (the study's deployment target's own by default)."""
+    config = record.config
+    plan = SearchSpace(config, record.units).plan_from_params(chosen.params)  # the plan, before any model loads
+    format = format or target_named(config.compression.target).export_format
     if format not in FORMATS:
         raise UserError(f"--format: unknown format {format!r}; choose {', '.join(FORMATS)}")
     out_dir = prepare_out_dir(out_dir, overwrite)  # fail before the model loads
     session = CompressionSession(config, cache_dir=location.cache_dir)
     model = session.model
-    space = SearchSpace(config, unit_names(model, config.compression.granularity))
-    plan = space.plan_from_params(frozen.params)
     reference = session.reference("fitness")  # before compressing: it may need the dense model
     if session.trains(plan):  # a student (or a recovered plan): built and distilled again, or from the cache
         trained = session.realize(plan)
@@ -136,27 +136,27 @@ def export_trial(
     else:
         if plan.student is not None:  # a "student" of the teacher's own shape is the teacher
             plan = plan.model_copy(update={"student": None})
-        statistics = session.statistics(statistics_needed(plan))
-        compressed = apply_plan(model, plan, statistics, keep=True)
+        compressed = session.compress_for_export(plan)
     metrics = evaluate(model, session.pools.fitness, reference=reference, batch_size=config.data.batch_size)
     fitness_loss = metrics.kl if config.search.loss == "kl" else metrics.ce
-    accounted = model_size(model, plan).total_bytes
+    size_target = target_named("vllm") if format == "compressed-tensors" else session.target
+    accounted = model_size(model, plan, size_target).total_bytes
 
-    attrs = frozen.user_attrs
     recorded = ("loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective")
+    heldout = record.heldout.get(chosen.number)
     provenance = {
         "base_model": config.model.model_dump(mode="json"),
         "study": location.name,
         "storage": _redacted(location.storage_url),
-        "trial": frozen.number,
-        "chosen_by": chosen_by or f"trial {frozen.number}",
+        "trial": chosen.number,
+        "chosen_by": chosen_by or f"trial {chosen.number}",
         "data": config.data.model_dump(mode="json"),
         "compression": config.compression.model_dump(mode="json"),
         "scoring": {"loss": config.search.loss, "alpha": config.search.alpha, "beta": config.search.beta},
-        "metrics": {key: attrs[key] for key in recorded if key in attrs},
-        "heldout": study.user_attrs.get(HELDOUT_KEY.format(number=frozen.number)),
-        "dense_heldout": study.user_attrs.get(DENSE_HELDOUT_KEY),
-        "dense_bytes": dense_bytes_of(study),
+        "metrics": {key: getattr(chosen, key) for key in recorded if getattr(chosen, key) is not None},
+        "heldout": None if heldout is None else heldout.model_dump(exclude_none=True),
+        "dense_heldout": None if record.dense_heldout is None else record.dense_heldout.model_dump(exclude_none=True),
+        "dense_bytes": record.dense_bytes,
         "accounted_bytes": accounted,
         "export_fitness_loss": fitness_loss,
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -170,6 +170,11 @@ def export_trial(
         path = write_hf_folder(model, session.tokenizer, out_dir, model.dtype, overwrite=True, provenance=provenance)
         weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
         notes.append(f"a plain Hugging Face folder stores every weight densely in {str(model.dtype)[6:]}")
+    elif format == "compressed-tensors":
+        path = staged_write(
+            out_dir, lambda folder: _write_compressed_tensors(model, session.tokenizer, compressed, folder, provenance)
+        )
+        weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
     else:
         from autocompress.targets.gguf import GGUF_FILE, write_gguf
 
@@ -195,12 +200,37 @@ def export_trial(
     return ExportResult(
         path=path,
         format=format,
-        trial=frozen.number,
+        trial=chosen.number,
         plan=plan,
         accounted_bytes=accounted,
-        trial_size_bytes=attrs.get("size_bytes"),
-        trial_loss=attrs.get("loss"),
+        trial_size_bytes=chosen.size_bytes,
+        trial_loss=chosen.loss,
         fitness_loss=fitness_loss,
         weights_bytes=weights,
         notes=notes,
     )
+
+
+def _write_compressed_tensors(
+    model: PreTrainedModel,
+    tokenizer,
+    compressed: Mapping[str, CompressedLinear],
+    folder: Path,
+    provenance: dict[str, Any],
+) -> None:
+    """A compressed-tensors checkpoint of the compressed model: the codes and scales it computes with, written by
+    compressed-tensors' own compressors (`targets.vllm`), and our provenance beside it."""
+    from autocompress.targets.vllm import write_compressed_tensors
+
+    pruned = sorted(name for name, kept in compressed.items() if kept.mask is not None)
+    if pruned:
+        raise UserError(f"export: compressed-tensors for vLLM stores no sparse weights, but {pruned[0]} is pruned")
+    quantized = {name: kept.quantized for name, kept in compressed.items() if kept.quantized is not None}
+    try:
+        write_compressed_tensors(model, tokenizer, quantized, folder)
+    except ValueError as error:
+        raise UserError(f"export: {error}") from error
+    text = json.dumps(
+        {"format": "compressed-tensors", **provenance, "versions": package_versions()}, indent=2, default=json_default
+    )
+    (folder / PROVENANCE_FILE).write_text(text + "\n")

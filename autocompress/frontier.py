@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
-
-HELDOUT_KEY = "heldout:{number}"
-DENSE_HELDOUT_KEY = "heldout:dense"
+from autocompress.record import StudyRecord, TrialRecord
 
 
 @dataclass(frozen=True)
@@ -23,15 +20,10 @@ class FrontierPoint:
     heldout_kl: float | None
     architecture: dict[str, int] | None = None  # in a study with students: the shape of the model measured
     is_student: bool = False
+    baseline: str | None = None  # the baseline allocation or preset a seed stands for
 
     def score(self, alpha: float, beta: float) -> float:
         return alpha * self.loss + beta * self.size_ratio
-
-
-def scored_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials that carry a loss and a size (what every autocompress trial records)."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [trial for trial in trials if "loss" in trial.user_attrs and "size_bytes" in trial.user_attrs]
 
 
 def non_dominated(points: list[tuple[float, float]]) -> list[int]:
@@ -46,33 +38,34 @@ def non_dominated(points: list[tuple[float, float]]) -> list[int]:
     return sorted(kept)
 
 
-def frontier_trials(study: optuna.Study, max_bytes: int | None = None) -> list[FrozenTrial]:
-    """The non-dominated trials on (loss, size) among those within `max_bytes`; infeasible ones never sit on it."""
-    trials = [
-        trial for trial in scored_trials(study) if max_bytes is None or trial.user_attrs["size_bytes"] <= max_bytes
-    ]
-    points = [(trial.user_attrs["loss"], trial.user_attrs["size_bytes"]) for trial in trials]
-    return [trials[index] for index in non_dominated(points)]
+def frontier_of(records: Sequence[TrialRecord], max_bytes: int | None = None) -> list[TrialRecord]:
+    """The non-dominated scored trials on (loss, size) among those within `max_bytes`; infeasible ones never sit
+    on it."""
+    feasible = [record for record in records if record.scored and (max_bytes is None or record.size_bytes <= max_bytes)]
+    points = [(record.loss, record.size_bytes) for record in feasible]
+    return [feasible[index] for index in non_dominated(points)]
 
 
-def frontier_points(study: optuna.Study, max_bytes: int | None, alpha: float, beta: float) -> list[FrontierPoint]:
+def frontier_points(
+    study: StudyRecord, records: Sequence[TrialRecord], max_bytes: int | None, alpha: float, beta: float
+) -> list[FrontierPoint]:
     """The frontier with held-out figures where measured, best α·Loss + β·Size first."""
-    attrs = study.user_attrs
     points = []
-    for trial in frontier_trials(study, max_bytes):
-        heldout = attrs.get(HELDOUT_KEY.format(number=trial.number), {})
+    for record in frontier_of(records, max_bytes):
+        heldout = study.heldout.get(record.number)
         points.append(
             FrontierPoint(
-                trial=trial.number,
-                loss=trial.user_attrs["loss"],
-                size_bytes=trial.user_attrs["size_bytes"],
-                size_ratio=trial.user_attrs["size_ratio"],
-                objective=alpha * trial.user_attrs["loss"] + beta * trial.user_attrs["size_ratio"],
-                is_seed=bool(trial.user_attrs.get("seed", False)),
-                heldout_ppl=heldout.get("ppl"),
-                heldout_kl=heldout.get("kl"),
-                architecture=trial.user_attrs.get("architecture"),
-                is_student=bool(trial.user_attrs.get("student", False)),
+                trial=record.number,
+                loss=record.loss,
+                size_bytes=record.size_bytes,
+                size_ratio=record.size_ratio,
+                objective=alpha * record.loss + beta * record.size_ratio,
+                is_seed=record.seed,
+                heldout_ppl=None if heldout is None else heldout.ppl,
+                heldout_kl=None if heldout is None else heldout.kl,
+                architecture=record.architecture,
+                is_student=record.student,
+                baseline=record.baseline,
             )
         )
     return sorted(points, key=lambda point: (point.objective, point.trial))

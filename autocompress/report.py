@@ -2,56 +2,39 @@
 
 from __future__ import annotations
 
-import os
+import base64
+import html
+import io
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import optuna
 import pandas as pd
 from matplotlib.figure import Figure
 
-from autocompress.config import Config, parse_size
-from autocompress.frontier import DENSE_HELDOUT_KEY, FrontierPoint, frontier_points
+from autocompress.config import Config
+from autocompress.files import write_atomically, write_text_atomically
+from autocompress.frontier import FrontierPoint, frontier_points
 from autocompress.plan import parse_level
+from autocompress.record import StudyLocation, StudyRecord, TrialRecord, trial_records
 from autocompress.students import ARCHITECTURE_COLUMNS, architecture_columns
-
-if TYPE_CHECKING:
-    from autocompress.search.study import StudyLocation
 
 TRIAL_COLUMNS = ["loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective", "stitch_s", "eval_s"]
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Let `write` fill a temporary file beside `path`, then rename it: a reader never sees half an output."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(descriptor)
-    os.chmod(temporary, 0o644)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
+def trials_frame(records: list[TrialRecord]) -> pd.DataFrame:
     """Every trial: number, state, seconds, per-unit values, and what evaluation measured."""
     rows = []
-    for trial in study.get_trials(deepcopy=False):
-        seconds = None
-        if trial.datetime_start and trial.datetime_complete:
-            seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-        row = {"number": trial.number, "state": trial.state.name, "seconds": seconds}
-        row |= {column: trial.user_attrs.get(column) for column in TRIAL_COLUMNS}
-        row["seed"] = bool(trial.user_attrs.get("seed", False))
-        row["fail_reason"] = trial.user_attrs.get("fail_reason", "")
-        if "architecture" in trial.user_attrs:  # a study with students: every trial's shape, the teacher's too
-            row["student"] = bool(trial.user_attrs.get("student", False))
-            row |= architecture_columns(trial.user_attrs["architecture"])
-        row |= dict(trial.params)
+    for record in records:
+        row = {"number": record.number, "state": record.state.name, "seconds": record.duration_s}
+        row |= {column: getattr(record, column) for column in TRIAL_COLUMNS}
+        row |= {"seed": record.seed, "fail_reason": record.fail_reason}
+        if record.architecture is not None:  # a study with students: every trial's shape, the teacher's too
+            row["student"] = record.student
+            row |= architecture_columns(record.architecture)
+        row |= record.params
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -73,14 +56,16 @@ def _level_text(value: float | int | str) -> str:
     return value if isinstance(value, str) else f"{value:g}"
 
 
-def frontier_frame(points: list[FrontierPoint], study: optuna.Study, per_unit: bool = True) -> pd.DataFrame:
+def frontier_frame(
+    points: list[FrontierPoint], params_of: Mapping[int, Mapping], per_unit: bool = True
+) -> pd.DataFrame:
     """The frontier's figures, each member's allocation in brief, architecture columns when its study has
     students and, with `per_unit`, every unit's level."""
     columns = ["trial", "loss", "size_bytes", "size_ratio", "objective", "heldout_ppl", "heldout_kl", "is_seed"]
     with_students = any(point.architecture for point in points)
     rows = []
     for point in points:
-        params = study.trials[point.trial].params
+        params = params_of[point.trial]
         row = {column: getattr(point, column) for column in columns} | {"allocation": allocation_summary(params)}
         if with_students:
             row |= {"student": point.is_student} | architecture_columns(point.architecture or {})
@@ -130,24 +115,24 @@ def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, l
     write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
 
 
-def allocation_frame(study: optuna.Study, trial_numbers: list[int], field: str) -> pd.DataFrame:
+def allocation_frame(params_of: Mapping[int, Mapping], trial_numbers: list[int], field: str) -> pd.DataFrame:
     """Per-unit values of `field` (sparsity, bits or format) for the given trials: units down, trials across."""
     columns = {}
     for number in trial_numbers:
-        params = study.trials[number].params
+        params = params_of[number]
         columns[f"#{number}"] = {
             key.removesuffix(f".{field}"): value for key, value in params.items() if key.endswith(f".{field}")
         }
     return pd.DataFrame(columns)
 
 
-def plot_allocation(study: optuna.Study, points: list[FrontierPoint], path: Path) -> bool:
+def plot_allocation(params_of: Mapping[int, Mapping], points: list[FrontierPoint], path: Path) -> bool:
     """Heatmaps of per-unit sparsity and bit-width or format for a few frontier members; False when nothing
     varies. Formats are coloured by rank of bits (then name), their names on the colour bar."""
     chosen = [point.trial for point in sorted(points, key=lambda point: point.size_ratio)]
     if len(chosen) > 6:
         chosen = [chosen[round(index * (len(chosen) - 1) / 5)] for index in range(6)]
-    frames = {field: allocation_frame(study, chosen, field) for field in ALLOCATION_FIELDS}
+    frames = {field: allocation_frame(params_of, chosen, field) for field in ALLOCATION_FIELDS}
     frames = {field: frame for field, frame in frames.items() if not frame.empty}
     if not frames:
         return False
@@ -207,29 +192,46 @@ def compact_allocation(params: Mapping[str, float | int | str]) -> list[str]:
     return lines or ["- every unit at the space's single level"]
 
 
-def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) -> None:
+class StudyOutputs:
+    """A study as its outputs show it: its record, every trial's record, and the frontier ranked by its α, β."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = StudyRecord.of(study)
+        self.records = trial_records(study)
+        self.params_of = {record.number: record.params for record in self.records}
+        search = self.config.search
+        self.max_bytes = self.study.max_bytes()
+        self.points = frontier_points(self.study, self.records, self.max_bytes, search.alpha, search.beta)
+        self.trials = trials_frame(self.records)
+        self.dense_ppl = None if self.study.dense_heldout is None else self.study.dense_heldout.ppl
+
+    @property
+    def config(self) -> Config:
+        return self.study.config
+
+    @property
+    def complete(self) -> pd.DataFrame:
+        return self.trials[self.trials["state"] == "COMPLETE"] if len(self.trials) else self.trials
+
+
+def write_outputs(study: optuna.Study, location: StudyLocation) -> None:
     """Write every output of the study into its folder; safe to call at any time, again and again."""
+    outputs = StudyOutputs(study)
+    config, trials, points = outputs.config, outputs.trials, outputs.points
     out = location.out_dir
     out.mkdir(parents=True, exist_ok=True)
     search = config.search
-    trials = trials_frame(study)
-    dense_bytes = None
-    complete = trials[trials["state"] == "COMPLETE"] if len(trials) else trials
-    if len(complete):
-        first = complete.iloc[0]
-        dense_bytes = int(first["size_bytes"] / first["size_ratio"])
-    max_bytes = None if search.max_size is None or dense_bytes is None else parse_size(search.max_size, dense_bytes)
-    points = frontier_points(study, max_bytes, search.alpha, search.beta)
+    dense_bytes, max_bytes = outputs.study.dense_bytes, outputs.max_bytes
     write_atomically(out / "trials.csv", lambda temporary: trials.to_csv(temporary, index=False))
-    frontier = frontier_frame(points, study)
+    frontier = frontier_frame(points, outputs.params_of)
     write_atomically(out / "frontier.csv", lambda temporary: frontier.to_csv(temporary, index=False))
-    if not len(complete):
+    if not len(outputs.complete):
         return
     plot_pareto(trials, points, out / "pareto.png", search.loss)
-    has_allocation = plot_allocation(study, points, out / "allocation.png")
+    has_allocation = plot_allocation(outputs.params_of, points, out / "allocation.png")
 
     counts = trials["state"].value_counts().to_dict()
-    dense_ppl = study.user_attrs.get(DENSE_HELDOUT_KEY, {}).get("ppl")
+    dense_ppl = outputs.dense_ppl
     best = points[0] if points else None
     lines = [
         f"# Study `{location.name}`",
@@ -249,7 +251,7 @@ def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) 
     if max_bytes is not None:
         lines.append(f"- size limit: {max_bytes:,} bytes; trials above it are not on the frontier")
     if best is not None:
-        plan_params = study.trials[best.trial].params
+        plan_params = outputs.params_of[best.trial]
         lines += [
             "",
             "## Best plan by α·Loss + β·Size",
@@ -265,66 +267,19 @@ def write_outputs(study: optuna.Study, location: StudyLocation, config: Config) 
         "",
         "## Frontier (held-out figures on tokens the search never saw)",
         "",
-        markdown_table(frontier_frame(points, study, per_unit=False)),
+        markdown_table(frontier_frame(points, outputs.params_of, per_unit=False)),
         "",
         "![Pareto frontier](pareto.png)",
     ]
     if has_allocation:
         lines += ["", "## Per-unit allocation of frontier members", "", "![allocation](allocation.png)"]
-    text = "\n".join(lines) + "\n"
-    write_atomically(out / "report.md", lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+    write_text_atomically(out / "report.md", "\n".join(lines) + "\n")
 
 
 # --- report.html: one self-contained page (images embedded as base64 PNG) ------------------------------------
 
-SENSITIVITY_KEY = "autocompress:sensitivity"
-
-
-def sensitivity_setting(config: Config) -> dict[str, float | int | str]:
-    """The most aggressive level the search space offers: its highest sparsity and fewest bits together."""
-    precision = "bits" if config.search.formats is None else "format"
-    return {"sparsity": config.search.sparsity_levels()[-1], precision: config.search.precision_levels()[0]}
-
-
-def sensitivity_profile(
-    study: optuna.Study, location: StudyLocation, config: Config, compute: bool = True
-) -> dict | None:
-    """Per-unit loss when only that unit takes the most aggressive level (one measure() per unit).
-
-    Kept in the study's user attributes and extended unit by unit, so an interrupted run loses nothing;
-    with `compute` False, whatever is stored is returned (None when nothing is).
-    """
-    setting = sensitivity_setting(config)
-    stored = study.user_attrs.get(SENSITIVITY_KEY)
-    if not stored or stored.get("setting") != setting or stored.get("loss") != config.search.loss:
-        stored = {"setting": setting, "loss": config.search.loss, "pool": "fitness", "values": {}}
-    if not compute:
-        return stored if stored["values"] else None
-    from autocompress.models import unit_names
-    from autocompress.plan import CompressionPlan, LayerCompression
-    from autocompress.session import CompressionSession
-
-    session = None
-    units: list[str] | None = stored.get("units")
-    if units is None or any(unit not in stored["values"] for unit in units):
-        session = CompressionSession(config, cache_dir=location.cache_dir)
-        units = unit_names(session.model, config.compression.granularity)
-        stored["units"] = units
-        options = config.compression.plan_options()
-        for unit in units:
-            if unit in stored["values"]:
-                continue
-            plan = CompressionPlan(layers={unit: LayerCompression(**setting)}, **options)
-            metrics = session.measure(plan).metrics
-            stored["values"][unit] = metrics.kl if config.search.loss == "kl" else metrics.ce
-            study.set_user_attr(SENSITIVITY_KEY, stored)
-    return stored
-
 
 def png_base64(figure: Figure, dpi: int = 110) -> str:
-    import base64
-    import io
-
     buffer = io.BytesIO()
     figure.savefig(buffer, dpi=dpi, format="png")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -394,8 +349,6 @@ def plot_sensitivity(profile: dict) -> Figure | None:
 
 def _file_base64(render: Callable[[Path], object]) -> str | None:
     """Let `render(path)` draw into a temporary PNG (the report's own plot functions), and return it as base64."""
-    import base64
-
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "figure.png"
         drawn = render(path)
@@ -404,24 +357,15 @@ def _file_base64(render: Callable[[Path], object]) -> str | None:
         return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def write_html_report(
-    study: optuna.Study, location: StudyLocation, config: Config, sensitivity: dict | None = None
-) -> Path:
+def write_html_report(study: optuna.Study, location: StudyLocation, sensitivity: dict | None = None) -> Path:
     """report.html beside report.md: the frontier plot, per-unit allocations, trial history, sensitivity profile,
     and the frontier table; one file, nothing loaded from elsewhere."""
-    import html
-
+    outputs = StudyOutputs(study)
+    config, trials, points, complete = outputs.config, outputs.trials, outputs.points, outputs.complete
     out = location.out_dir
     out.mkdir(parents=True, exist_ok=True)
     search = config.search
-    trials = trials_frame(study)
-    complete = trials[trials["state"] == "COMPLETE"] if len(trials) else trials
-    dense_bytes = None
-    if len(complete):
-        dense_bytes = int(complete.iloc[0]["size_bytes"] / complete.iloc[0]["size_ratio"])
-    max_bytes = None if search.max_size is None or dense_bytes is None else parse_size(search.max_size, dense_bytes)
-    points = frontier_points(study, max_bytes, search.alpha, search.beta)
-    dense_ppl = study.user_attrs.get(DENSE_HELDOUT_KEY, {}).get("ppl")
+    dense_bytes, dense_ppl = outputs.study.dense_bytes, outputs.dense_ppl
 
     sections: list[tuple[str, str | None, str]] = []  # (title, base64 PNG, caption)
     if len(complete):
@@ -435,7 +379,7 @@ def write_html_report(
         sections.append(
             (
                 "Per-unit allocation of frontier members",
-                _file_base64(lambda path: plot_allocation(study, points, path)),
+                _file_base64(lambda path: plot_allocation(outputs.params_of, points, path)),
                 "Sparsity and bit-width each unit gets, frontier members from smallest to largest.",
             )
         )
@@ -501,13 +445,12 @@ def write_html_report(
                 f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{image}">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
-    frontier = frontier_frame(points, study, per_unit=False)
+    frontier = frontier_frame(points, outputs.params_of, per_unit=False)
     parts += [
         "<h2>Frontier (held-out figures on tokens the search never saw)</h2>",
         frontier.to_html(index=False, float_format=lambda value: f"{value:.4g}", na_rep="", border=0),
         "</body></html>",
     ]
-    text = "\n".join(parts) + "\n"
     path = out / "report.html"
-    write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+    write_text_atomically(path, "\n".join(parts) + "\n")
     return path

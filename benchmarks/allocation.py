@@ -32,15 +32,11 @@ from optuna.trial import TrialState
 
 from autocompress.config import Config
 from autocompress.models import compressible_linears, unit_names
+from autocompress.record import StudyLocation, StudyRecord, TrialRecord
+from autocompress.search.objective import Objective
+from autocompress.search.runner import FINISHED
 from autocompress.search.space import SearchSpace
-from autocompress.search.study import (
-    DATABASE_KEY,
-    FINISHED,
-    Objective,
-    StudyLocation,
-    open_study,
-    prepare_study,
-)
+from autocompress.search.study import open_study, prepare_study
 from autocompress.session import CompressionSession
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +185,7 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
     prepared = time.perf_counter()
     prepare_study(study, session, space, location)  # database (shared, built once), baselines enqueued
     setup_s = time.perf_counter() - prepared
-    objective = Objective(config, session, space)
+    objective = Objective(config, session, space, StudyRecord.of(study).max_bytes())
     clock = BareForwardClock(session)
     clock.measure()
     searched = time.perf_counter()
@@ -204,9 +200,9 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
     baselines = {  # baselines that coincide (sensitivity may be uniform) share one trial
-        name: trial for trial in complete for name in trial.user_attrs.get("baselines", [])
+        name: trial for trial in complete for name in TrialRecord.of(trial).baselines
     }
-    best = min(complete, key=lambda trial: (trial.user_attrs["loss"], trial.number))
+    best = min(complete, key=lambda trial: (TrialRecord.of(trial).loss, trial.number))
 
     clock.measure()
     forward_s = statistics.median(clock.times)
@@ -219,9 +215,9 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
     figures["searched"] = measured[best.number]
     seconds = [trial.duration.total_seconds() for trial in trials if trial.duration]
     complete_seconds = [trial.duration.total_seconds() for trial in complete if trial.duration]
-    sampled = [trial for trial in complete if not trial.user_attrs.get("seed")]
+    sampled = [trial for trial in complete if not TrialRecord.of(trial).seed]
     gap = (figures["uniform"] - figures["searched"]) / (figures["uniform"] - dense)
-    database = study.user_attrs.get(DATABASE_KEY, {})
+    database = StudyRecord.of(study).database or {}
     row = {
         "mode": settings.mode,
         "family": "SparseGPT sparsity" if dimension == "sparsity" else "GPTQ bits (group 128)",
@@ -238,12 +234,12 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
         "searched_beats_uniform": figures["searched"] < figures["uniform"],
         "searched_beats_owl": figures["searched"] < figures["owl"],
         "searched_beats_sensitivity": figures["searched"] < figures["sensitivity"],
-        "uniform_fitness_kl": baselines["uniform"].user_attrs["loss"],
-        "owl_fitness_kl": baselines["owl"].user_attrs["loss"],
-        "sensitivity_fitness_kl": baselines["sensitivity"].user_attrs["loss"],
-        "searched_fitness_kl": best.user_attrs["loss"],
+        "uniform_fitness_kl": TrialRecord.of(baselines["uniform"]).loss,
+        "owl_fitness_kl": TrialRecord.of(baselines["owl"]).loss,
+        "sensitivity_fitness_kl": TrialRecord.of(baselines["sensitivity"]).loss,
+        "searched_fitness_kl": TrialRecord.of(best).loss,
         "searched_trial": best.number,
-        "searched_is_baseline": " ".join(best.user_attrs.get("baselines", [])),
+        "searched_is_baseline": " ".join(TrialRecord.of(best).baselines),
         "sensitivity_is_uniform": baselines["sensitivity"].number == baselines["uniform"].number,
         "owl_is_uniform": baselines["owl"].number == baselines["uniform"].number,
         "trial_budget": settings.trials,
@@ -260,10 +256,14 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
         "overhead_ratio_sampled": median_or_none([t.duration.total_seconds() / forward_s for t in sampled]),
         # Each complete trial's wall time over its own forward passes (timed inside it, same machine load).
         "overhead_ratio_in_situ": median_or_none(
-            [t.duration.total_seconds() / t.user_attrs["forward_s"] for t in complete if "forward_s" in t.user_attrs]
+            [
+                t.duration.total_seconds() / TrialRecord.of(t).forward_s
+                for t in complete
+                if TrialRecord.of(t).forward_s is not None
+            ]
         ),
-        "median_stitch_s": statistics.median(t.user_attrs.get("stitch_s", 0.0) for t in complete),
-        "median_eval_s": statistics.median(t.user_attrs.get("eval_s", 0.0) for t in complete),
+        "median_stitch_s": statistics.median(TrialRecord.of(t).stitch_s for t in complete),
+        "median_eval_s": statistics.median(TrialRecord.of(t).eval_s for t in complete),
         "search_s": search_s,
         "setup_s": setup_s,
         "database_mib": database.get("bytes", 0) / 2**20,

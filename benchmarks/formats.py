@@ -33,9 +33,12 @@ from optuna.trial import FrozenTrial, TrialState
 from autocompress.config import Config
 from autocompress.models import unit_names
 from autocompress.plan import CompressionPlan
+from autocompress.record import StudyLocation, StudyRecord, TrialRecord
 from autocompress.report import allocation_summary
+from autocompress.search.objective import Objective
+from autocompress.search.runner import FINISHED
 from autocompress.search.space import SearchSpace
-from autocompress.search.study import FINISHED, Objective, StudyLocation, open_study, prepare_study
+from autocompress.search.study import open_study, prepare_study
 from autocompress.session import CompressionSession
 from autocompress.size import model_size
 
@@ -123,38 +126,38 @@ def run(settings: Settings, work: Path, log) -> pd.DataFrame:
     searched = time.perf_counter()
     if len(study.get_trials(deepcopy=False, states=FINISHED)) < settings.trials:
         study.optimize(
-            Objective(config, session, space),
+            Objective(config, session, space, StudyRecord.of(study).max_bytes()),
             catch=(Exception,),
             callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED)],
         )
     search_s = time.perf_counter() - searched
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    feasible = [trial for trial in complete if trial.user_attrs["size_bytes"] <= limit]
-    best = min(feasible, key=lambda trial: (trial.user_attrs["loss"], trial.number))
+    feasible = [trial for trial in complete if TrialRecord.of(trial).size_bytes <= limit]
+    best = min(feasible, key=lambda trial: (TrialRecord.of(trial).loss, trial.number))
     log(f"search: {len(complete)} complete trials, {len(feasible)} within the limit, {search_s:.0f} s")
 
     common = {"mode": settings.mode, "integer_method": settings.integer_method, "size_limit_bytes": limit}
     dense = {"row": "dense", "level": "fp16", "trial": None, "fitness_kl": 0.0}
     rows = [dense | figures(session, space, space.dense_params())]
-    seeds = {uniform_level(trial, space): trial for trial in complete if trial.user_attrs.get("seed")}
+    seeds = {uniform_level(trial, space): trial for trial in complete if TrialRecord.of(trial).seed}
     for level in UNIFORM_LEVELS:
         trial = seeds.get(level)
         params = trial.params if trial else space.uniform_params(0.0, level)
-        fitness_kl = trial.user_attrs["loss"] if trial else session.measure(space.plan_from_params(params)).metrics.kl
+        fitness_kl = TrialRecord.of(trial).loss if trial else session.measure(space.plan_from_params(params)).metrics.kl
         row = {"row": f"uniform {level}", "level": level, "trial": trial.number if trial else None}
         rows.append(row | {"fitness_kl": fitness_kl} | figures(session, space, params))
         log(f"uniform {level}: held-out ppl {rows[-1]['heldout_ppl']:.3f}")
-    sampled = [trial for trial in feasible if not trial.user_attrs.get("seed")]
-    best_sampled = min(sampled, key=lambda trial: (trial.user_attrs["loss"], trial.number), default=None)
+    sampled = [trial for trial in feasible if not TrialRecord.of(trial).seed]
+    best_sampled = min(sampled, key=lambda trial: (TrialRecord.of(trial).loss, trial.number), default=None)
     # The searched mix may be a uniform seed; the best plan the sampler itself proposed is shown beside it.
     for name, trial in (("searched mix", best), ("best sampled mix", best_sampled)):
         if trial is None:
             continue
         row = {"row": name, "level": allocation_summary(trial.params), "trial": trial.number}
-        rows.append(row | {"fitness_kl": trial.user_attrs["loss"]} | figures(session, space, trial.params))
+        rows.append(row | {"fitness_kl": TrialRecord.of(trial).loss} | figures(session, space, trial.params))
         log(f"{name} (trial {trial.number}): held-out ppl {rows[-1]['heldout_ppl']:.3f}; {rows[-1]['level']}")
     extra = {
-        "searched_is_uniform_seed": bool(best.user_attrs.get("seed")),
+        "searched_is_uniform_seed": bool(TrialRecord.of(best).seed),
         "trials_complete": len(complete),
         "trials_within_limit": len(feasible),
         "seq_len": settings.seq_len,

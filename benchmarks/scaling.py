@@ -41,6 +41,8 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
+from autocompress.record import TrialRecord
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
@@ -93,7 +95,7 @@ def run(command: list[str]) -> float:
 def figures(study: optuna.Study, wall_s: float) -> dict:
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     seconds = [(trial.datetime_complete - trial.datetime_start).total_seconds() for trial in trials]
-    compute = [trial.user_attrs["stitch_s"] + trial.user_attrs["eval_s"] for trial in trials]
+    compute = [TrialRecord.of(trial).stitch_s + TrialRecord.of(trial).eval_s for trial in trials]
     window = (
         max(trial.datetime_complete for trial in trials) - min(trial.datetime_start for trial in trials)
     ).total_seconds()
@@ -111,7 +113,7 @@ def figures(study: optuna.Study, wall_s: float) -> dict:
 
 def scenario(space: Path, out: Path, storage: str, backend: str, workers: int, n_trials: int) -> dict:
     name = f"scaling-{backend}{workers}-{uuid.uuid4().hex[:6]}"
-    common = ["--study", name, "--out", str(out), "--storage", storage]
+    common = ["--study", name, "--results", str(out), "--storage", storage]
     run([*CLI, "search", str(space), *common, "--n-trials", "0", "--quiet"])  # create and seed; not timed
     load = os.getloadavg()[0]
     if backend == "optuna":

@@ -38,9 +38,10 @@ from autocompress.distillation import Importance, build_student, distill, evalua
 from autocompress.metrics import evaluate
 from autocompress.models import unit_names
 from autocompress.plan import StudentArchitecture
+from autocompress.record import TrialRecord
 from autocompress.search import StudyLocation, run_search
+from autocompress.search.objective import student_dense_bytes
 from autocompress.search.space import SearchSpace
-from autocompress.search.study import student_dense_bytes
 from autocompress.session import CompressionSession
 from autocompress.students import distillation_options, teacher_shape
 
@@ -231,14 +232,14 @@ def main(argv: list[str] | None = None) -> None:
         add("teacher", "dense SmolLM2-135M", "none", teacher_shape(teacher.config), teacher_figures)
         space = SearchSpace(config, unit_names(teacher, config.compression.granularity))
         for trial in study.trials:
-            if "architecture" not in trial.user_attrs:
+            if TrialRecord.of(trial).architecture is None:
                 continue
-            shape = trial.user_attrs["architecture"]
+            shape = TrialRecord.of(trial).architecture
             name = f"trial {trial.number}: {shape['num_layers']} blocks, MLP {shape['intermediate_size']}"
             if trial.state.name != "COMPLETE":
-                stopped_at = trial.user_attrs.get("pruned_at_step")
+                stopped_at = TrialRecord.of(trial).pruned_at_step
                 training = f"kd, stopped by the pruner at step {stopped_at}"
-                add("searched", name, training, shape, {}, fitness_kl=trial.user_attrs.get("partial_loss"))
+                add("searched", name, training, shape, {}, fitness_kl=TrialRecord.of(trial).partial_loss)
                 continue
             measured = session.measure(space.plan_from_params(trial.params), pool="heldout")  # the cached student
             figures = {
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                 "size_bytes": measured.size.total_bytes,
                 "size_ratio": measured.size.ratio,
             }
-            add("searched", name, "kd", shape, figures, fitness_kl=trial.user_attrs["loss"])
+            add("searched", name, "kd", shape, figures, fitness_kl=TrialRecord.of(trial).loss)
 
     if "hand-picked" in parts:
         importance = session.trainer.importance()

@@ -20,9 +20,9 @@ from autocompress.allocation import (
 )
 from autocompress.config import Config, SearchConfig
 from autocompress.errors import UserError
+from autocompress.record import StudyRecord, TrialRecord
 from autocompress.search import SearchSpace, StudyLocation, run_search
-from autocompress.search.evolution import UNIT_SIZES_KEY, BudgetEvolutionSampler
-from autocompress.search.study import BASELINES_KEY
+from autocompress.search.evolution import BudgetEvolutionSampler
 from autocompress.session import CompressionSession
 from tests.conftest import random_text
 
@@ -174,16 +174,17 @@ def test_every_trial_of_a_budget_search_keeps_the_budget(tmp_path: Path, budget_
         assert average_level(plan, session.linears, dimension) == pytest.approx(target, abs=1e-9), trial.number
         plans[trial.number] = plan
     assert len({plan.to_json() for plan in plans.values()}) == len(plans), "no plan is tried twice"
-    baselines = [name for trial in trials for name in trial.user_attrs.get("baselines", [])]
+    baselines = [name for trial in trials for name in TrialRecord.of(trial).baselines]
     assert sorted(baselines) == ["owl", "sensitivity", "uniform"]  # one trial each, or shared if they coincide
-    assert len(study.user_attrs[BASELINES_KEY]) == 3
-    sizes = study.user_attrs[UNIT_SIZES_KEY]  # the sampler's groups: units of one size (q with o, k with v...)
+    record = StudyRecord.of(study)
+    assert len(record.baselines) == 3
+    sizes = record.unit_sizes  # the sampler's groups: units of one size (q with o, k with v...)
     assert sizes["model.layers.0.self_attn.q_proj"] == sizes["model.layers.1.self_attn.o_proj"] == 64 * 64
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
-    best = min(complete, key=lambda trial: trial.user_attrs["loss"])
-    uniform = next(trial for trial in complete if trial.user_attrs.get("baseline") == "uniform")
-    assert best.user_attrs["loss"] <= uniform.user_attrs["loss"]
-    sizes = {trial.user_attrs["size_bytes"] for trial in complete}
+    best = min(complete, key=lambda trial: TrialRecord.of(trial).loss)
+    uniform = next(trial for trial in complete if TrialRecord.of(trial).baseline == "uniform")
+    assert TrialRecord.of(best).loss <= TrialRecord.of(uniform).loss
+    sizes = {TrialRecord.of(trial).size_bytes for trial in complete}
     # One budget, one size, up to the rounding of each row's pruned count (64 inputs here: 0.2 and 0.4 prune
     # 13 + 26 of a row where 0.3 and 0.3 prune 19 + 19).
     assert max(sizes) - min(sizes) <= 0.01 * max(sizes)

@@ -16,6 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autocompress.cli import main
+from autocompress.record import StudyRecord, TrialRecord
 from autocompress.report import TRIAL_COLUMNS
 from autocompress.search import StudyLocation, run_search
 from tests.conftest import CLI, POSTGRES_URL, load_config, needs_postgres, wait_for
@@ -89,10 +90,11 @@ def test_a_study_on_a_local_ray_cluster_is_the_same_study_and_a_restarted_driver
     trials = study.get_trials(deepcopy=False)
     assert [trial.state for trial in trials] == [TrialState.COMPLETE] * 7
     for trial in trials:  # recorded as the local backend records them
-        assert set(TRIAL_COLUMNS) <= set(trial.user_attrs), trial.user_attrs
-        assert trial.values == [trial.user_attrs["loss"], trial.user_attrs["size_ratio"]]
-    seeds = [trial for trial in trials if trial.user_attrs.get("seed")]
-    sampled = [trial for trial in trials if not trial.user_attrs.get("seed")]
+        record = TrialRecord.of(trial)
+        assert all(getattr(record, column) is not None for column in TRIAL_COLUMNS), record
+        assert trial.values == [TrialRecord.of(trial).loss, TrialRecord.of(trial).size_ratio]
+    seeds = [trial for trial in trials if TrialRecord.of(trial).seed]
+    sampled = [trial for trial in trials if not TrialRecord.of(trial).seed]
     assert len(seeds) == 5 and len({json.dumps(seed.params, sort_keys=True) for seed in seeds}) == 5
     assert max(seed.datetime_start for seed in seeds) <= min(trial.datetime_start for trial in sampled)
     for name in ("trials.csv", "frontier.csv", "pareto.png", "report.md"):
@@ -101,7 +103,7 @@ def test_a_study_on_a_local_ray_cluster_is_the_same_study_and_a_restarted_driver
 
     # A second driver, through the CLI and --address, continues the study to 10 trials; one of its trial
     # workers is killed in the middle of a trial, and Tune re-runs that trial (FailureConfig).
-    command = [*CLI, "search", str(space), "--study", "ray", "--out", str(out), "--n-trials", "10"]
+    command = [*CLI, "search", str(space), "--study", "ray", "--results", str(out), "--n-trials", "10"]
     command += ["--backend", "ray", "--address", ray_cluster, "--cpus-per-trial", "1", "--quiet"]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -122,7 +124,7 @@ def test_a_study_on_a_local_ray_cluster_is_the_same_study_and_a_restarted_driver
     assert errors, "Tune saw the killed worker fail"
 
     capsys.readouterr()
-    main(["frontier", "--study", "ray", "--out", str(out), "--json"])
+    main(["frontier", "--study", "ray", "--results", str(out), "--json"])
     points = json.loads(capsys.readouterr().out)
     assert points and all(point["heldout_ppl"] > 1 and point["heldout_kl"] is not None for point in points)
 
@@ -135,7 +137,7 @@ def test_the_ray_searcher_asks_seeds_first_and_writes_trials_as_the_objective_re
     from ray import cloudpickle
     from ray.tune.search import Searcher
 
-    from autocompress.search.ray_backend import CONTEXT_KEY, RESULT_KEY, TRIAL_KEY, RecordedTrial, StudySearcher
+    from autocompress.search.ray_backend import CONTEXT_KEY, RESULT_KEY, TRIAL_KEY, RayTrialContext, StudySearcher
     from autocompress.search.space import SearchSpace
     from autocompress.search.study import open_study
 
@@ -147,28 +149,26 @@ def test_the_ray_searcher_asks_seeds_first_and_writes_trials_as_the_objective_re
 
     asked = {f"t{index}": searcher.suggest(f"t{index}") for index in range(6)}
     assert [asked[f"t{index}"][TRIAL_KEY] for index in range(6)] == list(range(6))
-    assert [trial.user_attrs.get("seed", False) for trial in study.trials] == [True] * 5 + [False]
+    assert [TrialRecord.of(trial).seed for trial in study.trials] == [True] * 5 + [False]
     contexts = [json.loads(asked[f"t{index}"][CONTEXT_KEY]) for index in range(6)]
-    assert [context["user_attrs"].get("seed", False) for context in contexts] == [True] * 5 + [False]
+    assert [context["seed"] for context in contexts] == [True] * 5 + [False]
     assert searcher.suggest("t6") is None, "six in flight for a target of six: wait"
 
     def scored_on_a_worker(config: dict, outcome: str = "COMPLETE") -> dict:
         """What score_trial reports, for an Objective that completes, prunes or fails the trial."""
-        context = json.loads(config[CONTEXT_KEY])
+        asked = json.loads(config[CONTEXT_KEY])
         params = {key: value for key, value in config.items() if key not in (TRIAL_KEY, CONTEXT_KEY)}
-        trial = RecordedTrial(config[TRIAL_KEY], params, context["user_attrs"])
-        space.plan_for(trial)
+        context = RayTrialContext(config[TRIAL_KEY], asked["seed"], [])
+        space.plan_from_params(params)
         values = None
         if outcome == "FAIL":
-            trial.set_user_attr("fail_reason", "RuntimeError: CUDA out of memory")
+            context.writer.write(fail_reason="RuntimeError: CUDA out of memory")
         elif outcome == "PRUNED":
-            trial.set_user_attr("partial_loss", 2.0)
+            context.writer.write(partial_loss=2.0)
         else:
-            for key, value in {"loss": 0.5, "size_ratio": 0.25, "size_bytes": 1000}.items():
-                trial.set_user_attr(key, value)
-            trial.set_constraint("size_over_limit", -1.0)
+            context.writer.write(loss=0.5, size_ratio=0.25, size_bytes=1000, size_over_limit=-1.0)
             values = [0.5, 0.25]
-        return {RESULT_KEY: json.dumps(trial.payload(outcome, values))}
+        return {RESULT_KEY: json.dumps(context.payload(outcome, values))}
 
     for index in range(4):
         searcher.on_trial_complete(f"t{index}", scored_on_a_worker(asked[f"t{index}"]))
@@ -177,16 +177,16 @@ def test_the_ray_searcher_asks_seeds_first_and_writes_trials_as_the_objective_re
     trials = study.get_trials(deepcopy=False)
     states = [TrialState.COMPLETE] * 4 + [TrialState.PRUNED, TrialState.FAIL]
     assert [trial.state for trial in trials] == states
-    assert trials[0].values == [0.5, 0.25] and trials[0].user_attrs["size_bytes"] == 1000
-    assert trials[0].user_attrs["seed"] is True, "the seed mark set at enqueue time is kept"
+    assert trials[0].values == [0.5, 0.25] and TrialRecord.of(trials[0]).size_bytes == 1000
+    assert TrialRecord.of(trials[0]).seed is True, "the seed mark set at enqueue time is kept"
     assert trials[0].system_attrs["constraints:size_over_limit"] == -1.0
-    assert trials[4].user_attrs["partial_loss"] == 2.0
-    assert trials[5].user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory"
+    assert TrialRecord.of(trials[4]).partial_loss == 2.0
+    assert TrialRecord.of(trials[5]).fail_reason == "RuntimeError: CUDA out of memory"
 
     asked["t6"] = searcher.suggest("t6")  # a failed trial does not count (a pruned one does): one more
-    assert [member["number"] for member in json.loads(asked["t6"][CONTEXT_KEY])["frontier"]] == [0]
+    assert [member["number"] for member in json.loads(asked["t6"][CONTEXT_KEY])["peers"]] == [0]
     searcher.on_trial_complete("t6", None, error=True)  # Tune gave up on its worker
-    assert "failed on every attempt" in study.trials[6].user_attrs["fail_reason"]
+    assert "failed on every attempt" in TrialRecord.of(study.trials[6]).fail_reason
     asked["t7"] = searcher.suggest("t7")
     searcher.on_trial_complete("t7", scored_on_a_worker(asked["t7"]))
     assert searcher.suggest("t8") == Searcher.FINISHED
@@ -227,12 +227,12 @@ def test_the_ray_preparer_adds_to_the_study_what_a_local_search_adds(tmp_path: P
     assert any(attrs.get("baseline") for _, attrs in enqueued(studies["local"]))
     assert enqueued(studies["ray"]) == enqueued(studies["local"]), "the same baselines, once"
     assert studies["ray"].user_attrs.keys() == studies["local"].user_attrs.keys()
-    assert studies["ray"].user_attrs["autocompress:database"]["files"] > 0
+    assert StudyRecord.of(studies["ray"]).database["files"] > 0
 
 
 def test_ray_flags_without_the_ray_backend_are_a_one_line_error(tmp_path: Path, space_file, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["search", str(space_file()), "--out", str(tmp_path), "--gpus-per-trial", "1"])
+        main(["search", str(space_file()), "--results", str(tmp_path), "--gpus-per-trial", "1"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "autocompress: error: --gpus-per-trial goes with --backend ray"
 
@@ -269,7 +269,7 @@ def ran_trials(output: str) -> dict[str, list[int]]:
 @needs_postgres
 def test_two_workers_on_a_postgresql_study_complete_it_with_no_lost_or_duplicated_trial(postgres_study) -> None:
     name, out = postgres_study(fitness=256)  # enough work for both, though one may start a little later
-    command = [*CLI, "worker", "--study", name, "--storage", POSTGRES_URL, "--out", str(out)]
+    command = [*CLI, "worker", "--study", name, "--storage", POSTGRES_URL, "--results", str(out)]
     result = subprocess.run(
         [*command, "--n-workers", "2", "--n-trials", "16"], capture_output=True, text=True, timeout=300
     )
@@ -283,7 +283,7 @@ def test_two_workers_on_a_postgresql_study_complete_it_with_no_lost_or_duplicate
     assert len(by_worker) == 2 and all(by_worker.values()), result.stdout
     numbers = [number for ran in by_worker.values() for number in ran]
     assert sorted(numbers) == [trial.number for trial in trials], "each trial was run by exactly one worker"
-    seeds = [json.dumps(trial.params, sort_keys=True) for trial in trials if trial.user_attrs.get("seed")]
+    seeds = [json.dumps(trial.params, sort_keys=True) for trial in trials if TrialRecord.of(trial).seed]
     assert len(seeds) == 5 and len(set(seeds)) == 5
 
 
@@ -295,7 +295,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_re_run_by_the_other(postgres_st
     study = optuna.load_study(study_name=name, storage=POSTGRES_URL)
     engine = sqlalchemy.create_engine(POSTGRES_URL)
     # a target the workers never reach: the survivor is sure to be working when the killed trial goes stale
-    command = [*CLI, "worker", "--study", name, "--storage", POSTGRES_URL, "--out", str(out), "--n-trials", "1000"]
+    command = [*CLI, "worker", "--study", name, "--storage", POSTGRES_URL, "--results", str(out), "--n-trials", "1000"]
     logs = [tmp_path / f"worker-{index}.log" for index in range(2)]
     workers = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True) for log in logs]
     try:
@@ -344,4 +344,4 @@ def test_a_worker_killed_mid_trial_has_its_trial_re_run_by_the_other(postgres_st
     # the parameters the killed trial had drawn are kept (it may have died before drawing them all)
     assert failed[0].params.items() <= retried[0].params.items()
     assert retried[0].datetime_start > failed[0].datetime_start
-    assert {"loss", "size_bytes"} <= set(retried[0].user_attrs)
+    assert TrialRecord.of(retried[0]).scored

@@ -22,9 +22,10 @@ from autocompress.methods import QuantSpec
 from autocompress.methods.quantization import quantize_rtn
 from autocompress.models import ALLOW_PICKLE_ENV, load_model
 from autocompress.plan import CompressionPlan
-from autocompress.report import SENSITIVITY_KEY
+from autocompress.record import StudyRecord, TrialRecord, trial_records
 from autocompress.search import SearchSpace, StudyLocation, run_search
 from autocompress.search.study import load_existing
+from autocompress.sensitivity import study_sensitivity
 from autocompress.session import CompressionSession
 from autocompress.targets.artifact import load, read_manifest
 from autocompress.targets.gguf import encode_blocks, gguf_type_for
@@ -107,8 +108,9 @@ def best_artifact(study, tmp_path_factory):
     """`export --pick best` into a fresh folder; returns its path and the frontier point it came from."""
     path = tmp_path_factory.mktemp("artifacts") / "best"
     main(["export", "--study", "tiny", "--results", str(study["results"]), "--pick", "best", "--out", str(path)])
-    study_object, config = load_existing(study["location"])
-    best = frontier_points(study_object, None, config.search.alpha, config.search.beta)[0]
+    study_object, record = load_existing(study["location"])
+    search = record.config.search
+    best = frontier_points(record, trial_records(study_object), None, search.alpha, search.beta)[0]
     return {"path": path, "point": best, "study": study_object}
 
 
@@ -119,7 +121,7 @@ def test_export_best_then_evaluate_matches_the_frontier(study, best_artifact, ca
     assert abs(figures["heldout_ppl"] - point.heldout_ppl) / point.heldout_ppl < 0.01
     for key in ("heldout_ppl", "size_on_disk_bytes", "load_s", "tokens_per_s"):
         assert figures[key] > 0 and figures[f"dense_{key}"] > 0, key
-    dense_ppl = best_artifact["study"].user_attrs["heldout:dense"]["ppl"]
+    dense_ppl = StudyRecord.of(best_artifact["study"]).dense_heldout.ppl
     assert figures["dense_heldout_ppl"] == pytest.approx(dense_ppl, rel=1e-4)
     assert figures["trial"] == point.trial and figures["study"] == "tiny"
 
@@ -145,14 +147,15 @@ def test_evaluate_prints_a_table_and_takes_other_data(study, best_artifact, caps
 
 
 def test_export_a_given_trial_reproduces_its_logits(study, tmp_path, capsys) -> None:
-    study_object, config = load_existing(study["location"])
+    study_object, record = load_existing(study["location"])
+    config = record.config
     trial = next(  # a plan that both prunes and quantizes when the search found one
         (t for t in study_object.trials if any(v == 0.5 for v in t.params.values()) and 4 in t.params.values()),
         study_object.trials[-1],
     )
     out = json.loads(export(capsys, study, "--trial", trial.number, "--out", tmp_path / "art", "--json"))
     assert out["trial"] == trial.number and out["format"] == "compressed"
-    assert abs(out["weights_bytes"] - trial.user_attrs["size_bytes"]) / trial.user_attrs["size_bytes"] < 0.02
+    assert abs(out["weights_bytes"] - TrialRecord.of(trial).size_bytes) / TrialRecord.of(trial).size_bytes < 0.02
 
     session = CompressionSession(config, cache_dir=study["location"].cache_dir)
     space = SearchSpace(config, list(dict.fromkeys(linear.block for linear in session.linears)))
@@ -262,14 +265,14 @@ def test_gguf_refuses_groups_it_cannot_hold() -> None:
 
 
 def test_report_writes_a_self_contained_html(study, capsys) -> None:
-    printed = run_cli(capsys, "report", "--study", "tiny", "--out", study["results"])
+    printed = run_cli(capsys, "report", "--study", "tiny", "--results", study["results"])
     assert "report.html" in printed
     page = (study["location"].out_dir / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 4  # frontier, allocation, history, sensitivity
     assert "<table" in page and "http://" not in page and "https://" not in page
     assert (study["location"].out_dir / "report.md").is_file()
-    stored = optuna.load_study(study_name="tiny", storage=study["location"].storage_url).user_attrs
-    profile = stored[SENSITIVITY_KEY]
+    reopened = optuna.load_study(study_name="tiny", storage=study["location"].storage_url)
+    profile = study_sensitivity(reopened, StudyRecord.of(reopened))
     assert profile["units"] == ["model.layers.0", "model.layers.1"]
     assert profile["setting"] == {"sparsity": 0.5, "bits": 4}
     assert all(value > 0 for value in profile["values"].values())

@@ -41,6 +41,7 @@ from autocompress.methods.formats import (
 )
 from autocompress.models import compressible_linears
 from autocompress.plan import CompressionPlan, LayerCompression, Level, parse_level
+from autocompress.record import TrialRecord
 from autocompress.search import SearchSpace, StudyLocation, run_search
 from autocompress.session import CompressionSession
 from autocompress.size import linear_bytes, model_size
@@ -634,9 +635,9 @@ def test_a_search_over_integer_and_float_formats_reports_the_format_of_each_bloc
     location = StudyLocation.resolve("formats", tmp_path / "results")
     study = run_search(config, location, n_trials=10, progress=False)
 
-    seeds = [trial.params for trial in study.trials if trial.user_attrs.get("seed")]
+    seeds = [trial.params for trial in study.trials if TrialRecord.of(trial).seed]
     assert [set(params.values()) for params in seeds] == [{"fp16"}] + [{name} for name in SEARCHED_FORMATS[:-1]]
-    sizes = {trial.params["model.layers.0.format"]: trial.user_attrs["size_bytes"] for trial in study.trials[:6]}
+    sizes = {trial.params["model.layers.0.format"]: TrialRecord.of(trial).size_bytes for trial in study.trials[:6]}
     # bits per weight: nf4 and mxfp4 4.25, nvfp4 4.5, int4 in the plan's asymmetric groups of 32 4.625
     assert sizes["nf4"] == sizes["mxfp4"] < sizes["nvfp4"] < sizes["int4"] < sizes["fp8-e4m3"] < sizes["fp16"]
     trials = pd.read_csv(location.out_dir / "trials.csv")
@@ -686,7 +687,7 @@ def test_a_bad_formats_list_is_one_line_and_exit_2_from_the_cli(search, message,
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(format_search_config(tiny_model_dir, tmp_path, **search)))
     with pytest.raises(SystemExit) as exit_:
-        main(["search", str(path), "--study", "bad", "--out", str(tmp_path / "results")])
+        main(["search", str(path), "--study", "bad", "--results", str(tmp_path / "results")])
     error = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in error and "Traceback" not in error
     assert error.startswith("autocompress: error: config ") and message in error, error

@@ -18,10 +18,10 @@ import pytest
 from optuna.trial import TrialState
 
 from autocompress.cli import main
-from autocompress.frontier import frontier_trials, non_dominated
+from autocompress.frontier import frontier_of
+from autocompress.record import TrialRecord, scored_records
 from autocompress.search import StudyLocation, run_search
 from autocompress.search.storage import open_storage
-from autocompress.session import CompressionSession
 from tests.conftest import CLI, POSTGRES_URL, complete_trials, load_config, needs_postgres, wait_for
 
 
@@ -46,66 +46,25 @@ def test_a_search_writes_trials_frontier_plot_and_report(tmp_path: Path, space_f
 
 def test_the_frontier_is_non_dominated_and_keeps_every_non_dominated_uniform_seed(tmp_path: Path, space_file) -> None:
     study = run_search(load_config(space_file()), StudyLocation.resolve("tiny", tmp_path), n_trials=10, progress=False)
-    scored = complete_trials(study)
-    front = {trial.number for trial in frontier_trials(study)}
-    for member in front:
-        mine = study.trials[member].user_attrs
+    scored = scored_records(study)
+    front = {record.number: record for record in frontier_of(scored)}
+
+    def dominates(theirs: TrialRecord, mine: TrialRecord) -> bool:
+        return (
+            theirs.loss <= mine.loss
+            and theirs.size_bytes <= mine.size_bytes
+            and (theirs.loss, theirs.size_bytes) != (mine.loss, mine.size_bytes)
+        )
+
+    for number, mine in front.items():
         for other in scored:
-            theirs = other.user_attrs
-            dominates = (
-                theirs["loss"] <= mine["loss"]
-                and theirs["size_bytes"] <= mine["size_bytes"]
-                and (theirs["loss"], theirs["size_bytes"]) != (mine["loss"], mine["size_bytes"])
-            )
-            assert not dominates, f"trial {other.number} dominates frontier member {member}"
-    seeds = [trial for trial in scored if trial.user_attrs.get("seed")]
+            assert not dominates(other, mine), f"trial {other.number} dominates frontier member {number}"
+    seeds = [record for record in scored if record.seed]
     assert len(seeds) == 5  # three sparsity levels at 16 bits, two more bit-widths unpruned
     for seed in seeds:
-        beaten = any(
-            other.user_attrs["loss"] <= seed.user_attrs["loss"]
-            and other.user_attrs["size_bytes"] <= seed.user_attrs["size_bytes"]
-            and (other.user_attrs["loss"], other.user_attrs["size_bytes"])
-            != (seed.user_attrs["loss"], seed.user_attrs["size_bytes"])
-            for other in scored
-        )
-        assert (
-            beaten
-            or seed.number in front
-            or any(
-                (study.trials[m].user_attrs["loss"], study.trials[m].user_attrs["size_bytes"])
-                == (seed.user_attrs["loss"], seed.user_attrs["size_bytes"])
-                for m in front
-            )
-        )
-
-
-def test_non_dominated_keeps_exactly_the_pareto_points() -> None:
-    points = [(1.0, 5.0), (2.0, 3.0), (2.5, 3.0), (0.5, 9.0), (3.0, 1.0), (3.0, 2.0), (2.0, 3.0)]
-    assert non_dominated(points) == [0, 1, 3, 4]
-
-
-def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
-    tmp_path: Path, space_file, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_measure = CompressionSession.measure
-    calls = {"fitness": 0}
-
-    def measure_with_one_failure(self, plan, pool="fitness"):
-        if pool == "fitness":
-            calls["fitness"] += 1
-            if calls["fitness"] == 3:
-                raise RuntimeError("CUDA out of memory (simulated)")
-        return real_measure(self, plan, pool)
-
-    monkeypatch.setattr(CompressionSession, "measure", measure_with_one_failure)
-    study = run_search(load_config(space_file()), StudyLocation.resolve("tiny", tmp_path), n_trials=6, progress=False)
-
-    failed = study.get_trials(states=(TrialState.FAIL,))
-    assert len(failed) == 1
-    assert failed[0].user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory (simulated)"
-    assert len(complete_trials(study)) == 6
-    trials = pd.read_csv(tmp_path / "tiny" / "trials.csv")
-    assert (trials["state"] == "FAIL").sum() == 1
+        beaten = any(dominates(other, seed) for other in scored)
+        tied = any((member.loss, member.size_bytes) == (seed.loss, seed.size_bytes) for member in front.values())
+        assert beaten or seed.number in front or tied
 
 
 def test_scalar_objective_minimizes_alpha_loss_plus_beta_size(tmp_path: Path, space_file) -> None:
@@ -117,24 +76,24 @@ def test_scalar_objective_minimizes_alpha_loss_plus_beta_size(tmp_path: Path, sp
     )
     assert len(study.directions) == 1
     for trial in complete_trials(study):
-        attrs = trial.user_attrs
-        assert trial.value == pytest.approx(2.0 * attrs["loss"] + 0.5 * attrs["size_ratio"])
+        record = TrialRecord.of(trial)
+        assert trial.value == pytest.approx(2.0 * record.loss + 0.5 * record.size_ratio)
 
 
 def test_a_size_limit_keeps_larger_plans_off_the_frontier(tmp_path: Path, space_file) -> None:
     study = run_search(
         load_config(space_file(max_size=0.6)), StudyLocation.resolve("tiny", tmp_path), n_trials=8, progress=False
     )
-    assert any(trial.user_attrs["size_ratio"] > 0.6 for trial in complete_trials(study))
+    assert any(TrialRecord.of(trial).size_ratio > 0.6 for trial in complete_trials(study))
     dense_bytes = (
-        complete_trials(study)[0].user_attrs["size_bytes"] / complete_trials(study)[0].user_attrs["size_ratio"]
+        TrialRecord.of(complete_trials(study)[0]).size_bytes / TrialRecord.of(complete_trials(study)[0]).size_ratio
     )
-    front = frontier_trials(study, max_bytes=int(0.6 * dense_bytes))
-    assert front and all(trial.user_attrs["size_ratio"] <= 0.6 for trial in front)
+    front = frontier_of(scored_records(study), max_bytes=int(0.6 * dense_bytes))
+    assert front and all(record.size_ratio <= 0.6 for record in front)
     assert all(
-        trial.user_attrs["size_over_limit"] > 0
+        TrialRecord.of(trial).size_over_limit > 0
         for trial in complete_trials(study)
-        if trial.user_attrs["size_ratio"] > 0.6
+        if TrialRecord.of(trial).size_ratio > 0.6
     )
 
 
@@ -149,10 +108,10 @@ def test_running_search_again_continues_the_study(tmp_path: Path, space_file) ->
 
 def test_a_changed_search_space_is_refused_on_resume(tmp_path: Path, space_file, capsys) -> None:
     out = tmp_path / "results"
-    main(["search", str(space_file()), "--study", "s", "--out", str(out), "--n-trials", "2", "--quiet"])
+    main(["search", str(space_file()), "--study", "s", "--results", str(out), "--n-trials", "2", "--quiet"])
     changed = space_file(bits=[2, 16])
     with pytest.raises(SystemExit) as exit_info:
-        main(["search", str(changed), "--study", "s", "--out", str(out), "--n-trials", "3", "--quiet"])
+        main(["search", str(changed), "--study", "s", "--results", str(out), "--n-trials", "3", "--quiet"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "different search space" in error[0]
@@ -169,7 +128,10 @@ def test_a_changed_search_space_is_refused_on_resume(tmp_path: Path, space_file,
 )
 def test_bad_search_yaml_gives_a_one_line_error(tmp_path: Path, space_file, search: dict, named: str) -> None:
     result = subprocess.run(
-        [*CLI, "search", str(space_file(**search)), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+        [*CLI, "search", str(space_file(**search)), "--results", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -178,9 +140,9 @@ def test_bad_search_yaml_gives_a_one_line_error(tmp_path: Path, space_file, sear
 
 def test_frontier_command_prints_ranked_json_with_heldout_figures(tmp_path: Path, space_file, capsys) -> None:
     out = tmp_path / "results"
-    main(["search", str(space_file()), "--study", "f", "--out", str(out), "--n-trials", "6", "--quiet"])
+    main(["search", str(space_file()), "--study", "f", "--results", str(out), "--n-trials", "6", "--quiet"])
     capsys.readouterr()
-    main(["frontier", "--study", "f", "--out", str(out), "--json", "--alpha", "1", "--beta", "2"])
+    main(["frontier", "--study", "f", "--results", str(out), "--json", "--alpha", "1", "--beta", "2"])
     points = json.loads(capsys.readouterr().out)
     assert points and all(point["heldout_ppl"] > 1 for point in points)
     objectives = [point["loss"] + 2 * point["size_ratio"] for point in points]
@@ -190,7 +152,7 @@ def test_frontier_command_prints_ranked_json_with_heldout_figures(tmp_path: Path
 
 def test_frontier_of_an_unknown_study_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["frontier", "--study", "nothing-here", "--out", str(tmp_path)])
+        main(["frontier", "--study", "nothing-here", "--results", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "run `autocompress search` first" in capsys.readouterr().err
 
@@ -198,7 +160,7 @@ def test_frontier_of_an_unknown_study_is_a_one_line_error(tmp_path: Path, capsys
 def test_resume_after_kill_9_loses_no_trial_and_reruns_the_stale_one(tmp_path: Path, space_file) -> None:
     space = space_file(fitness=64)  # trials long enough to be killed in the middle of one
     out = tmp_path / "results"
-    command = [*CLI, "search", str(space), "--study", "k", "--out", str(out), "--n-trials", "8", "--quiet"]
+    command = [*CLI, "search", str(space), "--study", "k", "--results", str(out), "--n-trials", "8", "--quiet"]
     storage_url = f"sqlite:///{out / 'k' / 'study.db'}"
 
     def killable() -> bool:
@@ -262,7 +224,7 @@ def test_two_concurrent_searches_on_one_study_lose_and_duplicate_no_trial(
         str(space_file(fitness=16, grace_period=30)),
         "--study",
         study_name,
-        "--out",
+        "--results",
         str(out),
         "--n-trials",
         "12",
@@ -283,7 +245,7 @@ def test_two_concurrent_searches_on_one_study_lose_and_duplicate_no_trial(
         assert len(complete) >= 12
         assert all(trial.state == TrialState.COMPLETE for trial in trials)
         assert len({trial.number for trial in trials}) == len(trials)
-        seeds = [json.dumps(trial.params, sort_keys=True) for trial in complete if trial.user_attrs.get("seed")]
+        seeds = [json.dumps(trial.params, sort_keys=True) for trial in complete if TrialRecord.of(trial).seed]
         assert len(seeds) == 5 and len(set(seeds)) == 5, "each uniform seed is evaluated exactly once"
     finally:
         if storage:

@@ -18,9 +18,11 @@ from autocompress.config import Config, DistillationConfig, load_config
 from autocompress.errors import UserError
 from autocompress.models import compressible_linears, unit_names
 from autocompress.plan import CompressionPlan, LayerCompression, StudentArchitecture
+from autocompress.record import StudyRecord, TrialRecord, trial_records
 from autocompress.search import StudyLocation, run_search
+from autocompress.search.objective import Objective, student_pruning
 from autocompress.search.space import SearchSpace
-from autocompress.search.study import Objective, open_study, student_pruning
+from autocompress.search.study import open_study
 from autocompress.session import CompressionSession
 from autocompress.size import HALF_BYTES, linear_bytes
 from autocompress.targets.artifact import load
@@ -100,7 +102,7 @@ def test_a_bad_student_section_exits_2_with_one_line(tmp_path: Path, capsys) -> 
     path.write_text(yaml.safe_dump({"search": {"budget": {"sparsity": 0.5}, "sparsity": [0.4, 0.5, 0.6],
                                                "student": {"num_layers": [4]}}}))  # fmt: skip
     with pytest.raises(SystemExit) as exited:
-        main(["search", str(path), "--out", str(tmp_path)])
+        main(["search", str(path), "--results", str(tmp_path)])
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err]
@@ -227,25 +229,25 @@ def test_students_sit_on_the_frontier_with_their_architecture_columns(student_st
         )
         assert (row.num_layers, row.intermediate_size) != (2, 128)
         assert (row.heads, row.kv_heads, row.hidden_size) == (4, 2, 64)
-        assert study.trials[row.trial].user_attrs["kd_curve"][-1][0] == FAST_DISTILLATION["steps"]
+        assert TrialRecord.of(study.trials[row.trial]).kd_curve[-1][0] == FAST_DISTILLATION["steps"]
     assert "student:" in (location.out_dir / "report.md").read_text()
 
 
 def test_the_best_student_trial_exports_and_loads_with_its_own_shape(student_study, tmp_path) -> None:
     from autocompress.export import export_trial
 
-    study, config, location = student_study
-    student = next(trial for trial in study.trials if trial.user_attrs.get("student"))
-    result = export_trial(study, config, location, student, tmp_path / "student")
+    study, _config, location = student_study
+    student = next(record for record in trial_records(study) if record.student)
+    result = export_trial(StudyRecord.of(study), location, student, tmp_path / "student")
     loaded, tokenizer = load(result.path)
-    shape = student.user_attrs["architecture"]
+    shape = student.architecture
     assert (loaded.config.num_hidden_layers, loaded.config.intermediate_size) == (
         shape["num_layers"],
         shape["intermediate_size"],
     )
     assert tokenizer is not None
-    assert result.accounted_bytes == student.user_attrs["size_bytes"]
-    assert result.fitness_loss == pytest.approx(student.user_attrs["loss"], rel=1e-4)  # the cached student
+    assert result.accounted_bytes == student.size_bytes
+    assert result.fitness_loss == pytest.approx(student.loss, rel=1e-4)  # the cached student
 
 
 # --- early stopping ---------------------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def test_the_median_rule_of_a_pareto_study_compares_a_student_with_no_larger_one
     for kl_at_4, size in [(0.4, 200), (0.6, 300), (0.8, 400), (0.1, 5000)]:
         finished_student(study, kl_at_4, size)
     settings = DistillationConfig(pruner="median", startup_trials=2)
-    assert student_pruning(study, number=99, step=4, kl=kl, size_bytes=dense_bytes, settings=settings) is stopped
+    assert student_pruning(trial_records(study), step=4, kl=kl, size_bytes=dense_bytes, settings=settings) is stopped
 
 
 def test_successive_halving_judges_only_at_its_rungs_and_keeps_the_best_third() -> None:
@@ -281,7 +283,7 @@ def test_successive_halving_judges_only_at_its_rungs_and_keeps_the_best_third() 
     for kl_at_4 in (0.4, 0.5, 0.6):
         finished_student(study, kl_at_4, 100)
     settings = DistillationConfig(pruner="halving", report_every=2, reduction_factor=2, startup_trials=1)
-    judge = lambda step, kl: student_pruning(study, 99, step, kl, 100, settings)  # noqa: E731
+    judge = lambda step, kl: student_pruning(trial_records(study), step, kl, 100, settings)  # noqa: E731
     assert judge(4, 0.45) is False  # rung 4 = 2·2: second best of 4, in the better half
     assert judge(4, 0.55) is True  # third of 4
     assert judge(2, 9.9) is True  # rung 2: the worst of all
@@ -307,13 +309,13 @@ def test_a_scalar_study_stops_a_hopeless_student_at_its_first_report(tmp_path, t
     study, _ = open_study(config, location, space, seed=0)
     study.enqueue_trial({"student.num_layers": 1, "student.intermediate_size": 64})
     study.enqueue_trial({"student.num_layers": 2, "student.intermediate_size": 96})
-    study.optimize(Objective(config, session, space), n_trials=2)
+    study.optimize(Objective(config, session, space, None), n_trials=2)
 
     finished, hopeless = study.trials
     assert finished.state == TrialState.COMPLETE
     assert hopeless.state == TrialState.PRUNED
-    assert hopeless.user_attrs["pruned_at_step"] == FAST_DISTILLATION["report_every"]
-    assert len(hopeless.user_attrs["kd_curve"]) == 1
+    assert TrialRecord.of(hopeless).pruned_at_step == FAST_DISTILLATION["report_every"]
+    assert len(TrialRecord.of(hopeless).kd_curve) == 1
     assert hopeless.intermediate_values  # the Optuna pruner saw the report
     cached = list(location.cache_dir.rglob("students/*.safetensors"))
     assert len(cached) == 1  # the finished student is kept for later plans; a stopped one is not

@@ -19,11 +19,12 @@ from autocompress.calibration import collect_statistics
 from autocompress.compress import apply_plan, statistics_needed
 from autocompress.config import Config
 from autocompress.data import token_pools
-from autocompress.frontier import frontier_trials
+from autocompress.frontier import frontier_of
 from autocompress.models import compressible_linears, load_model
 from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.record import StudyRecord, TrialRecord, trial_records
 from autocompress.search import SearchSpace, StudyLocation, run_search
-from autocompress.search.study import DATABASE_KEY, Objective, stage_windows
+from autocompress.search.objective import stage_windows
 from autocompress.session import CompressionSession
 from autocompress.variants import VariantDatabase, load_variant_file, variant_settings
 from tests.conftest import tiny_study_config, write_yaml
@@ -140,7 +141,7 @@ def test_stitching_loads_only_the_linears_whose_setting_changed(tmp_path: Path, 
 
 
 def test_variants_are_stored_compactly(tmp_path: Path, write_config) -> None:
-    config = write_config(sparsity=[0.0, 0.5], bits=[4, 16])  # groups of 32: 3 bytes of scale + zero per group
+    config = write_config(sparsity=[0.0, 0.5], bits=[4, 16])  # groups of 32: 2.5 bytes of scale + zero per group
     session = CompressionSession(config, cache_dir=tmp_path / "cache")
     session.build_database()
     database = session.database()
@@ -151,8 +152,9 @@ def test_variants_are_stored_compactly(tmp_path: Path, write_config) -> None:
         tensors = sum(value.numel() * value.element_size() for path in paths for value in load_file(path).values())
         assert sum(path.stat().st_size for path in paths) - tensors < 500 * len(paths)  # the JSON headers
         payload[(setting.sparsity, setting.bits)] = tensors / weights
-    assert payload[(0.0, 4)] == pytest.approx(1 + 3 / 32)  # uint8 codes, float16 scales, uint8 zero-points
-    assert payload[(0.5, 4)] == pytest.approx(0.5 + 1 / 8 + 3 / 32)  # codes of the kept half, a 1-bit mask
+    # What the artifact stores (the codec's form): 4-bit codes, float16 scales, 4-bit zero-points.
+    assert payload[(0.0, 4)] == pytest.approx(0.5 + 2.5 / 32)
+    assert payload[(0.5, 4)] == pytest.approx(0.25 + 1 / 8 + 2.5 / 32)  # codes of the kept half, a 1-bit mask
     assert payload[(0.5, 16)] == pytest.approx(0.5 * 4 + 1 / 8)  # the kept half in the model's float32, the mask
     name = session.linears[0].name
     stored = load_variant_file(database.path(name, LayerCompression(sparsity=0.5, bits=4)))
@@ -245,18 +247,18 @@ def test_staged_fitness_never_puts_a_plan_on_the_frontier_on_a_partial_score(tmp
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert pruned, "with no margin some random plans are pruned after a partial score"
     for trial in pruned:
-        assert "loss" not in trial.user_attrs and trial.user_attrs["partial_windows"] < 8
-        assert trial.user_attrs["pruned_by"] in {member.number for member in complete}
+        assert TrialRecord.of(trial).loss is None and TrialRecord.of(trial).partial_windows < 8
+        assert TrialRecord.of(trial).pruned_by in {member.number for member in complete}
     # A pruned plan with the best partial loss of all would still not be on the frontier.
-    front = frontier_trials(study)
+    front = frontier_of(trial_records(study))
     assert front and all(member.state == TrialState.COMPLETE for member in front)
     session = CompressionSession(config, cache_dir=location.cache_dir)
     space = SearchSpace(config, list(dict.fromkeys(linear.block for linear in session.linears)))
     for member in front:
-        stages = member.user_attrs["stage_losses"]
+        stages = member.stage_losses
         assert [count for count, _ in stages] == [2, 4, 8]
         full = session.measure(space.plan_from_params(member.params)).metrics.kl
-        assert member.user_attrs["loss"] == pytest.approx(full, rel=1e-5)
+        assert member.loss == pytest.approx(full, rel=1e-5)
         assert stages[-1][1] == pytest.approx(full, rel=1e-5)
 
 
@@ -269,7 +271,7 @@ def test_a_pruned_trial_with_a_low_partial_loss_stays_off_the_frontier(tmp_path:
         state=TrialState.PRUNED, user_attrs={"partial_loss": 0.01, "size_bytes": 50, "size_ratio": 0.25}
     )
     study.add_trials([complete, pruned])
-    assert [trial.number for trial in frontier_trials(study)] == [0]
+    assert [record.number for record in frontier_of(trial_records(study))] == [0]
 
 
 def test_a_scalar_staged_search_reports_intermediate_values(tmp_path: Path, write_config) -> None:
@@ -285,15 +287,15 @@ def test_a_search_with_the_database_runs_end_to_end(tmp_path: Path, write_config
     study = run_search(config, location, n_trials=8, progress=False)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) >= 8
-    attr = study.user_attrs[DATABASE_KEY]
+    attr = StudyRecord.of(study).database
     variants = Path(attr["path"])
     assert variants.is_relative_to(location.cache_dir) and attr["files"] == 14 * 8 and attr["bytes"] > 0
-    assert all(trial.user_attrs["stitch_s"] >= 0 and trial.user_attrs["eval_s"] > 0 for trial in complete)
+    assert all(TrialRecord.of(trial).stitch_s >= 0 and TrialRecord.of(trial).eval_s > 0 for trial in complete)
     session = CompressionSession(config, cache_dir=location.cache_dir)
     space = SearchSpace(config, list(dict.fromkeys(linear.block for linear in session.linears)))
-    best = min(complete, key=lambda trial: trial.user_attrs["loss"] + trial.user_attrs["size_ratio"])
-    measured = Objective(config, session, space).session.measure(space.plan_from_params(best.params))
-    assert measured.metrics.kl == pytest.approx(best.user_attrs["loss"], rel=1e-5)
+    best = min(complete, key=lambda trial: TrialRecord.of(trial).loss + TrialRecord.of(trial).size_ratio)
+    measured = session.measure(space.plan_from_params(best.params))
+    assert measured.metrics.kl == pytest.approx(TrialRecord.of(best).loss, rel=1e-5)
     assert session.database().computed == 0, "a second process reuses the stored variants"
 
 

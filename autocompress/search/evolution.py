@@ -14,24 +14,20 @@ an offspring whose partial loss is clearly worse than the best plan's is pruned 
   towards one), each within a group of units of one size (`allocation.unit_groups`; the sizes are kept in
   the study by `prepare_study`, else units are grouped by name), and is never a plan the study has tried.
 - Before any trial completes, the parent is the uniform allocation at the budget.
-What the sampler needs (units, levels, budget) it reads from the search-space fingerprint stored in the
-study, so it is built from the config alone (`sampler_for`).
+What the sampler needs (units, levels, budget, unit sizes) it reads from the study's record, so it is built from
+the config alone (`sampler_for`).
 """
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from autocompress.allocation import BudgetGrid, uniform_allocation
-
-SPACE_KEY = "autocompress:space"  # where open_study keeps the search-space fingerprint (study.py)
-UNIT_SIZES_KEY = "autocompress:unit_sizes"  # where prepare_study keeps the number of weights of each unit
+from autocompress.record import StudyRecord, TrialRecord
 
 
 class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
@@ -45,18 +41,17 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
         self._layout: tuple[str, BudgetGrid] | None = None
 
     def layout(self, study: optuna.Study) -> tuple[str, BudgetGrid]:
-        """The budget dimension and its grid, from the study's stored search space."""
+        """The budget dimension and its grid, from the study's record."""
         if self._layout is None:
-            stored = study.user_attrs.get(SPACE_KEY)
-            if stored is None:
-                raise RuntimeError("the evolution sampler needs a study created by autocompress (with a budget)")
-            space = json.loads(stored)
-            budget = space.get("budget")
-            if not budget:
+            try:
+                record = StudyRecord.of(study)
+            except KeyError as error:
+                raise RuntimeError("the evolution sampler needs a study created by autocompress") from error
+            budget = record.config.search.budget
+            if budget is None:
                 raise RuntimeError("the evolution sampler needs a study with a budget")
-            (dimension, target), *_ = budget.items()
-            sizes = study.user_attrs.get(UNIT_SIZES_KEY)
-            self._layout = dimension, BudgetGrid(space["units"], space[dimension], target, sizes)
+            levels = record.config.search.levels(budget.dimension)
+            self._layout = budget.dimension, BudgetGrid(record.units, levels, budget.target, record.unit_sizes)
         return self._layout
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -72,12 +67,12 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
         names = {unit: f"{unit}.{dimension}" for unit in grid.units}
         trials = study.get_trials(deepcopy=False)
         scored = [
-            t
-            for t in trials
-            if t.state == TrialState.COMPLETE and "loss" in t.user_attrs and all(n in t.params for n in names.values())
+            record
+            for record in map(TrialRecord.of, trials)
+            if record.scored and all(name in record.params for name in names.values())
         ]
         if scored:
-            best = min(scored, key=lambda t: (t.user_attrs["loss"], t.number))
+            best = min(scored, key=lambda record: (record.loss, record.number))
             parent = {unit: grid.index(best.params[name]) for unit, name in names.items()}
         else:
             parent = {unit: grid.index(level) for unit, level in uniform_allocation(grid).items()}
@@ -125,8 +120,3 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
     def reseed_rng(self) -> None:
         self._rng.seed()
         self._fallback.reseed_rng()
-
-
-def respects_budget(params: dict, units: Sequence[str], dimension: str, grid: BudgetGrid) -> bool:
-    """Whether a trial's parameters keep the budget (every group's level-index sum)."""
-    return grid.respects({unit: params[f"{unit}.{dimension}"] for unit in units})

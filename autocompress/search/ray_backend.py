@@ -3,9 +3,10 @@
 The driver owns the study. `StudySearcher` is Ray Tune's `OptunaSearch` bound to the very `optuna.Study` that
 `open_study` created (same storage, same name, the configured sampler), so the uniform seeds enqueued there are
 asked first, and every trial Tune runs is an ordinary trial of that study: `frontier`, `report`, `export`, a
-local `search` or an Optuna `worker` see no difference. Ray workers never open the storage. Each runs the same
-`Objective` as the local backend on a `RecordedTrial` (the driver's suggested parameters in, user attributes
-and constraints out), reports what it recorded, and the driver writes it to the study before `tell`.
+local `search` or an Optuna `worker` see no difference. Ray workers never open the storage. Each scores the
+driver's suggested plan with the same `Objective.score` as the local backend, in a `RayTrialContext` (the study's
+trials as the driver saw them when it asked, the trial's record collected), reports the record, and the driver
+writes it into the study with `record.write_fields` before `tell`, as the local backend writes its own.
 
 A worker process builds its `CompressionSession` (model, token pools, calibration statistics and the dense
 reference, both read from the study's cache folder) once and keeps it for every later trial: Tune reuses
@@ -34,21 +35,33 @@ from typing import Any
 
 import optuna
 from filelock import FileLock
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from autocompress.config import Config, parse_size
+from autocompress.compress import settings_needs
+from autocompress.config import Config
 from autocompress.errors import UserError
-from autocompress.frontier import frontier_trials
+from autocompress.frontier import frontier_of
 from autocompress.plan import CompressionPlan
+from autocompress.record import (
+    HeldoutFigures,
+    StudyLocation,
+    StudyRecord,
+    TrialRecord,
+    TrialWriter,
+    record_heldout,
+    seed_of,
+    trial_records,
+    write_fields,
+)
+from autocompress.report import write_outputs
+from autocompress.search.heldout import Pending, heldout_figures, heldout_pending
+from autocompress.search.objective import Objective, failure_reason
+from autocompress.search.runner import ProgressBar, StopAfterFailures, complete_count
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import MAX_RETRIES
-from autocompress.search.study import (
-    ProgressBar,
-    StudyLocation,
-    complete_count,
-    open_study,
-    sampler_for,
-)
+from autocompress.search.study import open_study, prepare_study, sampler_for, study_session
+from autocompress.session import CompressionSession
+from autocompress.variants import variant_settings
 
 # RAY_AIR_NEW_OUTPUT=0: with verbose=0 Tune prints nothing; our bar shows the study's progress
 RAY_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"}
@@ -72,109 +85,43 @@ RESULT_KEY = "autocompress"  # the reported entry that carries the recorded tria
 VALUE_KEYS = ("value_0", "value_1")
 
 
-class StudySnapshot:
-    """The study as a Ray worker's Objective sees it: its frontier when the trial was asked, read-only.
-
-    Staged fitness compares a trial's partial loss with frontier members'. A snapshot taken at ask time can
-    only be older than the live study, so it prunes no trial that the live frontier would have kept.
-    """
-
-    def __init__(self, frontier: list[dict]) -> None:
-        self._trials = [
-            FrozenTrial(
-                number=member["number"],
-                state=TrialState.COMPLETE,
-                value=None,
-                values=member["values"],
-                datetime_start=None,
-                datetime_complete=None,
-                params={},
-                distributions={},
-                user_attrs=member["user_attrs"],
-                system_attrs={},
-                intermediate_values={},
-                trial_id=-1,
-            )
-            for member in frontier
-        ]
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return list(self._trials)
-
-    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
-        return [trial for trial in self._trials if states is None or trial.state in states]
+def peer_snapshot(study: optuna.Study, max_bytes: int | None) -> list[dict]:
+    """The trials a worker's scoring compares with: the frontier (staged fitness) and every trial with a KD curve
+    (student pruners), without their parameters. A snapshot taken at ask time can only be older than the live
+    study, so it prunes no trial that the live study would have kept."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    records = trial_records(study, states)
+    chosen = {record.number: record for record in frontier_of(records, max_bytes)}
+    chosen |= {record.number: record for record in records if record.kd_curve}
+    return [record.model_copy(update={"params": {}}).model_dump(mode="json") for record in chosen.values()]
 
 
-def frontier_snapshot(study: optuna.Study, max_bytes: int | None) -> list[dict]:
-    return [
-        {"number": trial.number, "values": trial.values, "user_attrs": trial.user_attrs}
-        for trial in frontier_trials(study, max_bytes)
-    ]
+class RayTrialContext:
+    """A trial scored in a Ray worker: its peers as the driver saw them, its record kept for the driver to write."""
 
-
-class RecordedTrial:
-    """What the Objective sees of an Optuna trial inside a Ray worker.
-
-    The driver asked Optuna for the parameters; this stand-in hands them back to `suggest_*`, shows the
-    trial's user attributes as they were when asked (a seed's mark) and the study as a `StudySnapshot`, and
-    records what the Objective sets, for the driver to write into the study.
-    """
-
-    def __init__(
-        self, number: int, params: dict[str, Any], user_attrs: dict[str, Any] | None = None, study=None
-    ) -> None:
+    def __init__(self, number: int, is_seed: bool, peers: list[TrialRecord]) -> None:
         self.number = number
-        self.params = dict(params)
-        self.user_attrs: dict[str, Any] = dict(user_attrs or {})
-        self.study = study if study is not None else StudySnapshot([])
-        self.written: dict[str, Any] = {}  # user attributes the Objective set
-        self.constraints: dict[str, float] = {}
+        self.is_seed = is_seed
+        self._peers = peers
+        self.writer = TrialWriter()
         self.intermediate: list[tuple[int, float]] = []
 
-    def _suggested(self, name: str) -> Any:
-        if name not in self.params:
-            raise KeyError(f"the driver suggested no value for {name!r}; is the worker's model the driver's?")
-        return self.params[name]
+    def peers(self) -> list[TrialRecord]:
+        return list(self._peers)
 
-    def suggest_categorical(self, name: str, choices) -> Any:
-        value = self._suggested(name)
-        if value not in choices:
-            raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
-        return value
-
-    def suggest_float(self, name: str, *_args, **_kwargs) -> float:
-        return float(self._suggested(name))
-
-    def suggest_int(self, name: str, *_args, **_kwargs) -> int:
-        return int(self._suggested(name))
-
-    def set_user_attr(self, key: str, value: Any) -> None:
-        self.user_attrs[key] = value
-        self.written[key] = value
-
-    def set_constraint(self, key: str, value: float) -> None:
-        self.constraints[key] = float(value)
-
-    def report(self, value: float, step: int) -> None:
+    def report(self, value: float, step: int) -> bool:
         self.intermediate.append((step, float(value)))
-
-    def should_prune(self) -> bool:
-        return False  # the study's pruner is Optuna's NopPruner: staged fitness decides in the Objective
+        return False  # the study's pruner runs on the driver, which sees the intermediate values only at the end
 
     def payload(self, state: str, values: list[float] | None) -> dict:
-        """What the driver writes: state (COMPLETE, PRUNED or FAIL), values, attributes, intermediate values."""
-        return {
-            "state": state,
-            "values": values,
-            "user_attrs": self.written,
-            "constraints": self.constraints,
-            "intermediate": self.intermediate,
-        }
+        """What the driver writes: state (COMPLETE, PRUNED or FAIL), values, record fields, intermediate values."""
+        return {"state": state, "values": values, "fields": self.writer.fields, "intermediate": self.intermediate}
 
 
 def failed_payload(reason: str) -> dict:
-    return RecordedTrial(-1, {}).payload("FAIL", None) | {"user_attrs": {"fail_reason": reason}}
+    context = RayTrialContext(-1, False, [])
+    context.writer.write(fail_reason=reason)
+    return context.payload("FAIL", None)
 
 
 @dataclass(frozen=True)
@@ -184,6 +131,7 @@ class WorkerSetup:
     config: dict
     cache_dir: str
     fingerprint: str | None = None  # the study's search space; a worker whose model differs refuses to score
+    max_bytes: int | None = None  # the study's size limit
 
     @property
     def key(self) -> str:
@@ -195,17 +143,12 @@ _WORKER_STATE: dict[str, Any] = {}  # per process: the session, space and Object
 
 def session_for(setup: WorkerSetup):
     """This process's CompressionSession for `setup` (built on first use, then reused by every trial)."""
-    from autocompress.models import unit_names
-    from autocompress.search.study import Objective
-    from autocompress.session import CompressionSession
-
     if _WORKER_STATE.get("key") != setup.key:
         _WORKER_STATE.clear()
         config = Config.model_validate(setup.config)
-        session = CompressionSession(config, cache_dir=Path(setup.cache_dir))
-        space = SearchSpace(config, unit_names(session.model, config.compression.granularity))
+        session, space = study_session(config, Path(setup.cache_dir))
         _WORKER_STATE.update(key=setup.key, config=config, session=session, space=space)
-        _WORKER_STATE["objective"] = Objective(config, session, space)
+        _WORKER_STATE["objective"] = Objective(config, session, space, setup.max_bytes)
     if setup.fingerprint is not None and _WORKER_STATE["space"].fingerprint() != setup.fingerprint:
         raise RuntimeError(
             f"the model on this worker ({os.uname().nodename}) does not match the study's search space; "
@@ -216,23 +159,23 @@ def session_for(setup: WorkerSetup):
 
 def score_trial(config: dict, setup: WorkerSetup) -> None:
     """The Tune function trainable: score one plan with the study's Objective and report what it recorded."""
-    _session, _space, objective = session_for(setup)  # outside the try: a broken worker is Tune's to retry
-    context = json.loads(config.get(CONTEXT_KEY, "{}"))
+    _session, space, objective = session_for(setup)  # outside the try: a broken worker is Tune's to retry
+    asked = json.loads(config.get(CONTEXT_KEY, "{}"))
     params = {key: value for key, value in config.items() if key not in (TRIAL_KEY, CONTEXT_KEY)}
-    trial = RecordedTrial(
-        config.get(TRIAL_KEY, -1), params, context.get("user_attrs"), StudySnapshot(context.get("frontier", []))
-    )
+    peers = [TrialRecord.model_validate(peer) for peer in asked.get("peers", [])]
+    context = RayTrialContext(config.get(TRIAL_KEY, -1), bool(asked.get("seed")), peers)
     values: list[float] | None = None
     try:
-        returned = objective(trial)
+        returned = objective.score(space.plan_from_params(params), context)
         values, state = (list(returned) if isinstance(returned, tuple | list) else [returned]), "COMPLETE"
     except optuna.TrialPruned:  # staged fitness: hopeless after a partial evaluation
         state = "PRUNED"
     except Exception as error:  # the plan's fault, not the worker's: the trial fails with its reason
-        trial.written.setdefault("fail_reason", f"{type(error).__name__}: {error}".splitlines()[0][:500])
+        if "fail_reason" not in context.writer.fields:
+            context.writer.write(fail_reason=failure_reason(error))
         state = "FAIL"
     metrics = {key: math.nan for key in VALUE_KEYS} | dict(zip(VALUE_KEYS, values or [], strict=False))
-    tune.report(metrics | {RESULT_KEY: json.dumps(trial.payload(state, values)), "node": os.uname().nodename})
+    tune.report(metrics | {RESULT_KEY: json.dumps(context.payload(state, values)), "node": os.uname().nodename})
 
 
 class StudyPreparer:
@@ -245,14 +188,8 @@ class StudyPreparer:
 
     def describe(self) -> dict:
         """Load the model and data (proving a worker can), fill the cache folder, and name the model's units."""
-        from autocompress.compress import settings_needs
-        from autocompress.models import unit_names
-        from autocompress.session import CompressionSession
-        from autocompress.variants import variant_settings
-
         config = Config.model_validate(self.setup.config)
-        self.session = CompressionSession(config, cache_dir=Path(self.setup.cache_dir))
-        self.space = SearchSpace(config, unit_names(self.session.model, config.compression.granularity))
+        self.session, self.space = study_session(config, Path(self.setup.cache_dir))
         space = self.space
         plan = CompressionPlan(**config.compression.plan_options())
         self.session.statistics(settings_needs(variant_settings(space.sparsity_levels, space.precision_levels), plan))
@@ -262,8 +199,6 @@ class StudyPreparer:
     def prepare(self, name: str, directions: list[str], user_attrs: dict[str, Any]) -> dict:
         """Run the local backend's `prepare_study` against a copy of the study's attributes; return what it
         added (user attributes, trials enqueued) for the driver to write into the study."""
-        from autocompress.search.study import prepare_study
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         copy = optuna.create_study(directions=directions)  # in memory
         for key, value in user_attrs.items():
@@ -280,15 +215,15 @@ class StudyPreparer:
         return {"user_attrs": added, "enqueued": enqueued}
 
 
-def judge(setup: WorkerSetup, units: list[str], pending: dict[str, dict]) -> dict[str, dict]:
-    """On a worker: held-out figures of the plans the driver names (user-attr key -> params)."""
-    from autocompress.search.study import heldout_figures
-    from autocompress.session import CompressionSession
-
+def judge(setup: WorkerSetup, units: list[str], pending: Pending) -> dict[int | None, HeldoutFigures]:
+    """On a worker: held-out figures of the plans the driver names (trial number, None for dense -> params)."""
     config = Config.model_validate(setup.config)
     session = CompressionSession(config, cache_dir=Path(setup.cache_dir))
     space = SearchSpace(config, units)
-    return {key: heldout_figures(session, space, key, params) for key, params in pending.items()}
+    return {
+        number: heldout_figures(session, space, None if number is None else params)
+        for number, params in pending.items()
+    }
 
 
 class DefineSpace:
@@ -338,8 +273,7 @@ class StudySearcher(OptunaSearch):
         self.deadline = deadline
         self.bar = bar or (lambda *_: None)
         self.max_bytes = max_bytes
-        self.failure_limit = max(5, target)
-        self.failures_in_a_row = 0
+        self.failures = StopAfterFailures(space.config.search.max_failures)
         self.stopped = False
         self._beating: threading.Event | None = None
         self.storage_url = storage_url  # to reopen the study where a pickled copy of this searcher runs
@@ -360,7 +294,7 @@ class StudySearcher(OptunaSearch):
             config = super().suggest(trial_id)
         trial = self._ot_trials[trial_id]
         self._beat(trial)  # at once: a trial without a heartbeat never goes stale
-        context = {"user_attrs": trial.user_attrs, "frontier": frontier_snapshot(self._ot_study, self.max_bytes)}
+        context = {"seed": seed_of(trial), "peers": peer_snapshot(self._ot_study, self.max_bytes)}
         return config | {CONTEXT_KEY: json.dumps(context)}
 
     def in_flight(self) -> dict[str, optuna.Trial]:
@@ -389,10 +323,7 @@ class StudySearcher(OptunaSearch):
     def write(self, trial: optuna.Trial, recorded: dict) -> None:
         study = self._ot_study
         try:
-            for key, value in recorded["user_attrs"].items():
-                trial.set_user_attr(key, value)
-            for key, value in recorded["constraints"].items():
-                trial.set_constraint(key, value)
+            write_fields(trial, recorded["fields"])
             for step, value in recorded.get("intermediate", []):
                 trial.report(value, step)
             values = recorded["values"]
@@ -403,12 +334,10 @@ class StudySearcher(OptunaSearch):
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # another process judged it stale and failed it; its retry is in the study
         except (ValueError, TypeError, NotImplementedError) as error:  # what Optuna refuses, it records as FAIL
-            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}".splitlines()[0][:500])
+            write_fields(trial, {"fail_reason": failure_reason(error)})
             study.tell(trial, state=TrialState.FAIL)
         frozen = study._storage.get_trial(trial._trial_id)
-        self.failures_in_a_row = self.failures_in_a_row + 1 if frozen.state == TrialState.FAIL else 0
-        if self.failures_in_a_row >= self.failure_limit:
-            print(f"autocompress: stopping after {self.failure_limit} failed trials in a row", flush=True)
+        if self.failures.failed(TrialRecord.of(frozen)):
             self.stopped = True
         self.bar(study, frozen)
 
@@ -535,10 +464,8 @@ def remote_call(function, resources: dict[str, float], *args):
 
 def write_prepared(study: optuna.Study, location: StudyLocation, prepared: dict) -> None:
     """Write what `StudyPreparer.prepare` added into the study, once, as `prepare_study` would have."""
-    from autocompress.search.study import BASELINES_KEY
-
     with FileLock(location.out_dir / ".study.lock"):
-        if BASELINES_KEY not in study.user_attrs:  # no other process enqueued the baselines meanwhile
+        if not StudyRecord.of(study).baselines:  # no other process enqueued the baselines meanwhile
             for trial in prepared["enqueued"]:
                 study.enqueue_trial(trial["params"], user_attrs=trial["user_attrs"], skip_if_exists=True)
         for key, value in prepared["user_attrs"].items():
@@ -559,9 +486,6 @@ def run_ray_search(
     max_failures: int = MAX_RETRIES,
 ) -> optuna.Study:
     """Run (or continue) the study on Ray Tune until it holds `n_trials` complete trials or `timeout` passes."""
-    from autocompress.report import write_outputs
-    from autocompress.search.study import heldout_pending
-
     if ray is None:
         raise UserError("--backend ray needs Ray Tune: pip install -e '.[ray]'")
     if config.search.student is not None:  # its held-out judging rebuilds plans by unit lists alone
@@ -594,14 +518,14 @@ def run_ray_search(
         write_prepared(study, location, prepared)
         if not created:  # another driver's sampler must not replay this one's suggestions
             study.sampler = sampler_for(config, config.search.seed + os.getpid())
-        max_size = config.search.max_size
-        max_bytes = None if max_size is None else parse_size(max_size, described["dense_bytes"])
+        max_bytes = config.search.max_bytes(described["dense_bytes"])
         bar = ProgressBar(study, target, progress)
         deadline = None if timeout is None else time.time() + timeout
         searcher = StudySearcher(study, space, target, deadline, bar, max_bytes, location.storage_url)
         try:
             if complete_count(study) < target:
-                trainable = tune.with_parameters(score_trial, setup=replace(setup, fingerprint=space.fingerprint()))
+                scoring = replace(setup, fingerprint=space.fingerprint(), max_bytes=max_bytes)
+                trainable = tune.with_parameters(score_trial, setup=scoring)
                 tuner = tune.Tuner(
                     tune.with_resources(trainable, resources),
                     tune_config=tune.TuneConfig(
@@ -624,10 +548,9 @@ def run_ray_search(
             bar.close()
             pending = heldout_pending(study, space, max_bytes)
             if pending:
-                figures = remote_call(judge, resources, setup, space.units, pending)
-                for key, value in figures.items():
-                    study.set_user_attr(key, value)
-            write_outputs(study, location, config)
+                for number, figures in remote_call(judge, resources, setup, space.units, pending).items():
+                    record_heldout(study, number, figures)
+            write_outputs(study, location)
         return study
     finally:
         if started:

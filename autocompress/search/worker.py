@@ -18,7 +18,10 @@ import sys
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autocompress.search.study import StudyLocation, complete_count, load_existing, run_search
+from autocompress.models import check_consent
+from autocompress.record import StudyLocation
+from autocompress.search.runner import complete_count, run_search
+from autocompress.search.study import load_existing
 
 CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
 
@@ -45,8 +48,13 @@ class TrialLog:
 def run_worker(
     location: StudyLocation, n_trials: int | None = None, timeout: float | None = None, progress: bool = True
 ) -> optuna.Study:
-    """Join the existing study at `location` and run trials until it holds `n_trials` complete ones."""
-    _study, config = load_existing(location)
+    """Join the existing study at `location` and run trials until it holds `n_trials` complete ones.
+
+    The study's model config comes from its storage, which anyone with access to it may have written: a worker
+    refuses to switch on remote code or unpickling unless its own command line does (`check_consent`)."""
+    _study, record = load_existing(location)
+    config = record.config
+    check_consent(config.model, f"study {location.name!r}'s storage")
     log = TrialLog()
     study = run_search(config, location, n_trials=n_trials, timeout=timeout, progress=progress, callbacks=[log])
     print(log.summary(study), flush=True)

@@ -1,0 +1,266 @@
+"""One record of a study: what a study knows (`StudyRecord`) and what each trial measured (`TrialRecord`).
+
+Optuna keeps both as user attributes, JSON values under string keys. This module alone knows those keys: every
+other module reads the typed records and writes through the functions here, so a fact has one name, one type and
+one place where it is written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict
+
+from autocompress.config import Config, max_bytes_for
+
+_SPACE = "autocompress:space"
+_CONFIG = "autocompress:config"
+_UNITS = "autocompress:units"
+_DENSE_BYTES = "autocompress:dense_bytes"
+_UNIT_SIZES = "autocompress:unit_sizes"
+_BASELINES = "autocompress:baselines"
+_DATABASE = "autocompress:database"
+_SENSITIVITY = "autocompress:sensitivity"
+_HELDOUT = "heldout:{number}"
+_DENSE_HELDOUT = "heldout:dense"
+
+Params = dict[str, float | int | str]
+
+
+@dataclass(frozen=True)
+class StudyLocation:
+    """Where a study lives: its name, its folder (outputs and caches) and its storage."""
+
+    name: str
+    out_dir: Path  # results/<study>
+    storage_url: str
+
+    @classmethod
+    def resolve(cls, name: str, out: str | Path = "results", storage: str | None = None) -> StudyLocation:
+        study_dir = Path(out) / name
+        return cls(name, study_dir, storage or f"sqlite:///{study_dir / 'study.db'}")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.out_dir / "cache"
+
+
+class HeldoutFigures(BaseModel):
+    """A plan judged on the held-out pool; the dense model has no KL to itself."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ppl: float
+    kl: float | None = None
+
+
+class TrialRecord(BaseModel):
+    """What one trial is and measured. Complete trials carry the figures of the whole fitness pool; a trial pruned
+    by staged fitness or by a student pruner carries its partial figures; a failed one its reason."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    number: int
+    state: TrialState
+    params: Params
+    duration_s: float | None = None
+    # measured on the whole fitness pool
+    loss: float | None = None
+    kl: float | None = None
+    ce: float | None = None
+    ppl: float | None = None
+    size_bytes: int | None = None
+    size_ratio: float | None = None
+    objective: float | None = None
+    stitch_s: float | None = None
+    eval_s: float | None = None
+    forward_s: float | None = None  # the model's forward passes alone
+    size_over_limit: float | None = None  # Optuna's constraint convention: feasible when <= 0
+    # staged fitness: [windows, loss] after each stage; where and why a trial stopped early
+    stage_losses: list[tuple[int, float]] = []
+    partial_loss: float | None = None
+    partial_windows: int | None = None
+    pruned_by: int | None = None  # the frontier member that beat it, -1 for Optuna's pruner
+    pruned_at_step: int | None = None  # a student's KD step
+    # seeds: uniform plans and baseline allocations enqueued before any sampled plan
+    seed: bool = False
+    baseline: str | None = None
+    baselines: list[str] = []
+    budget: dict[str, float] | None = None
+    # students
+    architecture: dict[str, int] | None = None
+    student: bool = False
+    student_dense_bytes: int | None = None
+    kd_curve: list[tuple[int, float]] = []  # [step, KL on the fitness pool]
+    fail_reason: str = ""
+
+    @property
+    def scored(self) -> bool:
+        """Complete, with a loss and a size: the trials a frontier is made of."""
+        return self.state == TrialState.COMPLETE and self.loss is not None and self.size_bytes is not None
+
+    @property
+    def stage_loss(self) -> dict[int, float]:
+        return {int(windows): loss for windows, loss in self.stage_losses}
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialRecord:
+        duration = None
+        if trial.datetime_start and trial.datetime_complete:
+            duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        known = {key: value for key, value in trial.user_attrs.items() if key in _MEASURED}
+        return cls(number=trial.number, state=trial.state, params=dict(trial.params), duration_s=duration, **known)
+
+
+_MEASURED = frozenset(TrialRecord.model_fields) - {"number", "state", "params", "duration_s"}
+
+
+class TrialWriter:
+    """Where a trial's record is written as it is measured: an Optuna trial's user attributes, or (in a Ray worker)
+    a dict the driver writes into the study with `write_fields`."""
+
+    def __init__(self, trial: optuna.Trial | None = None) -> None:
+        self.trial = trial
+        self.fields: dict[str, Any] = {}
+
+    def write(self, **fields: Any) -> None:
+        unknown = set(fields) - _MEASURED
+        if unknown:
+            raise KeyError(f"a trial record has no field {sorted(unknown)[0]!r}")
+        self.fields |= fields
+        if self.trial is not None:
+            write_fields(self.trial, fields)
+
+
+def write_fields(trial: optuna.Trial, fields: Mapping[str, Any]) -> None:
+    """Store a trial's record fields (validated by `TrialWriter.write`) in its user attributes; the size over the
+    limit is also the trial's Optuna constraint, which every sampler honours."""
+    for key, value in fields.items():
+        trial.set_user_attr(key, [list(item) for item in value] if key in ("stage_losses", "kd_curve") else value)
+        if key == "size_over_limit":
+            trial.set_constraint(key, value)
+
+
+def seed_of(trial: optuna.Trial) -> bool:
+    """Whether a running trial is an enqueued seed (a uniform plan or a baseline)."""
+    return bool(trial.user_attrs.get("seed", False))
+
+
+def seed_attrs(baselines: Iterable[str] = (), budget: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The user attributes of an enqueued seed trial: a uniform plan, or the baseline allocations it stands for."""
+    names = list(baselines)
+    attrs: dict[str, Any] = {"seed": True}
+    if names:
+        attrs |= {"baseline": names[0], "baselines": names}
+    if budget is not None:
+        attrs["budget"] = dict(budget)
+    return attrs
+
+
+def trial_records(study: optuna.Study, states: Iterable[TrialState] | None = None) -> list[TrialRecord]:
+    trials = study.get_trials(deepcopy=False, states=None if states is None else tuple(states))
+    return [TrialRecord.of(trial) for trial in trials]
+
+
+def scored_records(study: optuna.Study) -> list[TrialRecord]:
+    return [record for record in trial_records(study, (TrialState.COMPLETE,)) if record.scored]
+
+
+class StudyRecord(BaseModel):
+    """What a study knows beside its trials: the config it was created with, the units of its model, the dense
+    model's bytes, the held-out figures of its frontier, its baselines, variant database and sensitivity."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    config: Config
+    fingerprint: str
+    units: list[str]
+    dense_bytes: int | None
+    unit_sizes: dict[str, int] | None = None
+    baselines: list[str] = []
+    database: dict[str, Any] | None = None
+    sensitivity: dict[str, Any] | None = None
+    dense_heldout: HeldoutFigures | None = None
+    heldout: dict[int, HeldoutFigures] = {}
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> StudyRecord:
+        attrs = study.user_attrs
+        if _CONFIG not in attrs:
+            raise KeyError(f"study {study.study_name!r} was not created by autocompress")
+        dense_bytes = attrs.get(_DENSE_BYTES)
+        if dense_bytes is None:  # a study made before dense bytes were stored: every scored trial implies them
+            scored = scored_records(study)
+            dense_bytes = round(scored[0].size_bytes / scored[0].size_ratio) if scored else None
+        heldout = {
+            int(key.removeprefix("heldout:")): HeldoutFigures(**value)
+            for key, value in attrs.items()
+            if key.startswith("heldout:") and key != _DENSE_HELDOUT
+        }
+        return cls(
+            name=study.study_name,
+            config=Config.model_validate(attrs[_CONFIG]),
+            fingerprint=attrs[_SPACE],
+            units=attrs.get(_UNITS) or json.loads(attrs[_SPACE])["units"],
+            dense_bytes=dense_bytes,
+            unit_sizes=attrs.get(_UNIT_SIZES),
+            baselines=attrs.get(_BASELINES) or [],
+            database=attrs.get(_DATABASE),
+            sensitivity=attrs.get(_SENSITIVITY),
+            dense_heldout=HeldoutFigures(**attrs[_DENSE_HELDOUT]) if _DENSE_HELDOUT in attrs else None,
+            heldout=heldout,
+        )
+
+    def max_bytes(self, given: str | None = None) -> int | None:
+        """The size limit in bytes: the command line's `given` limit, else the config's; None without one (or
+        before any dense bytes are known)."""
+        return max_bytes_for(given, self.config, self.dense_bytes)
+
+
+def is_autocompress_study(study: optuna.Study) -> bool:
+    return _CONFIG in study.user_attrs
+
+
+def stored_fingerprint(study: optuna.Study) -> str | None:
+    return study.user_attrs.get(_SPACE)
+
+
+def record_creation(study: optuna.Study, config: Config, fingerprint: str, units: list[str]) -> None:
+    """What a new study is: its search space (which a resume must match), config and units."""
+    study.set_user_attr(_SPACE, fingerprint)
+    study.set_user_attr(_CONFIG, config.model_dump(mode="json"))
+    study.set_user_attr(_UNITS, units)
+
+
+def record_dense_bytes(study: optuna.Study, dense_bytes: int) -> None:
+    if study.user_attrs.get(_DENSE_BYTES) != dense_bytes:
+        study.set_user_attr(_DENSE_BYTES, dense_bytes)
+
+
+def record_unit_sizes(study: optuna.Study, sizes: Mapping[str, int]) -> None:
+    study.set_user_attr(_UNIT_SIZES, dict(sizes))
+
+
+def record_baselines(study: optuna.Study, enqueued: list[str]) -> None:
+    study.set_user_attr(_BASELINES, enqueued)
+
+
+def record_database(study: optuna.Study, usage: Mapping[str, Any]) -> None:
+    study.set_user_attr(_DATABASE, dict(usage))
+
+
+def record_sensitivity(study: optuna.Study, profile: Mapping[str, Any]) -> None:
+    study.set_user_attr(_SENSITIVITY, dict(profile))
+
+
+def record_heldout(study: optuna.Study, number: int | None, figures: HeldoutFigures) -> None:
+    """A frontier member's held-out figures (`number` None: the dense model's)."""
+    key = _DENSE_HELDOUT if number is None else _HELDOUT.format(number=number)
+    study.set_user_attr(key, figures.model_dump(exclude_none=True))

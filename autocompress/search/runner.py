@@ -1,0 +1,111 @@
+"""Running a study on this machine: Optuna's optimize loop over the Objective until the study holds its target of
+finished trials, then held-out judging of the frontier and the study's outputs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from autocompress.config import Config
+from autocompress.frontier import frontier_of
+from autocompress.record import StudyLocation, StudyRecord, TrialRecord, scored_records
+from autocompress.report import write_outputs
+from autocompress.search.heldout import heldout_pending, judge_pending
+from autocompress.search.objective import Objective
+from autocompress.search.study import open_study, prepare_study, sampler_for, study_session
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward n_trials: pruned ones too (staged fitness)
+
+
+def complete_count(study: optuna.Study) -> int:
+    """Trials finished: complete, or pruned by staged fitness (failed ones are re-run, so they do not count)."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+class ProgressBar:
+    """A bar over complete trials toward the target, showing the best objective and the frontier size."""
+
+    def __init__(self, study: optuna.Study, target: int, enabled: bool) -> None:
+        self.bar = tqdm(total=target, initial=min(complete_count(study), target), desc="trials", disable=not enabled)
+        self.target = target
+
+    def __call__(self, study: optuna.Study, _trial: FrozenTrial) -> None:
+        self.bar.n = min(complete_count(study), self.target)
+        if not self.bar.disable:
+            records = scored_records(study)
+            if records:
+                best = min(record.objective for record in records)
+                self.bar.set_postfix(best=f"{best:.4f}", frontier=len(frontier_of(records)))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class StopAfterFailures:
+    """Stop the search when `limit` trials fail in a row, saying why the last one failed: a plan that cannot be
+    scored once will not be scored 500 times."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+
+    def failed(self, record: TrialRecord) -> bool:
+        """Count `record`; whether the search must stop now."""
+        self.in_a_row = self.in_a_row + 1 if record.state == TrialState.FAIL else 0
+        if self.in_a_row < self.limit:
+            return False
+        reason = record.fail_reason or "no reason recorded"
+        print(f"autocompress: stopping after {self.limit} failed trials in a row; the last: {reason}", flush=True)
+        return True
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.failed(TrialRecord.of(trial)):
+            study.stop()
+
+
+def run_search(
+    config: Config,
+    location: StudyLocation,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+) -> optuna.Study:
+    """Run (or continue) the study until it holds `n_trials` finished (complete or pruned) trials or `timeout`
+    seconds pass.
+
+    `callbacks` run after each of this process's trials, beside the ones that stop and report the search.
+    """
+    target = config.search.n_trials if n_trials is None else n_trials
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials; Optuna's lines would bury it
+    session, space = study_session(config, location.cache_dir, progress)
+    study, created = open_study(config, location, space, config.search.seed)
+    if not created:  # another process's sampler must not replay this one's suggestions
+        study.sampler = sampler_for(config, config.search.seed + os.getpid())
+    prepare_study(study, session, space, location)
+    max_bytes = StudyRecord.of(study).max_bytes()
+    objective = Objective(config, session, space, max_bytes)
+    bar = ProgressBar(study, target, progress)
+    try:
+        if complete_count(study) < target:
+            study.optimize(
+                objective,
+                timeout=timeout,
+                catch=(Exception,),
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(target, states=FINISHED),
+                    StopAfterFailures(config.search.max_failures),
+                    bar,
+                    *callbacks,
+                ],
+            )
+    finally:
+        bar.close()
+        judge_pending(study, session, space, heldout_pending(study, space, max_bytes))
+        write_outputs(study, location)
+    return study
