@@ -1,9 +1,32 @@
-"""GGUF for llama.cpp: a compressed model written in the tensor types llama.cpp runs, as faithfully as GGUF allows.
+"""GGUF for llama.cpp: a model written in the tensor types llama.cpp runs, tensor by tensor, for each family it runs.
 
-GGUF quantizes in blocks of 32 consecutive inputs of a row with one float16 scale (and, for the `_1` types,
-one float16 offset) per block. A plan's quantized Linear maps onto those blocks exactly when its groups are a
-whole number of blocks (group size a multiple of 32, or one group per row of a multiple of 32 inputs), since a
-group's scale and zero-point then repeat in each of its blocks:
+Two ways in, one writer:
+- `write_gguf_tensors(model, tokenizer, tensors, path, ...)` takes, per state-dict tensor, its GGUF block bytes and
+  type (what `autocompress.codecs.gguf_blocks.quantize_rows` wrote, so the file holds exactly what the search
+  evaluated); every other tensor is stored as llama.cpp's converter stores it: 1-D tensors in F32, the rest in F16.
+  `gguf_layout(...)` describes the same file without any tensor data: `GgufLayout.file_bytes(types)` is its exact
+  size (header, metadata, tensor infos, alignment padding, tensor bytes), so accounted bytes equal written bytes
+  by construction;
+- `write_gguf(model, tokenizer, plan, compressed, path, ...)` maps the integer grids of our own artifact's levels
+  onto Q4_0/Q4_1/Q5_x/Q8_0 blocks (table below) and stores what has no block type densely, then writes the same way.
+
+Families (`FAMILIES`) follow llama.cpp's `convert_hf_to_gguf.py` (the copy llama-cpp-python 0.3.36 vendors): its
+metadata keys per architecture, `gguf.get_tensor_name_map` for the names, and its transforms:
+- Llama/Mistral: query and key rows permuted for llama.cpp's rotary layout (block bytes are whole rows, so
+  quantized rows permute as they are); Llama 3's rope scaling becomes the `rope_freqs` tensor;
+- Qwen2: its q/k/v biases; Qwen3: q_norm/k_norm and an explicit head size;
+- Gemma 2/3: RMSNorm weights + 1 (transformers computes x·(1 + w), llama.cpp x·w); llama.cpp scales the
+  embedding by √hidden itself; softcapping, the sliding window and which layers slide (written per layer);
+- Phi-3: the fused `qkv_proj` and `gate_up_proj` are stored fused, as llama.cpp reads them.
+Tied embeddings are one tensor (token_embd) and no output tensor. What llama.cpp would compute differently is
+refused in one line (UserError): another architecture, a tensor without a GGUF name, a rope scaling or attention
+scale llama.cpp does not read, a type whose blocks do not divide a tensor's rows. What it computes differently
+only past a window the file cannot express (Mistral's and Phi-3's sliding windows, which these llama.cpp
+architectures do not apply) is said in `GgufReport.notes`.
+
+Our artifact's integer grids map onto GGUF's 32-weight blocks exactly when a group is a whole number of blocks
+(group size a multiple of 32, or one group per row of a multiple of 32 inputs), since a group's scale and
+zero-point then repeat in each of its blocks:
 
 | plan's grid (our codes c, zero-point z, scale s: w = s·(c − z)) | GGUF type | stored as |
 |---|---|---|
@@ -14,16 +37,11 @@ group's scale and zero-point then repeat in each of its blocks:
 | 6 bits, symmetric 8 bits | Q8_0 (`d·q`) | d = s, q = c − z (exact) |
 | asymmetric 8 bits | Q8_0 when every c − z fits a signed byte, else F16 | |
 
-What GGUF cannot express is written densely instead, and `GgufReport.notes` says so:
-- sparsity: GGUF has no sparse tensors; pruned weights are stored as zeros (exact zeros for Q4_0/Q5_0/Q8_0 and
-  F16, zeros up to the float16 rounding of m for Q4_1/Q5_1), so pruning saves no bytes in the file;
-- groups that are not a whole number of 32-blocks, non-uniform grids and number formats (FP8, NF4, MXFP4, NVFP4),
-  and asymmetric 8-bit codes that do not fit a signed byte: F16 of the weight the compressed model computes with
-  (no loss beyond float16 rounding);
-- its own 2/3/6-bit k-quants (Q2_K, Q3_K, Q6_K) use 256-weight super-blocks with quantized sub-block scales,
-  which our per-group float16 scales do not map onto; those bit-widths go to Q4_x or Q8_0 instead.
-Everything else follows llama.cpp's own converter: 1-D tensors in F32, other uncompressed ones in F16, query and
-key rows permuted for its rotary layout, a tied lm_head omitted. Only the Llama family (Llama, Mistral) is written.
+What that path cannot express is written densely instead, and `GgufReport.notes` says so: sparsity (GGUF has
+no sparse tensors; pruned weights are zeros), groups that are not a whole number of 32-blocks, non-uniform grids
+and number formats (F16 of the weight the compressed model computes with), and 2/3/6-bit codes, which go to
+Q4_x or Q8_0 (GGUF's own k-quants use 256-weight super-blocks with quantized scales, which our per-group float16
+scales do not map onto; the `target: gguf` levels quantize into those blocks directly).
 """
 
 from __future__ import annotations
@@ -32,7 +50,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +61,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from transformers import PreTrainedModel
 
+from autocompress.codecs.gguf_blocks import BLOCK_TYPES, fits, tensor_bytes
 from autocompress.compress import CompressedLinear
 from autocompress.errors import UserError
 from autocompress.methods import QuantizedWeight
@@ -50,23 +69,510 @@ from autocompress.plan import CompressionPlan
 
 BLOCK = 32
 GGUF_FILE = "model.gguf"
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
-_FLOAT_TYPES = (QType.F16, QType.F32)
+PLAN_KEY = "autocompress.plan"
+PROVENANCE_KEY = "autocompress.provenance"
+_HEADER_BYTES = 4 + 4 + 8 + 8  # magic, version, tensor count, key-value count
+_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset (plus the name and 8 per dimension)
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One state-dict tensor as the file stores it: `type` is a key of `gguf_blocks.BLOCK_TYPES` ("q4_k",
+    "f16", ...) and `data` its bytes [out_features, row_bytes] (uint8), rows in the model's own order, exactly as
+    `gguf_blocks.quantize_rows(weight, type, importance)` returns them."""
+
+    type: str
+    data: np.ndarray
 
 
 @dataclass
 class GgufReport:
     path: Path
     types: dict[str, str]  # GGUF tensor name -> its type
-    notes: list[str] = field(default_factory=list)  # what the file could not express as the plan has it
-
-    @property
-    def bytes(self) -> int:
-        return self.path.stat().st_size
+    accounted_bytes: int  # the layout's size of the file, from shapes and metadata
+    notes: list[str] = field(default_factory=list)  # what the file could not express as the model has it
 
     def summary(self) -> str:
         counts = Counter(self.types.values())
         return ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
+
+
+# ---------------------------------------------------------------- families
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rope_parameters(config) -> tuple[dict, dict | None]:
+    """(full-attention rope parameters, sliding-attention ones or None): transformers nests them per layer type
+    for models with two kinds of layers (Gemma 3)."""
+    parameters = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if "full_attention" in parameters:
+        return dict(parameters["full_attention"]), dict(parameters.get("sliding_attention") or {})
+    if "rope_theta" not in parameters and getattr(config, "rope_theta", None) is not None:
+        parameters["rope_theta"] = config.rope_theta
+    return parameters, None
+
+
+def _rope_type(parameters: Mapping[str, Any]) -> str:
+    return str(parameters.get("rope_type", parameters.get("type")) or "default").lower()
+
+
+def _add_rope(writer: gguf.GGUFWriter, config, allowed: tuple[str, ...]) -> None:
+    """Rope base and scaling as the converter writes them; a scaling llama.cpp would not apply is refused."""
+    full, sliding = _rope_parameters(config)
+    kind = _rope_type(full)
+    if kind not in ("default", *allowed):
+        raise UserError(f"export: GGUF does not carry {type(config).__name__}'s rope scaling {kind!r} here")
+    writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    if sliding:
+        if _rope_type(sliding) != "default":
+            raise UserError(f"export: GGUF does not carry a rope scaling {_rope_type(sliding)!r} on sliding layers")
+        writer.add_rope_freq_base_swa(float(sliding.get("rope_theta", 10000.0)))
+
+
+def _add_common(writer: gguf.GGUFWriter, config) -> None:
+    """The keys `TextModel.set_gguf_parameters` writes for every family."""
+    heads = config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(_head_dim(config))
+    writer.add_value_length(_head_dim(config))
+
+
+def _refuse_sliding_layers(config) -> None:
+    """An architecture whose llama.cpp graph has no sliding-window layers cannot take a model that has some."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise UserError(f"export: llama.cpp runs {type(config).__name__} without sliding-window layers; this has some")
+
+
+def _note_sliding_window(config, notes: list[str]) -> None:
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings:
+        notes.append(
+            f"llama.cpp applies no sliding window to this architecture: windows longer than {window} tokens "
+            "attend further back than in transformers"
+        )
+
+
+def _llama_metadata(writer: gguf.GGUFWriter, config, notes: list[str]) -> None:
+    _add_common(writer, config)
+    _add_rope(writer, config, ("linear", "llama3"))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(_head_dim(config))
+    _refuse_sliding_layers(config)
+    _note_sliding_window(config, notes)
+
+
+def _qwen_metadata(writer: gguf.GGUFWriter, config, notes: list[str]) -> None:
+    _add_common(writer, config)
+    _add_rope(writer, config, ("linear",))
+    _refuse_sliding_layers(config)
+
+
+def _gemma_attention_scale(config) -> None:
+    """llama.cpp scales queries by 1/√head_dim (for any size but 27B, whose layer count it recognizes), not by
+    the config's query_pre_attn_scalar."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar != _head_dim(config):
+        raise UserError(
+            f"export: llama.cpp scales Gemma's queries by 1/sqrt(head_dim={_head_dim(config)}), "
+            f"this model by 1/sqrt(query_pre_attn_scalar={scalar})"
+        )
+
+
+def _add_sliding_layers(writer: gguf.GGUFWriter, config) -> None:
+    """Which layers slide, per layer, from transformers' layer_types (llama.cpp reads the array before its own
+    default pattern)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
+
+
+def _gemma2_metadata(writer: gguf.GGUFWriter, config, notes: list[str]) -> None:
+    _add_common(writer, config)
+    _add_rope(writer, config, ())
+    _gemma_attention_scale(config)
+    writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+    writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
+    _add_sliding_layers(writer, config)
+
+
+def _gemma3_metadata(writer: gguf.GGUFWriter, config, notes: list[str]) -> None:
+    _add_common(writer, config)
+    _add_rope(writer, config, ("linear",))
+    _gemma_attention_scale(config)
+    if getattr(config, "attn_logit_softcapping", None):
+        raise UserError("export: llama.cpp's Gemma 3 has no attention-logit softcapping; this model has one")
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    if config.sliding_window:
+        _add_sliding_layers(writer, config)
+    elif "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise UserError("export: Gemma 3 layers marked sliding need a sliding_window")
+
+
+def _phi3_metadata(writer: gguf.GGUFWriter, config, notes: list[str]) -> None:
+    full, _ = _rope_parameters(config)
+    if _rope_type(full) != "default":
+        raise UserError(f"export: GGUF does not carry Phi-3's rope scaling {_rope_type(full)!r} here")
+    rotary = float(full.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(int(rotary * config.hidden_size) // config.num_attention_heads)
+    writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
+    writer.add_sliding_window(config.sliding_window or 0)
+    _note_sliding_window(config, notes)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How llama.cpp's converter writes one transformers architecture."""
+
+    arch: gguf.MODEL_ARCH
+    metadata: Callable[[gguf.GGUFWriter, Any, list[str]], None]
+    permute_rope: bool = False  # Llama's q/k rows reordered for llama.cpp's rotary layout
+    norm_shift: float = 0.0  # added to every `*norm.weight`: Gemma's RMSNorm computes x·(1 + w)
+
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, _llama_metadata, permute_rope=True),
+    "MistralForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, _llama_metadata, permute_rope=True),
+    "Qwen2ForCausalLM": Family(gguf.MODEL_ARCH.QWEN2, _qwen_metadata),
+    "Qwen3ForCausalLM": Family(gguf.MODEL_ARCH.QWEN3, _qwen_metadata),
+    "Gemma2ForCausalLM": Family(gguf.MODEL_ARCH.GEMMA2, _gemma2_metadata, norm_shift=1.0),
+    "Gemma3ForCausalLM": Family(gguf.MODEL_ARCH.GEMMA3, _gemma3_metadata, norm_shift=1.0),
+    "Phi3ForCausalLM": Family(gguf.MODEL_ARCH.PHI3, _phi3_metadata),
+}
+
+
+def family_of(model: PreTrainedModel) -> Family:
+    name = type(model).__name__
+    if name not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise UserError(f"export: GGUF is written for {known}, not {name}; use --format compressed or hf")
+    return FAMILIES[name]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _copy_tokenizer_fields(writer: gguf.GGUFWriter, source: Path) -> int:
+    """The tokenizer.* keys of the GGUF file the base model came from, as they are; returns the token count."""
+    reader = gguf.GGUFReader(source)
+    tokens = 0
+    for key, reader_field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value_type = reader_field.types[0]
+        if value_type == gguf.GGUFValueType.ARRAY:
+            contents = reader_field.contents()
+            writer.add_key_value(key, contents, value_type, sub_type=reader_field.types[-1])
+            tokens = len(contents) if key == gguf.Keys.Tokenizer.LIST else tokens
+        else:
+            writer.add_key_value(key, reader_field.contents(), value_type)
+    return tokens
+
+
+def _add_bpe_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int, notes: list[str]) -> int:
+    """A byte-level BPE tokenizer as the converter's `_set_vocab_gpt2` writes it: ids the tokenizer lacks up to
+    the embedding's rows become unused `[PAD<id>]` tokens. Returns the token count (0 for another kind, which is
+    not written: llama.cpp then has no tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or json.loads(backend.to_str())["model"]["type"] != "BPE":
+        notes.append("the tokenizer is not a byte-level BPE one, so it is not written (llama.cpp needs one)")
+        return 0
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    if max(by_id) >= n_vocab:
+        raise UserError(f"export: the tokenizer has ids up to {max(by_id)}, the embedding only {n_vocab} rows")
+    tokens, types = [], []
+    for index in range(n_vocab):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[index])
+        if index in added:
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        gguf.vocab.SpecialVocab(Path(folder), load_merges=True, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+    notes.append("the tokenizer's pre-tokenizer is written as llama.cpp's 'default' (ids are scored as they are)")
+    return len(tokens)
+
+
+# ---------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One tensor of the file: where it comes from, its GGUF name and shape, and what the converter does to it."""
+
+    key: str  # the state-dict key, or the GGUF name for a tensor the converter generates (rope_freqs)
+    name: str
+    shape: tuple[int, ...]  # in torch's order: [out_features, in_features] for a weight
+    rows: tuple[int, ...] | None = None  # row order llama.cpp expects (q/k rows for rope), None: as they are
+    shift: float = 0.0  # added to the values (Gemma's norms)
+
+    @property
+    def default_type(self) -> str:
+        return "f32" if len(self.shape) == 1 else "f16"
+
+    def nbytes(self, kind: str) -> int:
+        if kind == "f32":
+            return 4 * int(np.prod(self.shape))
+        if len(self.shape) != 2:
+            raise UserError(f"export: {self.key} is {len(self.shape)}-D; only 2-D weights take GGUF block types")
+        if kind not in BLOCK_TYPES:
+            raise UserError(f"export: unknown GGUF type {kind!r} for {self.key}; known: {', '.join(BLOCK_TYPES)}")
+        rows, columns = self.shape
+        if not fits(kind, columns):
+            size = BLOCK_TYPES[kind].block_size
+            raise UserError(
+                f"export: {self.key} has rows of {columns} weights, which {kind}'s {size}-blocks do not divide"
+            )
+        return tensor_bytes(kind, rows, columns)
+
+
+@dataclass
+class GgufLayout:
+    """The file `write_gguf_tensors` writes, without tensor data: its metadata and every tensor's name and shape.
+
+    Its size depends on the types only through the tensor bytes (a tensor info takes as many bytes whatever the
+    type), so `overhead_bytes` is computed once and `file_bytes` is exact for any choice of types."""
+
+    family: Family
+    metadata: gguf.GGUFWriter  # every key-value the file holds, not yet written
+    slots: dict[str, TensorSlot]  # by key
+    overhead_bytes: int  # header, key-values and tensor infos, padded to the alignment where tensor data starts
+    alignment: int
+    notes: list[str]
+
+    def padded(self, nbytes: int) -> int:
+        return -(-nbytes // self.alignment) * self.alignment
+
+    def canonical(self, by_key: Mapping[str, Any]) -> dict[str, Any]:
+        """`by_key` keyed by the file's tensors: on a tied model `lm_head.weight` names the embedding it shares."""
+        by_key = dict(by_key)
+        if "lm_head.weight" in by_key and "lm_head.weight" not in self.slots:
+            embedding = next(key for key, slot in self.slots.items() if slot.name == "token_embd.weight")
+            if embedding in by_key:
+                raise UserError(
+                    "export: a tied model stores one embedding matrix; give lm_head or embed_tokens, not both"
+                )
+            by_key[embedding] = by_key.pop("lm_head.weight")
+        return by_key
+
+    def file_bytes(self, types: Mapping[str, str] | None = None) -> int:
+        """Exact bytes of the file with `types` (state-dict key -> GGUF type) and the converter's F16/F32 for the
+        rest: the search counts bytes with it."""
+        types = self.canonical(types or {})
+        unknown = set(types) - set(self.slots)
+        if unknown:
+            raise UserError(f"export: the model has no tensor {sorted(unknown)[0]!r} to store in GGUF")
+        return self.overhead_bytes + sum(
+            self.padded(slot.nbytes(types.get(key, slot.default_type))) for key, slot in self.slots.items()
+        )
+
+
+def _rope_rows(rows: int, heads: int) -> tuple[int, ...]:
+    """llama.cpp's permutation of query/key rows (its converter's `permute`), as row indices."""
+    order = np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
+    return tuple(int(row) for row in order)
+
+
+def _llama3_rope_factors(config) -> np.ndarray | None:
+    """Llama 3's rope scaling as llama.cpp reads it: per frequency, the factor its base frequency is divided by
+    (transformers' own llama3 frequencies against the unscaled ones)."""
+    full, _ = _rope_parameters(config)
+    if _rope_type(full) != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    dim = _head_dim(config)
+    base = float(full.get("rope_theta", 10000.0))
+    plain = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (plain / scaled.float()).numpy().astype(np.float32)
+
+
+def _slots(model: PreTrainedModel, family: Family) -> dict[str, TensorSlot]:
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    names = gguf.get_tensor_name_map(family.arch, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    slots = {}
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp reads the output matrix from token_embd
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"export: GGUF ({family.arch.name.lower()}) has no name for the tensor {key!r}")
+        rows = None
+        if family.permute_rope and name.endswith(("attn_q.weight", "attn_q.bias")):
+            rows = _rope_rows(tensor.shape[0], heads)
+        elif family.permute_rope and name.endswith(("attn_k.weight", "attn_k.bias")):
+            rows = _rope_rows(tensor.shape[0], kv_heads)
+        shift = family.norm_shift if key.endswith("norm.weight") else 0.0
+        slots[key] = TensorSlot(key, name, tuple(tensor.shape), rows, shift)
+    factors = _llama3_rope_factors(config)
+    if factors is not None:
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        slots[name] = TensorSlot(name, name, tuple(factors.shape))
+    return slots
+
+
+def _kv_bytes(writer: gguf.GGUFWriter) -> int:
+    """Bytes of the key-value section, serialized by the writer's own packer (what write_kv_data_to_file writes)."""
+    total = 0
+    for key, value in writer.kv_data[0].items():
+        total += len(writer._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
+        total += len(writer._pack_val(value.value, value.type, add_vtype=True, sub_type=value.sub_type))
+    return total
+
+
+def gguf_layout(
+    model: PreTrainedModel,
+    tokenizer=None,
+    tokenizer_source: Path | str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    plan: CompressionPlan | None = None,
+) -> GgufLayout:
+    """The GGUF file of `model` without its tensor data. Only shapes and the config are read, so `model` may live
+    on the meta device (`with torch.device("meta"): AutoModelForCausalLM.from_config(config)`).
+
+    `tokenizer_source` is a GGUF file whose tokenizer keys are copied as they are (the base model's own, when it
+    came from GGUF); else `tokenizer`, a byte-level BPE one, is converted. `metadata` (the provenance) and `plan`
+    are stored as JSON under `autocompress.provenance` and `autocompress.plan`; they count in the size."""
+    family = family_of(model)
+    slots = _slots(model, family)
+    notes: list[str] = []
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[family.arch])
+    config = model.config
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "autocompress model"))
+    family.metadata(writer, config, notes)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    n_vocab = next(slot.shape[0] for slot in slots.values() if slot.name == "token_embd.weight")
+    if tokenizer_source is not None:
+        n_tokens = _copy_tokenizer_fields(writer, Path(tokenizer_source))
+    elif tokenizer is not None:
+        n_tokens = _add_bpe_tokenizer(writer, tokenizer, n_vocab, notes)
+    else:
+        n_tokens = 0
+    if n_tokens and n_tokens != n_vocab:
+        raise UserError(
+            f"export: the tokenizer has {n_tokens} tokens, the embedding {n_vocab} rows (llama.cpp needs both equal)"
+        )
+    if plan is not None:
+        writer.add_string(PLAN_KEY, plan.model_dump_json())
+    writer.add_string(PROVENANCE_KEY, json.dumps(dict(metadata or {}), default=str))
+    infos = sum(_TENSOR_INFO_BYTES + len(slot.name.encode()) + 8 * len(slot.shape) for slot in slots.values())
+    alignment = writer.data_alignment or gguf.GGUF_DEFAULT_ALIGNMENT
+    overhead = -(-(_HEADER_BYTES + _kv_bytes(writer) + infos) // alignment) * alignment
+    return GgufLayout(family, writer, slots, overhead, alignment, notes)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _qtype(kind: str) -> QType:
+    return QType.F32 if kind == "f32" else BLOCK_TYPES[kind].qtype
+
+
+@torch.no_grad()
+def _file_tensor(
+    slot: TensorSlot, source: torch.Tensor | np.ndarray, given: GgufTensor | None
+) -> tuple[np.ndarray, str]:
+    """The data llama.cpp reads for one slot, and its type: the given block bytes, or the converter's float."""
+    if given is not None:
+        expected = (slot.shape[0], slot.nbytes(given.type) // slot.shape[0])
+        data = np.ascontiguousarray(given.data)
+        if data.dtype != np.uint8 or data.shape != expected:
+            raise ValueError(f"{slot.key}: {given.type} bytes must be uint8 {expected}, got {data.dtype} {data.shape}")
+        kind = given.type
+    else:
+        values = source.detach().cpu().float().numpy() if isinstance(source, torch.Tensor) else source
+        values = values.astype(np.float32) + np.float32(slot.shift)
+        kind = slot.default_type
+        data = values if kind == "f32" else values.astype(np.float16)
+        if not np.isfinite(data).all():
+            raise UserError(f"export: {slot.key} overflows float16 (|w| up to {np.abs(values).max():g})")
+    if slot.rows is not None:
+        data = data[list(slot.rows)]
+    return np.ascontiguousarray(data), kind
+
+
+def write_gguf_tensors(
+    model: PreTrainedModel,
+    tokenizer,
+    tensors: Mapping[str, GgufTensor],
+    path: Path | str,
+    metadata: Mapping[str, Any] | None = None,
+    tokenizer_source: Path | str | None = None,
+    plan: CompressionPlan | None = None,
+    notes: list[str] | None = None,
+) -> GgufReport:
+    """Write `model` as one GGUF file: each tensor in `tensors` (by state-dict key; on a tied model either
+    `model.embed_tokens.weight` or `lm_head.weight` names the one shared matrix) as its given block bytes, the
+    rest as the converter stores them. The report's `accounted_bytes` is `gguf_layout(...).file_bytes(types)`,
+    which the test holds equal to the file's size; see `gguf_layout` for the other arguments."""
+    path = Path(path)
+    layout = gguf_layout(model, tokenizer, tokenizer_source, metadata, plan)
+    tensors = layout.canonical(tensors)
+    types = {key: tensor.type for key, tensor in tensors.items()}
+    accounted = layout.file_bytes(types)
+    state = model.state_dict()
+    writer = layout.metadata
+    written = {}
+    for key, slot in layout.slots.items():
+        source = state[key] if key in state else _llama3_rope_factors(model.config)
+        data, kind = _file_tensor(slot, source, tensors.get(key))
+        writer.add_tensor(slot.name, data, raw_dtype=_qtype(kind) if data.dtype == np.uint8 else None)
+        written[slot.name] = _qtype(kind).name
+    _write_atomically(writer, path)
+    return GgufReport(path, written, accounted, [*(notes or []), *layout.notes])
+
+
+def _write_atomically(writer: gguf.GGUFWriter, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(descriptor)
+    try:
+        writer.write_header_to_file(Path(temporary))
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+# ---------------------------------------------------------------- our artifact's integer grids
 
 
 def gguf_type_for(quantized: QuantizedWeight, in_features: int) -> tuple[QType | None, str | None]:
@@ -140,124 +646,33 @@ def _high_bits(q: np.ndarray) -> np.ndarray:
     return np.packbits((q >> 4) & 1, axis=-1, bitorder="little")
 
 
-def _rope_rows(rows: int, heads: int) -> np.ndarray:
-    """llama.cpp's permutation of query/key rows (its converter's `permute`), as row indices."""
-    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
-
-
-def _rope_theta(config) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
-
-
-def _add_model_metadata(writer: gguf.GGUFWriter, model: PreTrainedModel, notes: list[str]) -> None:
-    config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer.add_name(str(getattr(config, "_name_or_path", "") or "autocompress model"))
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_vocab_size(config.vocab_size)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        notes.append(f"rope scaling {rope.get('rope_type') or rope.get('type')!r} is not written")
-
-
-def _copy_tokenizer_fields(writer: gguf.GGUFWriter, source: Path) -> None:
-    """The tokenizer.* keys of the GGUF file the base model came from, as they are."""
-    reader = gguf.GGUFReader(source)
-    for key, reader_field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        value_type = reader_field.types[0]
-        if value_type == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, reader_field.contents(), value_type, sub_type=reader_field.types[-1])
-        else:
-            writer.add_key_value(key, reader_field.contents(), value_type)
-
-
-def _add_bpe_tokenizer(writer: gguf.GGUFWriter, tokenizer, notes: list[str]) -> None:
-    """A GPT-2 style byte-level BPE tokenizer from its tokenizer.json; other kinds are not written."""
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        try:
-            vocab = gguf.vocab.BpeVocab(Path(folder))
-        except (FileNotFoundError, KeyError, ValueError):
-            notes.append("the tokenizer is not a byte-level BPE one, so it is not written (llama.cpp needs one)")
-            return
-        tokens, types = [], []
-        for text, _score, token_type in vocab.all_tokens():
-            tokens.append(text)
-            types.append(token_type)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        gguf.vocab.SpecialVocab(Path(folder), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    notes.append("the tokenizer's pre-tokenizer is written as llama.cpp's 'default'")
-
-
-def _architecture(model: PreTrainedModel) -> str:
-    name = type(model).__name__
-    if name not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise UserError(f"export: GGUF is written for {known} only, not {name}; use --format compressed or hf")
-    return ARCHITECTURES[name]
-
-
 @torch.no_grad()
-def gguf_tensors(
+def grid_tensors(
     model: PreTrainedModel, compressed: Mapping[str, CompressedLinear], notes: list[str]
-) -> list[tuple[str, np.ndarray, QType]]:
-    """Every tensor of the GGUF file: (GGUF name, data, type); data is raw block bytes for quantized types."""
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+) -> dict[str, GgufTensor]:
+    """The GGUF tensors of a model compressed with our artifact's levels, by state-dict key: block bytes where a
+    grid maps onto a block type, else F16 of the weight the compressed model computes with. Uncompressed tensors
+    are left to the writer's defaults (the compressed model holds their values)."""
     fallbacks: Counter[str] = Counter()
     widened: Counter[tuple[int, str]] = Counter()
     pruned = 0
-    tensors = []
-    for key, tensor in model.state_dict().items():
-        if tied and key == "lm_head.weight":
-            continue
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UserError(f"export: GGUF has no name for the tensor {key!r}")
-        rows = None
-        if name.endswith(("attn_q.weight", "attn_q.bias")):
-            rows = _rope_rows(tensor.shape[0], heads)
-        elif name.endswith(("attn_k.weight", "attn_k.bias")):
-            rows = _rope_rows(tensor.shape[0], kv_heads)
-        linear = key.removesuffix(".weight")
-        kept = compressed.get(linear) if key.endswith(".weight") else None
+    tensors = {}
+    for linear, kept in compressed.items():
+        pruned += kept.mask is not None
         qtype = None
-        if kept is not None:
-            pruned += kept.mask is not None
-            if kept.quantized is not None:
-                qtype, reason = gguf_type_for(kept.quantized, tensor.shape[1])
-                if qtype is None:
-                    fallbacks[reason] += 1
-                elif kept.quantized.bits not in (4, 5, 8):
-                    widened[kept.quantized.bits, qtype.name] += 1
+        if kept.quantized is not None:
+            qtype, reason = gguf_type_for(kept.quantized, kept.weight.shape[1])
+            if qtype is None:
+                fallbacks[reason] += 1
+            elif kept.quantized.bits not in (4, 5, 8):
+                widened[kept.quantized.bits, qtype.name] += 1
         if qtype is not None:
-            data = encode_blocks(kept.quantized, kept.mask, qtype)
+            tensors[f"{linear}.weight"] = GgufTensor(
+                qtype.name.lower(), encode_blocks(kept.quantized, kept.mask, qtype)
+            )
         else:
-            source = kept.weight if kept is not None else tensor
-            qtype = QType.F32 if tensor.dim() == 1 else QType.F16
-            data = source.detach().cpu().float().numpy().astype(np.float32 if qtype == QType.F32 else np.float16)
-        if rows is not None:
-            data = data[rows]
-        tensors.append((name, np.ascontiguousarray(data), qtype))
+            half = kept.weight.detach().cpu().float().numpy().astype(np.float16)
+            tensors[f"{linear}.weight"] = GgufTensor("f16", half.view(np.uint8))
     if pruned:
         notes.append(f"sparsity: {pruned} pruned Linear(s) stored densely with zeros (GGUF has no sparse tensors)")
     for (bits, name), count in sorted(widened.items()):
@@ -276,36 +691,8 @@ def write_gguf(
     metadata: Mapping[str, Any] | None = None,
     tokenizer_source: Path | None = None,
 ) -> GgufReport:
-    """Write `model` (compressed in place by `apply_plan(..., keep=True)`, which returned `compressed`) as one
-    GGUF file for llama.cpp. `tokenizer_source` is a GGUF file whose tokenizer keys are copied as they are
-    (the base model's own, when it came from GGUF); else a byte-level BPE tokenizer is converted."""
-    path = Path(path)
-    architecture = _architecture(model)
+    """Write `model` (compressed in place by `apply_plan(..., keep=True)`, which returned `compressed`) with our
+    artifact's integer grids mapped onto GGUF blocks (see the module's table); `write_gguf_tensors` does the rest."""
     notes: list[str] = []
-    tensors = gguf_tensors(model, compressed, notes)
-    writer = gguf.GGUFWriter(None, architecture)
-    _add_model_metadata(writer, model, notes)
-    if any(qtype not in _FLOAT_TYPES for _, _, qtype in tensors):
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if tokenizer_source is not None:
-        _copy_tokenizer_fields(writer, tokenizer_source)
-    elif tokenizer is not None:
-        _add_bpe_tokenizer(writer, tokenizer, notes)
-    writer.add_string("autocompress.plan", plan.model_dump_json())
-    writer.add_string("autocompress.provenance", json.dumps(dict(metadata or {}), default=str))
-    for name, data, qtype in tensors:
-        writer.add_tensor(name, data, raw_dtype=None if qtype in _FLOAT_TYPES else qtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(descriptor)
-    try:
-        writer.write_header_to_file(Path(temporary))
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return GgufReport(path, {name: qtype.name for name, _, qtype in tensors}, notes)
+    tensors = grid_tensors(model, compressed, notes)
+    return write_gguf_tensors(model, tokenizer, tensors, path, metadata, tokenizer_source, plan=plan, notes=notes)

@@ -1,0 +1,168 @@
+"""`autocompress evaluate model.gguf`: the exported file judged by the runtime that ships it, beside what the search
+predicted for it.
+
+The search scored a plan with transformers on our own reconstruction of llama.cpp's blocks; the user runs the file
+in llama.cpp. So this loads the file in llama.cpp (llama-cpp-python) and scores the study's held-out windows, the
+same windows the study's held-out figures used (the base model's tokenizer on the data config the file records,
+every predicted token scored), reporting llama.cpp's perplexity, its KL to the dense base model run in
+transformers, and its generation speed; the file's `autocompress.provenance` supplies the study's predictions
+(fitness and held-out figures, accounted bytes) to put beside them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+
+from autocompress.config import DataConfig, ModelConfig
+from autocompress.errors import UserError
+from autocompress.targets.gguf import GGUF_FILE, PROVENANCE_KEY
+
+PROMPT_TOKENS = 16
+
+
+def gguf_file(path: Path | str) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the model.gguf of a `--format gguf` export folder (one
+    without our artifact's manifest); None for neither."""
+    from autocompress.targets.artifact import MANIFEST_FILE
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and (path / GGUF_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
+        return path / GGUF_FILE
+    return None
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    """What the exporter recorded in the file (study, trial, data config, base model, predicted figures)."""
+    fields = gguf.GGUFReader(path).fields
+    if PROVENANCE_KEY not in fields:
+        return {}
+    return json.loads(fields[PROVENANCE_KEY].contents())
+
+
+def _predicted(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The search's figures for this file: held-out (when the frontier was re-evaluated) and fitness ones."""
+    heldout = provenance.get("heldout") or {}
+    metrics = provenance.get("metrics") or {}
+    predicted = {
+        "predicted_heldout_ppl": heldout.get("ppl"),
+        "predicted_heldout_kl": heldout.get("kl"),
+        "predicted_fitness_kl": metrics.get("kl"),
+        "predicted_fitness_ppl": metrics.get("ppl"),
+        "accounted_bytes": provenance.get("accounted_bytes"),
+    }
+    dense = provenance.get("dense_heldout") or {}
+    if dense.get("ppl") is not None:
+        predicted["predicted_dense_heldout_ppl"] = dense["ppl"]
+    return predicted
+
+
+def evaluate_gguf(
+    path: Path | str,
+    data: DataConfig | None = None,
+    device: str | None = None,
+    new_tokens: int = 32,
+    dense: bool = True,
+    n_threads: int | None = None,
+) -> dict[str, Any]:
+    """llama.cpp's held-out perplexity, KL to the dense base model and tokens/s for a GGUF file, beside the
+    search's predictions and the dense model's own figures (transformers, on `device`)."""
+    from autocompress.data import token_pools
+    from autocompress.evaluate import generation_speed
+    from autocompress.metrics import dense_reference, evaluate
+    from autocompress.models import check_consent, load_model, resolve_device
+    from autocompress.runtimes.llama_cpp import LlamaCppModel, llama_cpp_available
+
+    file = gguf_file(path)
+    if file is None:
+        raise UserError(f"{path}: not a .gguf file nor a folder holding {GGUF_FILE}")
+    unavailable = llama_cpp_available()
+    if unavailable is not None:
+        raise UserError(f"evaluate {file}: {unavailable}")
+    provenance = read_provenance(file)
+    if data is None:
+        if "data" not in provenance:
+            raise UserError(f"{file}: no data config in its autocompress.provenance; pass --data CONFIG.yaml")
+        data = DataConfig.model_validate(provenance["data"])
+    if "base_model" not in provenance:
+        raise UserError(f"{file}: no base model in its autocompress.provenance, so its windows cannot be tokenized")
+    base = ModelConfig.model_validate(provenance["base_model"])
+    check_consent(base, f"{file}'s {PROVENANCE_KEY}")  # the file names the model to load: it must not run code
+    target = resolve_device(device or base.device)
+    dense_model, tokenizer = load_model(**base.model_copy(update={"device": str(target)}).model_dump())
+    tokens = token_pools(data, tokenizer).heldout
+    reference = dense_reference(dense_model, tokens, data.batch_size) if dense else None
+    prompt = tokens[0, : min(PROMPT_TOKENS, tokens.shape[1] // 2)].tolist()
+
+    began = time.perf_counter()
+    runtime = LlamaCppModel(file, n_ctx=max(tokens.shape[1], len(prompt) + new_tokens), n_threads=n_threads)
+    load_s = time.perf_counter() - began
+    try:
+        metrics = runtime.evaluate(tokens, reference)
+        speed = runtime.generation_speed(prompt, new_tokens)
+    finally:
+        runtime.close()
+    result: dict[str, Any] = {
+        "path": str(file),
+        "runtime": "llama.cpp",
+        "study": provenance.get("study"),
+        "trial": provenance.get("trial"),
+        "device": "llama.cpp (its own build's device)",
+        "heldout_windows": int(tokens.shape[0]),
+        "heldout_tokens": int(tokens.numel()),
+        "new_tokens": new_tokens,
+        "size_on_disk_bytes": file.stat().st_size,
+        "load_s": load_s,
+        "heldout_ppl": math.exp(metrics.ce),
+        "heldout_kl": metrics.kl,
+        "tokens_per_s": speed,
+        **_predicted(provenance),
+    }
+    if dense:
+        dense_prompt = torch.tensor([prompt])
+        result |= {
+            "dense_heldout_ppl": evaluate(dense_model, tokens, batch_size=data.batch_size).ppl,
+            "dense_tokens_per_s": generation_speed(dense_model, dense_prompt, new_tokens),
+            "dense_device": str(target),
+            "dense_fp16_bytes": provenance.get("dense_bytes"),
+        }
+    del dense_model
+    gc.collect()
+    return result
+
+
+def gguf_evaluation_lines(result: dict[str, Any]) -> list[str]:
+    """`evaluate_gguf`'s figures as a table: llama.cpp's measurement, the search's prediction, the dense model."""
+
+    def cell(key: str, form: str) -> str:
+        value = result.get(key)
+        return "" if value is None else format(value, form)
+
+    rows = [
+        ("held-out perplexity", "heldout_ppl", "predicted_heldout_ppl", "dense_heldout_ppl", ".3f"),
+        ("held-out KL to dense", "heldout_kl", "predicted_heldout_kl", None, ".5f"),
+        ("size (bytes)", "size_on_disk_bytes", "accounted_bytes", "dense_fp16_bytes", ",d"),
+        ("generation (tokens/s)", "tokens_per_s", None, "dense_tokens_per_s", ".1f"),
+        ("load time (s)", "load_s", None, None, ".2f"),
+    ]
+    lines = [f"{'':24}{'llama.cpp':>16}{'predicted':>16}{'dense':>16}"]
+    for label, measured, predicted, dense, form in rows:
+        columns = [cell(key, form) if key else "" for key in (measured, predicted, dense)]
+        lines.append(f"{label:24}" + "".join(f"{column:>16}" for column in columns))
+    if result.get("predicted_fitness_kl") is not None:
+        lines.append(f"(the search's fitness KL for this plan: {result['predicted_fitness_kl']:.5f})")
+    lines.append(
+        f"({result['heldout_windows']} held-out windows, {result['heldout_tokens']} tokens, every one scored; "
+        f"{result['new_tokens']} new tokens per generation; the dense model in transformers on "
+        f"{result.get('dense_device')})"
+    )
+    return lines
