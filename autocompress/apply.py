@@ -13,6 +13,7 @@ from autocompress.metrics import evaluate
 from autocompress.models import compressible_linears, load_model
 from autocompress.plan import CompressionPlan
 from autocompress.size import model_size
+from autocompress.targets import target_named
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class OneshotResult:
 def oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> OneshotResult:
     if plan.trains:
         return trained_oneshot(config, plan, progress)
+    target = target_named(config.compression.target)
+    target.check_model(config)
     model, tokenizer = load_model(**config.model.model_dump())
     pools = token_pools(config.data, tokenizer)
     batch_size = config.data.batch_size
@@ -44,7 +47,7 @@ def oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> One
     apply_plan(model, plan, statistics)
     dense_metrics = evaluate(dense, pools.heldout, batch_size=batch_size)
     metrics = evaluate(model, pools.heldout, reference=dense, batch_size=batch_size)
-    size = model_size(model, plan)
+    size = model_size(model, plan, target)
     return OneshotResult(
         dense_ppl=dense_metrics.ppl,
         heldout_ppl=metrics.ppl,

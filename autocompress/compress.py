@@ -1,52 +1,54 @@
-"""The one entry point that applies a CompressionPlan to a model: prune, then quantize, layer by layer."""
+"""The one pipeline of stages that compresses: distil → prune → recover → quantize.
+
+`apply_plan` runs the prune and quantize stages on a model's Linears (`prune_weight`, then `quantize_weight`
+through the unit's codec); the layer-variant database runs the same two functions, pruning once per sparsity level
+and quantizing that at each precision level; a plan that trains (`students.StudentTrainer.realize`) distils a
+student before them and recovers by KD between them (`apply_plan(..., stages=("prune",))`, then the quantize
+stage with the masks kept).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from autocompress.codecs import Codec, CompressedLinear, resolve
 from autocompress.errors import UserError
-from autocompress.methods import (
-    PRUNERS,
-    QUANTIZERS,
-    LayerStatistics,
-    QuantizedWeight,
-    QuantSpec,
-    SparsityPattern,
-    Statistic,
-)
-from autocompress.methods.formats import FORMATS
+from autocompress.methods import PRUNERS, LayerStatistics, SparsityPattern, Statistic
+from autocompress.methods.pruning import pruned_per_row
 from autocompress.models import compressible_linears, unit_names
 from autocompress.plan import CompressionPlan, LayerCompression
+
+STAGES = ("distil", "prune", "recover", "quantize")
+COMPRESSION_STAGES = ("prune", "quantize")  # the stages `apply_plan` runs; the others train (`students`)
+
+__all__ = ["STAGES", "CompressedLinear", "apply_plan", "compress_weight", "prune_weight", "quantize_weight"]
 
 
 def sparsity_pattern(plan: CompressionPlan) -> SparsityPattern:
     return SparsityPattern(*plan.nm) if plan.nm else SparsityPattern()
 
 
-def quantizer_for(setting: LayerCompression, plan: CompressionPlan) -> tuple[str, QuantSpec]:
-    """The registered quantizer a quantized setting runs and its spec: a named format's own quantizer and
-    scale layout, else the plan's method in the setting's groups (the plan's unless the level names them)."""
-    level = setting.level
-    if level.is_format:
-        group_size = FORMATS[level.method].default_group_size if level.group_size is None else level.group_size
-        return level.method, QuantSpec(bits=level.bits, group_size=group_size, symmetric=False)
-    group_size = plan.group_size if level.group_size is None else level.group_size
-    return plan.quantization, QuantSpec(bits=setting.bits, group_size=group_size, symmetric=plan.symmetric)
-
-
-def settings_needs(settings: Iterable[LayerCompression], plan: CompressionPlan) -> set[Statistic]:
-    """The calibration statistics the methods of `plan` need to compress at each of `settings`."""
+def settings_needs(
+    settings: Iterable[LayerCompression], plan: CompressionPlan, stages: Collection[str] = COMPRESSION_STAGES
+) -> set[Statistic]:
+    """The calibration statistics the methods of `plan` need to compress at each of `settings` (in `stages`)."""
     needs: set[Statistic] = set()
     for setting in settings:
-        if setting.sparsity > 0:
+        if setting.sparsity > 0 and "prune" in stages:
             needs |= PRUNERS[plan.pruning].needs
-        if setting.bits < 16:
-            needs |= QUANTIZERS[quantizer_for(setting, plan)[0]].needs
+        if setting.bits < 16 and "quantize" in stages:
+            needs |= resolve(setting, plan).needs
     return needs
+
+
+def kept_count(out_features: int, in_features: int, setting: LayerCompression, plan: CompressionPlan) -> int | None:
+    """Weights a pruned Linear keeps (every pruner leaves exactly this many per row); None when it is not pruned."""
+    if setting.sparsity == 0:
+        return None
+    return out_features * (in_features - pruned_per_row(in_features, setting.sparsity, sparsity_pattern(plan)))
 
 
 def statistics_needed(plan: CompressionPlan) -> set[Statistic]:
@@ -54,13 +56,36 @@ def statistics_needed(plan: CompressionPlan) -> set[Statistic]:
     return settings_needs([plan.default, *plan.layers.values()], plan)
 
 
-@dataclass
-class CompressedLinear:
-    """One Linear as the plan leaves it: the weight it computes with, and what an artifact stores."""
+def prune_weight(
+    weight: torch.Tensor,
+    setting: LayerCompression,
+    plan: CompressionPlan,
+    stats: LayerStatistics,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prune stage: the weight in float32 with the setting's sparsity (or a `mask` fixed beforehand, as after
+    a recovery) applied, and its mask of kept positions (None when nothing is pruned)."""
+    pruned = weight.float()
+    if mask is not None:
+        return pruned * mask, mask
+    if setting.sparsity > 0:
+        pruned = PRUNERS[plan.pruning].function(pruned, setting.sparsity, sparsity_pattern(plan), stats)
+        return pruned, pruned != 0
+    return pruned, None
 
-    weight: torch.Tensor  # the dense-shaped weight the compressed model runs with
-    mask: torch.Tensor | None  # kept positions, when pruned
-    quantized: QuantizedWeight | None  # codes and scales, when quantized
+
+def quantize_weight(
+    pruned: torch.Tensor, mask: torch.Tensor | None, codec: Codec, stats: LayerStatistics, dtype: torch.dtype
+) -> CompressedLinear:
+    """The quantize stage: what the codec stores of a pruned float32 weight, and the weight (in `dtype`) that the
+    compressed model computes with, which is exactly what those codes and scales decode to."""
+    quantized = codec.quantize(pruned, mask, stats)
+    if quantized is None:
+        return CompressedLinear(pruned.to(dtype), mask, None)
+    weight = quantized.dequantize()
+    if mask is not None:
+        weight = weight * mask
+    return CompressedLinear(weight.to(dtype), mask, quantized)
 
 
 def compress_weight(
@@ -70,24 +95,12 @@ def compress_weight(
     stats: LayerStatistics,
     mask: torch.Tensor | None = None,
 ) -> CompressedLinear:
-    """One Linear's weight (out × in) compressed as the plan says, computed in float32.
+    """One Linear's weight (out × in) through the prune and quantize stages as the plan says, in float32.
 
     A `mask` fixed beforehand (pruned, then fine-tuned with the mask frozen) is kept instead of pruning again.
     """
-    compressed = weight.float()
-    quantized = None
-    if mask is not None:
-        compressed = compressed * mask
-    elif setting.sparsity > 0:
-        compressed = PRUNERS[plan.pruning].function(compressed, setting.sparsity, sparsity_pattern(plan), stats)
-        mask = compressed != 0
-    if setting.bits < 16:
-        method, spec = quantizer_for(setting, plan)
-        quantized = QUANTIZERS[method].function(compressed, mask, spec, stats)
-        compressed = quantized.dequantize()
-        if mask is not None:
-            compressed = compressed * mask
-    return CompressedLinear(compressed.to(weight.dtype), mask, quantized)
+    pruned, mask = prune_weight(weight, setting, plan, stats, mask)
+    return quantize_weight(pruned, mask, resolve(setting, plan), stats, weight.dtype)
 
 
 @torch.no_grad()
@@ -98,16 +111,18 @@ def apply_plan(
     keep: bool = False,
     only: Collection[str] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
+    stages: Collection[str] = COMPRESSION_STAGES,
 ) -> dict[str, CompressedLinear]:
     """Compress the model in place; it then runs in plain transformers (masked, fake-quantized weights).
 
     With `keep`, return each compressed Linear's stored form (masks, codes, scales) by name, for export.
     With `only`, compress just the Linears of those names (the others are assumed to hold their plan already).
     `masks` (by Linear name) are kept as they are instead of pruning again (a recovered student).
-    A plan with a student compresses the student, not this model: see `autocompress.students.realize_plan`.
+    `stages` ("prune" alone: the stage before a recovery) leaves out the quantize stage.
+    A plan with a student compresses the student, not this model: see `StudentTrainer.realize`.
     """
     if plan.student is not None:
-        raise UserError("plan: a student plan builds a new model; apply it with autocompress.students.realize_plan")
+        raise UserError("plan: a student plan builds a new model; apply it with CompressionSession.realize")
     try:
         plan.check_units(unit_names(model, plan.granularity))
     except ValueError as error:
@@ -115,6 +130,8 @@ def apply_plan(
     kept: dict[str, CompressedLinear] = {}
     for linear in compressible_linears(model):
         setting = plan.setting(linear.name, linear.block)
+        if "quantize" not in stages:
+            setting = LayerCompression(sparsity=setting.sparsity)
         if setting.is_identity or (only is not None and linear.name not in only):
             continue
         stats = statistics.get(linear.name, LayerStatistics())

@@ -25,8 +25,10 @@ _INTEGER_LEVEL = re.compile(r"^int(\d+)(?:-(?:g(\d+)|(row)))?$")
 _FORMAT_LEVEL = re.compile(rf"^({'|'.join(map(re.escape, FORMATS))})(?:-(?:g(\d+)|(row)|(tensor)))?$")
 LEVEL_NAMES_HELP = (
     f"{UNQUANTIZED}, int<bits>[-g<size>|-row] (bits {', '.join(map(str, BIT_WIDTHS[:-1]))}), "
-    "fp8-e4m3 or fp8-e5m2 [-g<size>|-row|-tensor], nf4[-g<size>|-row], mxfp4, nvfp4"
+    "fp8-e4m3 or fp8-e5m2 [-g<size>|-row|-tensor], nf4[-g<size>|-row], mxfp4, nvfp4; "
+    "under the gguf target llama.cpp's types q2_k..q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs, mxfp4, f16"
 )
+GGUF_METHOD = "gguf"  # the `Level.method` of a GGUF tensor type: its blocks are llama.cpp's (autocompress.codecs.gguf)
 
 
 class StudentArchitecture(BaseModel):
@@ -109,6 +111,10 @@ def parse_level(name: str) -> Level:
         if group == PER_TENSOR and not spec.allows_per_tensor:
             raise ValueError(f"precision level {name!r}: only FP8 takes one scale per tensor")
         return Level(name, spec.bits, spec.name, group)
+    from autocompress.codecs.gguf import GGUF_LEVELS  # here, not above: the codecs import plans
+
+    if name in GGUF_LEVELS:  # llama.cpp's own tensor types, the levels of `compression.target: gguf`
+        return Level(name, GGUF_LEVELS[name], GGUF_METHOD, None)
     raise ValueError(f"unknown precision level {name!r}; use {LEVEL_NAMES_HELP}")
 
 

@@ -17,16 +17,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from autocompress.compress import quantizer_for, sparsity_pattern
-from autocompress.methods.formats import FORMATS, format_storage
-from autocompress.methods.pruning import pruned_per_row
-from autocompress.methods.quantization import group_count
 from autocompress.models import compressible_linears
 from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.targets import ARTIFACT, HALF_BYTES, Target
 
-HALF_BYTES = 2
+__all__ = ["HALF_BYTES", "SizeReport", "linear_bytes", "model_size", "packed_bytes"]
 
 
 def packed_bytes(count: int, bits: int) -> int:
@@ -36,24 +34,9 @@ def packed_bytes(count: int, bits: int) -> int:
 def linear_bytes(
     out_features: int, in_features: int, setting: LayerCompression, plan: CompressionPlan, bias: bool = False
 ) -> int:
-    """Bytes one Linear takes once compressed with `setting` under the plan-wide options of `plan`."""
-    total = out_features * in_features
-    kept = total - out_features * pruned_per_row(in_features, setting.sparsity, sparsity_pattern(plan))
-    size = packed_bytes(total, 1) if setting.sparsity > 0 else 0
-    if setting.bits == 16:
-        size += packed_bytes(kept, 16)
-    else:
-        method, spec = quantizer_for(setting, plan)
-        if method in FORMATS:
-            size += format_storage(method, out_features, in_features, kept, spec.group_size).total
-        else:
-            groups = out_features * group_count(in_features, spec.group_size)
-            size += packed_bytes(kept, spec.bits) + groups * HALF_BYTES
-            if not spec.symmetric:
-                size += packed_bytes(groups, spec.bits)
-    if bias:
-        size += out_features * HALF_BYTES
-    return size
+    """Bytes one Linear takes in our artifact once compressed with `setting` under the plan-wide options of `plan`:
+    what its codec writes (`codecs.encode_linear`), and its bias in 16 bits."""
+    return ARTIFACT.linear_bytes(setting, plan, out_features, in_features, bias, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -67,15 +50,20 @@ class SizeReport:
         return self.total_bytes / self.dense_bytes
 
 
-def model_size(model: nn.Module, plan: CompressionPlan) -> SizeReport:
+def model_size(model: nn.Module, plan: CompressionPlan, target: Target | None = None) -> SizeReport:
+    """The plan's bytes as the deployment `target` stores them (our artifact by default); `dense_bytes` is always
+    every parameter in 16 bits, the figure sizes are fractions of."""
+    target = ARTIFACT if target is None else target
     linears = compressible_linears(model)
+    dtype = next(model.parameters()).dtype
     per_layer = {}
     for linear in linears:
         weight, bias = linear.module.weight, linear.module.bias
         setting = plan.setting(linear.name, linear.block)
-        per_layer[linear.name] = linear_bytes(*weight.shape, setting, plan, bias=bias is not None)
+        per_layer[linear.name] = target.linear_bytes(setting, plan, *weight.shape, bias is not None, dtype)
     compressed_ids = {id(parameter) for linear in linears for parameter in linear.module.parameters()}
     parameters = list(model.parameters())  # tied parameters appear once
     dense_bytes = sum(parameter.numel() for parameter in parameters) * HALF_BYTES
-    untouched = sum(p.numel() for p in parameters if id(p) not in compressed_ids) * HALF_BYTES
-    return SizeReport(total_bytes=untouched + sum(per_layer.values()), dense_bytes=dense_bytes, per_layer=per_layer)
+    untouched = sum(target.tensor_bytes(p.numel(), dtype) for p in parameters if id(p) not in compressed_ids)
+    total = untouched + sum(per_layer.values()) + target.overhead_bytes(model, plan)
+    return SizeReport(total_bytes=total, dense_bytes=dense_bytes, per_layer=per_layer)

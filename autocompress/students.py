@@ -1,4 +1,5 @@
-"""Plans that train: distil a student → prune → (recover) → quantize, into a new model beside the teacher.
+"""Plans that train: the whole pipeline of `compress.STAGES`, distil a student → prune → (recover) → quantize, into
+a new model beside the teacher.
 
 A student has other shapes than the teacher, so the teacher's layer-variant database and stitching do not
 serve it: the student is built (cut from the teacher, `methods.distillation.build_student`), distilled on the
@@ -22,7 +23,7 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from autocompress.calibration import collect_statistics
-from autocompress.compress import CompressedLinear, apply_plan
+from autocompress.compress import COMPRESSION_STAGES, CompressedLinear, apply_plan, settings_needs
 from autocompress.config import STUDENT_DIMENSIONS, DistillationConfig
 from autocompress.distillation import (
     DistillationOptions,
@@ -31,9 +32,8 @@ from autocompress.distillation import (
     distill,
 )
 from autocompress.errors import UserError
-from autocompress.methods import PRUNERS, QUANTIZERS, Statistic
 from autocompress.models import compressible_linears, student_config, unit_names
-from autocompress.plan import CompressionPlan, LayerCompression, StudentArchitecture
+from autocompress.plan import CompressionPlan, StudentArchitecture
 
 # (training step, KL to the teacher on the fitness pool); may raise to stop the training (a pruner's verdict)
 ReportCallback = Callable[[int, float], None]
@@ -64,27 +64,6 @@ def distillation_options(settings: DistillationConfig, seq_len: int, steps: int 
 def without_training(plan: CompressionPlan) -> CompressionPlan:
     """The plan's compression alone (no student, no recovery), as `apply_plan` applies it to the built model."""
     return plan.model_copy(update={"student": None, "recovery_steps": 0})
-
-
-def pruning_only(plan: CompressionPlan) -> CompressionPlan:
-    """The plan with every unit kept at 16 bits: its pruning stage."""
-
-    def unquantized(setting: LayerCompression) -> LayerCompression:
-        return LayerCompression(sparsity=setting.sparsity, bits=16)
-
-    return without_training(plan).model_copy(
-        update={
-            "default": unquantized(plan.default),
-            "layers": {unit: unquantized(setting) for unit, setting in plan.layers.items()},
-        }
-    )
-
-
-def needs_of(plan: CompressionPlan, stage: str) -> set[Statistic]:
-    settings = [plan.default, *plan.layers.values()]
-    if stage == "pruning":
-        return set(PRUNERS[plan.pruning].needs) if any(s.sparsity > 0 for s in settings) else set()
-    return set(QUANTIZERS[plan.quantization].needs) if any(s.bits < 16 for s in settings) else set()
 
 
 @dataclass
@@ -185,22 +164,27 @@ class StudentTrainer:
         except ValueError as error:
             raise UserError(f"plan: {error}") from error
         linears = compressible_linears(model)
+        settings = [compression.default, *compression.layers.values()]
         masks = None
-        pruned = any(setting.sparsity > 0 for setting in [plan.default, *plan.layers.values()])
-        if plan.recovery_steps > 0 and pruned:  # a quantized-only plan has nothing to recover before its grid
-            masks = self._prune_and_recover(model, plan, linears)
-        needs = needs_of(compression, "quantization") | (needs_of(compression, "pruning") if masks is None else set())
-        statistics = collect_statistics(model, linears, self.calibration, needs, self.batch_size)
+        if plan.recovery_steps > 0 and any(setting.sparsity > 0 for setting in settings):
+            masks = self._prune_and_recover(model, compression, plan.recovery_steps, linears)  # before the grid
+        stages = ("quantize",) if masks is not None else COMPRESSION_STAGES  # a recovered model keeps its masks
+        statistics = collect_statistics(
+            model, linears, self.calibration, settings_needs(settings, compression, stages), self.batch_size
+        )
         compressed = apply_plan(model, compression, statistics, keep=True, masks=masks)
         return TrainedModel(model.eval(), compressed, curve, shape)
 
-    def _prune_and_recover(self, model: PreTrainedModel, plan: CompressionPlan, linears) -> dict[str, torch.Tensor]:
-        """Prune, then fine-tune by KD with the masks frozen; return the masks the quantization keeps."""
-        pruning = pruning_only(plan)
-        statistics = collect_statistics(model, linears, self.calibration, needs_of(pruning, "pruning"), self.batch_size)
-        pruned = apply_plan(model, pruning, statistics, keep=True)
+    def _prune_and_recover(
+        self, model: PreTrainedModel, plan: CompressionPlan, steps: int, linears
+    ) -> dict[str, torch.Tensor]:
+        """The prune stage, then the recover stage (KD with the masks frozen); return the masks kept after."""
+        settings = [plan.default, *plan.layers.values()]
+        needs = settings_needs(settings, plan, ("prune",))
+        statistics = collect_statistics(model, linears, self.calibration, needs, self.batch_size)
+        pruned = apply_plan(model, plan, statistics, keep=True, stages=("prune",))
         masks = {name: kept.mask for name, kept in pruned.items() if kept.mask is not None}
-        options = distillation_options(self.settings, self.seq_len, steps=plan.recovery_steps)
+        options = distillation_options(self.settings, self.seq_len, steps=steps)
         frozen = {f"{name}.weight": mask.to(model.dtype) for name, mask in masks.items()}
         distill(model, self.teacher, self.calibration, options, frozen_masks=frozen)
         return masks

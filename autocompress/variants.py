@@ -11,12 +11,11 @@ Layout, beside the study's other caches (`results/<study>/cache/<inputs fingerpr
         s0.0000_nf4.safetensors         or per (sparsity, named precision level)
         .lock                           held by the process computing this Linear's variants
 
-Each file holds the compact stored form of one compressed weight, never the dense matrix:
-- pruned: the kept positions as a 1-bit mask (row-major, `packing.pack_mask`);
-- quantized: uint8 codes (only of the kept positions when pruned), float16 scales, uint8 zero-points;
-  in a number format, its scales exactly as float32 when they are not float16, and its tensor scale;
-- pruned only: the kept values in the model's dtype (the exact values the compressed model computes with).
-So a quantized variant takes about 1 byte per weight or less, a pruned-only one (1 − sparsity) values.
+Each file holds the stored form of one compressed weight that its level's codec writes (`codecs.encode_linear`,
+exactly what an artifact stores of it), never the dense matrix: the kept positions as a 1-bit mask when pruned, and
+bit-packed codes with their scales (and zero-points) when quantized; a pruned-only weight keeps its values in the
+model's dtype (the exact values the compressed model computes with). The codec's manifest entry is the file's
+metadata, so the same `codecs.decode_linear` reads both.
 
 Files are written under a temporary name and renamed, so a kill at any moment leaves either a whole file
 or none (a stale temporary file is removed by the next process that takes the Linear's lock). Several
@@ -26,6 +25,7 @@ the Linears others are computing, then waits for them at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -34,20 +34,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from autocompress.codecs.packing import pack_mask
-from autocompress.compress import quantizer_for, settings_needs, sparsity_pattern
-from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, QuantizedWeight, Statistic
-from autocompress.methods.formats import FORMATS
+from autocompress.codecs import decode_linear, encode_linear, resolve
+from autocompress.compress import prune_weight, quantize_weight, settings_needs
+from autocompress.methods import LayerStatistics, Statistic
 from autocompress.plan import CompressionPlan, LayerCompression
 
-STORE_VERSION = "1"
+STORE_VERSION = "2"  # 2: the codecs' stored form (bit-packed codes), the entry as metadata
 log = logging.getLogger(__name__)
 
 StatisticsProvider = Callable[[set[Statistic]], Mapping[str, LayerStatistics]]
@@ -97,112 +95,31 @@ def variant_filename(setting: LayerCompression) -> str:
 def compress_variants(
     weight: torch.Tensor, settings: list[LayerCompression], plan: CompressionPlan, stats: LayerStatistics
 ) -> dict[LayerCompression, tuple[dict[str, torch.Tensor], dict[str, str]]]:
-    """The stored form of `weight` compressed at each setting, as `compress.compress_weight` computes it.
-
-    This follows compress_weight step for step (prune in float32, mask = the non-zeros, quantize the pruned
-    weight with that mask), pruning once per sparsity level and quantizing that result at each bit-width,
-    so a stitched weight equals a directly compressed one exactly.
-    """
-    dense = weight.float()
+    """The stored form of `weight` compressed at each setting through `compress`'s prune and quantize stages,
+    pruning once per sparsity level and quantizing that result at each precision level, so a stitched weight
+    equals a directly compressed one exactly."""
     stored = {}
     for sparsity in sorted({setting.sparsity for setting in settings}):
-        if sparsity > 0:
-            pruned = PRUNERS[plan.pruning].function(dense, sparsity, sparsity_pattern(plan), stats)
-            mask = pruned != 0
-        else:
-            pruned, mask = dense, None
+        pruned, mask = prune_weight(weight, LayerCompression(sparsity=sparsity), plan, stats)
         for setting in [setting for setting in settings if setting.sparsity == sparsity]:
-            quantized = None
-            if setting.bits < 16:
-                method, spec = quantizer_for(setting, plan)
-                quantized = QUANTIZERS[method].function(pruned, mask, spec, stats)
-            stored[setting] = encode_variant(pruned, mask, quantized, setting, weight.dtype)
+            codec = resolve(setting, plan)
+            compressed = quantize_weight(pruned, mask, codec, stats, weight.dtype)
+            tensors, entry = encode_linear(codec, compressed, weight.dtype)
+            metadata = {
+                "version": STORE_VERSION,
+                "dtype": str(weight.dtype).removeprefix("torch."),
+                "entry": json.dumps(entry),
+            }
+            stored[setting] = tensors, metadata
     return stored
-
-
-def encode_variant(
-    pruned: torch.Tensor,
-    mask: torch.Tensor | None,
-    quantized: QuantizedWeight | None,
-    setting: LayerCompression,
-    dtype: torch.dtype,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of one variant's compact stored form (see the module docstring)."""
-    out_features, in_features = pruned.shape
-    metadata = {
-        "version": STORE_VERSION,
-        "shape": f"{out_features},{in_features}",
-        "sparsity": repr(setting.sparsity),
-        "bits": str(setting.bits),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    tensors: dict[str, torch.Tensor] = {}
-    if mask is not None:
-        tensors["mask"] = pack_mask(mask.cpu())
-    if quantized is None:
-        if mask is None:
-            raise ValueError("a variant is pruned, quantized or both")
-        tensors["values"] = pruned.to(dtype)[mask].cpu()
-        return tensors, metadata
-    codes = quantized.codes if mask is None else quantized.codes[mask]
-    tensors["codes"] = codes.reshape(-1).to(torch.uint8).cpu()
-    exact_scale = quantized.scale_format in ("float16", "none")  # E8M0 and E4M3 scales may leave float16
-    tensors["scale"] = quantized.scale.to(torch.float16 if exact_scale else torch.float32).cpu()
-    if quantized.format is not None:
-        metadata |= {"format": quantized.format, "scale_format": quantized.scale_format}
-    if quantized.tensor_scale is not None:
-        tensors["tensor_scale"] = torch.tensor([quantized.tensor_scale], dtype=torch.float32)
-    zero = quantized.zero
-    integer = torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 255
-    tensors["zero"] = (zero.to(torch.uint8) if integer else zero.float()).cpu()
-    if quantized.levels is not None:
-        tensors["levels"] = quantized.levels.cpu()
-    metadata |= {"group_size": str(quantized.group_size), "symmetric": str(int(quantized.symmetric))}
-    return tensors, metadata
-
-
-def unpack_mask_fast(data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """`packing.unpack_mask` (little-endian bit order) through numpy, several times faster on the CPU."""
-    count = int(np.prod(shape))
-    bits = np.unpackbits(data.cpu().numpy(), count=count, bitorder="little")
-    return torch.from_numpy(bits.view(np.bool_)).reshape(shape)
 
 
 def decode_variant(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """The weight a stored variant's model computes with, in the dtype it was stored for."""
-    shape = tuple(int(size) for size in metadata["shape"].split(","))
-    dtype = getattr(torch, metadata["dtype"])
-    mask = unpack_mask_fast(tensors.pop("mask"), shape).to(device) if "mask" in tensors else None
     tensors = {key: value.to(device) for key, value in tensors.items()}
-    if "codes" not in tensors:
-        weight = torch.zeros(shape, dtype=dtype, device=device)
-        return weight.masked_scatter_(mask, tensors["values"])
-    zero, scale = tensors["zero"], tensors["scale"]
-    group_size = int(metadata["group_size"])
-    if mask is None:
-        codes = tensors["codes"].reshape(shape)
-    else:  # pruned positions take the code of 0; the mask zeroes them below either way
-        size = shape[1] if group_size == -1 else group_size
-        per_column = torch.arange(shape[1], device=device) // size
-        codes = zero.to(torch.uint8)[:, per_column].masked_scatter_(mask, tensors["codes"])
-    quantized = QuantizedWeight(
-        codes=codes,
-        scale=scale,
-        zero=zero,
-        bits=int(metadata["bits"]),
-        group_size=group_size,
-        symmetric=bool(int(metadata["symmetric"])),
-        levels=tensors.get("levels"),
-        format=metadata.get("format"),
-        scale_format=metadata.get("scale_format", "float16"),
-        tensor_scale=float(tensors["tensor_scale"][0]) if "tensor_scale" in tensors else None,
-    )
-    weight = quantized.dequantize()
-    if mask is not None:
-        weight = weight * mask
-    return weight.to(dtype)
+    return decode_linear(tensors, json.loads(metadata["entry"])).to(getattr(torch, metadata["dtype"]))
 
 
 @dataclass(frozen=True)
@@ -328,12 +245,9 @@ class VariantDatabase:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         if metadata.get("version") != STORE_VERSION:
             raise ValueError(f"stored with format version {metadata.get('version')}, expected {STORE_VERSION}")
-        expected = ",".join(str(size) for size in self.dense_weights[name].shape)
-        if metadata.get("shape") != expected:
-            raise ValueError(f"stored for shape {metadata.get('shape')}, the layer is {expected}")
-        if "codes" in tensors and "format" not in metadata and self.plan.quantization in FORMATS:
-            # Written before variants kept a format's E8M0 / E4M3 scales and NVFP4's tensor scale exactly.
-            raise ValueError(f"a {self.plan.quantization} variant stored without its format")
+        shape = json.loads(metadata["entry"])["shape"]
+        if tuple(shape) != tuple(self.dense_weights[name].shape):
+            raise ValueError(f"stored for shape {shape}, the layer is {list(self.dense_weights[name].shape)}")
         return decode_variant(tensors, metadata, self.device)
 
     def disk_usage(self) -> DiskUsage:

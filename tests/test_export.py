@@ -267,9 +267,12 @@ def test_refuses_to_overwrite_unless_asked(tmp_path) -> None:
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         export_compressed(model, None, plan, compressed, out, {})
+    with pytest.raises(UserError, match="not an earlier export"):  # --overwrite replaces only our own exports
+        export_compressed(model, None, plan, compressed, out, {}, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_compressed(model, None, plan, compressed, out, {})
     export_compressed(model, None, plan, compressed, out, {}, overwrite=True)
-    assert not (out / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folders left behind
     loaded, tokenizer = load(out)
     assert tokenizer is None

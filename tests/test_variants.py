@@ -20,7 +20,7 @@ from autocompress.compress import apply_plan, statistics_needed
 from autocompress.config import Config
 from autocompress.data import token_pools
 from autocompress.frontier import frontier_of
-from autocompress.models import compressible_linears, load_model
+from autocompress.models import compressible_linears, load_model, round_model_to_storage, round_to_storage
 from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.record import StudyRecord, TrialRecord, trial_records
 from autocompress.search import SearchSpace, StudyLocation, run_search
@@ -50,12 +50,17 @@ def write_config(tmp_path: Path, tiny_model_dir: Path):
 
 
 def directly_compressed(config: Config, plan: CompressionPlan) -> dict[str, torch.Tensor]:
-    """The weights of a fresh model compressed with apply_plan, with statistics collected afresh."""
+    """The weights of a fresh model compressed with apply_plan, with statistics collected afresh, and rounded
+    to what an artifact stores as a session's are: every tensor before, the pruned-only Linears after."""
     model, tokenizer = load_model(**config.model.model_dump())
+    round_model_to_storage(model)
     pools = token_pools(config.data, tokenizer)
     linears = compressible_linears(model)
     statistics = collect_statistics(model, linears, pools.calibration, statistics_needed(plan), config.data.batch_size)
     apply_plan(model, plan, statistics)
+    for linear in linears:
+        if plan.setting(linear.name, linear.block).bits >= 16:  # kept values stored at 16 bits
+            round_to_storage(linear.module.weight.data, linear.name)
     return {linear.name: linear.module.weight.detach().clone() for linear in linears}
 
 
@@ -297,14 +302,3 @@ def test_a_search_with_the_database_runs_end_to_end(tmp_path: Path, write_config
     measured = session.measure(space.plan_from_params(best.params))
     assert measured.metrics.kl == pytest.approx(TrialRecord.of(best).loss, rel=1e-5)
     assert session.database().computed == 0, "a second process reuses the stored variants"
-
-
-def test_the_fast_mask_reader_reads_what_packing_writes() -> None:
-    from autocompress.codecs.packing import pack_mask, unpack_mask
-    from autocompress.variants import unpack_mask_fast
-
-    for shape in [(1, 1), (3, 5), (37, 53), (64, 128)]:
-        mask = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) > 0.4
-        packed = pack_mask(mask)
-        assert torch.equal(unpack_mask_fast(packed, shape), mask)
-        assert torch.equal(unpack_mask_fast(packed, shape), unpack_mask(packed, shape))

@@ -1,12 +1,13 @@
 """The compressed artifact: what a plan really stores, written to a folder and loaded back into a runnable model.
 
 An artifact folder holds
-- `model.safetensors`: for each compressed Linear `<name>`,
+- `model.safetensors`: for each compressed Linear `<name>`, the tensors its level's codec writes
+  (`autocompress.codecs.encode_linear`, the same that size accounting counts):
   `<name>.codes` (uint8, the codes of the kept positions in row-major order, bit-packed at the layer's bit-width)
   when quantized, or `<name>.values` (the kept values in 16 bits) when only pruned;
   `<name>.mask` (uint8, the kept positions bit-packed one bit each) when pruned;
-  `<name>.scale` (float16 [out, groups]) and, for asymmetric grids, `<name>.zero` (uint8, bit-packed at the
-  bit-width) when quantized; `<name>.levels` for a non-uniform grid.
+  `<name>.scale` (float16 [out, groups], or a number format's E8M0 / E4M3 bytes), for asymmetric grids
+  `<name>.zero` (uint8, bit-packed at the bit-width), and a format's float32 `<name>.tensor_scale` when quantized.
   Every other tensor of the state dict is stored in 16 bits (bfloat16 for a bfloat16 model, else float16),
   tied tensors once.
 - `manifest.json`: the format version, the plan, per-layer shapes and formats, the model config, provenance,
@@ -35,12 +36,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from autocompress.codecs.packing import pack, pack_mask, unpack, unpack_mask
-from autocompress.compress import CompressedLinear
+from autocompress.codecs import CompressedLinear, decode_linear, encode_linear, resolve
 from autocompress.errors import UserError
-from autocompress.methods import QuantizedWeight
 from autocompress.models import compressible_linears, plain_copy
-from autocompress.plan import CompressionPlan
+from autocompress.plan import CompressionPlan, LayerCompression
 
 FORMAT = "autocompress"
 FORMAT_VERSION = 1
@@ -106,113 +105,17 @@ def _plain_config(model: PreTrainedModel):
 
 
 def _compressed_tensors(
-    name: str, linear: nn.Linear, compressed: CompressedLinear, store: torch.dtype
+    name: str, linear: nn.Linear, compressed: CompressedLinear, setting: LayerCompression, plan: CompressionPlan, store
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The stored tensors of one compressed Linear, and its manifest entry."""
-    out_features, in_features = linear.weight.shape
-    mask, quantized = compressed.mask, compressed.quantized
-    if mask is None and quantized is None:
-        raise ValueError(f"{name}: a compressed Linear needs a mask or quantized codes")
-    tensors: dict[str, torch.Tensor] = {}
-    entry: dict[str, Any] = {"shape": [out_features, in_features], "pruned": mask is not None, "bits": 16}
-    if mask is not None:
-        mask = mask.detach().cpu().bool()
-        if tuple(mask.shape) != (out_features, in_features):
-            raise ValueError(f"{name}: mask of shape {tuple(mask.shape)} for a weight of {tuple(linear.weight.shape)}")
-        tensors[f"{name}.mask"] = pack_mask(mask)
-        entry["kept"] = int(mask.sum())
-    if quantized is None:
-        weight = compressed.weight.detach().cpu()
-        tensors[f"{name}.values"] = weight[mask].to(store).contiguous()
-        entry["values_dtype"] = _dtype_name(store)
-        return tensors, entry
-    codes = quantized.codes.detach().cpu()
-    if tuple(codes.shape) != (out_features, in_features):
-        raise ValueError(f"{name}: codes of shape {tuple(codes.shape)} for a weight of {tuple(linear.weight.shape)}")
-    kept_codes = codes.reshape(-1) if mask is None else codes[mask]
-    tensors[f"{name}.codes"] = pack(kept_codes, quantized.bits)
-    if getattr(quantized, "format", None) is not None:
-        return tensors | _format_tensors(name, quantized), entry | _format_entry(quantized)
-    tensors[f"{name}.scale"] = quantized.scale.detach().cpu().to(torch.float16).contiguous()
-    zero = quantized.zero.detach().cpu()
-    if quantized.symmetric:
-        if not torch.all(zero == 2 ** (quantized.bits - 1)):
-            raise ValueError(f"{name}: a symmetric grid's zero-points must all be {2 ** (quantized.bits - 1)}")
-    else:
-        if not torch.equal(zero, zero.round()):
-            raise ValueError(f"{name}: zero-points must be integers to be stored at {quantized.bits} bits")
-        tensors[f"{name}.zero"] = pack(zero.to(torch.int64), quantized.bits)
-    if quantized.levels is not None:
-        tensors[f"{name}.levels"] = quantized.levels.detach().cpu().contiguous()
-    entry.update(
-        bits=quantized.bits,
-        group_size=quantized.group_size,
-        symmetric=quantized.symmetric,
-        groups=int(quantized.scale.shape[1]),
-        levels=quantized.levels is not None,
-    )
-    return tensors, entry
-
-
-def _format_tensors(name: str, quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """A named number format's scales as it stores them; its levels table is named in the manifest, not stored."""
-    from autocompress.methods.formats import scale_codes
-
-    if not torch.all(quantized.zero == 0):
-        raise ValueError(f"{name}: a {quantized.format} weight's zero-points must all be 0")
-    tensors: dict[str, torch.Tensor] = {}
-    scale = quantized.scale.detach().cpu()
-    if quantized.scale_format == "float16":
-        tensors[f"{name}.scale"] = scale.to(torch.float16).contiguous()
-    elif quantized.scale_format in ("e8m0", "e4m3"):
-        tensors[f"{name}.scale"] = scale_codes(scale, quantized.scale_format).contiguous()
-    if quantized.tensor_scale is not None:
-        tensors[f"{name}.tensor_scale"] = torch.tensor([quantized.tensor_scale], dtype=torch.float32)
-    return tensors
-
-
-def _format_entry(quantized: QuantizedWeight) -> dict[str, Any]:
-    return {
-        "bits": quantized.bits,
-        "group_size": quantized.group_size,
-        "symmetric": False,
-        "groups": int(quantized.scale.shape[1]),
-        "levels": False,
-        "format": quantized.format,
-        "scale_format": quantized.scale_format,
-        "tensor_scale": quantized.tensor_scale is not None,
-    }
-
-
-def _format_weight(
-    name: str, entry: Mapping[str, Any], codes: torch.Tensor, tensors: Mapping[str, torch.Tensor], file: Path
-) -> QuantizedWeight:
-    """The QuantizedWeight of a named number format, from its codes, stored scales and the format's levels."""
-    from autocompress.methods.formats import FORMATS, levels_tensor, scales_from_codes
-
-    if entry["format"] not in FORMATS:
-        raise ValueError(f"unknown number format {entry['format']!r}")
-    shape = (entry["shape"][0], entry["groups"])
-    scale_format = entry["scale_format"]
-    if scale_format == "none":
-        scale = torch.ones(shape, dtype=torch.float32)
-    else:
-        stored = _tensor(tensors, f"{name}.scale", file)
-        scale = stored if scale_format == "float16" else scales_from_codes(stored, scale_format)
-        scale = scale.reshape(shape)
-    tensor_scale = float(_tensor(tensors, f"{name}.tensor_scale", file)[0]) if entry["tensor_scale"] else None
-    return QuantizedWeight(
-        codes=codes,
-        scale=scale,
-        zero=torch.zeros(shape, dtype=torch.float32),
-        bits=entry["bits"],
-        group_size=entry["group_size"],
-        symmetric=False,
-        levels=levels_tensor(FORMATS[entry["format"]].element),
-        format=entry["format"],
-        scale_format=scale_format,
-        tensor_scale=tensor_scale,
-    )
+    """The stored tensors of one compressed Linear, as its level's codec encodes them, and its manifest entry."""
+    if tuple(compressed.weight.shape) != tuple(linear.weight.shape):
+        shapes = f"{tuple(compressed.weight.shape)} for a Linear of {tuple(linear.weight.shape)}"
+        raise ValueError(f"{name}: a weight of {shapes}")
+    try:
+        tensors, entry = encode_linear(resolve(setting, plan), compressed, store)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
+    return {f"{name}.{key}": value for key, value in tensors.items()}, entry
 
 
 def _artifact_tensors(
@@ -232,7 +135,8 @@ def _artifact_tensors(
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     for name, kept in compressed.items():
-        layer_tensors, layers[name] = _compressed_tensors(name, linears[name].module, kept, store)
+        setting = plan.setting(name, linears[name].block)
+        layer_tensors, layers[name] = _compressed_tensors(name, linears[name].module, kept, setting, plan, store)
         tensors.update(layer_tensors)
     replaced = {f"{name}.weight" for name in compressed}
     tied: dict[str, str] = {}
@@ -265,12 +169,41 @@ def _replace_folder(staging: Path, out_dir: Path) -> None:
         staging.rename(out_dir)
 
 
+def written_by_us(folder: Path) -> bool:
+    """Whether `folder` holds an earlier export and nothing else of note: our manifest.json (compressed),
+    autocompress.json (a Hugging Face folder) or a model.gguf carrying our provenance, and no sub-folder."""
+    from autocompress.targets.gguf import GGUF_FILE
+
+    if any(path.is_dir() for path in folder.iterdir()):
+        return False
+    try:
+        if (folder / MANIFEST_FILE).is_file():
+            return json.loads((folder / MANIFEST_FILE).read_text()).get("format") == FORMAT
+        if (folder / PROVENANCE_FILE).is_file():
+            return isinstance(json.loads((folder / PROVENANCE_FILE).read_text()), dict)
+        if (folder / GGUF_FILE).is_file():
+            import gguf
+
+            return "autocompress.provenance" in gguf.GGUFReader(folder / GGUF_FILE).fields
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a JSON object, not GGUF
+        return False
+    return False
+
+
 def prepare_out_dir(out_dir: Path | str, overwrite: bool) -> Path:
+    """The absolute `out_dir`, checked before anything is computed: absent, empty, or (with `overwrite`) an
+    earlier export of ours (`written_by_us`); any other folder is refused, so nothing else is ever deleted."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"export: {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"export: {out_dir} exists and is not empty; choose another folder or overwrite")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"export: {out_dir} exists and is not empty; choose another folder or overwrite")
+        if not written_by_us(out_dir):
+            raise UserError(
+                f"export: {out_dir} is not an earlier export (no autocompress manifest, or it holds sub-folders); "
+                "--overwrite replaces only those, so choose another folder"
+            )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -407,38 +340,12 @@ def rebuild_weight(
     name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], file: Path = Path(WEIGHTS_FILE)
 ) -> torch.Tensor:
     """The dense float32 weight of one compressed Linear, exactly as the compressed model computed with it."""
-    out_features, in_features = entry["shape"]
-    bits = entry["bits"]
+    prefix = f"{name}."
+    own = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
     try:
-        mask = None
-        if entry["pruned"]:
-            mask = unpack_mask(_tensor(tensors, f"{name}.mask", file), (out_features, in_features))
-        if bits == 16:
-            if mask is None:
-                raise ValueError("a 16-bit layer must be pruned")
-            values = _tensor(tensors, f"{name}.values", file)
-            weight = torch.zeros(out_features, in_features, dtype=values.dtype)
-            weight[mask] = values
-            return weight.float()
-        kept = out_features * in_features if mask is None else int(mask.sum())
-        kept_codes = unpack(_tensor(tensors, f"{name}.codes", file), kept, bits)
-        if mask is None:
-            codes = kept_codes.reshape(out_features, in_features)
-        else:
-            codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
-            codes[mask] = kept_codes
-        if entry.get("format"):
-            weight = _format_weight(name, entry, codes, tensors, file).dequantize(torch.float32)
-            return weight if mask is None else weight * mask
-        scale = _tensor(tensors, f"{name}.scale", file)
-        if entry["symmetric"]:
-            zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.float32)
-        else:
-            zero = unpack(_tensor(tensors, f"{name}.zero", file), scale.numel(), bits).reshape(scale.shape).float()
-        levels = _tensor(tensors, f"{name}.levels", file) if entry.get("levels") else None
-        quantized = QuantizedWeight(codes, scale, zero, bits, entry["group_size"], entry["symmetric"], levels)
-        weight = quantized.dequantize(torch.float32)
-        return weight if mask is None else weight * mask
+        return decode_linear(own, entry)
+    except KeyError as error:  # the codec names the tensor it misses
+        raise UserError(f"{file}: missing tensor {prefix + error.args[0]!r}") from error
     except (ValueError, RuntimeError, IndexError) as error:
         raise UserError(f"{file}: the tensors of {name} do not fit its manifest entry: {error}") from error
 
