@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,16 @@ class TokenPools:
     calibration: torch.Tensor
     fitness: torch.Tensor
     heldout: torch.Tensor
+
+    def digest(self) -> str:
+        """A hash of every token of the three pools: what the text sources (files, a dataset at whatever
+        revision, the embedded docs), the tokenizer and the split gave, so that an edited corpus file or a
+        changed dataset changes it."""
+        digest = hashlib.sha256()
+        for pool in (self.calibration, self.fitness, self.heldout):
+            digest.update(str(tuple(pool.shape)).encode())
+            digest.update(pool.to(torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 def embedded_texts() -> list[str]:

@@ -1,0 +1,486 @@
+"""Nothing lost, nothing trusted that should not be: failures inside a trial, kills, full disks, corrupted caches,
+destructive paths, untrusted inputs and content-keyed caches.
+
+The fault injections that take processes (SIGKILL at random moments, a full disk, a locked storage) live in
+`benchmarks/faults.py`, which runs them at full size and writes `results/benchmarks/faults.csv`; here they run
+small enough for the test suite, and each must survive with no data lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import autocompress.compress
+import autocompress.session
+from autocompress.cli import main
+from autocompress.config import Config, size_limit
+from autocompress.errors import UserError
+from autocompress.models import file_digest, model_fingerprint, unit_names
+from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.search import StudyLocation, run_search
+from autocompress.search.space import SearchSpace
+from autocompress.session import CompressionSession
+from autocompress.targets.artifact import MANIFEST_FILE, export_compressed, load, prepare_out_dir
+from autocompress.variants import VariantDatabase
+from benchmarks.faults import (
+    corrupt_caches,
+    fill_the_disk_while_building_variants,
+    kill_at_random_moments,
+    lock_the_study_database,
+    truncate_an_artifact,
+)
+from tests.conftest import POSTGRES_URL, complete_trials, load_config, needs_postgres, tiny_study_config, write_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_model_dir: Path) -> Config:
+    return Config.model_validate(tiny_study_config(tmp_path, tiny_model_dir))
+
+
+def every_linear_compressed() -> CompressionPlan:
+    return CompressionPlan.uniform(sparsity=0.3, bits=4, pruning="wanda", quantization="rtn", group_size=32)
+
+
+def first_block_dense_second_pruned() -> CompressionPlan:
+    return CompressionPlan(
+        default=LayerCompression(),
+        layers={"model.layers.1": LayerCompression(sparsity=0.6, bits=8)},
+        pruning="wanda",
+        quantization="rtn",
+        group_size=32,
+    )
+
+
+def raise_at_call(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, k: int, error: BaseException) -> None:
+    """Make `owner.name` raise `error` on its k-th call (1-based), and work as before otherwise."""
+    real = getattr(owner, name)
+    calls = {"count": 0}
+
+    def failing(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == k:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def assert_dense(session: CompressionSession) -> None:
+    for linear in session.linears:
+        assert torch.equal(linear.module.weight.data.cpu(), session.dense_weights[linear.name]), linear.name
+
+
+# 1. Stitching is transactional.
+
+
+@pytest.mark.parametrize("error", [RuntimeError("not positive definite (simulated)"), KeyboardInterrupt()])
+@pytest.mark.parametrize("k", [1, 3, 8, 14])  # of the tiny model's 14 Linears
+def test_a_stitch_failing_at_the_kth_linear_leaves_the_session_as_a_fresh_one_would_score(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, k: int, error: BaseException
+) -> None:
+    session = CompressionSession(config, cache_dir=tmp_path / "cache")
+    session.measure(first_block_dense_second_pruned())  # the session already holds a plan when the next one fails
+    with monkeypatch.context() as patch:
+        raise_at_call(patch, autocompress.compress, "compress_weight", k, error)
+        with pytest.raises(type(error)):
+            session.stitch(every_linear_compressed())
+
+    after_failure = session.measure(first_block_dense_second_pruned()).metrics
+    fresh = CompressionSession(config, cache_dir=tmp_path / "fresh").measure(first_block_dense_second_pruned()).metrics
+    assert (after_failure.kl, after_failure.ce) == (fresh.kl, fresh.ce)
+    session.restore_dense()
+    assert_dense(session)
+
+
+@pytest.mark.parametrize("k", [2, 9])
+def test_a_stitch_failing_to_load_the_kth_stored_variant_is_rolled_back_too(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, k: int
+) -> None:
+    config = Config.model_validate(tiny_study_config(tmp_path, tiny_model_dir, search={"database": "on"}))
+    session = CompressionSession(config, cache_dir=tmp_path / "cache")
+    with monkeypatch.context() as patch:
+        raise_at_call(patch, VariantDatabase, "load", k, OSError("variant unreadable (simulated)"))
+        with pytest.raises(OSError):
+            session.stitch(every_linear_compressed())
+    after_failure = session.measure(first_block_dense_second_pruned()).metrics
+    fresh = CompressionSession(config, cache_dir=tmp_path / "cache").measure(first_block_dense_second_pruned()).metrics
+    assert after_failure.kl == fresh.kl
+    session.restore_dense()
+    assert_dense(session)
+
+
+def test_trials_raising_at_random_points_of_stitch_and_measure_leave_every_complete_trial_scored_as_fresh(
+    tmp_path: Path, space_file, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chance = random.Random(13)
+    config, location = load_config(space_file(max_failures=50)), StudyLocation.resolve("faulty", tmp_path)
+    with monkeypatch.context() as patch:
+        for owner, name in [(autocompress.compress, "compress_weight"), (autocompress.session, "evaluate")]:
+            real = getattr(owner, name)
+
+            def sometimes_failing(*args, _real=real, **kwargs):
+                if chance.random() < 0.015:
+                    raise RuntimeError("injected fault")
+                return _real(*args, **kwargs)
+
+            patch.setattr(owner, name, sometimes_failing)
+        with contextlib.suppress(RuntimeError):  # a fault in the closing held-out judging ends the run
+            run_search(config, location, n_trials=12, progress=False)
+    study = run_search(config, location, n_trials=12, progress=False)  # the next run finishes the job
+
+    failed = [trial for trial in study.trials if trial.state.name == "FAIL"]
+    assert failed and all(trial.user_attrs["fail_reason"] == "RuntimeError: injected fault" for trial in failed)
+    assert len(complete_trials(study)) >= 12
+    fresh = CompressionSession(config, cache_dir=tmp_path / "fresh")
+    space = SearchSpace(config, unit_names(fresh.model, config.compression.granularity))
+    for trial in complete_trials(study):
+        assert trial.user_attrs["loss"] == fresh.measure(space.plan_from_params(trial.params)).metrics.kl
+
+
+def test_a_stitch_failing_at_the_kth_linear_in_a_ray_worker_leaves_its_later_trials_scored_as_fresh(
+    tmp_path: Path, space_file
+) -> None:
+    if not os.environ.get("CI"):
+        pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install -e '.[ray]')")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from autocompress.search.ray_backend import run_ray_search
+
+    faults = tmp_path / "faults.log"  # the worker's 3rd and 20th compress_weight calls raise: Linears of two trials
+    config, location = load_config(space_file(max_failures=50)), StudyLocation.resolve("ray-faulty", tmp_path)
+    hook = {"PYTHONPATH": str(ROOT), "AUTOCOMPRESS_TEST_FAIL_AT": "3,20", "AUTOCOMPRESS_TEST_FAULT_LOG": str(faults)}
+    ray.init(
+        num_cpus=1,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": "tests.ray_fault_hook.fail_at_listed_calls", "env_vars": hook},
+    )
+    try:
+        study = run_ray_search(config, location, n_trials=8, progress=False, concurrency=1)
+    finally:
+        ray.shutdown()
+
+    injected = faults.read_text().split("\n")[:-1]
+    failed = [trial for trial in study.trials if trial.state.name == "FAIL"]
+    assert injected and len(failed) == len(injected), (injected, [trial.user_attrs for trial in failed])
+    assert all(trial.user_attrs["fail_reason"] == "RuntimeError: not positive definite (simulated)" for trial in failed)
+    fresh = CompressionSession(config, cache_dir=tmp_path / "fresh")
+    space = SearchSpace(config, unit_names(fresh.model, config.compression.granularity))
+    for trial in complete_trials(study):  # the worker's session held the failed trial's Linears before these
+        assert trial.user_attrs["loss"] == fresh.measure(space.plan_from_params(trial.params)).metrics.kl
+
+
+def test_a_study_whose_trials_keep_failing_stops_after_max_failures_in_a_row_saying_why(
+    tmp_path: Path, space_file, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    config, location = load_config(space_file(max_failures=3)), StudyLocation.resolve("failing", tmp_path)
+
+    def not_positive_definite(*args, **kwargs):
+        raise RuntimeError("Hessian not positive definite (simulated)")
+
+    monkeypatch.setattr(autocompress.compress, "compress_weight", not_positive_definite)
+    study = run_search(config, location, n_trials=50, progress=False)
+
+    states = [trial.state.name for trial in study.trials if trial.state.is_finished()]  # seeds may still wait
+    assert states[-3:] == ["FAIL"] * 3 and "FAIL" not in states[:-3][-1:]  # the third failure in a row stopped it
+    assert len(states) < 50
+    assert (
+        "stopping after 3 failed trials in a row; the last: RuntimeError: Hessian not positive definite (simulated)"
+        in capsys.readouterr().out
+    )
+
+
+# The fault-injection suite (benchmarks/faults.py at full size).
+
+
+@pytest.fixture
+def kill_space(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    search = {"heartbeat_interval": 1, "grace_period": 2}
+    return write_yaml(tmp_path / "space.yaml", tiny_study_config(tmp_path, tiny_model_dir, fitness=16, search=search))
+
+
+@pytest.fixture
+def variant_space(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    config = tiny_study_config(tmp_path, tiny_model_dir, search={"database": "on"})
+    return write_yaml(tmp_path / "variants.yaml", config)
+
+
+def test_sigkill_at_random_moments_of_a_sqlite_study_loses_and_duplicates_no_completed_trial(
+    tmp_path: Path, kill_space: Path
+) -> None:
+    run = kill_at_random_moments(kill_space, tmp_path / "results", n_trials=10, kills=2, seed=0)
+    assert (run.survived, run.data_lost) == (2, 0)
+
+
+@needs_postgres
+def test_sigkill_at_random_moments_of_a_postgresql_study_loses_and_duplicates_no_completed_trial(
+    tmp_path: Path, kill_space: Path
+) -> None:
+    run = kill_at_random_moments(kill_space, tmp_path / "results", n_trials=10, kills=2, seed=1, storage=POSTGRES_URL)
+    assert (run.survived, run.data_lost) == (2, 0)
+
+
+def test_a_full_disk_while_writing_the_variant_database_is_one_line_and_the_next_run_completes_it(
+    tmp_path: Path, variant_space: Path
+) -> None:
+    run = fill_the_disk_while_building_variants(variant_space, tmp_path / "results", n_trials=4)
+    assert (run.survived, run.data_lost) == (1, 0)
+
+
+def test_corrupted_cache_files_are_computed_again_and_the_study_continues_with_the_same_figures(
+    tmp_path: Path, kill_space: Path
+) -> None:
+    run = corrupt_caches(kill_space, tmp_path / "results", n_trials=4)
+    assert run.injected >= 2 and (run.survived, run.data_lost) == (run.injected, 0)
+
+
+def test_a_study_database_locked_by_another_process_is_waited_for_and_the_study_continues(
+    tmp_path: Path, kill_space: Path
+) -> None:
+    run = lock_the_study_database(kill_space, tmp_path / "results", n_trials=4, hold_s=3)
+    assert (run.survived, run.data_lost) == (1, 0)
+
+
+def test_a_truncated_artifact_is_refused_in_one_line(tmp_path: Path, config: Config, kill_space: Path) -> None:
+    artifact = export_of(config, tmp_path, first_block_dense_second_pruned())
+    run = truncate_an_artifact(artifact, kill_space)
+    assert run.survived == run.injected == 2
+
+
+def export_of(config: Config, tmp_path: Path, plan: CompressionPlan) -> Path:
+    session = CompressionSession(config, cache_dir=tmp_path / "cache")
+    compressed = session.compress_for_export(plan)
+    provenance = {"base_model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json")}
+    return export_compressed(session.model, session.tokenizer, plan, compressed, tmp_path / "artifact", provenance)
+
+
+# 2. --overwrite replaces only an earlier export of ours, or an empty folder.
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_earlier_export_and_deletes_nothing(tmp_path: Path) -> None:
+    study = tmp_path / "results" / "demo"
+    (study / "cache").mkdir(parents=True)
+    (study / "study.db").write_bytes(b"trials")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / MANIFEST_FILE).write_text(json.dumps({"format": "someone-else"}))
+    for folder in (study, project):
+        before = sorted(path.relative_to(folder) for path in folder.rglob("*"))
+        with pytest.raises(UserError, match="not an earlier export"):
+            prepare_out_dir(folder, overwrite=True)
+        assert sorted(path.relative_to(folder) for path in folder.rglob("*")) == before
+
+
+def test_overwrite_replaces_an_earlier_export_or_an_empty_folder(tmp_path: Path, config: Config) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_out_dir(empty, overwrite=True) == empty
+    artifact = export_of(config, tmp_path, first_block_dense_second_pruned())
+    session = CompressionSession(config, cache_dir=tmp_path / "cache")
+    plan = every_linear_compressed()
+    export_compressed(session.model, session.tokenizer, plan, session.compress_for_export(plan), artifact, {}, True)
+    assert CompressionPlan.model_validate(json.loads((artifact / MANIFEST_FILE).read_text())["plan"]) == plan
+
+
+def test_export_overwrite_of_the_study_folder_is_a_one_line_error(tmp_path: Path, space_file, capsys) -> None:
+    out = tmp_path / "results"
+    main(["search", str(space_file()), "--study", "s", "--results", str(out), "--n-trials", "2", "--quiet"])
+    before = sorted(path.relative_to(out) for path in out.rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--study", "s", "--results", str(out), "--trial", "0", "--out", str(out / "s"), "--overwrite"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "not an earlier export" in lines[0]
+    assert sorted(path.relative_to(out) for path in out.rglob("*")) == before
+
+
+# 3. Nothing read from an artifact or a storage switches on remote code or unpickling.
+
+
+@pytest.mark.parametrize("flag", ["trust_remote_code", "allow_pickle"])
+def test_evaluate_refuses_an_artifact_whose_base_model_asks_to_run_code(
+    tmp_path: Path, config: Config, kill_space: Path, flag: str, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AUTOCOMPRESS_ALLOW_PICKLE", raising=False)
+    monkeypatch.delenv("AUTOCOMPRESS_TRUST_REMOTE_CODE", raising=False)
+    artifact = export_of(config, tmp_path, first_block_dense_second_pruned())
+    manifest = json.loads((artifact / MANIFEST_FILE).read_text())
+    manifest["provenance"]["base_model"][flag] = True
+    (artifact / MANIFEST_FILE).write_text(json.dumps(manifest))
+    loaded = []
+    monkeypatch.setattr("autocompress.evaluate.load_model", lambda **options: loaded.append(options))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(artifact), "--data", str(kill_space)])
+    assert exit_info.value.code == 2 and not loaded
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and f"--{flag.replace('_', '-')}" in lines[0]
+
+
+def test_a_worker_refuses_a_stored_config_that_asks_to_run_code_unless_its_own_command_line_does(
+    tmp_path: Path, tiny_model_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AUTOCOMPRESS_TRUST_REMOTE_CODE", raising=False)
+    config = tiny_study_config(tmp_path, tiny_model_dir)
+    config["model"]["trust_remote_code"] = True  # as anyone who can write to the shared database may have put it
+    space = write_yaml(tmp_path / "space.yaml", config)
+    out = str(tmp_path / "results")
+    main(["search", str(space), "--study", "shared", "--results", out, "--n-trials", "0", "--quiet"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["worker", "--study", "shared", "--results", out, "--n-trials", "1", "--quiet"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "trust_remote_code" in lines[0] and "--trust-remote-code" in lines[0]
+    main(["worker", "--study", "shared", "--results", out, "--n-trials", "1", "--quiet", "--trust-remote-code"])
+    assert "ran trials" in capsys.readouterr().out
+
+
+# 4. Cache keys cover content.
+
+
+def test_editing_a_corpus_file_in_place_changes_the_cache_key(config: Config, tmp_path: Path) -> None:
+    before = CompressionSession(config, cache_dir=tmp_path / "cache").cache_dir
+    corpus = Path(config.data.files[0])
+    words = corpus.read_text().split()
+    corpus.write_text(" ".join(reversed(words)))  # same size, same words, other windows
+    assert CompressionSession(config, cache_dir=tmp_path / "cache").cache_dir != before
+
+
+def test_changing_a_local_model_s_weights_changes_its_fingerprint(tmp_path: Path, tiny_model_dir: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = model_fingerprint(str(folder), None)
+    tensors = load_file(folder / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert model_fingerprint(str(folder), None) != before
+
+
+def test_a_hub_model_s_fingerprint_is_its_revision(tiny_model) -> None:
+    tiny_model.config._commit_hash = "a" * 40
+    first = model_fingerprint("org/model", tiny_model)
+    tiny_model.config._commit_hash = "b" * 40
+    assert model_fingerprint("org/model", tiny_model) != first
+
+
+def test_a_large_weight_file_is_hashed_by_samples_and_still_changes_with_its_header(tmp_path: Path) -> None:
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as file:
+        file.truncate(2 * 2**30)  # sparse: 2 GiB that take no disk
+    before = file_digest(big)
+    with open(big, "r+b") as file:
+        file.write(b"{header}")
+    assert file_digest(big) != before
+
+
+# 5. Config mistakes are one-line errors before any model loads.
+
+
+@pytest.mark.parametrize(
+    ("section", "fields", "named"),
+    [
+        ("compression", {"pattern": "2:4"}, "pattern 2:4"),
+        ("search", {"heartbeat_interval": 10, "grace_period": 5}, "grace_period"),
+        ("search", {"max_size": -5}, "must be positive"),
+        ("search", {"max_size": 1.5}, "ambiguous"),
+        ("compression", {"quantization": "nf4"}, "search.bits"),
+    ],
+)
+def test_config_mistakes_are_one_line_errors_before_any_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, section: str, fields: dict, named: str, capsys, monkeypatch
+) -> None:
+    config = tiny_study_config(tmp_path, tiny_model_dir)  # sparsity 0, 0.3, 0.6 and bits 4, 8, 16
+    config[section] |= fields
+    monkeypatch.setattr("autocompress.session.load_model", lambda **_: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", str(write_yaml(tmp_path / "space.yaml", config)), "--results", str(tmp_path / "results")])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autocompress: error:") and named in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("spelling", "dense_bytes", "expected"),
+    [
+        (80_000_000, 1000, 80_000_000),
+        ("80MB", 1000, 80_000_000),
+        ("1.5GiB", 1, 1_610_612_736),
+        ("123", 10, 123),
+        ("50%", 1000, 500),
+        ("150%", 1000, 1500),
+        (0.5, 1000, 500),
+        ("0.25", 1000, 250),
+    ],
+)
+def test_a_size_limit_has_one_meaning_per_spelling(spelling: object, dense_bytes: int, expected: int) -> None:
+    assert size_limit(spelling).max_bytes(dense_bytes) == expected
+
+
+def test_the_search_config_resolves_its_size_limit_once_parsed() -> None:
+    assert Config.model_validate({"search": {"max_size": "50%"}}).search.max_bytes(1000) == 500
+    assert Config().search.max_bytes(1000) is None
+
+
+# 6. A float32 model's artifact is the evaluated model.
+
+
+def test_the_exported_model_computes_exactly_the_logits_the_search_evaluated(tmp_path: Path, tiny_model_dir) -> None:
+    config = Config.model_validate(tiny_study_config(tmp_path, tiny_model_dir, compression={"pruning": "sparsegpt"}))
+    plan = CompressionPlan(
+        default=LayerCompression(sparsity=0.3),  # pruned only: kept values stored in 16 bits
+        layers={"model.layers.1": LayerCompression(sparsity=0.3, bits=4)},
+        pruning="sparsegpt",
+        quantization="rtn",
+        group_size=32,
+    )
+    session = CompressionSession(config, cache_dir=tmp_path / "cache")
+    session.stitch(plan)
+    tokens = session.pools.fitness
+    with torch.no_grad():
+        evaluated = session.model(tokens).logits
+    artifact = export_of(config, tmp_path, plan)
+    exported, _ = load(artifact)
+    with torch.no_grad():
+        assert torch.equal(exported(tokens).logits, evaluated)
+
+
+def test_a_float32_value_beyond_float16_s_range_is_a_one_line_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = next(key for key in tensors if key.endswith("norm.weight"))
+    tensors[name][0] = 1e6
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = Config.model_validate(tiny_study_config(tmp_path, folder))
+    with pytest.raises(UserError, match=f"{name} holds values up to 1e\\+06, beyond the range of float16"):
+        CompressionSession(config)
+
+
+# 7. Packaging.
+
+
+def test_every_third_party_package_autocompress_imports_is_declared_with_its_floor() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(dep for deps in project["optional-dependencies"].values() for dep in deps)]
+    names = {dep.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for dep in declared}
+    for needed in ("numpy", "filelock", "optuna"):
+        assert needed in names, needed
+    assert "optuna>=5.0" in project["dependencies"]  # trial.set_constraint
