@@ -13,7 +13,7 @@ import torch
 from autocompress.config import DataConfig, ModelConfig
 from autocompress.errors import UserError
 from autocompress.metrics import evaluate
-from autocompress.models import EMBEDDED_MODEL, embedded_model_folder, load_model, resolve_device
+from autocompress.models import EMBEDDED_MODEL, check_consent, embedded_model_folder, load_model, resolve_device
 from autocompress.targets.artifact import MANIFEST_FILE, artifact_bytes, load, read_manifest
 
 NEW_TOKENS = 32  # generated per throughput measurement
@@ -74,9 +74,13 @@ def evaluate_artifact(
     new_tokens: int = NEW_TOKENS,
     dense: bool = True,
 ) -> dict[str, Any]:
-    """Held-out perplexity, size on disk, load time and generation speed of an artifact, and of its dense base."""
+    """Held-out perplexity, size on disk, load time and generation speed of an artifact, and of its dense base.
+    A GGUF file (or an export folder holding one) is run in llama.cpp instead, beside the search's predictions."""
     from autocompress.data import token_pools
+    from autocompress.runtimes.gguf_evaluation import evaluate_gguf, gguf_file
 
+    if gguf_file(path) is not None:
+        return evaluate_gguf(path, data, device, new_tokens, dense)
     path = Path(path)
     manifest = read_manifest(path)
     provenance = manifest.get("provenance", {})
@@ -85,6 +89,8 @@ def evaluate_artifact(
             raise UserError(f"{path / MANIFEST_FILE}: no data config in the provenance; pass --data CONFIG.yaml")
         data = DataConfig.model_validate(provenance["data"])
     base = ModelConfig.model_validate(provenance["base_model"]) if "base_model" in provenance else None
+    if dense and base is not None:  # before anything loads
+        check_consent(base, f"the artifact's {MANIFEST_FILE}")
     target = resolve_device(device or (base.device if base else "auto"))
 
     began = time.perf_counter()
@@ -127,6 +133,10 @@ def evaluate_artifact(
 
 def evaluation_lines(result: dict[str, Any]) -> list[str]:
     """The figures of `evaluate_artifact` as an aligned table: artifact beside dense."""
+    if result.get("runtime") == "llama.cpp":
+        from autocompress.runtimes.gguf_evaluation import gguf_evaluation_lines
+
+        return gguf_evaluation_lines(result)
 
     def cell(key: str, form: str) -> str:
         value = result.get(key)

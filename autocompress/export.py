@@ -16,11 +16,9 @@ import optuna
 from transformers import PreTrainedModel
 
 from autocompress.codecs import CompressedLinear
-from autocompress.config import ModelConfig
 from autocompress.errors import UserError
 from autocompress.frontier import frontier_points
 from autocompress.metrics import evaluate
-from autocompress.models import EMBEDDED_MODEL, embedded_gguf
 from autocompress.plan import CompressionPlan
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord, trial_records
 from autocompress.search.space import SearchSpace
@@ -101,15 +99,6 @@ def choose_trial(
     return records[points[0].trial], how + ("" if max_bytes is None else f" within {max_bytes:,} bytes")
 
 
-def _tokenizer_gguf(model: ModelConfig) -> Path | None:
-    """The GGUF file the base model came from, whose tokenizer llama.cpp reads as is."""
-    if model.name == EMBEDDED_MODEL:
-        return embedded_gguf()
-    if model.name.endswith(".gguf"):
-        return Path(model.name).expanduser()
-    return None
-
-
 def export_trial(
     record: StudyRecord,
     location: StudyLocation,
@@ -122,15 +111,23 @@ def export_trial(
     """Compress a fresh dense model with the trial's plan (the study's cached calibration statistics) and write it,
     in `format` (the study's deployment target's own by default)."""
     config = record.config
-    plan = SearchSpace(config, record.units).plan_from_params(chosen.params)  # the plan, before any model loads
+    plan = SearchSpace.of_record(record).plan_from_params(chosen.params)  # the plan, before any model loads
     format = format or target_named(config.compression.target).export_format
     if format not in FORMATS:
         raise UserError(f"--format: unknown format {format!r}; choose {', '.join(FORMATS)}")
+    if config.compression.target == "gguf" and format != "gguf":
+        raise UserError(
+            f"--format: a gguf study's levels are llama.cpp tensor types, which only gguf stores, not {format}"
+        )
     out_dir = prepare_out_dir(out_dir, overwrite)  # fail before the model loads
     session = CompressionSession(config, cache_dir=location.cache_dir)
     model = session.model
     reference = session.reference("fitness")  # before compressing: it may need the dense model
-    if session.trains(plan):  # a student (or a recovered plan): built and distilled again, or from the cache
+    blocks = None  # a gguf study's tensors, as the file stores them
+    if session.gguf is not None:
+        session.stitch(plan)  # the model computes with what the blocks decode to, as in the search
+        blocks, compressed = session.gguf.blocks_of(plan), {}
+    elif session.trains(plan):  # a student (or a recovered plan): built and distilled again, or from the cache
         trained = session.realize(plan)
         model, compressed = trained.model, trained.compressed
     else:
@@ -139,8 +136,11 @@ def export_trial(
         compressed = session.compress_for_export(plan)
     metrics = evaluate(model, session.pools.fitness, reference=reference, batch_size=config.data.batch_size)
     fitness_loss = metrics.kl if config.search.loss == "kl" else metrics.ce
-    size_target = target_named("vllm") if format == "compressed-tensors" else session.target
-    accounted = model_size(model, plan, size_target).total_bytes
+    if session.gguf is not None:
+        accounted = session.size(plan).total_bytes
+    else:  # the model written, a student's own where the plan trains one
+        size_target = target_named("vllm") if format == "compressed-tensors" else session.target
+        accounted = model_size(model, plan, size_target).total_bytes
 
     recorded = ("loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective")
     heldout = record.heldout.get(chosen.number)
@@ -176,23 +176,29 @@ def export_trial(
         )
         weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
     else:
-        from autocompress.targets.gguf import GGUF_FILE, write_gguf
+        from autocompress.targets.gguf import GGUF_FILE, tokenizer_gguf, write_gguf, write_gguf_tensors
 
         provenance["versions"] = package_versions()
         reports = []
+        tokenizer_source = tokenizer_gguf(config.model)
 
         def write(folder: Path) -> None:
-            reports.append(
-                write_gguf(
+            path = folder / GGUF_FILE
+            if blocks is not None:  # the types the search chose, as the blocks it evaluated
+                report = write_gguf_tensors(
+                    model, session.tokenizer, blocks, path, provenance, tokenizer_source=tokenizer_source, plan=plan
+                )
+            else:  # our artifact's levels mapped onto GGUF's 32-blocks where they can be
+                report = write_gguf(
                     model,
                     session.tokenizer,
                     plan,
                     compressed,
-                    folder / GGUF_FILE,
+                    path,
                     metadata=provenance,
-                    tokenizer_source=_tokenizer_gguf(config.model),
+                    tokenizer_source=tokenizer_source,
                 )
-            )
+            reports.append(report)
 
         path = staged_write(out_dir, write)
         weights = (path / GGUF_FILE).stat().st_size

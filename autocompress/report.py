@@ -30,7 +30,7 @@ def trials_frame(records: list[TrialRecord]) -> pd.DataFrame:
     for record in records:
         row = {"number": record.number, "state": record.state.name, "seconds": record.duration_s}
         row |= {column: getattr(record, column) for column in TRIAL_COLUMNS}
-        row |= {"seed": record.seed, "fail_reason": record.fail_reason}
+        row |= {"seed": record.seed, "baseline": record.baseline, "fail_reason": record.fail_reason}
         if record.architecture is not None:  # a study with students: every trial's shape, the teacher's too
             row["student"] = record.student
             row |= architecture_columns(record.architecture)
@@ -56,12 +56,38 @@ def _level_text(value: float | int | str) -> str:
     return value if isinstance(value, str) else f"{value:g}"
 
 
+def methods_text(config: Config, open_code: str, close_code: str | None = None) -> str:
+    """The study's methods in one line, names marked as code (Markdown's backticks or HTML's tags)."""
+    close_code = open_code if close_code is None else close_code
+    compression = config.compression
+
+    def code(text: str) -> str:
+        return f"{open_code}{text}{close_code}"
+
+    if compression.target == "gguf":
+        return (
+            f"target {code('gguf')}: llama.cpp's tensor types, quantized as llama.cpp does with the calibration's "
+            f"importance matrix, per {compression.granularity} (the embedding and output matrix are units too)"
+        )
+    target = "" if compression.target == "artifact" else f"target {code(compression.target)}; "
+    return (
+        f"{target}pruning {code(compression.pruning)} ({compression.pattern}), quantization "
+        f"{code(compression.quantization)} (group size {compression.group_size}), per {compression.granularity}"
+    )
+
+
+def dense_form(config: Config) -> str:
+    """What the dense bytes are: the F16 file llama.cpp's converter writes, or every parameter in 16 bits."""
+    return "as an F16 GGUF file" if config.compression.target == "gguf" else "in fp16"
+
+
 def frontier_frame(
     points: list[FrontierPoint], params_of: Mapping[int, Mapping], per_unit: bool = True
 ) -> pd.DataFrame:
     """The frontier's figures, each member's allocation in brief, architecture columns when its study has
     students and, with `per_unit`, every unit's level."""
     columns = ["trial", "loss", "size_bytes", "size_ratio", "objective", "heldout_ppl", "heldout_kl", "is_seed"]
+    columns += ["baseline"]
     with_students = any(point.architecture for point in points)
     rows = []
     for point in points:
@@ -74,7 +100,7 @@ def frontier_frame(
     return pd.DataFrame(rows, columns=None if rows else empty)
 
 
-def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, loss_name: str) -> None:
+def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, loss_name: str, dense: str) -> None:
     complete = trials[trials["state"] == "COMPLETE"]
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
@@ -100,12 +126,16 @@ def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, l
         marker="s",
         facecolors="none",
         edgecolors="tab:blue",
-        label="uniform seeds",
+        label="seeds (uniform plans, baselines, presets)",
     )
+    for _, seed in seeds[seeds["baseline"].notna()].iterrows():
+        axes.annotate(
+            seed["baseline"], (seed["size_ratio"], seed["loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     front = sorted(points, key=lambda point: point.size_ratio)
     axes.step([p.size_ratio for p in front], [p.loss for p in front], where="post", color="tab:red", linewidth=1)
     axes.scatter([p.size_ratio for p in front], [p.loss for p in front], s=24, color="tab:red", label="frontier")
-    axes.set_xlabel("size (fraction of dense fp16 bytes)")
+    axes.set_xlabel(f"size (fraction of the dense bytes {dense})")
     axes.set_ylabel(f"loss ({loss_name} to dense, fitness tokens)")
     if (complete["loss"] > 0).all() and len(complete) and complete["loss"].max() / complete["loss"].min() > 50:
         axes.set_yscale("log")
@@ -227,7 +257,7 @@ def write_outputs(study: optuna.Study, location: StudyLocation) -> None:
     write_atomically(out / "frontier.csv", lambda temporary: frontier.to_csv(temporary, index=False))
     if not len(outputs.complete):
         return
-    plot_pareto(trials, points, out / "pareto.png", search.loss)
+    plot_pareto(trials, points, out / "pareto.png", search.loss, dense_form(config))
     has_allocation = plot_allocation(outputs.params_of, points, out / "allocation.png")
 
     counts = trials["state"].value_counts().to_dict()
@@ -239,13 +269,12 @@ def write_outputs(study: optuna.Study, location: StudyLocation) -> None:
         f"- model: `{config.model.name}`; data: `{config.data.source}` "
         f"({config.data.seq_len}-token windows: {config.data.calibration} calibration, "
         f"{config.data.fitness} fitness, {config.data.heldout} held-out)",
-        f"- methods: pruning `{config.compression.pruning}` ({config.compression.pattern}), quantization "
-        f"`{config.compression.quantization}` (group size {config.compression.group_size}), "
-        f"per {config.compression.granularity}",
+        f"- methods: {methods_text(config, '`')}",
         "- trials: " + ", ".join(f"{count} {state.lower()}" for state, count in sorted(counts.items())),
         f"- objective: {search.objective}; loss: {search.loss} to the dense model on fitness tokens; "
-        f"ranking by {search.alpha:g}·Loss + {search.beta:g}·Size (Size as a fraction of dense fp16 bytes)",
-        f"- dense model: {dense_bytes:,} bytes in fp16"
+        f"ranking by {search.alpha:g}·Loss + {search.beta:g}·Size "
+        f"(Size as a fraction of the dense bytes {dense_form(config)})",
+        f"- dense model: {dense_bytes:,} bytes {dense_form(config)}"
         + (f", held-out perplexity {dense_ppl:.3f}" if dense_ppl else ""),
     ]
     if max_bytes is not None:
@@ -259,7 +288,7 @@ def write_outputs(study: optuna.Study, location: StudyLocation) -> None:
             f"Trial {best.trial}: loss {best.loss:.4f}, {best.size_bytes:,} bytes ({best.size_ratio:.1%} of dense), "
             f"objective {best.objective:.4f}"
             + (f", held-out perplexity {best.heldout_ppl:.3f}" if best.heldout_ppl else "")
-            + (" (a uniform seed)" if best.is_seed else ""),
+            + (f" (the seed {best.baseline})" if best.baseline else " (a uniform seed)" if best.is_seed else ""),
             "",
             *compact_allocation(plan_params),
         ]
@@ -304,7 +333,7 @@ def plot_history(trials: pd.DataFrame, alpha: float, beta: float, loss_name: str
         marker="s",
         facecolors="none",
         edgecolors="tab:blue",
-        label="uniform seeds",
+        label="seeds",
     )
     left.step(complete["number"], objective.cummin(), where="post", color="tab:red", label="best so far")
     left.set_ylabel(f"{alpha:g}·Loss + {beta:g}·Size")
@@ -372,7 +401,7 @@ def write_html_report(study: optuna.Study, location: StudyLocation, sensitivity:
         sections.append(
             (
                 "Pareto frontier",
-                _file_base64(lambda path: plot_pareto(trials, points, path, search.loss)),
+                _file_base64(lambda path: plot_pareto(trials, points, path, search.loss, dense_form(config))),
                 "Every complete trial by size and loss; the frontier in red.",
             )
         )
@@ -401,18 +430,17 @@ def write_html_report(study: optuna.Study, location: StudyLocation, sensitivity:
         f"model <code>{html.escape(config.model.name)}</code>; data <code>{config.data.source}</code> "
         f"({config.data.seq_len}-token windows: {config.data.calibration} calibration, {config.data.fitness} "
         f"fitness, {config.data.heldout} held-out)",
-        f"methods: pruning <code>{config.compression.pruning}</code> ({config.compression.pattern}), quantization "
-        f"<code>{config.compression.quantization}</code> (group size {config.compression.group_size}), per "
-        f"{config.compression.granularity}",
+        f"methods: {methods_text(config, '<code>', '</code>')}",
         "trials: "
         + ", ".join(f"{count} {state.lower()}" for state, count in sorted(trials["state"].value_counts().items()))
         if len(trials)
         else "trials: none yet",
-        f"ranking by {search.alpha:g}·Loss + {search.beta:g}·Size (Size as a fraction of dense fp16 bytes)",
+        f"ranking by {search.alpha:g}·Loss + {search.beta:g}·Size "
+        f"(Size as a fraction of the dense bytes {dense_form(config)})",
     ]
     if dense_bytes is not None:
         summary.append(
-            f"dense model: {dense_bytes:,} bytes in fp16"
+            f"dense model: {dense_bytes:,} bytes {dense_form(config)}"
             + (f", held-out perplexity {dense_ppl:.3f}" if dense_ppl else "")
         )
     if points:

@@ -40,12 +40,12 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from autocompress.codecs.gguf_blocks import dequantize_rows, quantize_rows
+from autocompress.codecs.gguf_blocks import GgufBlocks, dequantize_rows, quantize_rows
 from autocompress.errors import UserError
 from autocompress.metrics import log_probs
 from autocompress.models import embedded_gguf
 from autocompress.runtimes.llama_cpp import LlamaCppModel, llama_cpp_available
-from autocompress.targets.gguf import GgufTensor, gguf_layout, write_gguf_tensors
+from autocompress.targets.gguf import gguf_layout, write_gguf_tensors
 
 SEQ_LEN = 32
 THREADS = 2
@@ -140,7 +140,7 @@ def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
     return model
 
 
-def mixed_plan(model: PreTrainedModel) -> dict[str, GgufTensor]:
+def mixed_plan(model: PreTrainedModel) -> dict[str, GgufBlocks]:
     """Every 2-D weight in a K-type (or iq4_xs/q8_0) as llama.cpp writes it, with a random importance matrix."""
     generator = torch.Generator().manual_seed(1)
     tensors = {}
@@ -157,11 +157,11 @@ def mixed_plan(model: PreTrainedModel) -> dict[str, GgufTensor]:
             else MIXED[index % len(MIXED)]
         )
         importance = torch.rand(weight.shape[1], generator=generator) + 0.1
-        tensors[key] = GgufTensor(kind, quantize_rows(weight, kind, importance))
+        tensors[key] = GgufBlocks(kind, quantize_rows(weight, kind, importance))
     return tensors
 
 
-def dequantized(model: PreTrainedModel, tensors: dict[str, GgufTensor]) -> PreTrainedModel:
+def dequantized(model: PreTrainedModel, tensors: dict[str, GgufBlocks]) -> PreTrainedModel:
     """The model transformers runs on the weights the file holds: each quantized weight decoded by gguf."""
     with torch.no_grad():
         state = model.state_dict()
@@ -170,7 +170,7 @@ def dequantized(model: PreTrainedModel, tensors: dict[str, GgufTensor]) -> PreTr
     return model
 
 
-def export(family: str, model: PreTrainedModel, tensors: dict[str, GgufTensor], path: Path) -> Path:
+def export(family: str, model: PreTrainedModel, tensors: dict[str, GgufBlocks], path: Path) -> Path:
     if family == "llama":
         source = embedded_gguf()
         report = write_gguf_tensors(model, None, tensors, path, {"family": family}, tokenizer_source=source)
@@ -338,7 +338,7 @@ def test_the_size_counts_every_byte_for_any_types(tmp_path: Path) -> None:
     layout = gguf_layout(shapes_only, tokenizer, metadata={"study": "s"})
     for kind in ("q2_k", "iq4_xs", "q5_1", "bf16"):
         tensors = {
-            key: GgufTensor(kind, quantize_rows(weight, kind))
+            key: GgufBlocks(kind, quantize_rows(weight, kind))
             for key, weight in model.state_dict().items()
             if weight.dim() == 2 and "embed" not in key
         }
@@ -363,7 +363,7 @@ def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path: Path) -> 
         gguf_layout(narrow).file_bytes({"model.layers.0.mlp.up_proj.weight": "q4_k"})
     with pytest.raises(UserError, match=r"no tensor 'model\.layers\.9\.mlp\.up_proj\.weight'"):
         layout.file_bytes({"model.layers.9.mlp.up_proj.weight": "q8_0"})
-    embedding = GgufTensor("q8_0", quantize_rows(model.model.embed_tokens.weight, "q8_0"))
+    embedding = GgufBlocks("q8_0", quantize_rows(model.model.embed_tokens.weight, "q8_0"))
     both = {"model.embed_tokens.weight": embedding, "lm_head.weight": embedding}
     with pytest.raises(UserError, match="tied model stores one embedding matrix"):
         write_gguf_tensors(model, None, both, tmp_path / "tied.gguf")

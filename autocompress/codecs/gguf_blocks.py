@@ -827,3 +827,21 @@ def dequantize_rows(data: np.ndarray, name: str, in_features: int) -> torch.Tens
     if data.ndim != 2 or data.shape[1] != nbytes:
         raise ValueError(f"expected {name} bytes of shape [out, {nbytes}] for {in_features} inputs, got {data.shape}")
     return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, bt.qtype), dtype=_F32))
+
+
+@dataclass(frozen=True)
+class GgufBlocks:
+    """One tensor as a GGUF file stores it: `type` a key of `BLOCK_TYPES` and `data` its bytes [out, row_bytes]
+    (uint8), rows in the model's own order, as `quantize_rows(weight, type, importance)` returns them."""
+
+    type: str
+    data: np.ndarray
+
+    @property
+    def in_features(self) -> int:
+        block = _lookup(self.type)
+        return self.data.shape[1] // block.type_size * block.block_size
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight llama.cpp reads from these bytes, as the `gguf` package decodes it (float32), in `dtype`."""
+        return dequantize_rows(self.data, self.type, self.in_features).to(dtype)

@@ -41,7 +41,7 @@ def judge_pending(study: optuna.Study, session: CompressionSession, space: Searc
 def judge_frontier(study: optuna.Study, location: StudyLocation, max_bytes: int | None) -> None:
     """Held-out figures for frontier members that lack them; loads the model only when some are missing."""
     record = StudyRecord.of(study)
-    space = SearchSpace(record.config, record.units)
+    space = SearchSpace.of_record(record)
     pending = heldout_pending(study, space, max_bytes)
     if pending:
         judge_pending(study, CompressionSession(record.config, cache_dir=location.cache_dir), space, pending)

@@ -9,7 +9,8 @@ from itertools import product
 import optuna
 
 from autocompress.config import Config
-from autocompress.plan import STUDENT_PREFIX, UNQUANTIZED, CompressionPlan
+from autocompress.plan import STUDENT_PREFIX, UNQUANTIZED, CompressionPlan, parse_level
+from autocompress.record import StudyRecord
 
 Params = dict[str, float | int | str]
 
@@ -19,24 +20,45 @@ def block_index(unit: str) -> int:
     return next(int(part) for part in unit.split(".") if part.isdigit())
 
 
+def nearest_level(levels: list, precision: int | str) -> int | str:
+    """`precision` if `levels` (fewest bits first) hold it, else the first with as many bits or more, else the
+    widest."""
+    if precision in levels:
+        return precision
+    bits = parse_level(precision).bits if isinstance(precision, str) else precision
+    wider = [level for level in levels if (parse_level(level).bits if isinstance(level, str) else level) >= bits]
+    return wider[0] if wider else levels[-1]
+
+
 class SearchSpace:
     """Per-unit choices of sparsity and precision over the units of one model, and optionally the student
     architecture (`search.student`), whose units are the first `num_layers` blocks' (a student names its
     blocks 0..n-1 as the teacher does).
 
     The precision is a bit-width (`{unit}.bits`, from `search.bits`) or a named level (`{unit}.format`, from
-    `search.formats`: int4-g128, nf4, mxfp4, nvfp4, fp8-e4m3...), whichever the config lists.
+    `search.formats`: int4-g128, nf4, mxfp4, nvfp4, fp8-e4m3, or under the gguf target q4_k, q6_k...), whichever
+    the config lists. `unit_levels` narrows each unit's levels where the target's blocks do not split its rows.
     """
 
-    def __init__(self, config: Config, units: list[str]) -> None:
+    def __init__(self, config: Config, units: list[str], unit_levels: dict[str, list[str]] | None = None) -> None:
         self.config = config
         self.units = units
+        self.unit_levels = unit_levels
         self.sparsity_levels = config.search.sparsity_levels()
         self.bit_levels = config.search.bit_levels()
         self.precision_levels = config.search.precision_levels()  # fewest bits first
         self.precision_key = "bits" if config.search.formats is None else "format"
         student = config.search.student
         self.student_choices = {} if student is None else student.dimensions()
+
+    @classmethod
+    def of_record(cls, record: StudyRecord) -> SearchSpace:
+        """The space a study was created with."""
+        return cls(record.config, record.units, record.unit_levels)
+
+    def levels_of(self, unit: str) -> list:
+        """The precision levels `unit` may take, fewest bits first."""
+        return self.precision_levels if self.unit_levels is None else self.unit_levels[unit]
 
     def student_params(self, trial: optuna.Trial) -> dict[str, int]:
         """The architecture the trial chooses: `student.<dimension>` for each dimension with several values."""
@@ -68,9 +90,9 @@ class SearchSpace:
         for unit in self.units_of(params):
             if len(self.sparsity_levels) > 1:
                 params[f"{unit}.sparsity"] = trial.suggest_categorical(f"{unit}.sparsity", self.sparsity_levels)
-            if len(self.precision_levels) > 1:
+            if len(self.levels_of(unit)) > 1:
                 key = f"{unit}.{self.precision_key}"
-                params[key] = trial.suggest_categorical(key, self.precision_levels)
+                params[key] = trial.suggest_categorical(key, self.levels_of(unit))
         return self.plan_from_params(params)
 
     def plan_from_params(self, params: Params) -> CompressionPlan:
@@ -83,7 +105,7 @@ class SearchSpace:
         for unit in self.units_of(params):
             precision = f"{unit}.{self.precision_key}"
             complete[f"{unit}.sparsity"] = params.get(f"{unit}.sparsity", self.sparsity_levels[0])
-            complete[precision] = params.get(precision, self.precision_levels[0])
+            complete[precision] = params.get(precision, self.levels_of(unit)[0])
         options = self.config.compression.plan_options()
         if self.config.search.student is not None:
             options["recovery_steps"] = self.config.search.student.recovery_steps
@@ -94,13 +116,15 @@ class SearchSpace:
         return CompressionPlan(**self.config.compression.plan_options())
 
     def uniform_params(self, sparsity: float, precision: int | str) -> Params:
-        """Every unit at one level, in the largest architecture offered."""
+        """Every unit at one level, in the largest architecture offered; a unit that cannot take the level takes
+        the nearest one it can with as many bits or more (as llama.cpp falls back), else its widest."""
         params: Params = dict(self.largest_student())
         for unit in self.units_of(params):
             if len(self.sparsity_levels) > 1:
                 params[f"{unit}.sparsity"] = sparsity
-            if len(self.precision_levels) > 1:
-                params[f"{unit}.{self.precision_key}"] = precision
+            levels = self.levels_of(unit)
+            if len(levels) > 1:
+                params[f"{unit}.{self.precision_key}"] = nearest_level(levels, precision)
         return params
 
     def dense_params(self) -> Params:
@@ -152,4 +176,6 @@ class SearchSpace:
             space["formats"] = self.precision_levels
         if search.student is not None:  # likewise
             space["student"] = search.student.model_dump(mode="json")
+        if self.unit_levels is not None:  # likewise
+            space["unit_levels"] = self.unit_levels
         return json.dumps(space, sort_keys=True)

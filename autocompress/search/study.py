@@ -12,9 +12,9 @@ import optuna
 from filelock import FileLock
 
 from autocompress.allocation import BudgetGrid, allocation_plan_params, baseline_allocations, unit_sizes
+from autocompress.codecs.gguf import preset_seeds
 from autocompress.config import Config, evenly_spaced
 from autocompress.errors import UserError
-from autocompress.models import unit_names
 from autocompress.plan import StudentArchitecture
 from autocompress.record import (
     StudyLocation,
@@ -37,7 +37,7 @@ from autocompress.session import CompressionSession
 def study_session(config: Config, cache_dir: Path, progress: bool = False) -> tuple[CompressionSession, SearchSpace]:
     """The resident model with its pools and the study's caches, and the search space over its units."""
     session = CompressionSession(config, cache_dir=cache_dir, progress=progress)
-    return session, SearchSpace(config, unit_names(session.model, config.compression.granularity))
+    return session, SearchSpace(config, session.units, session.unit_levels())
 
 
 def sampler_for(config: Config, seed: int) -> optuna.samplers.BaseSampler:
@@ -119,6 +119,9 @@ def enqueue_baselines(
     evenly spaced levels (the other dimension uncompressed as far as its levels allow).
     """
     search = space.config.search
+    if session.gguf is not None:
+        enqueue_presets(study, session, space, location)
+        return
     names = search.baseline_names()
     if not names or StudyRecord.of(study).baselines:
         return
@@ -150,6 +153,27 @@ def enqueue_baselines(
             for params, same in distinct.values():
                 attrs = seed_attrs(same, budget={dimension: target})
                 study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+        record_baselines(study, enqueued)
+
+
+def enqueue_presets(
+    study: optuna.Study, session: CompressionSession, space: SearchSpace, location: StudyLocation
+) -> None:
+    """Enqueue llama.cpp's k-quant presets (as llama.cpp assigns their types per tensor role, with its fallbacks)
+    as seed trials of a gguf study, once, whatever `search.seeds` says of the uniform ones; a preset the space
+    cannot hold is left out, saying why."""
+    if StudyRecord.of(study).baselines:
+        return
+    with FileLock(location.out_dir / ".study.lock"):
+        if StudyRecord.of(study).baselines:
+            return
+        enqueued = []
+        for seed in preset_seeds(session.gguf.tensors, session.model.config, space.unit_levels):
+            if seed.params is None:
+                print(f"autocompress: {seed.baseline} is not a seed: {seed.reason}", flush=True)
+                continue
+            study.enqueue_trial(seed.params, user_attrs=seed_attrs([seed.baseline]), skip_if_exists=True)
+            enqueued.append(seed.baseline)
         record_baselines(study, enqueued)
 
 

@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -61,11 +61,17 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from transformers import PreTrainedModel
 
-from autocompress.codecs.gguf_blocks import BLOCK_TYPES, fits, tensor_bytes
+from autocompress.codecs.gguf import check_config, space_levels
+from autocompress.codecs.gguf_blocks import BLOCK_TYPES, GgufBlocks, fits, tensor_bytes
 from autocompress.compress import CompressedLinear
 from autocompress.errors import UserError
 from autocompress.methods import QuantizedWeight
+from autocompress.models import EMBEDDED_MODEL, embedded_gguf
 from autocompress.plan import CompressionPlan
+from autocompress.targets import Target
+
+if TYPE_CHECKING:
+    from autocompress.config import Config, ModelConfig
 
 BLOCK = 32
 GGUF_FILE = "model.gguf"
@@ -73,16 +79,6 @@ PLAN_KEY = "autocompress.plan"
 PROVENANCE_KEY = "autocompress.provenance"
 _HEADER_BYTES = 4 + 4 + 8 + 8  # magic, version, tensor count, key-value count
 _TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset (plus the name and 8 per dimension)
-
-
-@dataclass(frozen=True)
-class GgufTensor:
-    """One state-dict tensor as the file stores it: `type` is a key of `gguf_blocks.BLOCK_TYPES` ("q4_k",
-    "f16", ...) and `data` its bytes [out_features, row_bytes] (uint8), rows in the model's own order, exactly as
-    `gguf_blocks.quantize_rows(weight, type, importance)` returns them."""
-
-    type: str
-    data: np.ndarray
 
 
 @dataclass
@@ -504,7 +500,7 @@ def _qtype(kind: str) -> QType:
 
 @torch.no_grad()
 def _file_tensor(
-    slot: TensorSlot, source: torch.Tensor | np.ndarray, given: GgufTensor | None
+    slot: TensorSlot, source: torch.Tensor | np.ndarray, given: GgufBlocks | None
 ) -> tuple[np.ndarray, str]:
     """The data llama.cpp reads for one slot, and its type: the given block bytes, or the converter's float."""
     if given is not None:
@@ -528,7 +524,7 @@ def _file_tensor(
 def write_gguf_tensors(
     model: PreTrainedModel,
     tokenizer,
-    tensors: Mapping[str, GgufTensor],
+    tensors: Mapping[str, GgufBlocks],
     path: Path | str,
     metadata: Mapping[str, Any] | None = None,
     tokenizer_source: Path | str | None = None,
@@ -649,7 +645,7 @@ def _high_bits(q: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def grid_tensors(
     model: PreTrainedModel, compressed: Mapping[str, CompressedLinear], notes: list[str]
-) -> dict[str, GgufTensor]:
+) -> dict[str, GgufBlocks]:
     """The GGUF tensors of a model compressed with our artifact's levels, by state-dict key: block bytes where a
     grid maps onto a block type, else F16 of the weight the compressed model computes with. Uncompressed tensors
     are left to the writer's defaults (the compressed model holds their values)."""
@@ -667,12 +663,12 @@ def grid_tensors(
             elif kept.quantized.bits not in (4, 5, 8):
                 widened[kept.quantized.bits, qtype.name] += 1
         if qtype is not None:
-            tensors[f"{linear}.weight"] = GgufTensor(
+            tensors[f"{linear}.weight"] = GgufBlocks(
                 qtype.name.lower(), encode_blocks(kept.quantized, kept.mask, qtype)
             )
         else:
             half = kept.weight.detach().cpu().float().numpy().astype(np.float16)
-            tensors[f"{linear}.weight"] = GgufTensor("f16", half.view(np.uint8))
+            tensors[f"{linear}.weight"] = GgufBlocks("f16", half.view(np.uint8))
     if pruned:
         notes.append(f"sparsity: {pruned} pruned Linear(s) stored densely with zeros (GGUF has no sparse tensors)")
     for (bits, name), count in sorted(widened.items()):
@@ -696,3 +692,32 @@ def write_gguf(
     notes: list[str] = []
     tensors = grid_tensors(model, compressed, notes)
     return write_gguf_tensors(model, tokenizer, tensors, path, metadata, tokenizer_source, plan=plan, notes=notes)
+
+
+# ---------------------------------------------------------------- the deployment target
+
+
+def tokenizer_gguf(model: ModelConfig) -> Path | None:
+    """The GGUF file the base model came from, whose tokenizer keys llama.cpp reads as they are."""
+    if model.name == EMBEDDED_MODEL:
+        return embedded_gguf()
+    if model.name.endswith(".gguf"):
+        return Path(model.name).expanduser()
+    return None
+
+
+class GgufTarget(Target):
+    """llama.cpp: each unit (decoder-block Linears, the embedding, the output matrix) in one of GGUF's own tensor
+    types (`codecs.gguf`), the size the file's, and `export` writing that file natively."""
+
+    name = "gguf"
+    export_format = "gguf"
+
+    def check_config(self, config: Config) -> None:
+        check_config(config)
+
+    def check_model(self, config: Config) -> None:
+        space_levels(config)
+
+
+TARGET = GgufTarget()

@@ -1,0 +1,363 @@
+"""GGUF's own tensor types as the levels of a plan (`compression.target: gguf`): what each unit may take, how it is
+quantized and decoded, how many bytes it takes, and llama.cpp's presets as plans.
+
+Under this target a level is a llama.cpp tensor type (`q4_k`, `iq4_nl`, `f16`...), and a unit's weight is quantized
+by `gguf_blocks.quantize_rows`, which writes the bytes `llama-quantize` writes, with the calibration's importance
+matrix (the mean x_j² per input column, what llama.cpp's imatrix holds). What the search evaluates is the float32
+weight the `gguf` package decodes from those very bytes (`dequantize_rows`), so the scored model is the shipped one,
+bit for bit, on the weights.
+
+The token embedding and the output matrix are units too: in small models with large vocabularies they hold most of
+the bytes. The output matrix's importance is its input's (a hook on lm_head); the embedding has none, as llama.cpp
+quantizes token_embd without one. Tied embeddings are one tensor in GGUF (`token_embd.weight`, no `output.weight`),
+so they form one unit, named as the embedding and quantized with the output's importance (it is the output matmul
+that the tied weight takes part in); llama.cpp's presets give it the output tensor's type.
+
+A level must split every row of the unit's tensors into whole blocks: K-types (and IQ4_XS) need rows of a multiple of
+256 weights, the others of 32. The search offers each unit only the configured levels its rows take, and a level
+that no unit can take, or a plan that gives a unit one its rows cannot, is refused in one line. Sparsity is refused
+under this target: GGUF stores zeros densely, so pruning would cost loss and save nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from autocompress.codecs.gguf_blocks import BLOCK_TYPES, GgufBlocks, fits, quantize_rows, tensor_bytes
+from autocompress.errors import UserError
+from autocompress.files import write_atomically
+from autocompress.methods import LayerStatistics
+from autocompress.models import compressible_linears, meta_model, module_name
+from autocompress.size import SizeReport
+from autocompress.targets.gguf_presets import preset_types
+
+if TYPE_CHECKING:
+    from autocompress.plan import CompressionPlan
+    from autocompress.targets.gguf import GgufLayout
+
+# The levels of the target, with the whole bits per weight a plan records for them (LayerCompression.bits): the
+# values' own bits, not counting the scales that `tensor_bytes` counts exactly.
+GGUF_LEVELS: dict[str, int] = {
+    "q2_k": 2,
+    "q3_k": 3,
+    "q4_k": 4,
+    "q5_k": 5,
+    "q6_k": 6,
+    "q8_0": 8,
+    "q4_0": 4,
+    "q4_1": 4,
+    "q5_0": 5,
+    "q5_1": 5,
+    "iq4_nl": 4,
+    "iq4_xs": 4,
+    "mxfp4": 4,
+    "f16": 16,
+}
+# llama.cpp's k-quant presets, seeded into every gguf study whose units can take their types.
+SEED_PRESETS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+PRESET_BASELINE = "llama.cpp {preset}"  # the `baseline` a preset's seed trial is marked with
+
+
+def check_level(name: str) -> None:
+    """ValueError (one line) for a level name the GGUF target cannot store."""
+    if name not in GGUF_LEVELS or name not in BLOCK_TYPES:
+        raise ValueError(f"the gguf target stores the levels {', '.join(GGUF_LEVELS)}; {name!r} is none of them")
+
+
+def importance(stats: LayerStatistics) -> torch.Tensor | None:
+    """llama.cpp's importance of each input column: the mean x_j² over calibration tokens, divided as
+    `llama-quantize` divides its imatrix file's float32 sums by the token count; None without statistics."""
+    if stats.input_sq_norms is None or stats.n_tokens <= 0:
+        return None
+    return (stats.input_sq_norms.double().cpu() / float(np.float32(stats.n_tokens))).float()
+
+
+def quantize(weight: torch.Tensor, type_name: str, stats: LayerStatistics | None) -> GgufBlocks:
+    """A weight [out, in] in `type_name`'s blocks, importance-weighted by the calibration statistics if given."""
+    check_level(type_name)
+    weights = importance(stats) if stats is not None else None
+    return GgufBlocks(type_name, quantize_rows(weight.float(), type_name, weights))
+
+
+@dataclass(frozen=True)
+class UnitTensor:
+    """One tensor of the GGUF file that a plan's unit decides the type of."""
+
+    unit: str  # the plan unit it belongs to (a Linear or a block; the embedding or the output)
+    module: str  # the PyTorch module holding it (model.layers.0.self_attn.q_proj, model.embed_tokens, lm_head)
+    gguf_name: str  # its name in the GGUF file (blk.0.attn_q.weight, token_embd.weight, output.weight)
+    shape: tuple[int, int]  # [out, in]: blocks split the `in` rows
+    statistics_of: str | None  # the module whose input statistics are its importance; None: it has none
+
+
+def gguf_tensors(model: nn.Module, granularity: str) -> list[UnitTensor]:
+    """The tensors of `model` that a gguf plan sets the types of: every decoder-block Linear (its unit the Linear
+    or its block), then the token embedding and, unless tied to it, the output matrix, each a unit of its own.
+
+    The model may live on the meta device: only names and shapes are read, so the space can be checked before
+    any weight is loaded."""
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    found = []
+    for linear in compressible_linears(model):
+        gguf_name = names.get_name(f"{linear.name}.weight", try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise ValueError(f"GGUF has no name for the Linear {linear.name!r}")
+        unit = linear.name if granularity == "linear" else linear.block
+        found.append(UnitTensor(unit, linear.name, gguf_name, tuple(linear.module.weight.shape), linear.name))
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    embedding_name, output_name = module_name(model, embedding), module_name(model, output)
+    tied = output.weight is embedding.weight
+    shape = tuple(embedding.weight.shape)
+    found.append(UnitTensor(embedding_name, embedding_name, "token_embd.weight", shape, output_name if tied else None))
+    if not tied:
+        found.append(UnitTensor(output_name, output_name, "output.weight", tuple(output.weight.shape), output_name))
+    return found
+
+
+def unit_levels(tensors: Iterable[UnitTensor], levels: Sequence[str]) -> dict[str, list[str]]:
+    """The levels each unit may take: those of `levels` whose blocks split the rows of every tensor of the unit."""
+    allowed: dict[str, list[str]] = {}
+    for tensor in tensors:
+        fitting = [level for level in levels if fits(level, tensor.shape[1])]
+        allowed[tensor.unit] = [level for level in allowed.get(tensor.unit, fitting) if level in fitting]
+    return allowed
+
+
+def check_levels(tensors: Sequence[UnitTensor], levels: Sequence[str]) -> dict[str, list[str]]:
+    """`unit_levels`, refusing (ValueError, one line) a level no unit can take and a unit left with none."""
+    allowed = unit_levels(tensors, levels)
+    for unit, choices in allowed.items():
+        if not choices:
+            rows = sorted({tensor.shape[1] for tensor in tensors if tensor.unit == unit})
+            raise ValueError(f"{unit} (rows of {', '.join(map(str, rows))}) can take none of the levels {list(levels)}")
+    for level in levels:
+        if not any(level in choices for choices in allowed.values()):
+            block = BLOCK_TYPES[level].block_size
+            raise ValueError(
+                f"no unit of this model can take {level}: its blocks hold {block} weights, and every unit has rows "
+                f"that are not a multiple of {block}"
+            )
+    return allowed
+
+
+def check_plan_levels(tensors: Iterable[UnitTensor], unit_level: Mapping[str, str]) -> None:
+    """ValueError (one line) when a plan gives a tensor a level its rows do not split into."""
+    for tensor in tensors:
+        level = unit_level.get(tensor.unit)
+        if level is None:
+            continue
+        check_level(level)
+        if not fits(level, tensor.shape[1]):
+            block = BLOCK_TYPES[level].block_size
+            raise ValueError(
+                f"{tensor.module} cannot take {level}: its rows of {tensor.shape[1]} weights are not a whole number "
+                f"of {block}-weight blocks"
+            )
+
+
+def data_bytes(tensors: Iterable[UnitTensor], unit_level: Mapping[str, str]) -> dict[str, int]:
+    """Exact bytes of each tensor's data (by module name) in the type its unit takes, from shapes alone."""
+    return {tensor.module: tensor_bytes(unit_level[tensor.unit], *tensor.shape) for tensor in tensors}
+
+
+def preset_levels(
+    preset: str, tensors: Sequence[UnitTensor], config, allowed: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, str] | None, str | None]:
+    """The level of every unit under llama.cpp's `preset` (`gguf_presets.preset_types`: by tensor role and layer,
+    with llama.cpp's fallbacks for rows its blocks do not split), or None and the reason the space cannot hold it:
+    a unit that holds tensors of different types (block granularity), or a type the unit's levels do not offer."""
+    heads = config.num_attention_heads
+    types = preset_types(
+        preset,
+        [(tensor.gguf_name, tensor.shape) for tensor in tensors],
+        config.num_hidden_layers,
+        n_head=heads,
+        n_head_kv=getattr(config, "num_key_value_heads", None) or heads,
+        imatrix=True,
+    )
+    levels: dict[str, str] = {}
+    for tensor in tensors:
+        level = types[tensor.gguf_name]
+        if levels.setdefault(tensor.unit, level) != level:
+            return None, f"{tensor.unit} holds tensors of {levels[tensor.unit]} and {level} (use granularity: linear)"
+        if level not in allowed[tensor.unit]:
+            return None, f"it gives {tensor.module} {level}, which is not among its levels {list(allowed[tensor.unit])}"
+    return levels, None
+
+
+class GgufWeights:
+    """The GGUF units of a resident model: each tensor quantized once per level into its GGUF blocks (kept on disk
+    under `cache`, as the file stores them), and the decoded weights swapped into the model per plan.
+
+    A trial then costs a decode (a few milliseconds per tensor) for each tensor whose level changed. `statistics`
+    gives the calibration statistics by module name (the decoder-block Linears and lm_head), asked for only when
+    blocks must be computed; it may run the dense model, so it is called before any weight is swapped. `layout` is
+    the file `export` writes of the model (`targets.gguf.gguf_layout`), which sizes a plan exactly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        granularity: str,
+        statistics: Callable[[], Mapping[str, LayerStatistics]],
+        cache: Path | None,
+        layout: GgufLayout,
+    ) -> None:
+        self.tensors = gguf_tensors(model, granularity)
+        self.units = list(dict.fromkeys(tensor.unit for tensor in self.tensors))
+        self.layout = layout
+        modules = dict(model.named_modules())
+        self.modules = {tensor.module: modules[tensor.module] for tensor in self.tensors}
+        self.dense = {name: module.weight.detach().to("cpu", copy=True) for name, module in self.modules.items()}
+        self.statistics = statistics
+        self.cache = cache
+        self.applied: dict[str, str] = {}  # module name -> the level its weight holds now (absent: dense)
+        self._memory: dict[tuple[str, str], GgufBlocks] = {}  # without a cache folder
+
+    def levels(self, plan: CompressionPlan) -> dict[str, str]:
+        """The level of every unit under `plan` (`f16` where the plan keeps 16 bits), checked against the rows."""
+        levels = {}
+        for tensor in self.tensors:
+            setting = plan.layers.get(tensor.unit, plan.default)
+            if setting.sparsity > 0:
+                raise ValueError(f"{tensor.unit}: the gguf target stores no sparsity (GGUF stores zeros densely)")
+            levels[tensor.unit] = setting.format or ("f16" if setting.bits == 16 else f"int{setting.bits}")
+        check_plan_levels(self.tensors, levels)
+        return levels
+
+    def _path(self, module: str, level: str) -> Path:
+        return self.cache / module / f"{level}.npy"
+
+    def blocks(self, tensor: UnitTensor, level: str) -> GgufBlocks:
+        """The tensor's blocks in `level`: from the cache, else quantized now (and stored)."""
+        if self.cache is None:
+            key = (tensor.module, level)
+            if key not in self._memory:
+                self._memory[key] = self._quantize(tensor, level)
+            return self._memory[key]
+        path = self._path(tensor.module, level)
+        if path.is_file():
+            return GgufBlocks(level, np.load(path))
+        blocks = self._quantize(tensor, level)
+        write_atomically(path, lambda temporary: np.save(temporary, blocks.data))
+        return blocks
+
+    def _stored(self, tensor: UnitTensor, level: str) -> bool:
+        if self.cache is None:
+            return (tensor.module, level) in self._memory
+        return self._path(tensor.module, level).is_file()
+
+    def _quantize(self, tensor: UnitTensor, level: str) -> GgufBlocks:
+        stats = None
+        if tensor.statistics_of is not None and BLOCK_TYPES[level].uses_importance:
+            stats = self.statistics().get(tensor.statistics_of)
+            if stats is None or stats.input_sq_norms is None:
+                raise ValueError(f"{tensor.module}: no calibration statistics for its importance matrix")
+        return quantize(self.dense[tensor.module], level, stats)
+
+    def restore_dense(self) -> None:
+        for name in self.applied:
+            self.modules[name].weight.data.copy_(self.dense[name])
+        self.applied.clear()
+
+    def size(self, plan: CompressionPlan) -> SizeReport:
+        """The exact bytes of the GGUF file of `plan` (header, metadata and every tensor, from shapes alone) beside
+        the F16 file's (`dense_bytes`), and each tensor's data bytes by module name."""
+        levels = self.levels(plan)
+        types = {f"{tensor.module}.weight": levels[tensor.unit] for tensor in self.tensors}
+        return SizeReport(self.layout.file_bytes(types), self.dense_bytes, data_bytes(self.tensors, levels))
+
+    @property
+    def dense_bytes(self) -> int:
+        """The F16 GGUF file's bytes, as llama.cpp's converter writes it: what sizes are fractions of."""
+        return self.layout.file_bytes()
+
+    def blocks_of(self, plan: CompressionPlan) -> dict[str, GgufBlocks]:
+        """The blocks `plan` stores, by state-dict key, for `targets.gguf.write_gguf_tensors`."""
+        levels = self.levels(plan)
+        return {f"{tensor.module}.weight": self.blocks(tensor, levels[tensor.unit]) for tensor in self.tensors}
+
+    @torch.no_grad()
+    def stitch(self, plan: CompressionPlan) -> SizeReport:
+        """Make the model compute with `plan`'s levels, decoding only the tensors whose level changed; returns the
+        plan's size (`size`). Each tensor is recorded as it is swapped, so after a failure midway `applied` says
+        what every weight holds."""
+        levels = self.levels(plan)
+        missing = [tensor for tensor in self.tensors if not self._stored(tensor, levels[tensor.unit])]
+        if any(tensor.statistics_of and BLOCK_TYPES[levels[tensor.unit]].uses_importance for tensor in missing):
+            self.statistics()  # collecting them may run the dense model: before any weight is swapped
+        for tensor in self.tensors:
+            level = levels[tensor.unit]
+            if self.applied.get(tensor.module) == level:
+                continue
+            weight = self.modules[tensor.module].weight
+            weight.data.copy_(self.blocks(tensor, level).decode(weight.dtype).to(weight.device))
+            self.applied[tensor.module] = level
+        return self.size(plan)
+
+
+def check_config(config) -> None:
+    """The gguf target's refusals of a study config (ValueError, one line), from the config alone.
+
+    GGUF stores zeros densely, so sparsity (and an N:M pattern) is refused; its levels are its own tensor types,
+    each quantized by llama.cpp's importance-weighted rounding (`compression.quantization: rtn`; GPTQ onto the
+    block grids is not implemented); students and budget searches (which allocate bits, not types) are refused."""
+    search, compression = config.search, config.compression
+    where = "compression.target gguf"
+    if not search.formats:
+        raise ValueError(f"{where}: list the GGUF types to search in search.formats, e.g. [q4_k, q6_k, q8_0]")
+    for level in search.formats:
+        try:
+            check_level(level)
+        except ValueError as error:
+            raise ValueError(f"search.formats: {error}") from error
+    if search.sparsity_levels() != [0.0] or compression.pattern != "unstructured":
+        raise ValueError(f"{where}: GGUF stores zeros densely, so pruning saves nothing; set search.sparsity: [0.0]")
+    if compression.quantization != "rtn":
+        raise ValueError(
+            f"{where}: its types quantize with llama.cpp's importance-weighted rounding; GPTQ onto GGUF blocks is "
+            f"not implemented, so compression.quantization must be rtn, not {compression.quantization!r}"
+        )
+    if search.student is not None or search.budget is not None:
+        raise ValueError(f"{where}: students and budget searches are not offered; drop search.student/search.budget")
+    if search.database == "on":
+        raise ValueError(f"{where}: its blocks are cached per tensor already; the layer-variant database is not used")
+
+
+def space_levels(config) -> dict[str, list[str]]:
+    """The levels each unit of the config's model may take, from its config.json or GGUF metadata alone (on the
+    meta device, before any weight is loaded); a UserError (one line) for a level no unit can take."""
+    tensors = gguf_tensors(meta_model(config.model), config.compression.granularity)
+    try:
+        return check_levels(tensors, config.search.precision_levels())
+    except ValueError as error:
+        raise UserError(f"search.formats: {error}") from error
+
+
+def preset_seeds(tensors: Sequence[UnitTensor], config, allowed: Mapping[str, Sequence[str]]) -> list[PresetSeed]:
+    """llama.cpp's k-quant presets (`SEED_PRESETS`) as seed plans of a gguf study: each unit's level as
+    `{unit}.format` trial parameters (for the units with a choice), or the reason a preset is left out."""
+    seeds = []
+    for preset in SEED_PRESETS:
+        levels, reason = preset_levels(preset, tensors, config, allowed)
+        params = None
+        if levels is not None:
+            params = {f"{unit}.format": level for unit, level in levels.items() if len(allowed[unit]) > 1}
+        seeds.append(PresetSeed(PRESET_BASELINE.format(preset=preset), params, reason))
+    return seeds
+
+
+@dataclass(frozen=True)
+class PresetSeed:
+    baseline: str  # e.g. "llama.cpp q4_k_m", the seed trial's `baseline`
+    params: dict[str, str] | None  # None: the search space cannot hold the preset
+    reason: str | None  # why not

@@ -1,0 +1,127 @@
+"""A `compression.target: gguf` study from end to end: llama.cpp's presets seeded beside the searched mixes, every
+size the exact bytes of the file, and `export` writing the very blocks the search scored, which llama.cpp runs as
+we measured them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import gguf
+import optuna
+import pytest
+
+from autocompress.config import load_config
+from autocompress.metrics import log_probs
+from autocompress.record import StudyLocation, StudyRecord, scored_records
+from autocompress.runtimes.llama_cpp import llama_cpp_available
+from autocompress.search.space import SearchSpace
+from autocompress.session import CompressionSession
+from tests.conftest import CLI, tiny_study_config, write_yaml
+from tests.test_gguf_export import (
+    SEQ_LEN,
+    activation_rounding,
+    bpe_tokenizer,
+    kl,
+    llama_cpp_log_probs,
+    require,
+    tiny_model,
+)
+
+LEVELS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 12-trial gguf study (the 9 presets, 3 sampled mixes) of a tiny Mistral (rows of 256 and 512: every K-type
+    fits) with a byte-level BPE tokenizer, run by the CLI; returns its config file and results folder."""
+    folder = tmp_path_factory.mktemp("gguf-study")
+    model_dir = folder / "model"
+    tiny_model("mistral").save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    raw = tiny_study_config(
+        folder,
+        model_dir,
+        compression={"target": "gguf", "granularity": "linear"},
+        search={"sparsity": [0.0], "bits": [16], "formats": LEVELS, "seeds": "none", "n_trials": 12, "loss": "kl"},
+    )
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    config = write_yaml(folder / "gguf.yaml", raw)
+    results = folder / "results"
+    subprocess.run([*CLI, "search", str(config), "--results", str(results), "--quiet"], check=True)
+    return config, results
+
+
+def study_record(results: Path) -> tuple[optuna.Study, StudyRecord, StudyLocation]:
+    location = StudyLocation.resolve("gguf", results, None)
+    study = optuna.load_study(study_name="gguf", storage=location.storage_url)
+    return study, StudyRecord.of(study), location
+
+
+def test_the_presets_are_seeded_beside_the_searched_mixes(study: tuple[Path, Path]) -> None:
+    _config, results = study
+    optuna_study, record, _location = study_record(results)
+    trials = scored_records(optuna_study)
+    baselines = {trial.baseline for trial in trials if trial.baseline}
+    assert {"llama.cpp q2_k", "llama.cpp q3_k_m", "llama.cpp q4_k_m", "llama.cpp q6_k"} <= baselines
+    assert any(not trial.seed for trial in trials)  # and sampled mixes
+    assert record.units[-2:] == ["model.embed_tokens", "lm_head"]  # the embedding and output are units
+    assert record.dense_bytes > max(trial.size_bytes for trial in trials)  # the F16 file's
+
+
+def test_the_exported_file_is_the_measured_model_at_the_promised_size(study: tuple[Path, Path]) -> None:
+    """Its types are the plan's, its size within 0.5% of the trial's (the provenance is what differs), and the
+    model llama.cpp reads computes what the search scored: llama.cpp's next-token distributions differ from ours
+    only by the 8-bit rounding its kernels apply to activations (measured on our model: `floor`)."""
+    config_path, results = study
+    optuna_study, record, location = study_record(results)
+    chosen = min(scored_records(optuna_study), key=lambda trial: trial.size_bytes)
+    out = results / "export"
+    command = [*CLI, "export", "--study", "gguf", "--results", str(results), "--trial", str(chosen.number)]
+    subprocess.run([*command, "--out", str(out), "--format", "gguf"], check=True, capture_output=True)
+    path = out / "model.gguf"
+    assert abs(path.stat().st_size - chosen.size_bytes) <= 0.005 * chosen.size_bytes
+
+    plan = SearchSpace.of_record(record).plan_from_params(chosen.params)
+    stored = {tensor.name: tensor.tensor_type.name.lower() for tensor in gguf.GGUFReader(path).tensors}
+    assert stored["blk.1.ffn_down.weight"] == plan.setting("model.layers.1.mlp.down_proj", "model.layers.1").format
+    assert stored["token_embd.weight"] == plan.layers["model.embed_tokens"].format
+
+    require(llama_cpp_available())
+    session = CompressionSession(load_config(config_path), cache_dir=location.cache_dir)
+    session.stitch(plan)
+    tokens = session.pools.fitness
+    ours = log_probs(session.model, tokens)
+    types = {f"{tensor.module}.weight": level for tensor, level in levels(session, plan)}
+    hooks = activation_rounding(session.model, types)
+    floor = kl(log_probs(session.model, tokens), ours)
+    for hook in hooks:
+        hook.remove()
+    theirs = llama_cpp_log_probs(path, tokens)
+    print(f"llama.cpp vs the search's model: KL {kl(theirs, ours):.1e}, 8-bit activation floor {floor:.1e}")
+    assert kl(theirs, ours) <= max(1e-3, 1.25 * floor)
+
+
+def levels(session: CompressionSession, plan) -> list:
+    chosen = session.gguf.levels(plan)
+    return [(tensor, chosen[tensor.unit]) for tensor in session.gguf.tensors]
+
+
+def test_a_gguf_study_exports_only_gguf(study: tuple[Path, Path], tmp_path: Path) -> None:
+    _config, results = study
+    command = [
+        *CLI,
+        "export",
+        "--study",
+        "gguf",
+        "--results",
+        str(results),
+        "--trial",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    result = subprocess.run([*command, "--format", "compressed"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "which only gguf stores" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
