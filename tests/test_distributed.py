@@ -16,10 +16,18 @@ import pytest
 from optuna.trial import TrialState
 
 from autocompress.cli import main
-from autocompress.record import StudyRecord, TrialRecord
+from autocompress.config import Config
+from autocompress.frontier import frontier_of
+from autocompress.record import StudyRecord, TrialRecord, trial_records
 from autocompress.report import TRIAL_COLUMNS
 from autocompress.search import StudyLocation, run_search
-from tests.conftest import CLI, POSTGRES_URL, load_config, needs_postgres, wait_for
+from autocompress.search.heldout import heldout_figures
+from autocompress.search.space import SearchSpace
+from autocompress.session import CompressionSession
+from tests.conftest import CLI, POSTGRES_URL, load_config, needs_postgres, random_text, tiny_study_config, wait_for
+from tests.test_gguf_export import bpe_tokenizer
+from tests.test_gguf_export import tiny_model as tiny_gguf_model
+from tests.test_student_search import FAST_DISTILLATION, tiny_config
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -235,6 +243,103 @@ def test_ray_flags_without_the_ray_backend_are_a_one_line_error(tmp_path: Path, 
         main(["search", str(space_file()), "--results", str(tmp_path), "--gpus-per-trial", "1"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "autocompress: error: --gpus-per-trial goes with --backend ray"
+
+
+# -- every kind of plan under Ray: number formats, the vLLM and GGUF targets, students ---------------------------
+
+
+def run_on_ray_as_locally(
+    config: Config, tmp_path: Path, sampled: int, check_cache: Path | None = None
+) -> optuna.Study:
+    """Run `config` under Ray Tune (its seeds and `sampled` more trials) and check it is the study the local
+    backend makes: the same seeds and baselines enqueued (a local search of 0 trials enqueues them), every trial
+    complete and recorded with the local backend's fields, its loss and the frontier's held-out figures what a
+    fresh local session measures for the same plan (with the study's cache when `check_cache` names it: students
+    distilled on the workers, whose training is not repeated)."""
+    from autocompress.search.ray_backend import run_ray_search
+
+    local = run_search(config, StudyLocation.resolve("local", tmp_path / "local"), n_trials=0, progress=False)
+    seeded = [
+        (trial.system_attrs["fixed_params"], trial.user_attrs)
+        for trial in local.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    ]
+    location = StudyLocation.resolve("ray", tmp_path / "ray")
+    study = run_ray_search(config, location, n_trials=len(seeded) + sampled, progress=False, concurrency=2)
+
+    trials = study.get_trials(deepcopy=False)
+    assert [trial.state for trial in trials] == [TrialState.COMPLETE] * (len(seeded) + sampled), [
+        TrialRecord.of(trial).fail_reason for trial in trials
+    ]
+    first = zip(trials[: len(seeded)], seeded, strict=True)
+    ran = [(trial.params, {key: trial.user_attrs.get(key) for key in attrs}) for trial, (_, attrs) in first]
+    assert ran == seeded, "the seeds and baselines the local backend enqueues, in its order"
+    record = StudyRecord.of(study)
+    assert record.baselines == StudyRecord.of(local).baselines
+    assert record.unit_levels == StudyRecord.of(local).unit_levels
+
+    session = CompressionSession(config, cache_dir=check_cache or tmp_path / "fresh-cache")
+    space = SearchSpace.of_record(record)
+    for trial in trials:
+        measured = TrialRecord.of(trial)
+        assert all(getattr(measured, column) is not None for column in TRIAL_COLUMNS), measured
+        assert trial.values == [measured.loss, measured.size_ratio]
+        result = session.measure(space.plan_from_params(trial.params))
+        loss = result.metrics.kl if config.search.loss == "kl" else result.metrics.ce
+        assert measured.loss == pytest.approx(loss, rel=1e-5, abs=1e-7), trial.number
+        assert measured.size_bytes == result.size.total_bytes, trial.number
+    assert record.heldout and record.dense_heldout is not None
+    for number, figures in record.heldout.items():
+        here = heldout_figures(session, space, trials[number].params)
+        assert (figures.ppl, figures.kl) == pytest.approx((here.ppl, here.kl), rel=1e-5), number
+    assert (location.out_dir / "report.md").stat().st_size > 0
+    return study
+
+
+def test_a_ray_study_over_number_formats_is_the_local_study(ray_cluster: str, tmp_path: Path, tiny_model_dir) -> None:
+    formats = {"sparsity": [0.0, 0.3], "bits": [16], "formats": ["nf4", "mxfp4", "fp8-e4m3", "fp16"]}
+    config = Config.model_validate(tiny_study_config(tmp_path, tiny_model_dir, search=formats))
+    run_on_ray_as_locally(config, tmp_path, sampled=2)
+
+
+def test_a_ray_study_of_the_vllm_target_is_the_local_study(ray_cluster: str, tmp_path: Path, tiny_model_dir) -> None:
+    levels = {"sparsity": [0.0], "bits": [16], "formats": ["int4", "int8-row", "fp8-e4m3", "fp16"]}
+    compression = {"symmetric": True, "target": "vllm"}
+    config = Config.model_validate(tiny_study_config(tmp_path, tiny_model_dir, compression=compression, search=levels))
+    run_on_ray_as_locally(config, tmp_path, sampled=2)
+
+
+def test_a_ray_study_of_the_gguf_target_is_the_local_study_with_its_presets(ray_cluster: str, tmp_path: Path) -> None:
+    model_dir = tmp_path / "mistral"  # rows of 256 and 512: every K-type fits
+    tiny_gguf_model("mistral").save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    levels = {"sparsity": [0.0], "bits": [16], "formats": ["q4_k", "q6_k", "q8_0"], "seeds": "none"}
+    compression = {"target": "gguf", "granularity": "linear"}
+    raw = tiny_study_config(tmp_path, model_dir, compression=compression, search=levels)
+    raw["data"] |= {"heldout": 2}
+    study = run_on_ray_as_locally(Config.model_validate(raw), tmp_path, sampled=1)
+    assert {"llama.cpp q4_k_m", "llama.cpp q6_k"} <= set(StudyRecord.of(study).baselines)
+
+
+def test_a_ray_study_with_students_shares_their_distilled_models_and_judges_them_held_out(
+    ray_cluster: str, tmp_path: Path, tiny_model_dir
+) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(random_text(6000, seed=1))
+    # pruner none: which student a pruner stops depends on which trials finished first, on a cluster
+    distillation = FAST_DISTILLATION | {"pruner": "none"}
+    student = {"num_layers": [1, 2], "intermediate_size": [64, 128], "distillation": distillation}
+    config = Config.model_validate(tiny_config(tiny_model_dir, corpus, student=student))
+    location = StudyLocation.resolve("ray", tmp_path / "ray")
+    study = run_on_ray_as_locally(config, tmp_path, sampled=3, check_cache=location.cache_dir)
+
+    students = [record for record in trial_records(study) if record.student]
+    assert students, "a sampled plan distils a student"
+    assert all(record.kd_curve[-1][0] == FAST_DISTILLATION["steps"] for record in students)
+    shapes = {json.dumps(record.architecture, sort_keys=True) for record in students}
+    assert len(list(location.cache_dir.rglob("students/*.safetensors"))) == len(shapes), "one per shape, shared"
+    frontier = frontier_of(trial_records(study))
+    assert any(member.student for member in frontier)
+    assert StudyRecord.of(study).heldout.keys() == {member.number for member in frontier}, "judged held-out"
 
 
 # -- Optuna workers on PostgreSQL --------------------------------------------------------------------------------

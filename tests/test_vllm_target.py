@@ -16,6 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from autocompress.methods import QUANTIZERS, LayerStatistics, QuantizedWeight, QuantSpec
 from autocompress.plan import parse_level
+from autocompress.search.space import SearchSpace
+from autocompress.size import model_size
 from autocompress.targets.vllm import (
     FP16_LEVEL,
     VllmLevel,
@@ -313,3 +315,133 @@ def test_embedded_model_round_trips(tmp_path: Path) -> None:
     with torch.no_grad():
         kl = mean_kl(model(tokens).logits[0], reloaded(tokens).logits[0])
     assert kl <= 1e-5
+
+
+# --- compression.target: vllm, from the config to a search, its export and the reload ------------------------------
+
+VLLM_LEVELS = ["int4", "int8-row", "fp8-e4m3", "fp16"]  # int4: the plan's symmetric groups of 32
+MIXED = {"model.layers.0.format": "int4", "model.layers.1.format": "int8-row", "model.layers.2.format": "fp8-e4m3"}
+
+
+def model_folder(folder: Path, **shape: int) -> Path:
+    """A seeded tiny Llama (the tests' vocabulary and tokenizer) with `shape` overriding its config, saved."""
+    from tests.conftest import tiny_llama_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config().__class__(**(tiny_llama_config().to_dict() | shape))).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def vllm_config(folder: Path, model_dir: Path, **search: object) -> dict:
+    from tests.conftest import tiny_study_config
+
+    return tiny_study_config(
+        folder,
+        model_dir,
+        compression={"symmetric": True, "target": "vllm"},
+        search={"sparsity": [0.0], "bits": [16], "formats": VLLM_LEVELS, "n_trials": 5} | search,
+    )
+
+
+@pytest.fixture(scope="module")
+def vllm_study(tmp_path_factory: pytest.TempPathFactory):
+    """A `target: vllm` search on a 3-block tiny Llama, with a plan of int4 groups, int8 and FP8 enqueued."""
+    from autocompress.config import Config
+    from autocompress.search import StudyLocation, run_search
+
+    folder = tmp_path_factory.mktemp("vllm-study")
+    config = Config.model_validate(vllm_config(folder, model_folder(folder / "model", num_hidden_layers=3)))
+    location = StudyLocation.resolve("vllm", folder / "results")
+    study = run_search(config, location, n_trials=5, progress=False)
+    study.enqueue_trial(MIXED)
+    study = run_search(config, location, n_trials=6, progress=False)
+    return config, location, folder
+
+
+def test_a_vllm_search_counts_compressed_tensors_bytes(vllm_study) -> None:
+    from autocompress.record import scored_records
+    from autocompress.search.study import load_existing
+    from autocompress.session import CompressionSession
+    from autocompress.targets import target_named
+
+    config, location, _ = vllm_study
+    study, record = load_existing(location)
+    records = scored_records(study)
+    assert len(records) >= 6
+    session = CompressionSession(config, cache_dir=location.cache_dir)
+    space_plan = SearchSpace(config, record.units).plan_from_params
+    vllm = target_named("vllm")
+    for trial in records:
+        plan = space_plan(trial.params)
+        assert trial.size_bytes == model_size(session.model, plan, vllm).total_bytes
+        assert trial.size_bytes != model_size(session.model, plan).total_bytes  # not our artifact's bytes
+
+
+@pytest.mark.parametrize("pick", ["mixed", "best"])
+def test_a_vllm_plan_exports_as_compressed_tensors_and_reloads_with_matching_logits_and_size(vllm_study, pick) -> None:
+    from autocompress.export import choose_trial, export_trial
+    from autocompress.metrics import evaluate
+    from autocompress.search.study import load_existing
+    from autocompress.session import CompressionSession
+
+    config, location, folder = vllm_study
+    study, record = load_existing(location)
+    if pick == "mixed":
+        number = next(trial.number for trial in study.trials if trial.params == MIXED)
+        chosen, how = choose_trial(study, record, trial=number)
+    else:
+        chosen, how = choose_trial(study, record)
+    result = export_trial(record, location, chosen, folder / f"export-{pick}", chosen_by=how)
+    assert result.format == "compressed-tensors"  # the target's own
+    on_disk = sum(path.stat().st_size for path in result.path.glob("*.safetensors"))
+    assert result.weights_bytes == on_disk
+    assert result.accounted_bytes == chosen.size_bytes  # what the search scored is what was written
+    assert abs(on_disk - result.accounted_bytes) <= 0.01 * result.accounted_bytes
+    assert result.fitness_loss == pytest.approx(chosen.loss, rel=1e-5, abs=1e-9)
+    quantization = json.loads((result.path / "config.json").read_text())["quantization_config"]
+    if pick == "mixed":
+        assert set(quantization["config_groups"]) == {"int4-g32", "int8-channel", "fp8-e4m3-channel"}
+    reloaded = load_compressed_tensors(result.path)
+    session = CompressionSession(config, cache_dir=location.cache_dir)
+    session.stitch(SearchSpace(config, record.units).plan_from_params(chosen.params))
+    assert evaluate(reloaded, session.pools.heldout, reference=session.model).kl <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("search", "refused"),
+    [
+        ({"sparsity": [0.0, 0.5]}, "vLLM runs no sparse weights"),
+        ({"formats": ["int4", "nf4"]}, "nf4-g64: not a level of the vLLM target"),
+        ({"formats": ["int4-g16"]}, "groups of 32, 64 or 128"),
+        ({"formats": None, "bits": [3, 16]}, "4- and 8-bit"),
+    ],
+)
+def test_vllm_refuses_sparsity_and_levels_it_cannot_run_before_any_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture, search: dict, refused: str
+) -> None:
+    from autocompress.cli import main
+    from tests.conftest import write_yaml
+
+    config = vllm_config(tmp_path, tmp_path / "no-such-model", **search)  # never read: the config fails first
+    with pytest.raises(SystemExit) as exit_code:
+        main(["search", str(write_yaml(tmp_path / "space.yaml", config)), "--results", str(tmp_path / "results")])
+    assert exit_code.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("autocompress: error: ") and refused in error and "\n" not in error
+
+
+def test_vllm_refuses_a_level_the_model_shapes_rule_out_from_its_config_alone(tmp_path: Path, monkeypatch) -> None:
+    from autocompress import session
+    from autocompress.config import Config
+    from autocompress.errors import UserError
+
+    model_dir = model_folder(tmp_path / "model", hidden_size=96)
+    config = Config.model_validate(vllm_config(tmp_path, model_dir, formats=["int4-g64", "fp16"]))
+
+    def no_weights(**kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(session, "load_model", no_weights)
+    with pytest.raises(UserError, match="groups of 64 do not divide the 96 inputs of a row"):
+        session.CompressionSession(config)

@@ -10,7 +10,8 @@ writes it into the study with `record.write_fields` before `tell`, as the local 
 
 A worker process builds its `CompressionSession` (model, token pools, calibration statistics and the dense
 reference, both read from the study's cache folder) once and keeps it for every later trial: Tune reuses
-trial actors, and the session is cached in this module per process.
+trial actors, and the session is cached in this module per process. A student distilled on one worker is kept
+in that cache folder too, so the other workers and the held-out judging load it instead of training it again.
 
 Failures: an exception inside the Objective fails the trial with its reason, as in the local backend; a worker
 process or node that dies makes Tune re-run the trial (FailureConfig). While the driver lives it keeps the
@@ -60,7 +61,6 @@ from autocompress.search.runner import ProgressBar, StopAfterFailures, complete_
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import MAX_RETRIES
 from autocompress.search.study import open_study, prepare_study, sampler_for, study_session
-from autocompress.session import CompressionSession
 from autocompress.variants import variant_settings
 
 # RAY_AIR_NEW_OUTPUT=0: with verbose=0 Tune prints nothing; our bar shows the study's progress
@@ -191,10 +191,14 @@ class StudyPreparer:
         config = Config.model_validate(self.setup.config)
         self.session, self.space = study_session(config, Path(self.setup.cache_dir))
         space = self.space
-        plan = CompressionPlan(**config.compression.plan_options())
-        self.session.statistics(settings_needs(variant_settings(space.sparsity_levels, space.precision_levels), plan))
+        if self.session.gguf is not None:  # GGUF blocks are llama.cpp's quantizers, with its importance matrix
+            self.session.gguf.statistics()
+        else:
+            plan = CompressionPlan(**config.compression.plan_options())
+            levels = variant_settings(space.sparsity_levels, space.precision_levels)
+            self.session.statistics(settings_needs(levels, plan))
         self.session.reference("fitness")
-        return {"units": space.units, "dense_bytes": self.session.dense_bytes}
+        return {"units": space.units, "unit_levels": space.unit_levels, "dense_bytes": self.session.dense_bytes}
 
     def prepare(self, name: str, directions: list[str], user_attrs: dict[str, Any]) -> dict:
         """Run the local backend's `prepare_study` against a copy of the study's attributes; return what it
@@ -215,11 +219,10 @@ class StudyPreparer:
         return {"user_attrs": added, "enqueued": enqueued}
 
 
-def judge(setup: WorkerSetup, units: list[str], pending: Pending) -> dict[int | None, HeldoutFigures]:
+def judge(setup: WorkerSetup, pending: Pending) -> dict[int | None, HeldoutFigures]:
     """On a worker: held-out figures of the plans the driver names (trial number, None for dense -> params)."""
     config = Config.model_validate(setup.config)
-    session = CompressionSession(config, cache_dir=Path(setup.cache_dir))
-    space = SearchSpace(config, units)
+    session, space = study_session(config, Path(setup.cache_dir))
     return {
         number: heldout_figures(session, space, None if number is None else params)
         for number, params in pending.items()
@@ -488,8 +491,6 @@ def run_ray_search(
     """Run (or continue) the study on Ray Tune until it holds `n_trials` complete trials or `timeout` passes."""
     if ray is None:
         raise UserError("--backend ray needs Ray Tune: pip install -e '.[ray]'")
-    if config.search.student is not None:  # its held-out judging rebuilds plans by unit lists alone
-        raise UserError("search.student runs with the local backend or `autocompress worker`, not --backend ray")
     if address is not None and address.startswith("ray://") and location.storage_url.startswith("sqlite"):
         raise UserError(
             "with a ray:// address the search runs on the cluster; give a --storage both sides reach (postgresql://...)"
@@ -509,7 +510,7 @@ def run_ray_search(
         preparer = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(StudyPreparer).remote(setup)
         try:
             described = remote_result(preparer.describe.remote())
-            space = SearchSpace(config, described["units"])
+            space = SearchSpace(config, described["units"], described["unit_levels"])
             study, created = open_study(config, location, space, config.search.seed)
             directions = [direction.name.lower() for direction in study.directions]
             prepared = remote_result(preparer.prepare.remote(location.name, directions, study.user_attrs))
@@ -548,7 +549,7 @@ def run_ray_search(
             bar.close()
             pending = heldout_pending(study, space, max_bytes)
             if pending:
-                for number, figures in remote_call(judge, resources, setup, space.units, pending).items():
+                for number, figures in remote_call(judge, resources, setup, pending).items():
                     record_heldout(study, number, figures)
             write_outputs(study, location)
         return study

@@ -57,6 +57,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from compressed_tensors.compressors import ModelCompressor
@@ -75,9 +76,15 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from autocompress.errors import UserError
 from autocompress.methods import QuantizedWeight
 from autocompress.methods.formats import FORMATS, PER_ROW, PER_TENSOR, scale_codes
-from autocompress.plan import UNQUANTIZED, Level
+from autocompress.models import compressible_linears, meta_model
+from autocompress.plan import UNQUANTIZED, CompressionPlan, LayerCompression, Level
+from autocompress.targets import Target
+
+if TYPE_CHECKING:
+    from autocompress.config import Config
 
 INTEGER = "int"
 FP8 = "fp8-e4m3"
@@ -432,3 +439,106 @@ def _check_stored_codes(name: str, module: nn.Module, stored: QuantizedWeight) -
         exact = exact and torch.equal(scales, scale_codes(stored.scale, "e4m3").cpu())
     if not exact:
         raise ValueError(f"{name}: compressed-tensors did not store our codes exactly; nothing was written")
+
+
+_HEADER_ENTRY_BYTES = 50  # a safetensors header entry beyond its name and offsets: "":{"dtype":..,"shape":[..],..},
+_HEADER_START_BYTES = 8 + len('{"__metadata__":{"format":"pt"}}')  # the header's length, then its metadata
+
+
+def stored_names(level: VllmLevel, bias: bool) -> tuple[str, ...]:
+    """The tensors the checkpoint stores for one Linear at `level`, by their names under the Linear's."""
+    names = {
+        INTEGER: ("weight_packed", "weight_scale", "weight_shape"),
+        FP8: ("weight", "weight_scale"),
+        NVFP4: ("weight_packed", "weight_scale", "weight_global_scale"),
+        UNQUANTIZED: ("weight",),
+    }[level.kind]
+    if level.kind == INTEGER and not level.symmetric:
+        names += ("weight_zero_point",)
+    return names + (("bias",) if bias else ())
+
+
+class VllmTarget(Target):
+    """compressed-tensors for vLLM: weight-only int4/int8 (groups of 32, 64, 128 or per channel), FP8 E4M3 per
+    channel, NVFP4 and fp16, no sparsity; each Linear as `compressed_tensors_bytes` counts it, every other tensor at
+    the model's dtype, and the safetensors header."""
+
+    name = "vllm"
+    export_format = "compressed-tensors"
+
+    def level(self, setting: LayerCompression, plan: CompressionPlan) -> VllmLevel:
+        return level_for(setting.level, plan.group_size, plan.symmetric)
+
+    def check_config(self, config: Config) -> None:
+        super().check_config(config)
+        search, compression = config.search, config.compression
+        sparse = [level for level in search.sparsity_levels() if level > 0]
+        if sparse:
+            raise ValueError(
+                f"compression.target vllm: vLLM runs no sparse weights, so search.sparsity must be 0, got {sparse}"
+            )
+        if compression.quantization in FORMATS:
+            raise ValueError(
+                "compression.target vllm: compression.quantization is the method of the integer levels (rtn, gptq, "
+                "gptq-actorder); name number formats in search.formats"
+            )
+        if compression.granularity == "linear" and len(search.precision_levels()) > 1:
+            raise ValueError(
+                "compression.target vllm: vLLM runs q/k/v_proj and gate/up_proj each as one layer of one scheme, "
+                "which per-Linear levels would split; use granularity: block"
+            )
+        plan = CompressionPlan(**compression.plan_options())
+        for precision in search.precision_levels():
+            # A level refused on rows of 1024 inputs (which every allowed group divides) is refused on any shape.
+            reason = refusal(self.level(setting_of(precision), plan), MARLIN_TILE_OUT, 8 * MARLIN_TILE_IN)
+            if reason is not None:
+                raise ValueError(f"compression.target vllm: {reason}")
+
+    def check_model(self, config: Config) -> None:
+        plan = CompressionPlan(**config.compression.plan_options())
+        levels = [self.level(setting_of(precision), plan) for precision in config.search.precision_levels()]
+        for linear in compressible_linears(meta_model(config.model)):
+            for level in levels:
+                reason = refusal(level, *linear.module.weight.shape)
+                if reason is not None:
+                    raise UserError(f"compression.target vllm: {linear.name}: {reason}")
+
+    def linear_bytes(
+        self,
+        setting: LayerCompression,
+        plan: CompressionPlan,
+        out_features: int,
+        in_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+    ) -> int:
+        level = self.level(setting, plan)
+        reason = "vLLM runs no sparse weights" if setting.sparsity > 0 else refusal(level, out_features, in_features)
+        if reason is not None:  # a plan given by hand (apply --plan) that the config's levels did not vet
+            raise UserError(f"compression.target vllm: {reason}")
+        return compressed_tensors_bytes(level, out_features, in_features, bias, dtype)
+
+    def tensor_bytes(self, numel: int, dtype: torch.dtype) -> int:
+        return numel * dtype.itemsize
+
+    def overhead_bytes(self, model: nn.Module, plan: CompressionPlan) -> int:
+        """The safetensors header: the length, the metadata, then one entry per tensor (its name, dtype, shape and
+        offsets, whose digits are estimated from the dense model's bytes)."""
+        linears = compressible_linears(model)
+        names = []
+        for linear in linears:
+            level = self.level(plan.setting(linear.name, linear.block), plan)
+            names += [f"{linear.name}.{leaf}" for leaf in stored_names(level, linear.module.bias is not None)]
+        inside = {f"{linear.name}.{leaf}" for linear in linears for leaf in ("weight", "bias")}
+        names += [name for name, _ in model.named_parameters() if name not in inside]  # tied ones once
+        offset_digits = len(str(sum(parameter.numel() for parameter in model.parameters()) * 2))
+        entries = sum(len(name) + _HEADER_ENTRY_BYTES + 2 * offset_digits for name in names)
+        return _HEADER_START_BYTES + entries
+
+
+def setting_of(precision: int | str) -> LayerCompression:
+    """An unpruned setting at a precision level (a bit-width, or a level name)."""
+    return LayerCompression(bits=precision) if isinstance(precision, int) else LayerCompression(format=precision)
+
+
+TARGET = VllmTarget()
