@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_serializer,
@@ -20,6 +22,7 @@ from pydantic import (
 from autocompress.errors import UserError
 from autocompress.methods.formats import FORMATS
 from autocompress.plan import BIT_WIDTHS, MAX_SPARSITY, CompressionPlan, Granularity, parse_level
+from autocompress.targets import target_named
 
 
 class Section(BaseModel):
@@ -74,6 +77,18 @@ class CompressionConfig(Section):
     granularity: Granularity = "block"
     group_size: int = 128
     symmetric: bool = False
+    target: Literal["artifact", "vllm", "gguf"] = Field(
+        "artifact",
+        description="the runtime models ship to: artifact (ours) | vllm (compressed-tensors) | gguf (llama.cpp)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_target(self, handler):
+        """Leave the target out while it is our artifact, so studies fingerprinted before targets still match."""
+        data = handler(self)
+        if self.target == "artifact":
+            data.pop("target", None)
+        return data
 
     @model_validator(mode="after")
     def _valid_as_plan(self) -> CompressionConfig:
@@ -81,7 +96,8 @@ class CompressionConfig(Section):
         return self
 
     def plan_options(self) -> dict:
-        return self.model_dump()
+        """The plan-wide fields of a `CompressionPlan` (the target is the study's, not the plan's)."""
+        return self.model_dump(exclude={"target"})
 
 
 class LevelRange(Section):
@@ -233,13 +249,16 @@ class SearchConfig(Section):
     loss: Literal["kl", "ce"] = "kl"
     alpha: float = Field(1.0, ge=0, description="weight of Loss in alpha*Loss + beta*Size")
     beta: float = Field(1.0, ge=0, description="weight of Size (fraction of the dense fp16 bytes)")
-    max_size: float | str | None = Field(None, description="bytes, or a fraction of dense such as 0.5 or '50%'")
+    max_size: int | float | str | None = Field(
+        None, description="bytes (80000000, '80MB') or a fraction of dense ('50%', 0.5); see `size_limit`"
+    )
     sampler: Literal["tpe", "nsga2", "gp", "random", "evolution"] = Field(
         "tpe", description="evolution: the budget-aware search (level-switch mutations); the default with a budget"
     )
     seed: int = 0
     seeds: Literal["levels", "grid", "none"] = "levels"
     n_trials: int = Field(40, ge=0)
+    max_failures: int = Field(5, ge=1, description="failed trials in a row after which the search stops")
     heartbeat_interval: int = Field(10, ge=1, description="seconds between heartbeats of a running trial (RDB)")
     grace_period: int = Field(60, ge=1, description="seconds without heartbeat before a trial is re-run (RDB)")
     budget: Budget | None = Field(
@@ -275,6 +294,13 @@ class SearchConfig(Section):
         "auto",
         description="layer-variant database on disk; auto: on when a method needs the Hessian (SparseGPT, GPTQ)",
     )
+    reuse_memory_mb: float = Field(
+        1000,
+        ge=0,
+        description="MB (10^6 bytes, on the model's device) for decoder-block inputs on the fitness pool kept from "
+        "trial to trial, so a plan that differs from the previous one from block k on runs blocks k.. only; a block "
+        "costs fitness windows x seq_len x hidden_size x bytes per element of the dtype; 0: off",
+    )
     student: StudentSearchConfig | None = Field(
         None, description="distilled student architectures searched beside the teacher's compression plans"
     )
@@ -285,6 +311,12 @@ class SearchConfig(Section):
         for name in formats or ():
             parse_level(name)
         return formats
+
+    _size_limit: SizeLimit | None = PrivateAttr(None)
+
+    def max_bytes(self, dense_bytes: int) -> int | None:
+        """The size limit in bytes for a model of `dense_bytes` dense bytes; None without a limit."""
+        return None if self._size_limit is None else self._size_limit.max_bytes(dense_bytes)
 
     @model_validator(mode="before")
     @classmethod
@@ -302,8 +334,12 @@ class SearchConfig(Section):
             raise ValueError(f"bits must be chosen from {list(BIT_WIDTHS)}, got {self.bits}")
         if self.formats is not None:
             self._formats_are_valid()
-        if self.max_size is not None:
-            parse_size(self.max_size, dense_bytes=1)
+        self._size_limit = None if self.max_size is None else size_limit(self.max_size)
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period} s) must be longer than heartbeat_interval "
+                f"({self.heartbeat_interval} s), or other processes re-run trials that are still alive"
+            )
         if self.stages is not None:
             stages = self.stages
             if not stages or stages[-1] != 1.0 or any(not 0 < f <= 1 for f in stages) or stages != sorted(set(stages)):
@@ -374,24 +410,65 @@ class SearchConfig(Section):
         return sorted(dict.fromkeys(self.formats), key=lambda name: parse_level(name).bits)
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+SIZE_SPELLINGS = (
+    "bytes as a whole number (80000000) or with a unit ('80MB', '1.5GiB'), or a fraction of dense ('50%', 0.5)"
+)
 
 
-def parse_size(value: float | str, dense_bytes: int) -> int:
-    """A size limit in bytes: a fraction of dense (0.5, '50%'), or bytes (123456, '80MB', '1.5GiB')."""
-    text = str(value).strip().lower().replace(" ", "")
-    try:
-        if text.endswith("%"):
-            return int(float(text[:-1]) / 100 * dense_bytes)
-        number = float(text)
-        return int(number * dense_bytes) if number <= 1 else int(number)
-    except ValueError:
-        pass
-    unit = text.lstrip("0123456789.")
+@dataclass(frozen=True)
+class SizeLimit:
+    """A parsed size limit: a number of bytes, or a fraction of the dense (16-bit) model's bytes."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    def max_bytes(self, dense_bytes: int) -> int:
+        return self.bytes if self.bytes is not None else int(self.fraction * dense_bytes)
+
+
+def size_limit(value: float | str) -> SizeLimit:
+    """Parse a size limit, refusing the spellings that could mean two things.
+
+    Bytes: a whole number (80000000, '80000000') or a number with a unit ('80MB', '1.5GiB'). A fraction of the
+    dense bytes: a percentage ('50%', '150%') or a number strictly between 0 and 1 (0.5). Anything else, such as
+    1.5 (1.5 bytes, or 150%?), 1.0 or a non-positive size, is a ValueError.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"size {value!r} is not a size; give {SIZE_SPELLINGS}")
+    text = str(value).strip().lower().replace(" ", "").replace("_", "")
+    unit = text.lstrip("+-0123456789.e") if not text.endswith("%") else "%"
     number_text = text[: len(text) - len(unit)]
-    if unit not in _SIZE_UNITS or not number_text:
-        raise ValueError(f"size {value!r} is neither a fraction (0.5, '50%') nor bytes ('80MB', '1.5GiB')")
-    return int(float(number_text) * _SIZE_UNITS[unit])
+    try:
+        number = float(number_text)
+    except ValueError:
+        raise ValueError(f"size {value!r} is not a size; give {SIZE_SPELLINGS}") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"size {value!r} must be positive")
+    if unit == "%":
+        return SizeLimit(fraction=number / 100)
+    if unit:
+        if unit not in _SIZE_UNITS:
+            raise ValueError(f"size {value!r}: unknown unit {unit!r}; use B, kB, MB, GB, TB, KiB, MiB or GiB")
+        return SizeLimit(bytes=int(number * _SIZE_UNITS[unit]))
+    if isinstance(value, int) or number_text.isdigit():
+        return SizeLimit(bytes=int(number_text))
+    if number < 1:
+        return SizeLimit(fraction=number)
+    raise ValueError(f"size {value!r} is ambiguous (bytes, or a multiple of dense?); give {SIZE_SPELLINGS}")
+
+
+def max_bytes_for(given: str | None, config: Config, dense_bytes: int | None) -> int | None:
+    """The size limit in bytes: the command line's `--max-size` if given, else the config's `search.max_size`;
+    None without either, or without the dense size to resolve a fraction against."""
+    if dense_bytes is None:
+        return None
+    if given is None:
+        return config.search.max_bytes(dense_bytes)
+    try:
+        return size_limit(given).max_bytes(dense_bytes)
+    except ValueError as error:
+        raise UserError(f"--max-size: {error}") from error
 
 
 class Config(Section):
@@ -401,10 +478,35 @@ class Config(Section):
     search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
+    def _sparsity_levels_fit_the_pattern(self) -> Config:
+        nm = CompressionPlan(**self.compression.plan_options()).nm
+        if nm is None:
+            return self
+        allowed = 1 - nm[0] / nm[1]
+        levels = self.search.sparsity_levels()
+        if not set(levels) <= {0.0, allowed}:
+            raise ValueError(
+                f"search.sparsity: pattern {self.compression.pattern} keeps {nm[0]} of every {nm[1]} weights, so "
+                f"the sparsity levels may only be 0 and {allowed:g}, got {levels}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _target_runs_the_levels(self) -> Config:
+        target_named(self.compression.target).check_config(self)
+        return self
+
+    @model_validator(mode="after")
     def _integer_formats_have_an_integer_method(self) -> Config:
         method = self.compression.quantization
         if method not in FORMATS:
             return self
+        if self.search.formats is None and not set(self.search.bits) <= {FORMATS[method].bits, 16}:
+            raise ValueError(
+                f"search.bits: the number format {method!r} (compression.quantization) stores "
+                f"{FORMATS[method].bits}-bit values, so bits may only be {FORMATS[method].bits} or 16, "
+                f"got {self.search.bit_levels()}"
+            )
         for name in self.search.formats or ():
             level = parse_level(name)
             if not level.is_format and level.bits < 16:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +28,15 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def log_probs_of_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities in float32 from a model's logits."""
+    return F.log_softmax(logits.float(), dim=-1)
+
+
 @torch.no_grad()
 def log_probs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities [batch, seq_len, vocab] in float32."""
-    logits = model(tokens.to(_device(model)), use_cache=False).logits
-    return F.log_softmax(logits.float(), dim=-1)
+    return log_probs_of_logits(model(tokens.to(_device(model)), use_cache=False).logits)
 
 
 # A reference holds tokens × vocabulary log-probabilities (4 GB in float32 for 8K tokens of Llama 3's 128K
@@ -57,14 +62,19 @@ def evaluate(
     tokens: torch.Tensor,
     reference: torch.Tensor | nn.Module | None = None,
     batch_size: int = 4,
+    log_probs_of: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> Metrics:
-    """Score `model` on `tokens`. `reference` is the dense model itself, or its cached log-probabilities."""
+    """Score `model` on `tokens`. `reference` is the dense model itself, or its cached log-probabilities.
+
+    `log_probs_of(start, batch)`, if given, computes the model's log-probabilities of the batch that starts at
+    window `start` of `tokens` in place of a plain forward (`block_reuse.BlockInputCache` runs only the blocks a
+    change reaches)."""
     ce_sum = kl_sum = 0.0
     seconds = 0.0
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
         began = time.perf_counter()
-        predicted = log_probs(model, batch)
+        predicted = log_probs(model, batch) if log_probs_of is None else log_probs_of(start, batch)
         seconds += time.perf_counter() - began
         targets = batch[:, 1:].to(predicted.device)
         ce_sum += -predicted[:, :-1].gather(-1, targets.unsqueeze(-1)).sum().item()

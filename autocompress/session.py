@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,18 +17,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from autocompress.block_reuse import BlockInputCache
 from autocompress.calibration import collect_statistics
-from autocompress.compress import apply_plan, settings_needs, statistics_needed
+from autocompress.codecs.gguf import GgufWeights, check_levels
+from autocompress.compress import CompressedLinear, apply_plan, settings_needs, statistics_needed
 from autocompress.config import Config
-from autocompress.data import token_pools
+from autocompress.data import TokenPools, token_pools
 from autocompress.errors import UserError
 from autocompress.methods import LayerStatistics, Statistic
 from autocompress.metrics import Metrics, dense_reference, evaluate
-from autocompress.models import compressible_linears, load_model, unit_names
-from autocompress.plan import CompressionPlan
+from autocompress.models import (
+    CompressibleLinear,
+    compressible_linears,
+    load_model,
+    model_fingerprint,
+    module_name,
+    round_model_to_storage,
+    round_to_storage,
+    unit_names,
+)
+from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.size import SizeReport, model_size
+from autocompress.targets import target_named
+from autocompress.targets.gguf import gguf_layout, tokenizer_gguf
 from autocompress.variants import BuildReport, VariantDatabase, methods_key, save_atomically, variant_settings
 
 if TYPE_CHECKING:
@@ -35,14 +50,35 @@ if TYPE_CHECKING:
 
 __all__ = ["CompressionSession", "Measurement", "combine_metrics", "save_atomically"]
 
+log = logging.getLogger(__name__)
+
 # (stage index, windows scored so far, metrics on them, size of the plan)
 StageCallback = Callable[[int, int, Metrics, SizeReport], None]
 
 
-def inputs_fingerprint(config: Config) -> str:
-    """A short hash of what the cached statistics and references depend on: the model and the data."""
-    inputs = {"model": config.model.model_dump(), "data": config.data.model_dump()}
+def inputs_fingerprint(config: Config, model_content: str, pools: TokenPools) -> str:
+    """A short hash of what the cached statistics, references and variants depend on: the model and data
+    configs, the model's content (`models.model_fingerprint`: its files' hashes, or its hub commit) and every
+    token of the pools (`TokenPools.digest`), so an edited corpus or changed weights never reuse a cache."""
+    inputs = {
+        "model": config.model.model_dump(),
+        "data": config.data.model_dump(),
+        "model_content": model_content,
+        "tokens": pools.digest(),
+    }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache file, or None when it is missing or unreadable (corrupted, truncated): then it is
+    computed again and rewritten whole."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        log.warning("cache file %s is unreadable (%s); computing it again", path, error)
+        return None
 
 
 @dataclass(frozen=True)
@@ -85,23 +121,65 @@ class CompressionSession:
     def __init__(self, config: Config, cache_dir: Path | None = None, progress: bool = False) -> None:
         self.config = config
         self.progress = progress
+        self.target = target_named(config.compression.target)
+        self.target.check_model(config)  # from the model's config alone, before its weights load
         self.model, self.tokenizer = load_model(**config.model.model_dump())
+        round_model_to_storage(self.model)  # the dense model is what an artifact stores of it
         self.pools = token_pools(config.data, self.tokenizer)
         self.linears = compressible_linears(self.model)
+        self.calibrated = list(self.linears)  # the Linears whose inputs calibration statistics describe
         self.dense_weights = {
             linear.name: linear.module.weight.detach().to("cpu", copy=True) for linear in self.linears
         }
-        self.cache_dir = None if cache_dir is None else cache_dir / inputs_fingerprint(config)
-        self._statistics: dict[str, LayerStatistics] = {linear.name: LayerStatistics() for linear in self.linears}
+        self.inputs_key = inputs_fingerprint(config, model_fingerprint(config.model.name, self.model), self.pools)
+        self.cache_dir = None if cache_dir is None else cache_dir / self.inputs_key
+        self.gguf = None if self.target.name != "gguf" else self._gguf_weights()
+        # Under gguf a stitch also changes the embeddings and the output, which the cache cannot see: kept off.
+        reuse_bytes = 0 if self.gguf is not None else int(config.search.reuse_memory_mb * 10**6)
+        self.block_inputs = BlockInputCache(self.model, *self.pools.fitness.shape, memory_bytes=reuse_bytes)
+        self._statistics: dict[str, LayerStatistics] = {linear.name: LayerStatistics() for linear in self.calibrated}
         self._collected: set[Statistic] = set()
         self._references: dict[str, torch.Tensor] = {}
         self._applied: dict[str, tuple] = {}  # compressed Linear name -> (setting, plan-wide options) it holds
-        self.use_database = uses_database(config) and self.cache_dir is not None
+        self.use_database = self.gguf is None and uses_database(config) and self.cache_dir is not None
         self._databases: dict[str, VariantDatabase] = {}
         self.last_stitch_s = 0.0  # of the latest measure(), for a trial that staged fitness stops
         self._restores = 0  # times the resident model went back to dense (collecting statistics does)
         self._units = {granularity: unit_names(self.model, granularity) for granularity in ("block", "linear")}
         self._trainer: StudentTrainer | None = None
+
+    def _gguf_weights(self) -> GgufWeights:
+        """The GGUF units of the resident model; their importance needs lm_head's inputs too."""
+        output = self.model.get_output_embeddings()
+        self.calibrated.append(CompressibleLinear(module_name(self.model, output), "", output))
+        layout = gguf_layout(self.model, self.tokenizer, tokenizer_gguf(self.config.model))
+        cache = None if self.cache_dir is None else self.cache_dir / "gguf"
+        return GgufWeights(
+            self.model,
+            self.config.compression.granularity,
+            lambda: self.statistics({"input_sq_norms"}),
+            cache,
+            layout,
+        )
+
+    @property
+    def units(self) -> list[str]:
+        """The units a plan of this study names: blocks or Linears (and, under gguf, the embedding and output)."""
+        if self.gguf is not None:
+            return self.gguf.units
+        return self._units[self.config.compression.granularity]
+
+    def unit_levels(self) -> dict[str, list[str]] | None:
+        """The levels each unit may take where the target restricts them by shape (gguf); None: every unit all."""
+        if self.gguf is None:
+            return None
+        return check_levels(self.gguf.tensors, self.config.search.precision_levels())
+
+    def size(self, plan: CompressionPlan) -> SizeReport:
+        """The plan's bytes as the study's target stores them."""
+        if self.gguf is not None:
+            return self.gguf.size(plan)
+        return model_size(self.model, plan, self.target)
 
     @property
     def trainer(self) -> StudentTrainer:
@@ -128,7 +206,7 @@ class CompressionSession:
                 settings=settings,
                 batch_size=self.batch_size,
                 cache_dir=self.cache_dir,
-                inputs_key=inputs_fingerprint(self.config),
+                inputs_key=self.inputs_key,
             )
         return self._trainer
 
@@ -143,6 +221,9 @@ class CompressionSession:
 
     @property
     def dense_bytes(self) -> int:
+        """The uncompressed model's bytes: every parameter in 16 bits, or under gguf the F16 file's."""
+        if self.gguf is not None:
+            return self.gguf.dense_bytes
         return model_size(self.model, CompressionPlan()).dense_bytes
 
     @property
@@ -152,17 +233,20 @@ class CompressionSession:
     def statistics(self, needs: set[Statistic]) -> dict[str, LayerStatistics]:
         """Calibration statistics for `needs`, from the disk cache or one pass of the dense model."""
         missing = needs - self._collected
-        cached = {need for need in missing if self.cache_dir and (self.cache_dir / f"{need}.safetensors").is_file()}
-        for need in cached:
-            tensors = load_file(self.cache_dir / f"{need}.safetensors")
+        cached = set()
+        for need in missing if self.cache_dir else ():
+            tensors = read_cache(self.cache_dir / f"{need}.safetensors")
+            if tensors is None or not {*self._statistics, "n_tokens"} <= set(tensors):
+                continue
             for name, stats in self._statistics.items():
                 setattr(stats, need, tensors[name])
                 stats.n_tokens = int(tensors["n_tokens"])
+            cached.add(need)
         to_collect = missing - cached
         if to_collect:
             self.restore_dense()
             fresh = collect_statistics(
-                self.model, self.linears, self.pools.calibration, to_collect, self.batch_size, self.progress
+                self.model, self.calibrated, self.pools.calibration, to_collect, self.batch_size, self.progress
             )
             for need in to_collect:
                 tensors = {name: getattr(stats, need).cpu() for name, stats in fresh.items()}
@@ -182,11 +266,13 @@ class CompressionSession:
         if pool in self._references:
             return self._references[pool]
         path = self.cache_dir / "reference-fitness.safetensors" if self.cache_dir and pool == "fitness" else None
-        if path is not None and path.is_file():
-            reference = load_file(path)["log_probs"]
+        cached = None if path is None else read_cache(path)
+        tokens = getattr(self.pools, pool)
+        if cached is not None and tuple(cached.get("log_probs", torch.empty(0)).shape[:2]) == tuple(tokens.shape):
+            reference = cached["log_probs"]
         else:
             self.restore_dense()
-            reference = dense_reference(self.model, getattr(self.pools, pool), self.batch_size)
+            reference = dense_reference(self.model, tokens, self.batch_size)
             if path is not None:
                 save_atomically({"log_probs": reference}, path)
         self._references[pool] = reference
@@ -194,6 +280,9 @@ class CompressionSession:
 
     def restore_dense(self) -> None:
         self._restores += 1
+        self.block_inputs.invalidate()
+        if self.gguf is not None:
+            self.gguf.restore_dense()
         for linear in self.linears:
             if linear.name in self._applied:
                 linear.module.weight.data.copy_(self.dense_weights[linear.name])
@@ -226,6 +315,12 @@ class CompressionSession:
         With the layer-variant database, a changed Linear gets its stored variant (computed and stored first
         if missing); without it, the Linear is compressed again from its dense weight.
         """
+        if self.gguf is not None:
+            try:
+                plan.check_units(self.gguf.units)
+                return self.gguf.stitch(plan)
+            except ValueError as error:
+                raise UserError(f"plan: {error}") from error
         try:
             plan.check_units(self._units[plan.granularity])
         except ValueError as error:
@@ -250,22 +345,53 @@ class CompressionSession:
             wanted = None if setting.is_identity else (setting, plan_wide)
             if self._applied.get(linear.name) == wanted:
                 continue
+            self.block_inputs.block_changed(linear.block)  # before its weights change, whatever happens next
             if linear.name in self._applied:
                 linear.module.weight.data.copy_(self.dense_weights[linear.name])
                 del self._applied[linear.name]
             if wanted is not None:
                 to_compress[linear.name] = (linear, setting)
-        if database is None:
-            apply_plan(self.model, plan, statistics, only=set(to_compress))
-        else:
-            restores = self._restores
-            for linear, setting in to_compress.values():
-                linear.module.weight.data.copy_(database.load(linear.name, setting))
-            if self._restores != restores:  # a variant computed on the spot needed statistics: start over
-                return self.stitch(plan)
-        for name, (_linear, setting) in to_compress.items():
-            self._applied[name] = (setting, plan_wide)
-        return model_size(self.model, plan)
+        # Transactional: `_applied` records a Linear as soon as it holds its variant, and on any failure (an
+        # error, Ctrl-C) the Linears not recorded are put back to dense, so the weights are always what
+        # `_applied` says: later trials, restore_dense() and statistics collected later see exactly that.
+        try:
+            if database is None:
+                apply_plan(self.model, plan, statistics, only=set(to_compress))
+                for linear, setting in to_compress.values():
+                    self._hold(linear, setting, plan_wide)
+            else:
+                restores = self._restores
+                for linear, setting in to_compress.values():
+                    linear.module.weight.data.copy_(database.load(linear.name, setting))
+                    self._hold(linear, setting, plan_wide)
+                if self._restores != restores:  # a variant computed on the spot needed statistics: start over
+                    return self.stitch(plan)
+        except BaseException:
+            self.block_inputs.invalidate()
+            for name, (linear, _setting) in to_compress.items():
+                if name not in self._applied:
+                    linear.module.weight.data.copy_(self.dense_weights[name])
+            raise
+        return model_size(self.model, plan, self.target)
+
+    def _hold(self, linear: CompressibleLinear, setting: LayerCompression, plan_wide: tuple) -> None:
+        """Record that `linear` now computes with `setting`; a pruned-only Linear first has its kept values
+        rounded to the 16 bits an artifact stores them in (quantized ones compute with their stored codes)."""
+        if setting.bits >= 16:
+            round_to_storage(linear.module.weight.data, linear.name)
+        self._applied[linear.name] = (setting, plan_wide)
+
+    def compress_for_export(self, plan: CompressionPlan) -> dict[str, CompressedLinear]:
+        """Compress the resident model with `plan` from its dense weights, returning each compressed Linear's
+        stored form (`apply_plan(..., keep=True)`); the model then computes with exactly what those store."""
+        statistics = self.statistics(statistics_needed(plan))
+        self.restore_dense()
+        compressed = apply_plan(self.model, plan, statistics, keep=True)
+        plan_wide = tuple(sorted(plan.model_dump(exclude={"default", "layers"}).items()))
+        for linear in self.linears:
+            if linear.name in compressed:
+                self._hold(linear, plan.setting(linear.name, linear.block), plan_wide)
+        return compressed
 
     def measure(
         self,
@@ -282,6 +408,8 @@ class CompressionSession:
         may raise (optuna.TrialPruned) to stop there. A plan that trains (a student) is built, distilled and
         compressed instead of stitched; `on_report` sees its KD loss on the fitness pool every few steps and
         may raise to stop the training. Its size is a fraction of the dense teacher's, like every plan's.
+        On the fitness pool, each batch runs from the last block whose kept input (`block_inputs`, within
+        `search.reuse_memory_mb`) no weight change since reaches; the metrics are those of a full evaluation.
         """
         reference = self.reference(pool)  # first: computing it restores the dense weights
         if self.trains(plan):
@@ -290,6 +418,7 @@ class CompressionSession:
             plan = plan.model_copy(update={"student": None})
         tokens = getattr(self.pools, pool)
         stages = [len(tokens)] if stages is None else [min(count, len(tokens)) for count in stages]
+        reuse = self.block_inputs if pool == "fitness" else None
         began = time.perf_counter()
         size = self.stitch(plan)
         stitched = time.perf_counter()
@@ -300,7 +429,16 @@ class CompressionSession:
         for index, end in enumerate(stages):
             if end > start:
                 batch = tokens[start:end]
-                parts.append(evaluate(self.model, batch, reference=reference[start:end], batch_size=self.batch_size))
+                log_probs_of = None if reuse is None else reuse.log_probs_from(start)
+                parts.append(
+                    evaluate(
+                        self.model,
+                        batch,
+                        reference=reference[start:end],
+                        batch_size=self.batch_size,
+                        log_probs_of=log_probs_of,
+                    )
+                )
                 start = end
             done.append((start, combine_metrics(parts, tokens.shape[1])))
             if on_stage is not None and index < len(stages) - 1:
@@ -318,7 +456,7 @@ class CompressionSession:
         trained = self.realize(plan, on_report)
         built = time.perf_counter()
         self.last_stitch_s = built - began
-        own = model_size(trained.model, without_training(plan))
+        own = model_size(trained.model, without_training(plan), self.target)
         size = SizeReport(own.total_bytes, self.dense_bytes, own.per_layer)  # a fraction of the teacher
         tokens = getattr(self.pools, pool)
         metrics = evaluate(trained.model, tokens, reference=reference, batch_size=self.batch_size)
