@@ -167,6 +167,15 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def require(reason: str | None) -> None:
+    """Skip for a missing optional piece, or fail under CI=true, where everything must be there."""
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI=true: this must run)")
+    pytest.skip(reason)
+
+
 def postgres_available() -> bool:
     try:
         import sqlalchemy

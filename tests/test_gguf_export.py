@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import gguf
@@ -46,6 +45,7 @@ from autocompress.metrics import log_probs
 from autocompress.models import embedded_gguf
 from autocompress.runtimes.llama_cpp import LlamaCppModel, llama_cpp_available
 from autocompress.targets.gguf import gguf_layout, write_gguf_tensors
+from tests.conftest import require
 
 SEQ_LEN = 32
 THREADS = 2
@@ -54,15 +54,6 @@ WINDOW = 8  # Gemma's sliding window, shorter than the windows scored, so that w
 # Mixed K-quant plan: 2-D weights cycle through these types; the embedding takes q4_k (llama.cpp dequantizes its
 # rows exactly), an untied output matrix q6_k (its matmul quantizes activations to 8 bits, like every layer's).
 MIXED = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q8_0")
-
-
-def require(reason: str | None) -> None:
-    """Skip for a missing optional piece, or fail under CI=true, where everything must be there."""
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI=true: this must run)")
-    pytest.skip(reason)
 
 
 COMMON = dict(

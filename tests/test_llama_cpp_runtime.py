@@ -8,7 +8,6 @@ failure; the imatrix-file test needs the llama-quantize tool (benchmarks/build_l
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -34,18 +33,10 @@ from autocompress.runtimes.llama_cpp import (
 )
 from autocompress.targets.gguf import write_gguf
 from autocompress.targets.gguf_presets import PRESETS, preset_types
+from tests.conftest import require
 
 SEQ_LEN = 64
 THREADS = 2
-
-
-def require(reason: str | None) -> None:
-    """Skip for a missing optional piece, or fail under CI=true, where everything must be there."""
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI=true: this must run)")
-    pytest.skip(reason)
 
 
 def embedded_tokenizer_gguf() -> Path:
