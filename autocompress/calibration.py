@@ -23,15 +23,30 @@ def collect_statistics(
 ) -> dict[str, LayerStatistics]:
     """Run the dense model over `tokens` and accumulate what the methods need, per Linear name.
 
-    Sums are kept in float32 on the model's device; nothing is collected when nothing is needed.
+    Sums are kept in float32 on the model's device; nothing is collected when nothing is needed. Linears fed the
+    very same input tensor (q/k/v, gate/up) share one LayerStatistics: their sums are equal, and a Hessian is
+    the largest thing a study keeps in memory.
     """
     linears = list(linears)
     statistics = {linear.name: LayerStatistics() for linear in linears}
     if not needs:
         return statistics
+    shares_input_of: dict[str, str] = {}  # decided on each Linear's first call
+    first_called: set[str] = set()
+    previous: dict[str, object] = {"input": None, "owner": ""}  # the last input summed, and whose sums hold it
 
     def accumulate(name: str):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            same_input = inputs[0] is previous["input"]
+            if name not in first_called:
+                first_called.add(name)
+                if same_input:
+                    shares_input_of[name] = str(previous["owner"])
+            if name in shares_input_of:
+                if not same_input or shares_input_of[name] != previous["owner"]:
+                    raise RuntimeError(f"calibration: {name} shared the input of {shares_input_of[name]} only at times")
+                return
+            previous.update(input=inputs[0], owner=name)
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
             stats = statistics[name]
             stats.n_tokens += x.shape[0]
@@ -52,4 +67,7 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
+        previous.clear()
+    for name, owner in shares_input_of.items():
+        statistics[name] = statistics[owner]
     return statistics

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from autocompress.block_reuse import BlockInputCache
 from autocompress.calibration import collect_statistics
@@ -69,14 +68,32 @@ def inputs_fingerprint(config: Config, model_content: str, pools: TokenPools) ->
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+ALIASES_KEY = "aliases"  # cache-file metadata: {name: the name whose tensor it is}
+
+
+def save_cache(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a cache file atomically, a tensor that several names hold once (read_cache restores the names)."""
+    first_name: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in tensors.items():
+        owner = first_name.setdefault(id(tensor), name)
+        if owner != name:
+            aliases[name] = owner
+    unique = {name: tensor for name, tensor in tensors.items() if name not in aliases}
+    save_atomically(unique, path, metadata={ALIASES_KEY: json.dumps(aliases)})
+
+
 def read_cache(path: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of a cache file, or None when it is missing or unreadable (corrupted, truncated): then it is
     computed again and rewritten whole."""
     if not path.is_file():
         return None
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
+        with safe_open(path, framework="pt") as file:
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
+            aliases = json.loads((file.metadata() or {}).get(ALIASES_KEY, "{}"))
+        return tensors | {name: tensors[owner] for name, owner in aliases.items()}
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
         log.warning("cache file %s is unreadable (%s); computing it again", path, error)
         return None
 
@@ -249,15 +266,18 @@ class CompressionSession:
                 self.model, self.calibrated, self.pools.calibration, to_collect, self.batch_size, self.progress
             )
             for need in to_collect:
-                tensors = {name: getattr(stats, need).cpu() for name, stats in fresh.items()}
+                on_cpu: dict[int, torch.Tensor] = {}  # Linears sharing an input share one tensor here too
+                for stats in fresh.values():
+                    value = getattr(stats, need)
+                    if id(value) not in on_cpu:
+                        on_cpu[id(value)] = value.cpu()
+                tensors = {name: on_cpu[id(getattr(stats, need))] for name, stats in fresh.items()}
                 for name, stats in self._statistics.items():
                     setattr(stats, need, tensors[name])
                     stats.n_tokens = fresh[name].n_tokens
                 if self.cache_dir:
                     n_tokens = next(iter(fresh.values())).n_tokens
-                    save_atomically(
-                        {**tensors, "n_tokens": torch.tensor(n_tokens)}, self.cache_dir / f"{need}.safetensors"
-                    )
+                    save_cache({**tensors, "n_tokens": torch.tensor(n_tokens)}, self.cache_dir / f"{need}.safetensors")
         self._collected |= missing
         return self._statistics
 

@@ -354,6 +354,19 @@ def test_a_worker_refuses_a_stored_config_that_asks_to_run_code_unless_its_own_c
 # 4. Cache keys cover content.
 
 
+def test_a_hessian_shared_by_q_k_v_is_stored_once_and_read_back_shared(config: Config, tmp_path: Path) -> None:
+    first = CompressionSession(config, cache_dir=tmp_path / "cache")
+    computed = {name: stats.hessian.clone() for name, stats in first.statistics({"hessian"}).items()}
+    path = first.cache_dir / "hessian.safetensors"
+    assert len(load_file(path)) == 2 * 4 + 1  # per block the attention, o, MLP and down inputs; n_tokens
+
+    again = CompressionSession(config, cache_dir=tmp_path / "cache").statistics({"hessian"})
+    assert again.keys() == computed.keys()
+    assert all(torch.equal(again[name].hessian, hessian) for name, hessian in computed.items())
+    q, k = again["model.layers.0.self_attn.q_proj"], again["model.layers.0.self_attn.k_proj"]
+    assert q.hessian is k.hessian, "read back as one tensor, not one copy per Linear"
+
+
 def test_editing_a_corpus_file_in_place_changes_the_cache_key(config: Config, tmp_path: Path) -> None:
     before = CompressionSession(config, cache_dir=tmp_path / "cache").cache_dir
     corpus = Path(config.data.files[0])

@@ -330,6 +330,34 @@ def test_calibration_sums_the_squared_inputs_of_every_linear(tiny_model):
     assert q.hessian is None
 
 
+def test_linears_fed_the_same_input_share_one_hessian_equal_to_their_own(tiny_model):
+    tokens = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))
+    linears = compressible_linears(tiny_model)
+    inputs = {}
+    probes = [
+        linear.module.register_forward_hook(
+            lambda _m, given, _o, name=linear.name: inputs.setdefault(name, []).append(
+                given[0].reshape(-1, given[0].shape[-1])
+            )
+        )
+        for linear in linears
+        if linear.name.startswith("model.layers.0.") and not linear.name.endswith("down_proj")
+    ]
+    try:
+        statistics = collect_statistics(tiny_model, linears, tokens, {"hessian"}, batch_size=2)
+    finally:
+        for probe in probes:
+            probe.remove()
+    attention, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert statistics[attention + "q_proj"] is statistics[attention + "k_proj"] is statistics[attention + "v_proj"]
+    assert statistics[mlp + "gate_proj"] is statistics[mlp + "up_proj"]
+    assert statistics[attention + "o_proj"] is not statistics[attention + "q_proj"]
+    assert len({id(stats) for stats in statistics.values()}) == 2 * 4  # per block: attention, o, mlp, down inputs
+    for name in (attention + "v_proj", attention + "o_proj", mlp + "up_proj"):
+        x = torch.cat(inputs[name]).float()
+        assert torch.allclose(statistics[name].hessian, x.T @ x, rtol=1e-5, atol=1e-4), name
+
+
 def test_calibration_collects_nothing_when_no_method_asks(tiny_model):
     tokens = torch.randint(0, 256, (2, 8))
     statistics = collect_statistics(tiny_model, compressible_linears(tiny_model), tokens, set())
