@@ -201,7 +201,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
     for _, row in frame.iterrows():
         cells = []
         for value in row:
-            if isinstance(value, float):
+            if value is None:
+                cells.append("")
+            elif isinstance(value, float):
                 cells.append("" if pd.isna(value) else f"{value:.4g}")
             else:
                 cells.append(str(value))
