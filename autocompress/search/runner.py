@@ -43,17 +43,15 @@ class ProgressBar:
         self.summarized_at = -math.inf
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.finished += trial.state in FINISHED
-        if self.bar.disable or time.monotonic() - self.summarized_at < self.SUMMARY_SECONDS:
-            self.bar.n = min(self.finished, self.target)  # this process's trials; the next summary counts all
-        else:
+        self.finished += trial.state in FINISHED  # this process's trials; a summary counts every process's
+        if not self.bar.disable and time.monotonic() - self.summarized_at >= self.SUMMARY_SECONDS:
             self.summarized_at = time.monotonic()
             self.finished = complete_count(study)
-            self.bar.n = min(self.finished, self.target)
             records = scored_records(study)
             if records:
                 best = min(record.objective for record in records)
                 self.bar.set_postfix(best=f"{best:.4f}", frontier=len(frontier_of(records)))
+        self.bar.n = min(self.finished, self.target)
         self.bar.refresh()
 
     def close(self) -> None:
