@@ -136,6 +136,13 @@ def test_evaluated_weights_equal_the_decoded_blocks_bit_for_bit(tmp_path: Path, 
     )
     cached.stitch(plan)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+    # a corrupted and a truncated block file are quantized again, to the same blocks
+    stored = sorted((tmp_path / "blocks").rglob("*.npy"))
+    stored[0].write_bytes(b"not numpy")
+    stored[1].write_bytes(stored[1].read_bytes()[:-7])
+    healed = wide_llama(tied)
+    GgufWeights(healed, "linear", lambda: stats, tmp_path / "blocks", gguf_layout(healed)).stitch(plan)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), healed.parameters(), strict=True))
     weights.restore_dense()
     assert all(torch.equal(parameter, dense[name]) for name, parameter in model.named_parameters())
 

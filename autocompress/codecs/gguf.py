@@ -21,6 +21,7 @@ under this target: GGUF stores zeros densely, so pruning would cost loss and sav
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ from autocompress.targets.gguf_presets import preset_types
 if TYPE_CHECKING:
     from autocompress.plan import CompressionPlan
     from autocompress.targets.gguf import GgufLayout
+
+log = logging.getLogger(__name__)
 
 # The levels of the target, with the whole bits per weight a plan records for them (LayerCompression.bits): the
 # values' own bits, not counting the scales that `tensor_bytes` counts exactly.
@@ -245,11 +248,27 @@ class GgufWeights:
                 self._memory[key] = self._quantize(tensor, level)
             return self._memory[key]
         path = self._path(tensor.module, level)
-        if path.is_file():
-            return GgufBlocks(level, np.load(path))
+        stored = self._read(path, tensor, level)
+        if stored is not None:
+            return stored
         blocks = self._quantize(tensor, level)
         write_atomically(path, lambda temporary: np.save(temporary, blocks.data))
         return blocks
+
+    @staticmethod
+    def _read(path: Path, tensor: UnitTensor, level: str) -> GgufBlocks | None:
+        """The stored blocks, or None when missing or unreadable (corrupted, truncated): then quantized again."""
+        if not path.is_file():
+            return None
+        try:
+            data = np.load(path)
+        except (OSError, ValueError, EOFError) as error:
+            log.warning("cache file %s is unreadable (%s); quantizing it again", path, error)
+            return None
+        if data.nbytes != tensor_bytes(level, *tensor.shape):
+            log.warning("cache file %s holds %d bytes, not %s's; quantizing it again", path, data.nbytes, level)
+            return None
+        return GgufBlocks(level, data)
 
     def _stored(self, tensor: UnitTensor, level: str) -> bool:
         if self.cache is None:
