@@ -32,7 +32,7 @@ import torch
 from autocompress.files import write_text_atomically
 from autocompress.methods import LayerStatistics
 from autocompress.models import CompressibleLinear
-from autocompress.plan import CompressionPlan
+from autocompress.plan import CompressionPlan, parse_level
 from autocompress.sensitivity import measure_sensitivity, variant_label
 
 if TYPE_CHECKING:
@@ -137,6 +137,99 @@ def uniform_allocation(grid: BudgetGrid) -> Allocation:
             upper = (position + 1) * extra // len(group) - position * extra // len(group)
             allocation[unit] = grid.level(low + upper)
     return allocation
+
+
+class SizeCeiling:
+    """Levels per unit (fewest bits first) under a ceiling on the model's bytes, for a size budget.
+
+    A plan's bytes are the fixed bytes (the plan with every unit at its first level) plus what each unit's level
+    adds to its first level's bytes, which `size_ceiling` measures once with the study's own size accounting
+    (bytes add up unit by unit in every target). An allocation maps each unit to the index of its level.
+    """
+
+    def __init__(
+        self, unit_levels: Mapping[str, Sequence], unit_bytes: Mapping[str, Sequence[int]], fixed: int, ceiling: int
+    ) -> None:
+        self.units = list(unit_levels)
+        self.levels = {unit: list(levels) for unit, levels in unit_levels.items()}
+        self.unit_bytes = {unit: list(sizes) for unit, sizes in unit_bytes.items()}
+        self.fixed = fixed
+        self.ceiling = ceiling
+        if self.total(dict.fromkeys(self.units, 0)) > ceiling:
+            smallest = self.total(dict.fromkeys(self.units, 0))
+            raise ValueError(f"the size budget of {ceiling:,} bytes is below the smallest plan's {smallest:,} bytes")
+
+    def total(self, allocation: Mapping[str, int]) -> int:
+        return self.fixed + sum(self.unit_bytes[unit][index] for unit, index in allocation.items())
+
+    def fits(self, allocation: Mapping[str, int]) -> bool:
+        return self.total(allocation) <= self.ceiling
+
+    def initial(self) -> dict[str, int]:
+        """Every unit at the widest level that lets every unit take it (or its widest below), then units raised
+        one level at a time in model order while the plan fits: the uniform allocation at the ceiling."""
+        allocation = dict.fromkeys(self.units, 0)
+        for level in sorted({level for levels in self.levels.values() for level in levels}, key=self._bits):
+            wider = {
+                unit: max(index for index, own in enumerate(self.levels[unit]) if self._bits(own) <= self._bits(level))
+                for unit in self.units
+                if self._bits(self.levels[unit][0]) <= self._bits(level)
+            }
+            if self.fits(allocation | wider):
+                allocation |= wider
+        raised = True
+        while raised:
+            raised = False
+            for unit in self.units:
+                if allocation[unit] + 1 < len(self.levels[unit]):
+                    allocation[unit] += 1
+                    if self.fits(allocation):
+                        raised = True
+                    else:
+                        allocation[unit] -= 1
+        return allocation
+
+    def mutate(self, parent: Mapping[str, int], rng, max_mutations: int, attempts: int = 200) -> dict[str, int]:
+        """`parent` with min(U, U') switches (U, U' uniform in 1..`max_mutations`), each one unit a level up and
+        another a level down, kept only when the plan still fits under the ceiling."""
+        child = dict(parent)
+        count = min(rng.randint(1, max_mutations), rng.randint(1, max_mutations))
+        made = 0
+        for _ in range(attempts):
+            if made == count:
+                break
+            up, down = rng.sample(self.units, 2)
+            if child[up] + 1 >= len(self.levels[up]) or child[down] == 0:
+                continue
+            child[up] += 1
+            child[down] -= 1
+            if self.fits(child):
+                made += 1
+            else:
+                child[up] -= 1
+                child[down] += 1
+        return child
+
+    @staticmethod
+    def _bits(level) -> float:
+        return parse_level(level).bits if isinstance(level, str) else level
+
+
+def size_ceiling(session: CompressionSession, space: SearchSpace, ceiling: int) -> SizeCeiling:
+    """The size budget's levels and bytes per unit, from the session's own size accounting (the study's target):
+    each unit's bytes at each level are the plan's bytes with that unit there and every other unit at its first
+    level, less the bytes of that all-first plan."""
+    key = space.precision_key
+    base = {f"{unit}.{key}": space.levels_of(unit)[0] for unit in space.units}
+
+    def total(params: dict) -> int:
+        return session.size(space.plan_from_params(params)).total_bytes
+
+    fixed = total(base)
+    unit_bytes = {}
+    for unit in space.units:
+        unit_bytes[unit] = [total(base | {f"{unit}.{key}": level}) - fixed for level in space.levels_of(unit)]
+    return SizeCeiling({unit: space.levels_of(unit) for unit in space.units}, unit_bytes, fixed, ceiling)
 
 
 def average_level(plan: CompressionPlan, linears: Sequence[CompressibleLinear], dimension: str) -> float:

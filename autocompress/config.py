@@ -210,24 +210,72 @@ class StudentSearchConfig(Section):
 
 class Budget(Section):
     """A fixed size for a budget-aware search: the average sparsity, or the average bit-width, of the
-    compressible weights (weighted by their number), which every plan the search tries keeps exactly."""
+    compressible weights (weighted by their number), which every plan the search tries keeps exactly; or a ceiling
+    on the model's bytes as the study's target stores them, over named levels (formats, GGUF types) or bit-widths,
+    which every plan a generation tries stays under."""
 
     sparsity: float | None = Field(None, ge=0.0, le=MAX_SPARSITY)
     bits: float | None = Field(None, ge=min(BIT_WIDTHS), le=max(BIT_WIDTHS))
+    size: int | float | str | None = Field(
+        None, description="bytes ('60MB') or a fraction of the dense bytes ('40%'), as search.max_size is spelt"
+    )
 
     @model_validator(mode="after")
     def _one_dimension(self) -> Budget:
-        if (self.sparsity is None) == (self.bits is None):
-            raise ValueError("a budget names exactly one of sparsity (e.g. {sparsity: 0.6}) or bits ({bits: 3.0})")
+        if sum(value is not None for value in (self.sparsity, self.bits, self.size)) != 1:
+            raise ValueError(
+                "a budget names exactly one of sparsity (e.g. {sparsity: 0.6}), bits ({bits: 3.0}) or size "
+                "({size: '40%'})"
+            )
+        if self.size is not None:
+            size_limit(self.size)
         return self
 
     @property
-    def dimension(self) -> Literal["sparsity", "bits"]:
-        return "sparsity" if self.sparsity is not None else "bits"
+    def dimension(self) -> Literal["sparsity", "bits", "size"]:
+        return "sparsity" if self.sparsity is not None else "bits" if self.bits is not None else "size"
 
     @property
     def target(self) -> float:
+        """The average a sparsity or bits budget keeps (a size budget has `max_bytes` instead)."""
+        if self.size is not None:
+            raise ValueError("a size budget is a ceiling in bytes, not an average")
         return self.sparsity if self.sparsity is not None else self.bits
+
+    def max_bytes(self, dense_bytes: int) -> int:
+        """A size budget's ceiling in bytes, for a model of `dense_bytes` dense bytes."""
+        return size_limit(self.size).max_bytes(dense_bytes)
+
+
+class GenerationsConfig(Section):
+    """EvoPress's selection for a budget search: each generation scores `offspring` mutations of the best plan (and
+    the plan itself) on the first `stages[0]` of the fitness pool, keeps the best `survivors[0]`, scores those on
+    `stages[1]`, and so on; the plans scored on the whole pool are recorded as trials. The defaults fit a CPU demo
+    (a generation costs about 2.5 full evaluations on a 16-window pool); a GPU night takes more offspring, e.g.
+    64 with survivors [8, 2, 1] as EvoPress does for sparsity."""
+
+    offspring: int = Field(16, ge=1, description="mutations of the best plan scored in each generation")
+    stages: list[float] = Field(
+        default_factory=lambda: [0.0625, 0.25, 1.0],
+        description="increasing fractions of the fitness pool the candidates are scored on in turn, ending with 1.0",
+    )
+    survivors: list[int] = Field(
+        default_factory=lambda: [4, 2, 1],
+        description="candidates kept after each stage, decreasing and ending with 1 (the next parent)",
+    )
+
+    @model_validator(mode="after")
+    def _stages_select(self) -> GenerationsConfig:
+        stages, survivors = self.stages, self.survivors
+        if not stages or stages[-1] != 1.0 or any(not 0 < f <= 1 for f in stages) or stages != sorted(set(stages)):
+            raise ValueError(f"stages must be increasing fractions in (0, 1] ending with 1.0, got {stages}")
+        if len(survivors) != len(stages):
+            raise ValueError(f"survivors needs one count per stage ({len(stages)}), got {survivors}")
+        if survivors[-1] != 1 or survivors != sorted(set(survivors), reverse=True):
+            raise ValueError(f"survivors must decrease strictly and end with 1, got {survivors}")
+        if survivors[0] > self.offspring:
+            raise ValueError(f"survivors[0] ({survivors[0]}) cannot exceed the offspring ({self.offspring})")
+        return self
 
 
 def evenly_spaced(levels: list[float]) -> bool:
@@ -304,6 +352,11 @@ class SearchConfig(Section):
     student: StudentSearchConfig | None = Field(
         None, description="distilled student architectures searched beside the teacher's compression plans"
     )
+    generations: GenerationsConfig | None = Field(
+        None,
+        description="with a budget: EvoPress's generations, selected in stages, only the plans scored on the whole "
+        "fitness pool recorded as trials (instead of one trial per scored plan)",
+    )
 
     @field_validator("formats")
     @classmethod
@@ -345,6 +398,11 @@ class SearchConfig(Section):
             if not stages or stages[-1] != 1.0 or any(not 0 < f <= 1 for f in stages) or stages != sorted(set(stages)):
                 raise ValueError(f"stages must be increasing fractions in (0, 1] ending with 1.0, got {stages}")
         self._budget_is_valid()
+        if self.generations is not None:
+            if self.budget is None:
+                raise ValueError("generations select plans at a budget; add budget, e.g. {sparsity: 0.6}")
+            if self.stages is not None:
+                raise ValueError("a generations search is staged by generations.stages; drop search.stages")
         if self.student is not None and self.budget is not None:
             raise ValueError("a budget search keeps the teacher's shape; drop search.student or search.budget")
         return self
@@ -355,9 +413,11 @@ class SearchConfig(Section):
             raise ValueError("formats lists at least one precision level, e.g. [int4-g128, nf4, fp8-e4m3]")
         if self.bits != [16]:
             raise ValueError("give the precision levels in bits or in formats, not both (formats may hold int4...)")
-        if self.budget is not None:
-            raise ValueError("a budget search chooses among bits, not formats; drop budget or list bits")
-        if self.baselines:
+        if self.budget is not None and self.budget.dimension != "size":
+            raise ValueError(
+                "an average budget chooses among bits, not formats; give a size budget ({size: '40%'}) or list bits"
+            )
+        if self.baselines and (self.budget is None or self.budget.dimension != "size"):
             raise ValueError("baselines (uniform, owl, sensitivity) allocate bits, not formats; drop baselines")
 
     def _budget_is_valid(self) -> None:
@@ -368,6 +428,14 @@ class SearchConfig(Section):
         if self.sampler != "evolution":
             raise ValueError(f"a budget search uses the evolution sampler, not {self.sampler!r}")
         dimension = self.budget.dimension
+        if dimension == "size":
+            if self.generations is None:
+                raise ValueError("a size budget is searched in generations; add search.generations (e.g. {})")
+            if len(self.sparsity_levels()) != 1 or len(self.precision_levels()) < 2:
+                raise ValueError("a size budget needs a single sparsity level and two or more precision levels")
+            if set(self.baseline_names()) - {"uniform"}:
+                raise ValueError("a size budget's only baseline is uniform (OWL and sensitivity keep an average)")
+            return
         levels = self.levels(dimension)
         other = "bits" if dimension == "sparsity" else "sparsity"
         if len(self.levels(other)) != 1:
@@ -381,6 +449,8 @@ class SearchConfig(Section):
         return self.sparsity_levels() if dimension == "sparsity" else self.bit_levels()
 
     def stage_fractions(self) -> list[float]:
+        if self.generations is not None:  # seeds keep their losses on the windows a generation selects on
+            return list(self.generations.stages)
         if self.stages is not None:
             return list(self.stages)
         return [0.25, 0.5, 1.0] if self.budget is not None else [1.0]
@@ -393,6 +463,8 @@ class SearchConfig(Section):
     def baseline_names(self) -> list[str]:
         if self.baselines is not None:
             return list(dict.fromkeys(self.baselines))
+        if self.budget is not None and self.budget.dimension == "size":
+            return ["uniform"]
         return ["uniform", "owl", "sensitivity"] if self.budget is not None else []
 
     def sparsity_levels(self) -> list[float]:

@@ -8,12 +8,13 @@ one place where it is written.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict
 
@@ -98,6 +99,10 @@ class TrialRecord(BaseModel):
     student: bool = False
     student_dense_bytes: int | None = None
     kd_curve: list[tuple[int, float]] = []  # [step, KL on the fitness pool]
+    # generations (search.generations): the trial whose offspring this plan is, and the scores its generation made
+    parent: int | None = None
+    generation_evaluations: int | None = None
+    worker: str | None = None  # host:pid of the process that recorded it
     fail_reason: str = ""
 
     @property
@@ -142,9 +147,35 @@ def write_fields(trial: optuna.Trial, fields: Mapping[str, Any]) -> None:
     """Store a trial's record fields (validated by `TrialWriter.write`) in its user attributes; the size over the
     limit is also the trial's Optuna constraint, which every sampler honours."""
     for key, value in fields.items():
-        trial.set_user_attr(key, [list(item) for item in value] if key in ("stage_losses", "kd_curve") else value)
+        trial.set_user_attr(key, _stored(key, value))
         if key == "size_over_limit":
             trial.set_constraint(key, value)
+
+
+def _stored(key: str, value: Any) -> Any:
+    return [list(item) for item in value] if key in ("stage_losses", "kd_curve") else value
+
+
+def add_scored_trial(
+    study: optuna.Study,
+    params: Params,
+    distributions: Mapping[str, BaseDistribution],
+    values: float | Sequence[float],
+    fields: Mapping[str, Any],
+) -> None:
+    """Record a plan scored outside Optuna's trial loop as one complete trial, written in one storage call: its
+    parameters, objective value(s) and record fields (with the size constraint, as `write_fields` keeps it)."""
+    unknown = set(fields) - _MEASURED
+    if unknown:
+        raise KeyError(f"a trial record has no field {sorted(unknown)[0]!r}")
+    trial = optuna.trial.create_trial(
+        params=dict(params),
+        distributions=dict(distributions),
+        values=[values] if isinstance(values, float | int) else list(values),
+        user_attrs={key: _stored(key, value) for key, value in fields.items()},
+        constraints={key: float(fields[key]) for key in ("size_over_limit",) if key in fields},
+    )
+    study.add_trial(trial)
 
 
 def seed_of(trial: optuna.Trial) -> bool:

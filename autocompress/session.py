@@ -420,14 +420,16 @@ class CompressionSession:
         stages: Sequence[int] | None = None,
         on_stage: StageCallback | None = None,
         on_report: ReportCallback | None = None,
+        start: int = 0,
     ) -> Measurement:
         """Size of `plan` and its distance to the dense model on a pool, with the time each part took.
 
         `stages` scores the pool in growing prefixes of that many windows (the last one is how far it goes,
-        the whole pool by default); after every stage but the last, `on_stage` sees the metrics so far and
-        may raise (optuna.TrialPruned) to stop there. A plan that trains (a student) is built, distilled and
-        compressed instead of stitched; `on_report` sees its KD loss on the fitness pool every few steps and
-        may raise to stop the training. Its size is a fraction of the dense teacher's, like every plan's.
+        the whole pool by default); with `start`, the windows from `start` on only (a candidate of a generation
+        scored stage by stage, its parts combined by `combine_metrics`); after every stage but the last, `on_stage`
+        sees the metrics so far and may raise (optuna.TrialPruned) to stop there. A plan that trains (a student) is
+        built, distilled and compressed instead of stitched; `on_report` sees its KD loss on the fitness pool every
+        few steps and may raise to stop the training. Its size is a fraction of the dense teacher's, like every plan's.
         On the fitness pool, each batch runs from the last block whose kept input (`block_inputs`, within
         `search.reuse_memory_mb`) no weight change since reaches; the metrics are those of a full evaluation.
         """
@@ -445,7 +447,6 @@ class CompressionSession:
         self.last_stitch_s = stitched - began
         parts: list[Metrics] = []
         done: list[tuple[int, Metrics]] = []
-        start = 0
         for index, end in enumerate(stages):
             if end > start:
                 batch = tokens[start:end]

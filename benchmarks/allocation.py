@@ -17,7 +17,10 @@ layer-variant database, error profiles) live in results/allocation-bench/ (not c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +37,7 @@ from autocompress.config import Config
 from autocompress.models import compressible_linears, unit_names
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord
 from autocompress.search.objective import Objective
-from autocompress.search.runner import FINISHED
+from autocompress.search.runner import FINISHED, ProgressBar, run_generations
 from autocompress.search.space import SearchSpace
 from autocompress.search.study import open_study, prepare_study
 from autocompress.session import CompressionSession
@@ -99,7 +102,7 @@ class SharedCacheLocation(StudyLocation):
         return self.shared_cache
 
 
-def family_config(settings: Settings, dimension: str, target: float) -> Config:
+def family_config(settings: Settings, dimension: str, target: float, engine: str = "trials") -> Config:
     sparsity = list(settings.sparsity_levels) if dimension == "sparsity" else [0.0]
     bits = list(settings.bit_levels) if dimension == "bits" else [16]
     return Config.model_validate(
@@ -128,7 +131,7 @@ def family_config(settings: Settings, dimension: str, target: float) -> Config:
                 "objective": "pareto",
                 "loss": "kl",
                 "seed": 0,
-                "stages": [0.25, 0.5, 1.0],
+                **({"stages": [0.25, 0.5, 1.0]} if engine == "trials" else {"generations": {}}),
                 "database": "on",
                 "profile_windows": settings.profile_windows[dimension],
             },
@@ -169,9 +172,20 @@ def heldout_ppl(session: CompressionSession, space: SearchSpace, params: dict) -
     return session.measure(space.plan_from_params(params), pool="heldout").metrics.ppl
 
 
-def run_budget(settings: Settings, work: Path, dimension: str, target: float, log) -> dict:
-    config = family_config(settings, dimension, target)
-    name = f"{dimension}-{target:g}"
+def run_budget(
+    settings: Settings,
+    work: Path,
+    dimension: str,
+    target: float,
+    log,
+    engine: str = "trials",
+    search_seconds: float | None = None,
+) -> dict:
+    """One budget's study with `engine` (trials: one Optuna trial per scored plan, the evolution sampler and staged
+    pruning; generations: `search.generations` with its defaults), run for `settings.trials` finished trials or,
+    with `search_seconds`, for that long (the baselines included), then judged on held-out tokens."""
+    config = family_config(settings, dimension, target, engine)
+    name = f"{dimension}-{target:g}" if engine == "trials" else f"{dimension}-{target:g}-{engine}"
     location = SharedCacheLocation(
         name=name,
         out_dir=work / name,
@@ -188,14 +202,29 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
     objective = Objective(config, session, space, StudyRecord.of(study).max_bytes())
     clock = BareForwardClock(session)
     clock.measure()
+    load_before = os.getloadavg()[0]
     searched = time.perf_counter()
+    target_trials = 10**9 if search_seconds is not None else settings.trials
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    if finished < settings.trials:
+    plans_scored, stage_scores = finished, None
+    if finished < target_trials and engine == "trials":
         study.optimize(
             objective,
+            timeout=search_seconds,
             catch=(Exception,),
-            callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED), clock],
+            callbacks=[optuna.study.MaxTrialsCallback(target_trials, states=FINISHED), clock],
         )
+        plans_scored = len(study.get_trials(deepcopy=False, states=FINISHED)) - finished
+        stage_scores = sum(
+            max(1, len(TrialRecord.of(trial).stage_losses))
+            for trial in study.get_trials(deepcopy=False, states=FINISHED)[finished:]
+        )
+    elif finished < target_trials:
+        with contextlib.redirect_stderr(io.StringIO()):  # the bar draws into nothing
+            bar = ProgressBar(study, target_trials, enabled=False)
+        seeds = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        generations = run_generations(study, objective, target_trials, search_seconds, config.search.seed, bar)
+        plans_scored, stage_scores = seeds + generations.plans, seeds * 2 + generations.evaluations
     search_s = time.perf_counter() - searched
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
@@ -220,6 +249,7 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
     database = StudyRecord.of(study).database or {}
     row = {
         "mode": settings.mode,
+        "engine": engine,
         "family": "SparseGPT sparsity" if dimension == "sparsity" else "GPTQ bits (group 128)",
         "budget_dimension": dimension,
         "budget": target,
@@ -265,13 +295,20 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
         "median_stitch_s": statistics.median(TrialRecord.of(t).stitch_s for t in complete),
         "median_eval_s": statistics.median(TrialRecord.of(t).eval_s for t in complete),
         "search_s": search_s,
+        "search_seconds_budget": search_seconds,
+        "load_avg_1m_before": load_before,  # the machine is shared: its load when the search began and ended
+        "load_avg_1m_after": os.getloadavg()[0],
+        "plans_scored": plans_scored,  # plans given a fitness score, on part of the pool or all of it
+        "stage_scores": stage_scores,  # scores of a plan on one stage's windows
+        "plans_per_hour": plans_scored / search_s * 3600 if search_s else None,
+        "stage_scores_per_hour": stage_scores / search_s * 3600 if stage_scores and search_s else None,
         "setup_s": setup_s,
         "database_mib": database.get("bytes", 0) / 2**20,
         "seq_len": settings.seq_len,
         "calibration_windows": settings.calibration,
         "fitness_tokens": settings.fitness * settings.seq_len,
         "heldout_tokens": settings.heldout * settings.seq_len,
-        "stages": "0.25 0.5 1.0",
+        "stages": " ".join(f"{fraction:g}" for fraction in config.search.stage_fractions()),
         "granularity": config.compression.granularity,
         "units": len(space.units),
         "profile_tokens": settings.profile_windows[dimension] * settings.seq_len,
@@ -281,7 +318,8 @@ def run_budget(settings: Settings, work: Path, dimension: str, target: float, lo
     log(
         f"{name}: dense {dense:.2f}  uniform {figures['uniform']:.2f}  owl {figures['owl']:.2f}  "
         f"sensitivity {figures['sensitivity']:.2f}  searched {figures['searched']:.2f}  gap closure {gap:.0%}  "
-        f"overhead {row['overhead_ratio']:.2f}  ({len(complete)} complete / {len(trials)} trials, {search_s:.0f} s)"
+        f"overhead {row['overhead_ratio']:.2f}  ({len(complete)} complete / {len(trials)} trials, {plans_scored} "
+        f"plans scored, {search_s:.0f} s)"
     )
     return row
 
@@ -300,7 +338,8 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
             axis.bar(positions, rows[column], width=width, label=label, color=color)
         axis.axhline(rows["dense_ppl"].iloc[0], color="black", linestyle="--", linewidth=1, label="dense")
         unit = "sparsity" if family == "sparsity" else "bits"
-        axis.set_xticks(range(len(rows)), [f"{budget:g} {unit}" for budget in rows["budget"]])
+        ticks = [f"{budget:g} {unit}\n{engine}" for budget, engine in zip(rows["budget"], rows["engine"], strict=True)]
+        axis.set_xticks(range(len(rows)), ticks)
         axis.set_ylabel("held-out perplexity")
         axis.set_yscale("log")
         axis.set_title(rows["family"].iloc[0])
@@ -315,11 +354,15 @@ def merged(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """The new rows, and the earlier ones of budgets not run again (a run of some budgets keeps the others)."""
     if earlier.empty:
         return new
-    again = set(zip(new["budget_dimension"], new["budget"], strict=True))
-    kept = earlier[[(d, b) not in again for d, b in zip(earlier["budget_dimension"], earlier["budget"], strict=True)]]
+    if "engine" not in earlier:  # rows from before there were two engines
+        earlier = earlier.assign(engine="trials")
+    key = ["budget_dimension", "budget", "engine"]
+    again = set(new[key].itertuples(index=False, name=None))
+    kept = earlier[[row not in again for row in earlier[key].itertuples(index=False, name=None)]]
     frame = pd.concat([kept, new], ignore_index=True)
     order = frame["budget_dimension"].map({"sparsity": 0, "bits": 1})
-    return frame.assign(_order=order).sort_values(["_order", "budget"]).drop(columns="_order").reset_index(drop=True)
+    frame = frame.assign(_order=order).sort_values(["_order", "budget", "engine"], kind="stable")
+    return frame.drop(columns="_order").reset_index(drop=True)
 
 
 def prepare_run(
@@ -347,6 +390,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few minutes: one budget per family, few trials")
     parser.add_argument("--trials", type=int, help="finished trials per budget (default: 160 full, 16 quick)")
     parser.add_argument("--budgets", help="e.g. 'sparsity:0.6,bits:3.0' (default: all of the mode)")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=["trials", "generations"],
+        default=["trials"],
+        help="trials: a trial per scored plan; generations: search.generations (both: side by side, one run)",
+    )
+    parser.add_argument(
+        "--search-seconds", type=float, help="each study searches this long instead of for --trials trials"
+    )
     parser.add_argument("--work", type=Path, help="studies and caches (default: results/allocation-bench[-quick])")
     parser.add_argument("--out", type=Path, help="CSV (default: results/benchmarks/allocation[-quick].csv)")
     parser.add_argument(
@@ -367,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     earlier = pd.read_csv(out) if out.is_file() else pd.DataFrame()
     rows = []
     for dimension, target in settings.budgets:
-        rows.append(run_budget(settings, work, dimension, target, log))
+        for engine in args.engines:
+            rows.append(run_budget(settings, work, dimension, target, log, engine, args.search_seconds))
         frame = merged(earlier, pd.DataFrame(rows))
         frame.to_csv(out, index=False, float_format="%.6g")  # after every budget: a partial run leaves figures
         plot(frame, out.with_suffix(".png"))

@@ -28,9 +28,19 @@ into the storage (not its calls to itself); repeats is the number of trials time
 load when the window began. flatness is ms_per_trial over that of the smallest count of the same storage, sampler
 and params (the row of the largest count holds the figure to judge); storage_flatness the same for ms_storage.
 
+Rows of sampler `generations` (engine `generations`) time `search.generations` instead: a budget study of 210
+per-Linear units (one sparsity parameter each, SmolLM2's shapes for the groups), pre-filled with trials as
+generations record them, then `--generations-window` whole generations of `GenerationSearch` with its default
+offspring, stages and survivors, each plan's score made up at once. ms_per_evaluation is the window's wall time per
+score (one plan on one stage's windows), the figure the 10 ms target is about; ms_per_trial and its sections are per
+recorded trial there; evaluations_per_trial how many scores one stored trial stands for; evaluation_flatness is
+ms_per_evaluation over the smallest count's. For trials rows, one trial is one evaluation. A run replaces the CSV's
+rows of the storages, samplers and parameter counts it measures and keeps the others, each with its own date.
+
     python benchmarks/overhead.py [--quick] [--counts 100 1000 3000 10000] [--params 60 240]
         [--storages memory sqlite postgresql] [--samplers random tpe] [--window 50] [--max-window-s 20]
         [--deadline-min 24] [--max-rows 1000000] [--postgres URL] [--csv PATH]
+        [--generation-params 210] [--generations-window 10]
 
 Every study is measured at one count before any study moves to the next, so --deadline-min (no new point after
 it; default 24 minutes) cuts the largest counts rather than a storage. A window holds --window trials, fewer
@@ -71,12 +81,16 @@ from types import SimpleNamespace
 
 import optuna
 import pandas as pd
+import torch
 from optuna.distributions import CategoricalDistribution, distribution_to_json
 from optuna.trial import TrialState
 
-from autocompress.config import load_config
+from autocompress.allocation import BudgetGrid, uniform_allocation
+from autocompress.config import Config, load_config
 from autocompress.metrics import Metrics
-from autocompress.record import record_creation, seed_attrs
+from autocompress.record import StudyRecord, record_creation, record_unit_sizes, seed_attrs
+from autocompress.search.evolution import level_switches
+from autocompress.search.generations import GenerationSearch
 from autocompress.search.objective import Objective
 from autocompress.search.runner import FINISHED, ProgressBar, StopAfterFailures
 from autocompress.search.space import SearchSpace
@@ -100,6 +114,8 @@ SAMPLER_METHODS = (
 )
 SECTIONS = ("sampler", "storage", "objective", "callbacks", "progress_bar")
 DENSE_BYTES = 269_060_736  # SmolLM2-135M in 16 bits; only a scale for the made-up sizes
+SEQ_LEN = 256
+GENERATION_LEVELS = [0.3, 0.4, 0.5, 0.6, 0.7]
 
 
 class Profiler:
@@ -171,7 +187,7 @@ class TrivialSession:
     """Stands in for CompressionSession in the real Objective: made-up figures at once, nothing compressed."""
 
     def __init__(self, fitness_windows: int, seed: int) -> None:
-        self.pools = SimpleNamespace(fitness=range(fitness_windows))
+        self.pools = SimpleNamespace(fitness=torch.zeros((fitness_windows, SEQ_LEN), dtype=torch.long))
         self.last_stitch_s = 0.0
         self.dense_bytes = DENSE_BYTES
         self.rng = random.Random(seed)
@@ -179,10 +195,12 @@ class TrivialSession:
     def trains(self, _plan) -> bool:
         return False
 
-    def measure(self, plan, pool="fitness", stages=None, on_stage=None, on_report=None) -> Measurement:
-        metrics = Metrics(ce=2.0 + self.rng.random(), kl=self.rng.random(), tokens_per_s=1e4, n_tokens=2048)
+    def measure(self, plan, pool="fitness", stages=None, on_stage=None, on_report=None, start=0) -> Measurement:
+        end = len(self.pools.fitness) if stages is None else stages[-1]
+        tokens = (end - start) * SEQ_LEN
+        metrics = Metrics(ce=2.0 + self.rng.random(), kl=self.rng.random(), tokens_per_s=1e4, n_tokens=tokens)
         size = SizeReport(int(DENSE_BYTES * self.rng.uniform(0.2, 1.0)), DENSE_BYTES, {})
-        return Measurement(size, metrics, stitch_s=0.0, eval_s=0.0, stages=((len(self.pools.fitness), metrics),))
+        return Measurement(size, metrics, stitch_s=0.0, eval_s=0.0, stages=((end, metrics),))
 
 
 def space_for(params: int, sampler: str) -> tuple[object, SearchSpace]:
@@ -202,12 +220,40 @@ def space_for(params: int, sampler: str) -> tuple[object, SearchSpace]:
     return config, SearchSpace(config, units)
 
 
+def generations_space(params: int) -> tuple[Config, SearchSpace]:
+    """A budget study over `params` per-Linear units (one sparsity parameter each: 210 are every Linear of the 30
+    blocks) at an average sparsity of 0.5, run in generations with their default offspring, stages and survivors."""
+    config, space = space_for(2 * params, "random")
+    data = config.model_dump(mode="json")
+    data["search"] |= {
+        "sparsity": GENERATION_LEVELS,
+        "bits": [4],
+        "sampler": "evolution",
+        "budget": {"sparsity": 0.5},
+        "generations": {},
+        "baselines": [],
+    }
+    config = Config.model_validate(data)
+    return config, SearchSpace(config, space.units)
+
+
+def unit_weights(unit: str) -> int:
+    """Weights of a SmolLM2-135M Linear (hidden 576, key/value 192, MLP 1536): the groups level switches keep."""
+    name = unit.rsplit(".", 1)[-1]
+    return {"k_proj": 576 * 192, "v_proj": 576 * 192, "q_proj": 576 * 576, "o_proj": 576 * 576}.get(name, 576 * 1536)
+
+
 def made_up_trial(space: SearchSpace, rng: random.Random) -> tuple[dict, list[float], dict]:
     """Params, values and user attributes of a complete trial as the Objective records one."""
     params = {}
     for unit in space.units:
         params[f"{unit}.sparsity"] = rng.choice(space.sparsity_levels)
         params[f"{unit}.bits"] = rng.choice(space.bit_levels)
+    return params, *made_up_figures(rng)
+
+
+def made_up_figures(rng: random.Random) -> tuple[list[float], dict]:
+    """Objective values and record fields of a complete trial."""
     kl, ratio = rng.random(), rng.uniform(0.2, 1.0)
     ce = 2.0 + rng.random()
     attrs = {
@@ -222,29 +268,44 @@ def made_up_trial(space: SearchSpace, rng: random.Random) -> tuple[dict, list[fl
         "eval_s": rng.uniform(2.0, 6.0),
         "forward_s": rng.uniform(2.0, 6.0),
     }
-    return params, [kl, ratio], attrs
+    return [kl, ratio], attrs
+
+
+def made_up_generation_trial(grid: BudgetGrid, rng: random.Random) -> tuple[dict, list[float], dict]:
+    """Params, values and user attributes of a trial a generation records: a plan at the budget, its stage losses."""
+    levels = level_switches(
+        {unit: grid.index(level) for unit, level in uniform_allocation(grid).items()}, grid, rng, 10
+    )
+    params = {f"{unit}.sparsity": grid.level(index) for unit, index in levels.items()}
+    values, attrs = made_up_figures(rng)
+    stages = [[1, values[0] * 1.1], [4, values[0] * 1.05], [16, values[0]]]
+    return params, values, attrs | {"stage_losses": stages, "parent": 0, "generation_evaluations": 20}
 
 
 def distributions_of(space: SearchSpace) -> dict[str, CategoricalDistribution]:
     out = {}
     for unit in space.units:
         out[f"{unit}.sparsity"] = CategoricalDistribution(space.sparsity_levels)
-        out[f"{unit}.bits"] = CategoricalDistribution(space.bit_levels)
+        if len(space.bit_levels) > 1:
+            out[f"{unit}.bits"] = CategoricalDistribution(space.bit_levels)
     return out
 
 
-def prefill_memory(study: optuna.Study, space: SearchSpace, count: int, rng: random.Random) -> None:
+def prefill_memory(study: optuna.Study, space: SearchSpace, count: int, rng: random.Random, make=None) -> None:
     distributions = distributions_of(space)
+    make = make or functools.partial(made_up_trial, space)
     trials = []
     for _ in range(count):
-        params, values, attrs = made_up_trial(space, rng)
+        params, values, attrs = make(rng)
         trials.append(
             optuna.trial.create_trial(params=params, distributions=distributions, values=values, user_attrs=attrs)
         )
     study.add_trials(trials)
 
 
-def prefill_rdb(study: optuna.Study, space: SearchSpace, count: int, rng: random.Random, chunk: int = 500) -> None:
+def prefill_rdb(
+    study: optuna.Study, space: SearchSpace, count: int, rng: random.Random, make=None, chunk: int = 500
+) -> None:
     """The rows `study.add_trials` would write for `count` complete trials, inserted in bulk: add_trials writes a
     trial's parameters one query pair at a time (hours for 10,000 trials of 240 parameters)."""
     import sqlalchemy
@@ -252,6 +313,7 @@ def prefill_rdb(study: optuna.Study, space: SearchSpace, count: int, rng: random
 
     backend = study._storage._backend
     distributions = distributions_of(space)
+    make = make or functools.partial(made_up_trial, space)
     as_json = {name: distribution_to_json(distribution) for name, distribution in distributions.items()}
     trials_table = models.TrialModel.__table__
     finite = models.TrialValueModel.TrialValueType.FINITE
@@ -260,7 +322,7 @@ def prefill_rdb(study: optuna.Study, space: SearchSpace, count: int, rng: random
             sqlalchemy.select(sqlalchemy.func.count()).where(trials_table.c.study_id == study._study_id)
         ).scalar_one()
     for first in range(0, count, chunk):
-        made = [made_up_trial(space, rng) for _ in range(min(chunk, count - first))]
+        made = [make(rng) for _ in range(min(chunk, count - first))]
         now = datetime.now(UTC).replace(tzinfo=None)
         numbers = range(start + first, start + first + len(made))
         with backend.engine.begin() as connection:
@@ -400,6 +462,7 @@ class Bench:
         self.profiler = Profiler()
         self.profiler.instrument(self.study._storage, "storage")
         self.rng = random.Random(0)
+        self.make = None  # made_up_trial
         self.configs = {sampler: space_for(params, sampler)[0] for sampler in samplers}
         self.objectives = {
             sampler: Objective(config, TrivialSession(8, seed=1), self.space, max_bytes=None)
@@ -417,9 +480,9 @@ class Bench:
         if missing > 0:
             began = time.perf_counter()
             if self.kind == "memory":
-                prefill_memory(self.study, self.space, missing, self.rng)
+                prefill_memory(self.study, self.space, missing, self.rng, self.make)
             else:
-                prefill_rdb(self.study, self.space, missing, self.rng)
+                prefill_rdb(self.study, self.space, missing, self.rng, self.make)
             print(f"  pre-filled {missing} trials in {time.perf_counter() - began:.1f} s", flush=True)
 
     def point(self, count: int, sampler: str) -> dict:
@@ -457,6 +520,9 @@ class Bench:
             "ms_instrumentation": round(1000 * self.per_call * result["wrapped"] / n, 2),
             "repeats": n,
             "load_avg_1m": round(load, 2),
+            "engine": "trials",
+            "evaluations_per_trial": 1.0,
+            "ms_per_evaluation": round(total, 2),
         }
         print(
             f"  {self.kind:<10} {sampler:<6} {self.params:>3} params {held:>6} trials: {total:8.1f} ms/trial "
@@ -492,6 +558,78 @@ class Bench:
         optuna.delete_study(study_name=self.name, storage=self.url)
 
 
+class GenerationsBench(Bench):
+    """A budget study per Linear run in generations (`search.generations`): the same storage, pre-filled with
+    trials as generations record them, timed over whole generations of `GenerationSearch` with made-up scores."""
+
+    def __init__(self, kind: str, url: str | None, params: int, args, per_call: float) -> None:
+        self.kind, self.url, self.samplers, self.args, self.per_call = kind, url, ["generations"], args, per_call
+        self.config, self.space = generations_space(params)
+        self.params = len(self.space.units)
+        self.name = f"overhead-{kind}-generations-{params}-{uuid.uuid4().hex[:8]}"
+        self.study = create_study(kind, url, self.config, self.space, self.name)
+        record_unit_sizes(self.study, {unit: unit_weights(unit) for unit in self.space.units})
+        self.profiler = Profiler()
+        self.profiler.instrument(self.study._storage, "storage")
+        self.rng = random.Random(0)
+        grid = BudgetGrid(self.space.units, GENERATION_LEVELS, 0.5, StudyRecord.of(self.study).unit_sizes)
+        self.make = functools.partial(made_up_generation_trial, grid)
+        self.session = TrivialSession(16, seed=1)
+
+    def point(self, count: int, sampler: str) -> dict:
+        """`--generations-window` generations timed at `count` trials, after one untimed (the search's first read
+        of the study, as a resumed search makes it, and the caches)."""
+        self.fill_to(count)
+        objective = Objective(self.config, self.session, self.space, max_bytes=None)
+        search = GenerationSearch(self.study, objective, seed=count)
+        self.profiler.instrument(search, "sampler", ["read_study", "parent", "offspring"])
+        self.profiler.instrument(search, "objective", ["score", "record"])
+        search.read_study()
+        search.generation(math.inf)
+        held = self.held()
+        load = os.getloadavg()[0]
+        evaluations, recorded = search.evaluations, search.recorded
+        self.profiler.reset()
+        began = time.perf_counter()
+        for _ in range(self.args.generations_window):
+            search.read_study()
+            search.generation(math.inf)
+        wall = time.perf_counter() - began
+        evaluations, recorded = search.evaluations - evaluations, search.recorded - recorded
+        seconds, calls = dict(self.profiler.seconds), dict(self.profiler.calls)
+        ms = {section: 1000 * seconds.get(section, 0.0) / recorded for section in SECTIONS}
+        total = 1000 * wall / recorded
+        row = {
+            "storage": self.kind,
+            "sampler": "generations",
+            "params": self.params,
+            "trials_in_study": held,
+            "ms_per_trial": round(total, 2),
+            "ms_per_trial_p50": None,
+            "ms_sampler": round(ms["sampler"], 2),
+            "ms_storage": round(ms["storage"], 2),
+            "ms_objective": round(ms["objective"], 2),
+            "ms_callbacks": 0.0,
+            "ms_progress_bar": 0.0,
+            "ms_other": round(total - sum(ms.values()), 2),
+            "storage_calls_per_trial": round(calls.get("storage", 0) / recorded, 1),
+            "ms_instrumentation": round(1000 * self.per_call * self.profiler.wrapped / recorded, 2),
+            "repeats": recorded,
+            "load_avg_1m": round(load, 2),
+            "engine": "generations",
+            "evaluations_per_trial": round(evaluations / recorded, 2),
+            "ms_per_evaluation": round(1000 * wall / evaluations, 2),
+        }
+        print(
+            f"  {self.kind:<10} generations {self.params:>3} params {held:>6} trials: "
+            f"{row['ms_per_evaluation']:6.2f} ms/evaluation, {total:6.1f} ms per recorded trial (storage "
+            f"{ms['storage']:.1f}, sampler {ms['sampler']:.1f}, objective {ms['objective']:.1f}); {evaluations} "
+            f"evaluations, {recorded} trials; load {load:.1f}",
+            flush=True,
+        )
+        return row
+
+
 def postgres_reason(url: str) -> str | None:
     """Why PostgreSQL cannot be used, or None when it can."""
     try:
@@ -508,19 +646,30 @@ def with_flatness(frame: pd.DataFrame) -> pd.DataFrame:
     largest count's row holds the figure the issue asks for); `storage_flatness` likewise for ms_storage."""
     frame = frame.copy()
     key = ["storage", "sampler", "params"]
-    first = frame.sort_values("trials_in_study").groupby(key)[["ms_per_trial", "ms_storage"]].transform("first")
+    columns = ["ms_per_trial", "ms_storage", "ms_per_evaluation"]
+    first = frame.sort_values("trials_in_study").groupby(key)[columns].transform("first")
     frame["flatness"] = (frame["ms_per_trial"] / first["ms_per_trial"].loc[frame.index]).round(2)
     frame["storage_flatness"] = (frame["ms_storage"] / first["ms_storage"].loc[frame.index]).round(2)
+    frame["evaluation_flatness"] = (frame["ms_per_evaluation"] / first["ms_per_evaluation"].loc[frame.index]).round(2)
     return frame
 
 
-def write(rows: list[dict], out: Path, started: float) -> pd.DataFrame:
+def write(rows: list[dict], out: Path, started: float, earlier: pd.DataFrame) -> pd.DataFrame:
+    """This run's rows, and the earlier rows of the CSV for storages, samplers and parameter counts it did not
+    measure (each row keeps the date of its run)."""
     frame = with_flatness(pd.DataFrame(rows))
     frame["cpu_cores"] = os.cpu_count()
     frame["machine"] = f"{platform.machine()} {platform.processor() or platform.system()}".strip()
     frame["optuna"] = optuna.__version__
     frame["date"] = datetime.now().strftime("%Y-%m-%d %H:%M")
     frame["run_minutes"] = round((time.perf_counter() - started) / 60, 1)
+    if not earlier.empty:
+        earlier = earlier.assign(engine=earlier.get("engine", pd.Series("trials", index=earlier.index)))
+        earlier["engine"] = earlier["engine"].fillna("trials")
+        key = ["storage", "sampler", "params"]
+        measured = set(frame[key].itertuples(index=False, name=None))
+        kept = earlier[[row not in measured for row in earlier[key].itertuples(index=False, name=None)]]
+        frame = pd.concat([kept, frame], ignore_index=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     return frame
@@ -532,7 +681,17 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", help="trial counts (default 100 1000 3000 10000)")
     parser.add_argument("--params", type=int, nargs="+", help="parameters per trial, even (default 60 240)")
     parser.add_argument("--storages", nargs="+", default=["memory", "sqlite", "postgresql"])
-    parser.add_argument("--samplers", nargs="+", default=["random", "tpe"], help="from random, tpe, nsga2, gp")
+    parser.add_argument(
+        "--samplers", nargs="*", default=["random", "tpe"], help="from random, tpe, nsga2, gp (none: no trials rows)"
+    )
+    parser.add_argument(
+        "--generation-params",
+        type=int,
+        nargs="*",
+        default=[210],
+        help="per-Linear units of the generations studies (one parameter each; none: no generations rows)",
+    )
+    parser.add_argument("--generations-window", type=int, default=10, help="generations timed per point")
     parser.add_argument("--window", type=int, help="timed trials per point (default 50)")
     parser.add_argument("--min-window", type=int, default=3, help="timed trials per point at the least")
     parser.add_argument("--max-window-s", type=float, default=20.0, help="shorten a window expected to take longer")
@@ -567,6 +726,7 @@ def main() -> None:
     per_call = Profiler().cost_per_call()
     print(f"timing wrappers add about {per_call * 1e6:.2f} us per timed call", flush=True)
     deadline = started + 60 * args.deadline_min
+    earlier = pd.read_csv(out) if out.is_file() else pd.DataFrame()
     rows: list[dict] = []
     benches: list[Bench] = []
     with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
@@ -576,10 +736,14 @@ def main() -> None:
                 if kind == "postgresql" and (reason := postgres_reason(url)) is not None:
                     print(f"skipping PostgreSQL: {url} cannot be reached ({reason})", flush=True)
                     continue
-                for params in args.params:
+                for params in args.params if args.samplers else []:
                     if kind == "sqlite":
                         url = f"sqlite:///{Path(folder) / f'overhead-{params}.db'}"
                     benches.append(Bench(kind, url, params, args.samplers, args, per_call))
+                for params in args.generation_params:
+                    if kind == "sqlite":
+                        url = f"sqlite:///{Path(folder) / f'overhead-generations-{params}.db'}"
+                    benches.append(GenerationsBench(kind, url, params, args, per_call))
             # every study at one count before any at the next: a deadline cuts the largest counts, not a storage
             for count in counts:
                 print(f"{count} trials:", flush=True)
@@ -592,16 +756,16 @@ def main() -> None:
                             flush=True,
                         )
                         continue
-                    for sampler in args.samplers:
+                    for sampler in bench.samplers:
                         if time.perf_counter() > deadline:
                             print(f"  {bench.kind} {bench.params} params {sampler}: past --deadline-min", flush=True)
                             continue
                         rows.append(bench.point(count, sampler))
-                        write(rows, out, started)
+                        write(rows, out, started, earlier)
         finally:
             for bench in benches:
                 bench.close()
-    frame = write(rows, out, started)
+    frame = write(rows, out, started, earlier)
     shown = ["storage", "sampler", "params", "trials_in_study", "ms_per_trial", "ms_sampler", "ms_storage"]
     shown += [
         "ms_objective",
@@ -611,6 +775,8 @@ def main() -> None:
         "storage_calls_per_trial",
         "repeats",
         "flatness",
+        "ms_per_evaluation",
+        "evaluation_flatness",
     ]
     print(frame[shown].to_string(index=False))
     print(f"{(time.perf_counter() - started) / 60:.1f} minutes; wrote {out}")

@@ -125,3 +125,38 @@ def test_a_gguf_study_exports_only_gguf(study: tuple[Path, Path], tmp_path: Path
     assert result.returncode == 2
     assert "which only gguf stores" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_size_budget_searches_gguf_types_under_a_byte_ceiling(tmp_path: Path) -> None:
+    """Generations over GGUF types at most 30% of the F16 file's bytes, the presets seeded beside the uniform mix."""
+    from autocompress.config import Config
+    from autocompress.record import TrialRecord
+    from autocompress.search import run_search
+
+    model_dir = tmp_path / "model"
+    tiny_model("mistral").save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
+    search = {"sparsity": [0.0], "bits": [16], "formats": LEVELS, "budget": {"size": "30%"}}
+    raw = tiny_study_config(
+        tmp_path,
+        model_dir,
+        compression={"target": "gguf", "granularity": "linear"},
+        search=search | {"generations": generations, "loss": "kl"},
+    )
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    study = run_search(
+        Config.model_validate(raw), StudyLocation.resolve("size", tmp_path / "results"), n_trials=16, progress=False
+    )
+    records = scored_records(study)
+    ceiling = int(0.3 * StudyRecord.of(study).dense_bytes)
+    assert len(records) >= 16
+    assert any(record.baseline == "uniform" for record in records)
+    assert any((record.baseline or "").startswith("llama.cpp") for record in records)
+    generated = [record for record in records if record.generation_evaluations is not None]
+    assert generated and all(record.size_bytes <= ceiling for record in generated)
+    assert all(
+        TrialRecord.of(trial).parent is not None
+        for trial in study.trials
+        if trial.number in {record.number for record in generated}
+    )

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import uuid
 from pathlib import Path
 
 import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
 
 from autocompress.search.storage import SQLiteStorage, open_storage
+from tests.conftest import POSTGRES_URL, needs_postgres
 
 
 def test_a_sqlite_storage_pickles_with_its_state_lock_and_heartbeats(tmp_path: Path) -> None:
@@ -40,3 +45,56 @@ def test_processes_opening_a_new_sqlite_study_at_once_all_succeed(tmp_path: Path
         process.join(60)
     assert [process.exitcode for process in processes] == [0, 0, 0, 0]
     assert [study.study_name for study in optuna.get_all_study_summaries(open_storage(url))] == ["s"]
+
+
+@needs_postgres
+def test_processes_opening_a_new_postgresql_database_at_once_all_succeed() -> None:
+    """Workers started together on a database without Optuna's tables race to create them; none may fail."""
+    import sqlalchemy
+
+    name = f"autocompress_new_{uuid.uuid4().hex[:8]}"
+    server = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with server.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        context = multiprocessing.get_context("spawn")
+        barrier = context.Barrier(4)
+        processes = [context.Process(target=_open_after, args=(barrier, url)) for _ in range(4)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+        assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+        assert [study.study_name for study in optuna.get_all_study_summaries(open_storage(url))] == ["s"]
+    finally:
+        sqlalchemy.orm.close_all_sessions()
+        with server.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        server.dispose()
+
+
+@pytest.mark.parametrize(
+    "url", [pytest.param("sqlite", id="sqlite"), pytest.param(POSTGRES_URL, id="postgresql", marks=needs_postgres)]
+)
+def test_a_trial_added_whole_reads_back_as_optuna_would_have_written_it(tmp_path: Path, url: str) -> None:
+    """A generation records a plan in one `add_trial`, its parameters and attributes written in bulk."""
+    url = f"sqlite:///{tmp_path / 'study.db'}" if url == "sqlite" else url
+    name = f"whole-{uuid.uuid4().hex[:8]}"
+    distributions = {f"u{index}.sparsity": CategoricalDistribution([0.3, 0.4, 0.5]) for index in range(210)}
+    params = {key: [0.3, 0.4, 0.5][index % 3] for index, key in enumerate(distributions)}
+    attrs = {"loss": 0.25, "stage_losses": [[1, 0.3], [4, 0.25]], "parent": 7}
+    trial = optuna.trial.create_trial(
+        params=params, distributions=distributions, values=[0.25, 0.5], user_attrs=attrs, constraints={"c": -1.0}
+    )
+    study = optuna.create_study(study_name=name, storage=open_storage(url), directions=["minimize", "minimize"])
+    try:
+        study.add_trial(trial)
+        study.add_trial(trial)
+        for number, stored in enumerate(optuna.load_study(study_name=name, storage=open_storage(url)).trials):
+            assert stored.number == number and stored.state == TrialState.COMPLETE
+            assert stored.params == params and stored.distributions == distributions
+            assert stored.user_attrs == attrs and stored.values == [0.25, 0.5]
+            assert stored.constraints == {"c": -1.0}
+    finally:
+        optuna.delete_study(study_name=name, storage=url)

@@ -346,8 +346,11 @@ def check_config(config) -> None:
             f"{where}: its types quantize with llama.cpp's importance-weighted rounding; GPTQ onto GGUF blocks is "
             f"not implemented, so compression.quantization must be rtn, not {compression.quantization!r}"
         )
-    if search.student is not None or search.budget is not None:
-        raise ValueError(f"{where}: students and budget searches are not offered; drop search.student/search.budget")
+    if search.student is not None or (search.budget is not None and search.budget.dimension != "size"):
+        raise ValueError(
+            f"{where}: students and average budgets are not offered (a size budget is); drop search.student or "
+            "give search.budget as {size: ...}"
+        )
     if search.database == "on":
         raise ValueError(f"{where}: its blocks are cached per tensor already; the layer-variant database is not used")
 

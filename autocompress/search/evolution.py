@@ -89,24 +89,7 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
         return tuple(round(float(params[name]), 9) for name in names.values())
 
     def mutate(self, parent: dict[str, int], grid: BudgetGrid) -> dict[str, int]:
-        """`parent` (unit -> level index) with a few level switches inside groups of same-shaped units."""
-        child = dict(parent)
-        count = min(self._rng.randint(1, self.max_mutations), self._rng.randint(1, self.max_mutations))
-        groups = [group for group in grid.groups if len(group) > 1]
-        made = 0
-        for _ in range(self.attempts):
-            if made == count or not groups:
-                break
-            group = self._rng.choice(groups)
-            up = self._rng.choice(group)
-            downs = [unit for unit in group if unit != up and child[unit] > 0]
-            if child[up] >= grid.top or not downs:
-                continue
-            down = self._rng.choice(downs)
-            child[up] += 1
-            child[down] -= 1
-            made += 1
-        return child
+        return level_switches(parent, grid, self._rng, self.max_mutations, self.attempts)
 
     def sample_independent(
         self,
@@ -120,3 +103,27 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
     def reseed_rng(self) -> None:
         self._rng.seed()
         self._fallback.reseed_rng()
+
+
+def level_switches(
+    parent: dict[str, int], grid: BudgetGrid, rng: random.Random, max_mutations: int, attempts: int = 200
+) -> dict[str, int]:
+    """`parent` (unit -> level index) with min(U, U') level switches, U, U' uniform in 1..`max_mutations`, each
+    one unit of a group of same-sized units one level up and another one down, so every group keeps its sum."""
+    child = dict(parent)
+    count = min(rng.randint(1, max_mutations), rng.randint(1, max_mutations))
+    groups = [group for group in grid.groups if len(group) > 1]
+    made = 0
+    for _ in range(attempts):
+        if made == count or not groups:
+            break
+        group = rng.choice(groups)
+        up = rng.choice(group)
+        downs = [unit for unit in group if unit != up and child[unit] > 0]
+        if child[up] >= grid.top or not downs:
+            continue
+        down = rng.choice(downs)
+        child[up] += 1
+        child[down] -= 1
+        made += 1
+    return child

@@ -126,20 +126,7 @@ class Objective:
         except Exception as error:
             context.writer.write(fail_reason=failure_reason(error))
             raise
-        size = measured.size
-        objective = search.alpha * loss + search.beta * size.ratio
-        outcome = {
-            "loss": loss,
-            "kl": metrics.kl,
-            "ce": metrics.ce,
-            "ppl": metrics.ppl,
-            "size_bytes": size.total_bytes,
-            "size_ratio": size.ratio,
-            "objective": objective,
-            "stitch_s": measured.stitch_s,
-            "eval_s": measured.eval_s,
-            "forward_s": metrics.n_tokens / metrics.tokens_per_s,
-        }
+        outcome = self.outcome(metrics, measured.size, measured.stitch_s, measured.eval_s)
         if len(measured.stages) > 1:
             outcome["stage_losses"] = [(count, self.loss_of(part)) for count, part in measured.stages]
         if search.student is not None:
@@ -147,10 +134,34 @@ class Objective:
             outcome |= {"architecture": shape, "student": bool(measured.shape) and measured.shape != self.teacher}
         if measured.curve:
             outcome["kd_curve"] = list(measured.curve)
+        context.writer.write(**outcome)
+        return self.values(outcome)
+
+    def outcome(self, metrics: Metrics, size: SizeReport, stitch_s: float, eval_s: float) -> dict[str, float]:
+        """The record fields of a plan scored on the whole fitness pool."""
+        search = self.config.search
+        loss = self.loss_of(metrics)
+        outcome = {
+            "loss": loss,
+            "kl": metrics.kl,
+            "ce": metrics.ce,
+            "ppl": metrics.ppl,
+            "size_bytes": size.total_bytes,
+            "size_ratio": size.ratio,
+            "objective": search.alpha * loss + search.beta * size.ratio,
+            "stitch_s": stitch_s,
+            "eval_s": eval_s,
+            "forward_s": metrics.n_tokens / metrics.tokens_per_s,
+        }
         if self.max_bytes is not None:
             outcome["size_over_limit"] = float(size.total_bytes - self.max_bytes)
-        context.writer.write(**outcome)
-        return (loss, size.ratio) if search.objective == "pareto" else objective
+        return outcome
+
+    def values(self, outcome: dict[str, float]) -> float | tuple[float, float]:
+        """The study's objective value(s) of a scored plan's record fields."""
+        if self.config.search.objective == "pareto":
+            return outcome["loss"], outcome["size_ratio"]
+        return outcome["objective"]
 
     @property
     def teacher(self) -> dict[str, int]:

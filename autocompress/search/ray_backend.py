@@ -491,6 +491,11 @@ def run_ray_search(
     """Run (or continue) the study on Ray Tune until it holds `n_trials` complete trials or `timeout` passes."""
     if ray is None:
         raise UserError("--backend ray needs Ray Tune: pip install -e '.[ray]'")
+    if config.search.generations is not None:
+        raise UserError(
+            "search.generations runs on the local backend: a generation's candidates are scored in turn on one "
+            "resident model; run several `autocompress worker` processes on one storage to scale it out"
+        )
     if address is not None and address.startswith("ray://") and location.storage_url.startswith("sqlite"):
         raise UserError(
             "with a ray:// address the search runs on the cluster; give a --storage both sides reach (postgresql://...)"

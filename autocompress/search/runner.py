@@ -16,8 +16,9 @@ from autocompress.config import Config
 from autocompress.frontier import frontier_of
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord, scored_records
 from autocompress.report import write_outputs
+from autocompress.search.generations import GenerationSearch
 from autocompress.search.heldout import heldout_pending, judge_pending
-from autocompress.search.objective import Objective
+from autocompress.search.objective import Objective, OptunaTrialContext
 from autocompress.search.study import open_study, prepare_study, sampler_for, study_session
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward n_trials: pruned ones too (staged fitness)
@@ -43,7 +44,11 @@ class ProgressBar:
         self.summarized_at = -math.inf
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.finished += trial.state in FINISHED  # this process's trials; a summary counts every process's
+        self.add(study, int(trial.state in FINISHED))
+
+    def add(self, study: optuna.Study, finished: int) -> None:
+        """Count `finished` more trials of this process (a summary counts every process's)."""
+        self.finished += finished
         if not self.bar.disable and time.monotonic() - self.summarized_at >= self.SUMMARY_SECONDS:
             self.summarized_at = time.monotonic()
             self.finished = complete_count(study)
@@ -97,14 +102,15 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials; Optuna's lines would bury it
     session, space = study_session(config, location.cache_dir, progress)
     study, created = open_study(config, location, space, config.search.seed)
+    seed = config.search.seed if created else config.search.seed + os.getpid()
     if not created:  # another process's sampler must not replay this one's suggestions
-        study.sampler = sampler_for(config, config.search.seed + os.getpid())
+        study.sampler = sampler_for(config, seed)
     prepare_study(study, session, space, location)
     max_bytes = StudyRecord.of(study).max_bytes()
     objective = Objective(config, session, space, max_bytes)
     bar = ProgressBar(study, target, progress)
     try:
-        if complete_count(study) < target:
+        if complete_count(study) < target and config.search.generations is None:
             study.optimize(
                 objective,
                 timeout=timeout,
@@ -116,8 +122,56 @@ def run_search(
                     *callbacks,
                 ],
             )
+        elif complete_count(study) < target:
+            run_generations(study, objective, target, timeout, seed, bar, callbacks)
     finally:
         bar.close()
         judge_pending(study, session, space, heldout_pending(study, space, max_bytes))
         write_outputs(study, location)
     return study
+
+
+def run_generations(
+    study: optuna.Study,
+    objective: Objective,
+    target: int,
+    timeout: float | None,
+    seed: int,
+    bar: ProgressBar,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+) -> GenerationSearch:
+    """A generations search (`search.generations`): the enqueued seeds (baselines) first, as trials of their own
+    through Optuna's loop (heartbeats and retries included), then generations until the study holds `target`
+    finished trials or `timeout` seconds pass."""
+    deadline = time.monotonic() + (math.inf if timeout is None else timeout)
+
+    def seeds_waiting(study: optuna.Study) -> bool:
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    def stop_without_seeds(study: optuna.Study, _trial: FrozenTrial) -> None:
+        if not seeds_waiting(study):  # another worker took the last one: this one would sample a trial of its own
+            study.stop()
+
+    def score_to_the_end(trial: optuna.Trial) -> float | tuple[float, float]:
+        # A trial that found the last seed taken by another worker meanwhile is a sampled plan: scored whole, as the
+        # seeds are, so that it is complete rather than pruned by a frontier of a few seeds.
+        context = OptunaTrialContext(trial)
+        context.is_seed = True
+        return objective.score(objective.space.plan_for(trial), context)
+
+    if seeds_waiting(study):
+        study.optimize(
+            score_to_the_end,
+            timeout=timeout,
+            catch=(Exception,),
+            callbacks=[StopAfterFailures(objective.config.search.max_failures), bar, *callbacks, stop_without_seeds],
+        )
+    search = GenerationSearch(study, objective, seed)
+    search.run(target, deadline, on_recorded=lambda count: bar.add(study, count))
+    if search.evaluations:
+        print(
+            f"autocompress: this process scored {search.evaluations} candidates in generations and recorded "
+            f"{search.recorded} of them as trials",
+            flush=True,
+        )
+    return search

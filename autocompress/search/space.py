@@ -7,6 +7,7 @@ import json
 from itertools import product
 
 import optuna
+from optuna.distributions import CategoricalDistribution
 
 from autocompress.config import Config
 from autocompress.plan import STUDENT_PREFIX, UNQUANTIZED, CompressionPlan, parse_level
@@ -94,6 +95,11 @@ class SearchSpace:
                 key = f"{unit}.{self.precision_key}"
                 params[key] = trial.suggest_categorical(key, self.levels_of(unit))
         return self.plan_from_params(params)
+
+    def distribution_of(self, key: str) -> CategoricalDistribution:
+        """The distribution `plan_for` suggests a unit's parameter `{unit}.sparsity` or `{unit}.{precision}` from."""
+        unit, _, dimension = key.rpartition(".")
+        return CategoricalDistribution(self.sparsity_levels if dimension == "sparsity" else self.levels_of(unit))
 
     def plan_from_params(self, params: Params) -> CompressionPlan:
         """The plan a trial's parameters describe; levels the space fixes come from its single choice (the

@@ -2,27 +2,68 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from filelock import FileLock
+from optuna.distributions import distribution_to_json
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from autocompress.errors import UserError
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 MAX_RETRIES = 3
+TABLE_CREATION_ATTEMPTS = 4
 
 
 def default_storage_url(study_dir: Path) -> str:
     return f"sqlite:///{study_dir / 'study.db'}"
 
 
-class SQLiteStorage(RDBStorage):
+class StudyStorage(RDBStorage):
+    """RDBStorage that writes a trial created from a template (`study.add_trial`: how a generation records each
+    plan it scored on the whole fitness pool) with its parameters and user attributes in bulk.
+
+    Optuna writes them one at a time, each with its own queries (the trial looked up again, the parameter's earlier
+    distribution read, an upsert per attribute): about 1 ms each on SQLite, 0.2 s for a plan of 210 units. Here they
+    are added to the same transaction at once. The per-parameter check against earlier trials' distributions is not
+    repeated: a recorded plan's distributions are the study's own (`SearchSpace.distribution_of`), and a resumed
+    study must match its fingerprint.
+    """
+
+    def _get_prepared_new_trial(self, study_id: int, template_trial: FrozenTrial | None, session) -> object:
+        if template_trial is None:
+            return super()._get_prepared_new_trial(study_id, template_trial, session)
+        from optuna.storages._rdb import models
+
+        bare = copy.copy(template_trial)
+        bare.params, bare.distributions, bare.user_attrs = {}, {}, {}
+        trial = super()._get_prepared_new_trial(study_id, bare, session)
+        session.add_all(
+            models.TrialParamModel(
+                trial_id=trial.trial_id,
+                param_name=name,
+                param_value=template_trial.distributions[name].to_internal_repr(value),
+                distribution_json=distribution_to_json(template_trial.distributions[name]),
+            )
+            for name, value in template_trial.params.items()
+        )
+        session.add_all(
+            models.TrialUserAttributeModel(trial_id=trial.trial_id, key=key, value_json=json.dumps(value))
+            for key, value in template_trial.user_attrs.items()
+        )
+        return trial
+
+
+class SQLiteStorage(StudyStorage):
     """RDBStorage for SQLite, safe for several processes on one machine.
 
     SQLite ignores SELECT ... FOR UPDATE, so two processes could both see a trial WAITING and both start it.
@@ -69,12 +110,21 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             "grace_period": grace_period,
             "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
         }
-    try:
-        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        storage_class = SQLiteStorage if url.startswith("sqlite:///") else RDBStorage
-        return storage_class(url, engine_kwargs=engine_kwargs, **heartbeat)
-    except Exception as error:  # SQLAlchemy raises many types for bad URLs and unreachable servers
-        raise UserError(f"storage {url!r} cannot be opened: {str(error).splitlines()[0]}") from error
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    storage_class = SQLiteStorage if url.startswith("sqlite:///") else StudyStorage
+    attempt = 1
+    while True:
+        try:
+            return storage_class(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except sqlalchemy.exc.IntegrityError as error:
+            # Workers started together on a new database race to create its tables; the loser's DDL is rolled
+            # back, and the tables are there when it looks again.
+            if attempt == TABLE_CREATION_ATTEMPTS:
+                raise UserError(f"storage {url!r} cannot be opened: {str(error).splitlines()[0]}") from error
+            time.sleep(0.5 * attempt)
+            attempt += 1
+        except Exception as error:  # SQLAlchemy raises many types for bad URLs and unreachable servers
+            raise UserError(f"storage {url!r} cannot be opened: {str(error).splitlines()[0]}") from error
 
 
 def load_study(name: str, storage: BaseStorage) -> optuna.Study:

@@ -11,7 +11,14 @@ from pathlib import Path
 import optuna
 from filelock import FileLock
 
-from autocompress.allocation import BudgetGrid, allocation_plan_params, baseline_allocations, unit_sizes
+from autocompress.allocation import (
+    BudgetGrid,
+    SizeCeiling,
+    allocation_plan_params,
+    baseline_allocations,
+    size_ceiling,
+    unit_sizes,
+)
 from autocompress.codecs.gguf import preset_seeds
 from autocompress.config import Config, evenly_spaced
 from autocompress.errors import UserError
@@ -43,6 +50,8 @@ def study_session(config: Config, cache_dir: Path, progress: bool = False) -> tu
 def sampler_for(config: Config, seed: int) -> optuna.samplers.BaseSampler:
     """The configured sampler; all of them honour the size constraint trials record with set_constraint."""
     search = config.search
+    if search.budget is not None and search.budget.dimension == "size":
+        return optuna.samplers.RandomSampler(seed=seed)  # its seeds are fixed and its generations sample themselves
     if search.sampler == "evolution":
         return BudgetEvolutionSampler(seed=seed, max_mutations=search.max_mutations)
     if search.sampler == "random":
@@ -125,6 +134,14 @@ def enqueue_baselines(
     names = search.baseline_names()
     if not names or StudyRecord.of(study).baselines:
         return
+    if search.budget is not None and search.budget.dimension == "size":
+        with FileLock(location.out_dir / ".study.lock"):
+            if not StudyRecord.of(study).baselines:
+                study.enqueue_trial(
+                    size_uniform_seed(session, space), user_attrs=seed_attrs(["uniform"]), skip_if_exists=True
+                )
+                record_baselines(study, ["uniform@size"])
+        return
     with FileLock(location.out_dir / ".study.lock"):
         if StudyRecord.of(study).baselines:  # another process enqueued them while this one waited
             return
@@ -174,7 +191,28 @@ def enqueue_presets(
                 continue
             study.enqueue_trial(seed.params, user_attrs=seed_attrs([seed.baseline]), skip_if_exists=True)
             enqueued.append(seed.baseline)
+        budget = space.config.search.budget
+        if budget is not None and budget.dimension == "size":
+            study.enqueue_trial(
+                size_uniform_seed(session, space), user_attrs=seed_attrs(["uniform"]), skip_if_exists=True
+            )
+            enqueued.append("uniform@size")
         record_baselines(study, enqueued)
+
+
+def study_size_ceiling(session: CompressionSession, space: SearchSpace) -> SizeCeiling:
+    """The size budget's levels and bytes per unit; a UserError when the ceiling is below the smallest plan."""
+    budget = space.config.search.budget
+    try:
+        return size_ceiling(session, space, budget.max_bytes(session.dense_bytes))
+    except ValueError as error:
+        raise UserError(f"search.budget: {error}") from error
+
+
+def size_uniform_seed(session: CompressionSession, space: SearchSpace) -> dict:
+    """The parameters of the uniform allocation at a size budget's ceiling (`SizeCeiling.initial`)."""
+    ceiling = study_size_ceiling(session, space)
+    return {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in ceiling.initial().items()}
 
 
 def check_student_space(space: SearchSpace, teacher_config) -> None:
@@ -201,7 +239,9 @@ def prepare_study(
     check_student_space(space, session.model.config)
     record_dense_bytes(study, session.dense_bytes)
     budget = space.config.search.budget
-    if budget is not None:
+    if budget is not None and budget.dimension == "size":
+        study_size_ceiling(session, space)  # refuses a ceiling below the smallest plan before any trial
+    elif budget is not None:
         sizes = unit_sizes(session.linears, space.config.compression.granularity)
         try:
             BudgetGrid(space.units, space.config.search.levels(budget.dimension), budget.target, sizes)
