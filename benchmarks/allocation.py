@@ -9,6 +9,12 @@ complete trial over the time of bare forward passes of the dense model on the sa
 
     .venv/bin/python benchmarks/allocation.py --quick     # a few minutes: one budget per family, few trials
     .venv/bin/python benchmarks/allocation.py             # the full run (about two hours on 2 CPU cores)
+    .venv/bin/python benchmarks/allocation.py --engines trials generations --search-seconds 780 \
+        --budgets sparsity:0.6,sparsity:0.7              # both engines, the same search time per row (70 minutes)
+
+`--engines` runs each budget with one Optuna trial per scored plan (trials: the evolution sampler, staged pruning)
+and/or with `search.generations` (its defaults), each in a study of its own sharing the caches; rows are keyed by
+budget and engine, with plans scored and stage scores per hour beside the figures.
 
 Writes results/benchmarks/allocation.csv and allocation.png. Studies and caches (calibration statistics, the
 layer-variant database, error profiles) live in results/allocation-bench/ (not committed); a rerun resumes them.
@@ -164,6 +170,13 @@ class BareForwardClock:
             self.measure()
 
 
+def stage_scores_of(trial: optuna.trial.FrozenTrial) -> int:
+    """Scores of a finished trial's plan on one stage's windows: the stages it recorded (a complete trial records
+    the stages before the whole pool, the last one being its loss)."""
+    record = TrialRecord.of(trial)
+    return len(record.stage_losses) + (trial.state == TrialState.COMPLETE and record.generation_evaluations is None)
+
+
 def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -215,16 +228,14 @@ def run_budget(
             callbacks=[optuna.study.MaxTrialsCallback(target_trials, states=FINISHED), clock],
         )
         plans_scored = len(study.get_trials(deepcopy=False, states=FINISHED)) - finished
-        stage_scores = sum(
-            max(1, len(TrialRecord.of(trial).stage_losses))
-            for trial in study.get_trials(deepcopy=False, states=FINISHED)[finished:]
-        )
+        stage_scores = sum(map(stage_scores_of, study.get_trials(deepcopy=False, states=FINISHED)[finished:]))
     elif finished < target_trials:
         with contextlib.redirect_stderr(io.StringIO()):  # the bar draws into nothing
             bar = ProgressBar(study, target_trials, enabled=False)
         seeds = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         generations = run_generations(study, objective, target_trials, search_seconds, config.search.seed, bar)
-        plans_scored, stage_scores = seeds + generations.plans, seeds * 2 + generations.evaluations
+        seed_scores = sum(map(stage_scores_of, study.get_trials(deepcopy=False, states=FINISHED)[finished:][:seeds]))
+        plans_scored, stage_scores = seeds + generations.plans, seed_scores + generations.evaluations
     search_s = time.perf_counter() - searched
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]

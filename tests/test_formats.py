@@ -679,7 +679,7 @@ def test_the_search_space_samples_formats_and_seeds_one_uniform_plan_per_format(
         ({"formats": []}, "search: formats lists at least one precision level"),
         (
             {"formats": ["nf4"], "sparsity": [0.4, 0.5, 0.6], "budget": {"sparsity": 0.5}},
-            "search: a budget search chooses among bits, not formats",
+            "search: an average budget chooses among bits, not formats",
         ),
     ],
 )
