@@ -126,6 +126,7 @@ class GenerationSearch:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._read_up_to = 0  # trials before this position are finished and read
         self._read: set[int] = set()
+        self._finished: set[int] = set()
         self._seen: set[tuple[int, ...]] = set()
         self._best: TrialRecord | None = None
 
@@ -142,7 +143,8 @@ class GenerationSearch:
             on_recorded(recorded)
 
     def finished_trials(self) -> int:
-        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        """Complete and pruned trials as of the last read (Optuna sorts every trial on each read of the study)."""
+        return len(self._finished)
 
     def read_study(self) -> None:
         """Take in the trials stored since the last read: the plans they hold, and the best complete one."""
@@ -151,6 +153,8 @@ class GenerationSearch:
         for position in range(self._read_up_to, len(trials)):
             trial = trials[position]
             finished = trial.state in FINISHED_STATES
+            if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                self._finished.add(trial.number)
             settled = settled and finished
             if settled:
                 self._read_up_to = position + 1
