@@ -155,8 +155,8 @@ class SizeCeiling:
         self.unit_bytes = {unit: list(sizes) for unit, sizes in unit_bytes.items()}
         self.fixed = fixed
         self.ceiling = ceiling
-        if self.total(dict.fromkeys(self.units, 0)) > ceiling:
-            smallest = self.total(dict.fromkeys(self.units, 0))
+        smallest = self.total(dict.fromkeys(self.units, 0))
+        if smallest > ceiling:
             raise ValueError(f"the size budget of {ceiling:,} bytes is below the smallest plan's {smallest:,} bytes")
 
     def total(self, allocation: Mapping[str, int]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -165,6 +166,16 @@ def wait_for(condition, timeout: float, what: str):
             return found
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_together(command: list[str], count: int = 2) -> None:
+    """Run `count` copies of a CLI command at once, each to success."""
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-2000:]
 
 
 def require(reason: str | None) -> None:

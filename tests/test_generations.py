@@ -25,7 +25,7 @@ from autocompress.search import SearchSpace, run_search
 from autocompress.search.generations import selection_stages
 from autocompress.search.ray_backend import run_ray_search
 from autocompress.session import CompressionSession
-from tests.conftest import CLI, POSTGRES_URL, needs_postgres, tiny_study_config, wait_for, write_yaml
+from tests.conftest import CLI, POSTGRES_URL, needs_postgres, run_together, tiny_study_config, wait_for, write_yaml
 
 BUDGET = {"sparsity": [0.1, 0.2, 0.3, 0.4, 0.5], "bits": [16], "budget": {"sparsity": 0.3}}
 GENERATIONS = {"offspring": 6, "stages": [0.25, 1.0], "survivors": [3, 1]}
@@ -178,10 +178,7 @@ def test_two_workers_run_generations_on_one_study_sharing_their_best(
     command = [*CLI, "search", str(space), "--study", study_name, "--results", str(out), "--n-trials", "30", "--quiet"]
     if storage:
         command += ["--storage", storage]
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for worker in workers:
-        _, stderr = worker.communicate(timeout=600)
-        assert worker.returncode == 0, stderr[-2000:]
+    run_together(command)
     url = storage or f"sqlite:///{out / study_name / 'study.db'}"
     study = optuna.load_study(study_name=study_name, storage=url)
     try:

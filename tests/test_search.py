@@ -22,7 +22,7 @@ from autocompress.frontier import frontier_of
 from autocompress.record import TrialRecord, scored_records
 from autocompress.search import StudyLocation, run_search
 from autocompress.search.storage import open_storage
-from tests.conftest import CLI, POSTGRES_URL, complete_trials, load_config, needs_postgres, wait_for
+from tests.conftest import CLI, POSTGRES_URL, complete_trials, load_config, needs_postgres, run_together, wait_for
 
 
 def test_a_search_writes_trials_frontier_plot_and_report(tmp_path: Path, space_file) -> None:
@@ -232,10 +232,7 @@ def test_two_concurrent_searches_on_one_study_lose_and_duplicate_no_trial(
     ]
     if storage:
         command += ["--storage", storage]
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for worker in workers:
-        _, stderr = worker.communicate(timeout=600)
-        assert worker.returncode == 0, stderr[-2000:]
+    run_together(command)
 
     url = storage or f"sqlite:///{out / study_name / 'study.db'}"
     study = optuna.load_study(study_name=study_name, storage=url)

@@ -34,8 +34,8 @@ def _open_after(barrier, url: str) -> None:
     optuna.create_study(study_name="s", storage=open_storage(url), load_if_exists=True)
 
 
-def test_processes_opening_a_new_sqlite_study_at_once_all_succeed(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'new' / 'study.db'}"
+def open_from_four_processes_at_once(url: str) -> None:
+    """Four processes create (or load) study "s" at `url` at the same moment; all succeed, and there is one study."""
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(4)
     processes = [context.Process(target=_open_after, args=(barrier, url)) for _ in range(4)]
@@ -45,6 +45,10 @@ def test_processes_opening_a_new_sqlite_study_at_once_all_succeed(tmp_path: Path
         process.join(60)
     assert [process.exitcode for process in processes] == [0, 0, 0, 0]
     assert [study.study_name for study in optuna.get_all_study_summaries(open_storage(url))] == ["s"]
+
+
+def test_processes_opening_a_new_sqlite_study_at_once_all_succeed(tmp_path: Path) -> None:
+    open_from_four_processes_at_once(f"sqlite:///{tmp_path / 'new' / 'study.db'}")
 
 
 @needs_postgres
@@ -58,15 +62,7 @@ def test_processes_opening_a_new_postgresql_database_at_once_all_succeed() -> No
         connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
-        context = multiprocessing.get_context("spawn")
-        barrier = context.Barrier(4)
-        processes = [context.Process(target=_open_after, args=(barrier, url)) for _ in range(4)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(60)
-        assert [process.exitcode for process in processes] == [0, 0, 0, 0]
-        assert [study.study_name for study in optuna.get_all_study_summaries(open_storage(url))] == ["s"]
+        open_from_four_processes_at_once(url)
     finally:
         sqlalchemy.orm.close_all_sessions()
         with server.connect() as connection:

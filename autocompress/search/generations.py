@@ -43,7 +43,7 @@ from autocompress.metrics import Metrics
 from autocompress.plan import CompressionPlan
 from autocompress.record import StudyRecord, TrialRecord, add_scored_trial
 from autocompress.search.evolution import level_switches
-from autocompress.search.objective import Objective, failure_reason
+from autocompress.search.objective import Objective, failure_reason, stage_window
 from autocompress.search.space import Params
 from autocompress.search.study import study_size_ceiling
 from autocompress.session import combine_metrics
@@ -57,7 +57,7 @@ def selection_stages(pool: int, fractions: Sequence[float], survivors: Sequence[
     number of windows are one stage, keeping the fewer candidates."""
     stages: dict[int, int] = {}
     for fraction, kept in zip(fractions, survivors, strict=True):
-        stages[min(pool, max(1, round(fraction * pool)))] = kept
+        stages[stage_window(pool, fraction)] = kept  # as the seeds' stages round, so their losses serve a parent
     return sorted(stages.items())
 
 
@@ -69,6 +69,7 @@ class Candidate:
     params: Params
     number: int | None = None  # the trial that records it (the parent), None for a plan not recorded yet
     parts: list[Metrics] = field(default_factory=list)
+    metrics: Metrics | None = None  # the parts combined
     windows: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # windows -> loss on them
     size: SizeReport | None = None
@@ -239,8 +240,8 @@ class GenerationSearch:
         try:
             plan: CompressionPlan = self.space.plan_from_params(candidate.params)
             measured = session.measure(plan, stages=[windows], start=candidate.windows)
-            candidate.parts.append(measured.metrics)
-            metrics = combine_metrics(candidate.parts, session.pools.fitness.shape[1])
+            parts = [*candidate.parts, measured.metrics]
+            metrics = combine_metrics(parts, session.pools.fitness.shape[1])
             loss = self.objective.loss_of(metrics)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the {self.objective.config.search.loss} loss is not finite ({loss})")
@@ -255,7 +256,7 @@ class GenerationSearch:
             return False
         self.failures_in_a_row = 0
         self.plans += candidate.windows == 0
-        candidate.windows = windows
+        candidate.parts, candidate.metrics, candidate.windows = parts, metrics, windows
         candidate.losses[windows] = loss
         candidate.size = measured.size
         candidate.stitch_s += measured.stitch_s
@@ -263,8 +264,7 @@ class GenerationSearch:
         return True
 
     def record(self, candidate: Candidate, parent: int | None, evaluations: int) -> None:
-        metrics = combine_metrics(candidate.parts, self.objective.session.pools.fitness.shape[1])
-        fields = self.objective.outcome(metrics, candidate.size, candidate.stitch_s, candidate.eval_s)
+        fields = self.objective.outcome(candidate.metrics, candidate.size, candidate.stitch_s, candidate.eval_s)
         fields |= {
             "stage_losses": sorted(candidate.losses.items()),
             "parent": parent,

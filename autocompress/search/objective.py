@@ -62,11 +62,16 @@ class OptunaTrialContext:
         return self.trial.should_prune()
 
 
+def stage_window(pool: int, fraction: float) -> int:
+    """The windows a stage of `fraction` of a pool of `pool` windows scores (at least one)."""
+    return min(pool, max(1, round(fraction * pool)))
+
+
 def stage_windows(pool: int, fractions: Sequence[float]) -> list[int]:
     """Growing window counts for the stage fractions of a pool of `pool` windows (at least one each)."""
     counts = []
     for fraction in fractions:
-        count = min(pool, max(1, round(fraction * pool)))
+        count = stage_window(pool, fraction)
         if not counts or count > counts[-1]:
             counts.append(count)
     if counts[-1] != pool:

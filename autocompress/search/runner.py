@@ -110,20 +110,21 @@ def run_search(
     objective = Objective(config, session, space, max_bytes)
     bar = ProgressBar(study, target, progress)
     try:
-        if complete_count(study) < target and config.search.generations is None:
-            study.optimize(
-                objective,
-                timeout=timeout,
-                catch=(Exception,),
-                callbacks=[
-                    optuna.study.MaxTrialsCallback(target, states=FINISHED),
-                    StopAfterFailures(config.search.max_failures),
-                    bar,
-                    *callbacks,
-                ],
-            )
-        elif complete_count(study) < target:
-            run_generations(study, objective, target, timeout, seed, bar, callbacks)
+        if complete_count(study) < target:
+            if config.search.generations is not None:
+                run_generations(study, objective, target, timeout, seed, bar, callbacks)
+            else:
+                study.optimize(
+                    objective,
+                    timeout=timeout,
+                    catch=(Exception,),
+                    callbacks=[
+                        optuna.study.MaxTrialsCallback(target, states=FINISHED),
+                        StopAfterFailures(config.search.max_failures),
+                        bar,
+                        *callbacks,
+                    ],
+                )
     finally:
         bar.close()
         judge_pending(study, session, space, heldout_pending(study, space, max_bytes))

@@ -120,27 +120,29 @@ def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed
 
 
 def enqueue_baselines(
-    study: optuna.Study, session: CompressionSession, space: SearchSpace, location: StudyLocation
+    study: optuna.Study,
+    session: CompressionSession,
+    space: SearchSpace,
+    location: StudyLocation,
+    ceiling: SizeCeiling | None = None,
 ) -> None:
     """Enqueue the configured baseline allocations (uniform, OWL, sensitivity) as seed trials, once per study.
 
-    With a budget, at the budget; in a free search, at every level strictly inside each varying dimension's
-    evenly spaced levels (the other dimension uncompressed as far as its levels allow).
+    With a budget, at the budget (a size budget's `ceiling`: the uniform plan under it); in a free search, at every
+    level strictly inside each varying dimension's evenly spaced levels (the other dimension uncompressed as far as
+    its levels allow).
     """
     search = space.config.search
     if session.gguf is not None:
-        enqueue_presets(study, session, space, location)
+        enqueue_presets(study, session, space, location, ceiling)
         return
     names = search.baseline_names()
     if not names or StudyRecord.of(study).baselines:
         return
-    if search.budget is not None and search.budget.dimension == "size":
+    if ceiling is not None:
         with FileLock(location.out_dir / ".study.lock"):
             if not StudyRecord.of(study).baselines:
-                study.enqueue_trial(
-                    size_uniform_seed(session, space), user_attrs=seed_attrs(["uniform"]), skip_if_exists=True
-                )
-                record_baselines(study, ["uniform@size"])
+                record_baselines(study, [enqueue_uniform_at_ceiling(study, space, ceiling)])
         return
     with FileLock(location.out_dir / ".study.lock"):
         if StudyRecord.of(study).baselines:  # another process enqueued them while this one waited
@@ -174,7 +176,11 @@ def enqueue_baselines(
 
 
 def enqueue_presets(
-    study: optuna.Study, session: CompressionSession, space: SearchSpace, location: StudyLocation
+    study: optuna.Study,
+    session: CompressionSession,
+    space: SearchSpace,
+    location: StudyLocation,
+    ceiling: SizeCeiling | None = None,
 ) -> None:
     """Enqueue llama.cpp's k-quant presets (as llama.cpp assigns their types per tensor role, with its fallbacks)
     as seed trials of a gguf study, once, whatever `search.seeds` says of the uniform ones; a preset the space
@@ -191,12 +197,8 @@ def enqueue_presets(
                 continue
             study.enqueue_trial(seed.params, user_attrs=seed_attrs([seed.baseline]), skip_if_exists=True)
             enqueued.append(seed.baseline)
-        budget = space.config.search.budget
-        if budget is not None and budget.dimension == "size":
-            study.enqueue_trial(
-                size_uniform_seed(session, space), user_attrs=seed_attrs(["uniform"]), skip_if_exists=True
-            )
-            enqueued.append("uniform@size")
+        if ceiling is not None:
+            enqueued.append(enqueue_uniform_at_ceiling(study, space, ceiling))
         record_baselines(study, enqueued)
 
 
@@ -209,10 +211,12 @@ def study_size_ceiling(session: CompressionSession, space: SearchSpace) -> SizeC
         raise UserError(f"search.budget: {error}") from error
 
 
-def size_uniform_seed(session: CompressionSession, space: SearchSpace) -> dict:
-    """The parameters of the uniform allocation at a size budget's ceiling (`SizeCeiling.initial`)."""
-    ceiling = study_size_ceiling(session, space)
-    return {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in ceiling.initial().items()}
+def enqueue_uniform_at_ceiling(study: optuna.Study, space: SearchSpace, ceiling: SizeCeiling) -> str:
+    """Enqueue the uniform allocation at a size budget's ceiling (`SizeCeiling.initial`) as a seed; its name."""
+    allocation = ceiling.initial()
+    params = {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in allocation.items()}
+    study.enqueue_trial(params, user_attrs=seed_attrs(["uniform"]), skip_if_exists=True)
+    return "uniform@size"
 
 
 def check_student_space(space: SearchSpace, teacher_config) -> None:
@@ -239,8 +243,9 @@ def prepare_study(
     check_student_space(space, session.model.config)
     record_dense_bytes(study, session.dense_bytes)
     budget = space.config.search.budget
+    ceiling = None
     if budget is not None and budget.dimension == "size":
-        study_size_ceiling(session, space)  # refuses a ceiling below the smallest plan before any trial
+        ceiling = study_size_ceiling(session, space)  # refuses a ceiling below the smallest plan before any trial
     elif budget is not None:
         sizes = unit_sizes(session.linears, space.config.compression.granularity)
         try:
@@ -266,7 +271,7 @@ def prepare_study(
             study,
             {"path": str(database.root), "files": usage.files, "bytes": usage.bytes, "bytes_per_weight": per_weight},
         )
-    enqueue_baselines(study, session, space, location)
+    enqueue_baselines(study, session, space, location, ceiling)
 
 
 def load_existing(location: StudyLocation) -> tuple[optuna.Study, StudyRecord]:
