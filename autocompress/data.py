@@ -14,7 +14,11 @@ from transformers import PreTrainedTokenizerBase
 from autocompress.errors import UserError
 
 if TYPE_CHECKING:
+    import datasets
+
     from autocompress.config import DataConfig
+
+DATASET_BATCH = 256  # records tokenized at once from a dataset split
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ def embedded_texts() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def dataset_texts(name: str, config: str | None, split: str, text_column: str) -> list[str]:
+def load_dataset_split(name: str, config: str | None, split: str, text_column: str) -> datasets.Dataset:
     import datasets
 
     try:
@@ -53,7 +57,25 @@ def dataset_texts(name: str, config: str | None, split: str, text_column: str) -
         raise UserError(f"data: dataset {name!r} cannot be loaded: {str(error).splitlines()[0]}") from error
     if text_column not in dataset.column_names:
         raise UserError(f"data: dataset {name!r} has no column {text_column!r}; it has {dataset.column_names}")
-    return [text for text in dataset[text_column] if text]
+    return dataset
+
+
+def sampled_dataset_windows(
+    dataset: datasets.Dataset,
+    text_column: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    needed: int,
+    seed: int,
+) -> torch.Tensor:
+    """Windows from the records of a dataset split in a seeded order, tokenized only until `needed` windows are
+    filled: a split of millions of records is sampled, not tokenized whole, to cut a few dozen windows."""
+    ids: list[int] = []
+    for batch in dataset.shuffle(seed=seed).iter(batch_size=DATASET_BATCH):
+        ids.extend(joined_ids([text for text in batch[text_column] if text], tokenizer))
+        if len(ids) >= needed * seq_len:
+            break
+    return windows_of(ids, seq_len)
 
 
 def file_texts(paths: list[str], text_column: str) -> list[str]:
@@ -81,26 +103,31 @@ def file_texts(paths: list[str], text_column: str) -> list[str]:
 
 
 def load_texts(config: DataConfig) -> list[str]:
-    if config.source == "pydoc":
-        texts = embedded_texts()
-    elif config.source == "dataset":
-        texts = dataset_texts(config.dataset, config.dataset_config, config.split, config.text_column)
-    else:
-        texts = file_texts(config.files, config.text_column)
+    """The texts of the pydoc or files source, whole: both are small enough to tokenize entirely."""
+    texts = embedded_texts() if config.source == "pydoc" else file_texts(config.files, config.text_column)
     if not any(text.strip() for text in texts):
         raise UserError(f"data: the {config.source} source holds no text")
     return texts
 
 
-def token_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
-    """All texts tokenized, joined with the end-of-sequence token, cut into windows of seq_len tokens."""
+def joined_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The texts' tokens, each text followed by the end-of-sequence token."""
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for encoded in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(encoded)
         ids.extend(separator)
+    return ids
+
+
+def windows_of(ids: list[int], seq_len: int) -> torch.Tensor:
     count = len(ids) // seq_len
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).reshape(count, seq_len)
+
+
+def token_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """All texts tokenized, joined with the end-of-sequence token, cut into windows of seq_len tokens."""
+    return windows_of(joined_ids(texts, tokenizer), seq_len)
 
 
 def split_pools(windows: torch.Tensor, calibration: int, fitness: int, heldout: int, seed: int) -> TokenPools:
@@ -120,5 +147,10 @@ def split_pools(windows: torch.Tensor, calibration: int, fitness: int, heldout: 
 
 
 def token_pools(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenPools:
-    windows = token_windows(load_texts(config), tokenizer, config.seq_len)
+    needed = config.calibration + config.fitness + config.heldout
+    if config.source == "dataset":
+        dataset = load_dataset_split(config.dataset, config.dataset_config, config.split, config.text_column)
+        windows = sampled_dataset_windows(dataset, config.text_column, tokenizer, config.seq_len, needed, config.seed)
+    else:
+        windows = token_windows(load_texts(config), tokenizer, config.seq_len)
     return split_pools(windows, config.calibration, config.fitness, config.heldout, config.seed)

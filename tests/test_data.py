@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import autocompress.data
 from autocompress.config import DataConfig
 from autocompress.data import embedded_texts, file_texts, load_texts, split_pools, token_pools, token_windows
 from autocompress.errors import UserError
@@ -199,3 +200,59 @@ def test_the_embedded_pydoc_source_is_non_empty_english_text():
 def test_the_default_source_is_the_embedded_pydoc_text():
     assert DataConfig().source == "pydoc"
     assert load_texts(DataConfig()) == embedded_texts()
+
+
+# --- a dataset split ---------------------------------------------------------------------------------------------
+
+
+def write_dataset(folder, records: int):
+    """A local dataset folder (what `datasets.load_dataset(path)` reads, as it reads a hub dataset): record i is
+    15 times the word w{i // 20}, so a window's words say which part of the split it came from."""
+    folder.mkdir()
+    lines = [json.dumps({"text": " ".join([f"w{index // 20}"] * 15), "id": index}) for index in range(records)]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def dataset_config(folder, **fields) -> DataConfig:
+    return DataConfig(source="dataset", dataset=str(folder), **{"seq_len": 16, "calibration": 20, **fields})
+
+
+def test_pools_from_a_dataset_split_are_disjoint_full_windows(tokenizer, tmp_path):
+    pools = token_pools(dataset_config(write_dataset(tmp_path / "set", 4000), fitness=10, heldout=10), tokenizer)
+    assert (pools.calibration.shape, pools.fitness.shape, pools.heldout.shape) == ((20, 16), (10, 16), (10, 16))
+    assert 0 not in pools.calibration  # no <unk>: every word was in the vocabulary
+
+
+def test_a_dataset_split_is_sampled_across_its_records_and_tokenized_only_as_far_as_the_pools_need(
+    tokenizer, tmp_path, monkeypatch
+):
+    tokenized = []
+    original = autocompress.data.joined_ids
+    monkeypatch.setattr(
+        autocompress.data, "joined_ids", lambda texts, tok: tokenized.extend(texts) or original(texts, tok)
+    )
+    pools = token_pools(dataset_config(write_dataset(tmp_path / "set", 4000), fitness=10, heldout=10), tokenizer)
+    assert len(tokenized) == autocompress.data.DATASET_BATCH  # 40 windows of 16 need 40 records of 16 tokens
+    words = {int(token) - 2 for pool in (pools.calibration, pools.fitness, pools.heldout) for token in pool.flatten()}
+    assert max(words - {-1}) > 100, "records from the whole split, not its first few hundred"
+
+
+def test_the_same_dataset_and_seed_give_the_same_pools_and_another_seed_others(tokenizer, tmp_path):
+    folder = write_dataset(tmp_path / "set", 4000)
+    first, again = (token_pools(dataset_config(folder), tokenizer) for _ in range(2))
+    other = token_pools(dataset_config(folder, seed=1), tokenizer)
+    assert torch.equal(first.calibration, again.calibration)
+    assert not torch.equal(first.calibration, other.calibration)
+
+
+def test_a_dataset_split_too_small_for_the_pools_is_a_user_error_naming_the_counts(tokenizer, tmp_path):
+    with pytest.raises(UserError, match=r"gives 15 windows of 16 tokens, but the pools ask for 52"):
+        token_pools(dataset_config(write_dataset(tmp_path / "set", 15)), tokenizer)
+
+
+def test_a_dataset_that_cannot_be_loaded_or_lacks_the_column_is_a_user_error_naming_it(tokenizer, tmp_path):
+    with pytest.raises(UserError, match=r"dataset '.*missing' cannot be loaded"):
+        token_pools(dataset_config(tmp_path / "missing"), tokenizer)
+    with pytest.raises(UserError, match=r"has no column 'body'; it has \['text', 'id'\]"):
+        token_pools(dataset_config(write_dataset(tmp_path / "set", 10), text_column="body"), tokenizer)
