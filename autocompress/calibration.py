@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -9,7 +10,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autocompress.methods import LayerStatistics, Statistic
-from autocompress.models import CompressibleLinear
+from autocompress.models import CompressibleLinear, decoder_blocks
+
+
+class _Collected(Exception):
+    """Raised after the last block whose Linears are calibrated: the rest of the forward would change nothing."""
+
+
+def last_block_needed(model: nn.Module, linears: list[CompressibleLinear]) -> nn.Module | None:
+    """The last decoder block holding one of `linears`; None when one lies outside the blocks (lm_head)."""
+    blocks_name, blocks = decoder_blocks(model)
+    index = {f"{blocks_name}.{position}": position for position in range(len(blocks))}
+    if not linears or any(linear.block not in index for linear in linears):
+        return None
+    return blocks[max(index[linear.block] for linear in linears)]
 
 
 @torch.no_grad()
@@ -25,7 +39,8 @@ def collect_statistics(
 
     Sums are kept in float32 on the model's device; nothing is collected when nothing is needed. Linears fed the
     very same input tensor (q/k/v, gate/up) share one LayerStatistics: their sums are equal, and a Hessian is
-    the largest thing a study keeps in memory.
+    the largest thing a study keeps in memory. Each forward stops after the last block holding one of `linears`,
+    so the statistics of a few blocks (`CompressionSession.linear_statistics`) cost only the blocks up to them.
     """
     linears = list(linears)
     statistics = {linear.name: LayerStatistics() for linear in linears}
@@ -59,11 +74,18 @@ def collect_statistics(
 
         return hook
 
+    def stop(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], _output: object) -> None:
+        raise _Collected
+
     handles = [linear.module.register_forward_hook(accumulate(linear.name)) for linear in linears]
+    last_block = last_block_needed(model, linears)
+    if last_block is not None:
+        handles.append(last_block.register_forward_hook(stop))
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(tokens), batch_size), desc="calibration", disable=not progress, leave=False):
-            model(tokens[start : start + batch_size].to(device), use_cache=False)
+            with contextlib.suppress(_Collected):
+                model(tokens[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -342,6 +342,13 @@ class SearchConfig(Section):
         "auto",
         description="layer-variant database on disk; auto: on when a method needs the Hessian (SparseGPT, GPTQ)",
     )
+    hessian_memory_mb: float = Field(
+        4000,
+        gt=0,
+        description="MB (10^6 bytes, on the model's device) of float32 Hessians held at once while the layer-variant "
+        "database is built: consecutive blocks are calibrated together while theirs fit (at least one block), and "
+        "dropped once their variants are stored",
+    )
     reuse_memory_mb: float = Field(
         1000,
         ge=0,

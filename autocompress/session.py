@@ -125,6 +125,24 @@ def combine_metrics(parts: Sequence[Metrics], seq_len: int) -> Metrics:
     )
 
 
+def hessian_groups(linears: list[CompressibleLinear], memory_bytes: int) -> list[list[CompressibleLinear]]:
+    """The Linears by consecutive blocks whose float32 Hessians (in_features² × 4 bytes each, counted without
+    the sharing of q/k/v and gate/up, so an upper bound) fit `memory_bytes`; every group holds one block at
+    least."""
+    groups: list[list[CompressibleLinear]] = []
+    held = 0
+    for block in dict.fromkeys(linear.block for linear in linears):
+        members = [linear for linear in linears if linear.block == block]
+        size = sum(linear.module.in_features**2 * 4 for linear in members)
+        if groups and held + size <= memory_bytes:
+            groups[-1].extend(members)
+            held += size
+        else:
+            groups.append(members)
+            held = size
+    return groups
+
+
 def uses_database(config: Config) -> bool:
     """Whether trials stitch stored variants: 'auto' means when a configured method needs the Hessian."""
     mode = config.search.database
@@ -156,6 +174,9 @@ class CompressionSession:
         self.block_inputs = BlockInputCache(self.model, *self.pools.fitness.shape, memory_bytes=reuse_bytes)
         self._statistics: dict[str, LayerStatistics] = {linear.name: LayerStatistics() for linear in self.calibrated}
         self._collected: set[Statistic] = set()
+        self.hessian_groups = hessian_groups(self.linears, int(config.search.hessian_memory_mb * 10**6))
+        self._held_hessians: dict[str, LayerStatistics] = {}  # of one group of blocks (linear_statistics)
+        self.hessian_passes = 0  # calibration passes linear_statistics ran, one per group of blocks
         self._references: dict[str, torch.Tensor] = {}
         self._applied: dict[str, tuple] = {}  # compressed Linear name -> (setting, plan-wide options) it holds
         self.use_database = self.gguf is None and uses_database(config) and self.cache_dir is not None
@@ -281,6 +302,26 @@ class CompressionSession:
         self._collected |= missing
         return self._statistics
 
+    def linear_statistics(self, needs: set[Statistic], name: str) -> LayerStatistics:
+        """One Linear's statistics for `needs`, as `statistics` gives them, but with Hessians collected and held
+        for one group of consecutive blocks at a time (`hessian_groups`): asking for a Linear of the next group
+        drops the held ones and runs the calibration pass up to that group's last block. The layer-variant
+        database asks Linear by Linear in block order, so each group is collected once and dropped once its
+        variants are stored."""
+        cheap = self.statistics(needs - {"hessian"})[name]
+        if "hessian" not in needs or "hessian" in self._collected:
+            return self._statistics[name]
+        if name not in self._held_hessians:
+            group = next(group for group in self.hessian_groups if name in {linear.name for linear in group})
+            self._held_hessians = {}  # freed before the next group's sums are allocated
+            self.restore_dense()
+            self._held_hessians = collect_statistics(
+                self.model, group, self.pools.calibration, {"hessian"}, self.batch_size, self.progress
+            )
+            self.hessian_passes += 1
+        held = self._held_hessians[name]
+        return LayerStatistics(held.n_tokens, input_sq_norms=cheap.input_sq_norms, hessian=held.hessian)
+
     def reference(self, pool: str) -> torch.Tensor:
         """The dense model's log-probabilities on a pool ('fitness' is cached on disk, 'heldout' in memory)."""
         if pool in self._references:
@@ -318,7 +359,7 @@ class CompressionSession:
         if key not in self._databases:
             device = next(self.model.parameters()).device
             self._databases[key] = VariantDatabase(
-                self.cache_dir / "variants", plan, self.dense_weights, self.statistics, device
+                self.cache_dir / "variants", plan, self.dense_weights, self.linear_statistics, device
             )
         return self._databases[key]
 
@@ -327,7 +368,10 @@ class CompressionSession:
         search = self.config.search
         settings = variant_settings(search.sparsity_levels(), search.precision_levels())
         names = [linear.name for linear in self.linears]
-        return self.database().build(names, settings, self.progress if progress is None else progress)
+        try:
+            return self.database().build(names, settings, self.progress if progress is None else progress)
+        finally:
+            self._held_hessians = {}
 
     def stitch(self, plan: CompressionPlan) -> SizeReport:
         """Make the resident model compute with `plan`, changing only the Linears whose setting changed.
@@ -346,18 +390,10 @@ class CompressionSession:
         except ValueError as error:
             raise UserError(f"plan: {error}") from error
         database = self.database(plan) if self.use_database else None
-        # First, as collecting statistics restores the dense weights: what the methods need, for every Linear
-        # without a database, else for the variants the database still lacks (usually none).
-        if database is None:
-            statistics = self.statistics(statistics_needed(plan))
-        else:
-            settings = [plan.setting(linear.name, linear.block) for linear in self.linears]
-            missing = [
-                setting
-                for linear, setting in zip(self.linears, settings, strict=True)
-                if not setting.is_identity and not database.has(linear.name, setting)
-            ]
-            self.statistics(database.needs(missing))
+        # Without a database, first (as collecting statistics restores the dense weights) what the methods need for
+        # every Linear. A variant the database lacks (usually none) is computed on the spot, and its statistics are
+        # collected then: the stitch starts over after that.
+        statistics = self.statistics(statistics_needed(plan)) if database is None else {}
         plan_wide = tuple(sorted(plan.model_dump(exclude={"default", "layers"}).items()))
         to_compress = {}
         for linear in self.linears:
@@ -403,10 +439,27 @@ class CompressionSession:
 
     def compress_for_export(self, plan: CompressionPlan) -> dict[str, CompressedLinear]:
         """Compress the resident model with `plan` from its dense weights, returning each compressed Linear's
-        stored form (`apply_plan(..., keep=True)`); the model then computes with exactly what those store."""
-        statistics = self.statistics(statistics_needed(plan))
+        stored form (`apply_plan(..., keep=True)`); the model then computes with exactly what those store.
+
+        A plan whose methods need Hessians is compressed one Hessian group at a time, each group's Linears put
+        back to dense once their stored forms are kept, so that the next group's calibration pass runs the
+        dense model; the compressed weights are written at the end."""
+        needs = statistics_needed(plan)
         self.restore_dense()
-        compressed = apply_plan(self.model, plan, statistics, keep=True)
+        if "hessian" not in needs or "hessian" in self._collected:
+            compressed = apply_plan(self.model, plan, self.statistics(needs), keep=True)
+        else:
+            compressed = {}
+            for group in self.hessian_groups:
+                names = {linear.name for linear in group}
+                statistics = {name: self.linear_statistics(needs, name) for name in names}
+                compressed |= apply_plan(self.model, plan, statistics, keep=True, only=names)
+                for linear in group:
+                    linear.module.weight.data.copy_(self.dense_weights[linear.name])
+            self._held_hessians = {}
+            for linear in self.linears:
+                if linear.name in compressed:
+                    linear.module.weight.data.copy_(compressed[linear.name].weight)
         plan_wide = tuple(sorted(plan.model_dump(exclude={"default", "layers"}).items()))
         for linear in self.linears:
             if linear.name in compressed:

@@ -48,7 +48,7 @@ from autocompress.plan import CompressionPlan, LayerCompression
 STORE_VERSION = "2"  # 2: the codecs' stored form (bit-packed codes), the entry as metadata
 log = logging.getLogger(__name__)
 
-StatisticsProvider = Callable[[set[Statistic]], Mapping[str, LayerStatistics]]
+StatisticsProvider = Callable[[set[Statistic], str], LayerStatistics]  # (needs, Linear name) -> its statistics
 
 
 def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -139,8 +139,8 @@ class VariantDatabase:
     """The variants of one model's Linears under one set of plan-wide options, on disk, loaded lazily.
 
     `dense_weights` maps each Linear's name to its dense weight (any device; variants are computed on
-    `device`), `statistics(needs)` gives the calibration statistics, asked for only when something must be
-    computed, so a complete database never needs them.
+    `device`), `statistics(needs, name)` gives one Linear's calibration statistics, asked for only when something
+    must be computed, so a complete database never needs them.
     """
 
     def __init__(
@@ -175,7 +175,7 @@ class VariantDatabase:
         missing = [setting for setting in settings if not self.has(name, setting)]
         if not missing:
             return 0
-        stats = self.statistics(self.needs(missing)).get(name, LayerStatistics())
+        stats = self.statistics(self.needs(missing), name)
         weight = self.dense_weights[name].to(self.device)
         for setting, (tensors, metadata) in compress_variants(weight, missing, self.plan, stats).items():
             save_atomically(tensors, self.path(name, setting), metadata)

@@ -358,6 +358,24 @@ def test_linears_fed_the_same_input_share_one_hessian_equal_to_their_own(tiny_mo
         assert torch.allclose(statistics[name].hessian, x.T @ x, rtol=1e-5, atol=1e-4), name
 
 
+def test_calibrating_the_first_block_alone_gives_its_sums_of_a_full_pass_and_runs_no_block_after_it(tiny_model):
+    tokens = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))
+    linears = compressible_linears(tiny_model)
+    everything = collect_statistics(tiny_model, linears, tokens, {"hessian"}, batch_size=2)
+    later_blocks_run = []
+    probe = tiny_model.model.layers[1].register_forward_pre_hook(lambda *_: later_blocks_run.append(1))
+    try:
+        first_block = [linear for linear in linears if linear.block == "model.layers.0"]
+        alone = collect_statistics(tiny_model, first_block, tokens, {"hessian"}, batch_size=2)
+    finally:
+        probe.remove()
+    assert set(alone) == {linear.name for linear in first_block}
+    for name, stats in alone.items():
+        assert torch.equal(stats.hessian, everything[name].hessian), name
+        assert stats.n_tokens == everything[name].n_tokens == 30
+    assert not later_blocks_run
+
+
 def test_calibration_collects_nothing_when_no_method_asks(tiny_model):
     tokens = torch.randint(0, 256, (2, 8))
     statistics = collect_statistics(tiny_model, compressible_linears(tiny_model), tokens, set())

@@ -15,6 +15,7 @@ import torch
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
+import autocompress.session
 from autocompress.calibration import collect_statistics
 from autocompress.compress import apply_plan, statistics_needed
 from autocompress.config import Config
@@ -90,6 +91,61 @@ def test_a_stitched_model_equals_the_directly_compressed_one(tmp_path: Path, wri
     for name, weight in direct.items():
         assert torch.equal(stitched[name], weight), name
     assert session.database().computed == report.computed, "stitching computed nothing the build had not"
+
+
+def test_hessians_are_held_one_block_at_a_time_and_give_the_variants_of_one_pass(
+    tmp_path: Path, write_config, monkeypatch
+) -> None:
+    config = write_config(hessian_memory_mb=0.001)  # less than one block's Hessians: every block is a group
+    session = CompressionSession(config, cache_dir=tmp_path / "cache")
+    blocks = list(dict.fromkeys(linear.block for linear in session.linears))
+    assert [[linear.block for linear in group] for group in session.hessian_groups] == [
+        [block] * sum(linear.block == block for linear in session.linears) for block in blocks
+    ]
+    held_at_each_pass = []
+    collect = autocompress.session.collect_statistics
+
+    def spy(model, linears, tokens, needs, *args):
+        if "hessian" in needs:
+            held_at_each_pass.append((len(session._held_hessians), {linear.block for linear in linears}))
+        return collect(model, linears, tokens, needs, *args)
+
+    monkeypatch.setattr(autocompress.session, "collect_statistics", spy)
+    session.build_database()
+    assert held_at_each_pass == [(0, {block}) for block in blocks], "one pass per block, the last one dropped first"
+    assert session._held_hessians == {}, "none held once the variants are stored"
+    plan = mixed_plan(config, session)
+    session.stitch(plan)
+    stitched = resident_weights(session)
+    for name, weight in directly_compressed(config, plan).items():  # all Hessians from one pass
+        assert torch.equal(stitched[name], weight), name
+
+
+def test_a_budget_holding_every_block_calibrates_them_in_one_pass(tmp_path: Path, write_config) -> None:
+    session = CompressionSession(write_config(), cache_dir=tmp_path / "cache")  # 4000 MB by default
+    assert [len(group) for group in session.hessian_groups] == [len(session.linears)]
+    session.build_database()
+    assert session.hessian_passes == 1
+
+
+def test_an_export_compressed_block_by_block_stores_what_one_pass_of_all_hessians_gives(
+    tmp_path: Path, write_config
+) -> None:
+    config = write_config()
+    plan = CompressionPlan.uniform(0.5, 3, **config.compression.plan_options())
+    one_pass = CompressionSession(config, cache_dir=tmp_path / "one")
+    by_block = CompressionSession(
+        config.model_copy(update={"search": config.search.model_copy(update={"hessian_memory_mb": 0.001})}),
+        cache_dir=tmp_path / "blocks",
+    )
+    expected, compressed = one_pass.compress_for_export(plan), by_block.compress_for_export(plan)
+    assert by_block.hessian_passes == len(by_block.hessian_groups) == 2
+    assert set(compressed) == set(expected) == {linear.name for linear in by_block.linears}
+    for name, stored in compressed.items():
+        assert torch.equal(stored.quantized.codes, expected[name].quantized.codes), name
+        assert torch.equal(stored.mask, expected[name].mask), name
+    direct = directly_compressed(config, plan)  # every Hessian from one pass, compressed in place
+    assert all(torch.equal(weight, direct[name]) for name, weight in resident_weights(by_block).items())
 
 
 def test_format_levels_are_variants_of_their_own_and_stitch_exactly(tmp_path: Path, write_config) -> None:

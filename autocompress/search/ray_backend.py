@@ -193,7 +193,7 @@ class StudyPreparer:
         space = self.space
         if self.session.gguf is not None:  # GGUF blocks are llama.cpp's quantizers, with its importance matrix
             self.session.gguf.statistics()
-        else:
+        elif not self.session.use_database:  # a database is built by `prepare`, block by block
             plan = CompressionPlan(**config.compression.plan_options())
             levels = variant_settings(space.sparsity_levels, space.precision_levels)
             self.session.statistics(settings_needs(levels, plan))
