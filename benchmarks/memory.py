@@ -1,0 +1,250 @@
+"""Peak memory and disk of a Hessian recipe: measured on the embedded model, scaled by shapes to Llama-3-8B.
+
+The recipe is `search_spaces/llama3-8b-overnight.yaml`'s compression (SparseGPT + GPTQ, groups of 128, asymmetric)
+and its levels (sparsity 0.0..0.7 by 0.1 × bits 3, 4, 8, 16: 31 variants per Linear, the dense one left out).
+
+Measured (one child process per Hessian budget, so each peak is its own): SmolLM2-135M on the demo's pools builds
+its layer-variant database from scratch. `peak_rss_mb` is the process's peak resident memory (model load included),
+`hessians_held_peak_mb` the most Hessian bytes held at once (tensors shared by q/k/v and gate/up counted once),
+`passes` the calibration passes and `block_forwards` the decoder blocks they ran (a pass stops after its group's
+last block), `database_mb` the variant files on disk and `database_accounted_mb` the same files by shapes alone
+(`codecs.stored_bytes`), which is what the 8B row uses.
+
+Scaled (no weights loaded: the Llama-3-8B architecture on the meta device, the recipe's pools): the same groups
+and byte formulas, plus what else a study keeps: the host copy of the dense Linears (`dense_copy_mb`, in bf16) and
+the fitness reference log-probabilities (float16, `reference_mb`, in memory and cached on disk). GPU figures add
+the model's own bf16 weights, the held Hessians and `search.reuse_memory_mb` of kept block inputs.
+
+    .venv/bin/python benchmarks/memory.py --budgets 4000            # the recipe's levels: about 40 minutes
+    .venv/bin/python benchmarks/memory.py --budgets 30 --levels few # a small budget's peaks, in minutes
+
+Writes results/benchmarks/memory.csv (a row replaces the earlier one of its model, budget and levels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from autocompress.codecs import packed_length, resolve, stored_bytes
+from autocompress.compress import sparsity_pattern
+from autocompress.config import Config
+from autocompress.methods.pruning import pruned_per_row
+from autocompress.models import CompressibleLinear, compressible_linears
+from autocompress.plan import CompressionPlan
+from autocompress.session import hessian_groups
+from autocompress.variants import variant_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "search_spaces" / "llama3-8b-overnight.yaml"
+MB = 10**6
+VOCAB = 128256  # Llama-3's
+PARAMETERS_8B = 8_030_261_248
+
+
+def recipe() -> dict:
+    return yaml.safe_load(RECIPE.read_text())
+
+
+LEVELS = {"recipe": None, "few": {"sparsity": [0.0, 0.5], "bits": [4, 16]}}  # few: peaks alone, in minutes
+
+
+def embedded_config(budget_mb: float, levels: str = "recipe") -> Config:
+    """The recipe's compression and levels (or `few` of them) on the embedded model and the demo's pools."""
+    demo = yaml.safe_load((ROOT / "search_spaces" / "smollm2-demo.yaml").read_text())
+    search = LEVELS[levels] or recipe()["search"]
+    return Config.model_validate(
+        {
+            "model": demo["model"],
+            "data": demo["data"],
+            "compression": recipe()["compression"],
+            "search": {
+                "sparsity": search["sparsity"],
+                "bits": search["bits"],
+                "database": "on",
+                "hessian_memory_mb": budget_mb,
+            },
+        }
+    )
+
+
+def unique_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in {id(t): t for t in tensors}.values())
+
+
+def accounted_database_bytes(linears: list[CompressibleLinear], config: Config, value_bytes: int) -> int:
+    """The variant files' payload by shapes alone: every Linear at every level of the recipe. A pruned-only variant
+    keeps its values in the model's dtype (`value_bytes` each: the exact values the model computes with)."""
+    plan = CompressionPlan(**config.compression.plan_options())
+    pattern = sparsity_pattern(plan)
+    total = 0
+    for setting in variant_settings(config.search.sparsity_levels(), config.search.precision_levels()):
+        codec = resolve(setting, plan)
+        for linear in linears:
+            out_features, in_features = linear.module.out_features, linear.module.in_features
+            kept = out_features * (in_features - pruned_per_row(in_features, setting.sparsity, pattern))
+            if setting.format is None and setting.bits >= 16:
+                total += packed_length(out_features * in_features, 1) + kept * value_bytes
+            else:
+                total += stored_bytes(codec, out_features, in_features, None if setting.sparsity == 0.0 else kept)
+    return total
+
+
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def shared_hessian_bytes(group: list[CompressibleLinear]) -> int:
+    """A group's float32 Hessians as calibration holds them: one per distinct input (q/k/v, gate/up share)."""
+    by_input = {}
+    for linear in group:
+        role = linear.name.rsplit(".", 1)[-1]
+        by_input[linear.block, SHARED_INPUT.get(role, role)] = linear.module.in_features**2 * 4
+    return sum(by_input.values())
+
+
+def block_forwards(groups: list[list[CompressibleLinear]], blocks: list[str]) -> int:
+    """Decoder blocks run per calibration batch over all passes: each pass runs up to its group's last block."""
+    return sum(blocks.index(group[-1].block) + 1 for group in groups)
+
+
+def measure(budget_mb: float, levels: str) -> dict:
+    """In this process: build the embedded model's database at one Hessian budget; the figures as a dict."""
+    import autocompress.session
+    from autocompress.session import CompressionSession
+
+    config = embedded_config(budget_mb, levels)
+    held_peak = 0
+    collect = autocompress.session.collect_statistics
+
+    def measured(model, linears, tokens, needs, *args):
+        nonlocal held_peak
+        statistics = collect(model, linears, tokens, needs, *args)
+        if "hessian" in needs:
+            held_peak = max(held_peak, unique_bytes([stats.hessian for stats in statistics.values()]))
+        return statistics
+
+    autocompress.session.collect_statistics = measured
+    with tempfile.TemporaryDirectory(prefix="memory-") as folder:
+        session = CompressionSession(config, cache_dir=Path(folder))
+        began = time.perf_counter()
+        report = session.build_database()
+        build_s = time.perf_counter() - began
+        disk = session.database().disk_usage()
+        blocks = list(dict.fromkeys(linear.block for linear in session.linears))
+        return {
+            "hessian_memory_mb": budget_mb,
+            "levels": levels,
+            "groups": len(session.hessian_groups),
+            "passes": session.hessian_passes,
+            "block_forwards": block_forwards(session.hessian_groups, blocks),
+            "variants": report.variants,
+            "build_s": round(build_s, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB),
+            "hessians_held_peak_mb": round(held_peak / MB, 1),
+            "hessians_all_mb": round(shared_hessian_bytes(session.linears) / MB, 1),
+            "database_mb": round(disk.bytes / MB, 1),
+            "database_accounted_mb": round(
+                accounted_database_bytes(session.linears, config, session.linears[0].module.weight.element_size()) / MB,
+                1,
+            ),
+        }
+
+
+def llama3_8b_linears() -> list[CompressibleLinear]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    architecture = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=VOCAB,
+    )
+    with torch.device("meta"):
+        return compressible_linears(LlamaForCausalLM(architecture))
+
+
+def scaled(budget_mb: float) -> dict:
+    """The 8B recipe's figures from shapes alone, by the formulas the measured rows check."""
+    data, search = recipe()["data"], recipe()["search"]
+    config = embedded_config(budget_mb)
+    linears = llama3_8b_linears()
+    groups = hessian_groups(linears, int(budget_mb * MB))
+    blocks = list(dict.fromkeys(linear.block for linear in linears))
+    weights = sum(linear.module.weight.numel() for linear in linears)
+    reference = data["fitness"] * data["seq_len"] * VOCAB * 2  # float16 log-probabilities, on the host
+    held = max(shared_hessian_bytes(group) for group in groups)
+    largest = max(linear.module.in_features for linear in linears) ** 2 * 4
+    # on the GPU: building, the held Hessians and GPTQ's two float32 working copies of the largest one; scoring,
+    # the kept block inputs and a batch's float32 logits with their log-softmax
+    building = held + 2 * largest
+    scoring = Config.model_validate({"search": search}).search.reuse_memory_mb * MB
+    scoring += 2 * data["batch_size"] * data["seq_len"] * VOCAB * 4
+    database = accounted_database_bytes(linears, config, value_bytes=2)  # bfloat16
+    return {
+        "hessian_memory_mb": budget_mb,
+        "levels": "recipe",
+        "groups": len(groups),
+        "passes": len(groups),
+        "block_forwards": block_forwards(groups, blocks),
+        "variants": len(linears) * len(variant_settings(config.search.sparsity_levels(), search["bits"])),
+        "hessians_held_peak_mb": round(held / MB),
+        "hessians_all_mb": round(shared_hessian_bytes(linears) / MB),
+        "database_accounted_mb": round(database / MB),
+        "database_unpacked_mb": round(weights * 31 / MB),
+        "dense_copy_mb": round(weights * 2 / MB),
+        "reference_mb": round(reference / MB),
+        "gpu_peak_mb": round((PARAMETERS_8B * 2 + max(building, scoring)) / MB),
+        "host_peak_mb": round((weights * 2 + reference) / MB),
+        "disk_mb": round((database + reference) / MB),
+    }
+
+
+def write(row: dict, path: Path) -> None:
+    """Add `row` to the CSV, replacing an earlier row of the same model, kind, budget and levels."""
+    key = ["model", "how", "hessian_memory_mb", "levels"]
+    frame = pd.DataFrame([row | {"date": datetime.now().strftime("%Y-%m-%d %H:%M")}])
+    if path.is_file():
+        earlier = pd.read_csv(path)
+        same = (earlier[key].astype(str) == frame[key].astype(str).iloc[0]).all(axis=1)
+        frame = pd.concat([earlier[~same], frame], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    print(row, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[4000, 30], help="search.hessian_memory_mb")
+    parser.add_argument("--levels", choices=tuple(LEVELS), default="recipe", help="the measured builds' levels")
+    parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--csv", type=Path, default=ROOT / "results" / "benchmarks" / "memory.csv")
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(measure(args.child, args.levels)))
+        return
+    for budget in args.budgets:
+        write({"model": "Llama-3-8B", "how": "scaled by shapes"} | scaled(budget), args.csv)
+    for budget in args.budgets:
+        command = [sys.executable, __file__, "--child", str(budget), "--levels", args.levels]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode:
+            raise SystemExit(f"the measurement at {budget} MB failed:\n{result.stderr[-3000:]}")
+        write({"model": "smollm2-135m", "how": "measured"} | json.loads(result.stdout.splitlines()[-1]), args.csv)
+    print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
