@@ -13,6 +13,8 @@ What it measures, on the embedded SmolLM2-135M-Instruct and its pydoc text (256-
 - phase 2: a gguf study (`compression.target: gguf`, one GGUF type per Linear and for the tied embedding) and,
   at each preset's file size, the frontier member with the lowest fitness KL whose file is no larger, exported
   with `autocompress.export.export_trial(..., format="gguf")`.
+- or, with `--phase budget`, a size-budget study in generations at each of Q3_K_M's and Q4_K_M's file sizes
+  (`budget: {size: bytes}`), searched for `--budget-seconds`, its best plan under the ceiling exported.
 
 Every file is scored the same way: loaded in llama.cpp (llama-cpp-python, `runtimes.llama_cpp.LlamaCppModel`),
 every token of every window of the whole held-out pool predicted, perplexity from the summed log-probabilities.
@@ -28,6 +30,7 @@ fall back to Q4_0 on the 576-wide rows, so they keep that advantage: it is their
     .venv/bin/python benchmarks/gguf_presets.py --phase presets  # phase 1 alone: base, presets, reproductions
     .venv/bin/python benchmarks/gguf_presets.py                  # phase 1 (cached), then the study and its files
     .venv/bin/python benchmarks/gguf_presets.py --quick          # a few minutes: Q4_K_M only, 8 windows, 10 trials
+    .venv/bin/python benchmarks/gguf_presets.py --phase budget --budget-seconds 1800  # size budgets at Q3_K_M, Q4_K_M
 
 Needs llama-cpp-python (`pip install -e '.[gguf]'`) and llama-quantize (`benchmarks/build_llama_cpp.sh`). Writes
 results/benchmarks/gguf[-quick].csv and .png; the GGUF files, the imatrix, per-window scores and the study live in
@@ -90,6 +93,7 @@ EXCLUDED_LEVELS = ("q4_0", "q4_1")  # the embedded weights' own grid (Q4_1 in gr
 SEARCH_LEVELS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
 SUBSTITUTE = {"q4_0": "iq4_nl", "q4_1": "iq4_nl"}  # same 4.5 bits per weight as Q4_0, a level the search has
 BOOTSTRAP = 10_000
+EXPORT_MARGIN = 64_000  # bytes an export adds beyond the accounted ones (its plan and provenance metadata)
 EXCLUSION_NOTE = (
     "searched levels exclude q4_0 and q4_1: the embedded weights already lie on a Q4_1 grid in groups of 32, so "
     "re-quantizing to them is nearly free"
@@ -188,7 +192,7 @@ def load_inputs(settings: Settings, work: Path, log: Log) -> Inputs:
     else:
         began = time.perf_counter()
         statistics = collect_statistics(model, linears, pools.calibration, {"input_sq_norms"}, batch_size=4)
-        tensors = {name: stats.input_sq_norms.cpu().contiguous() for name, stats in statistics.items()}
+        tensors = {name: stats.input_sq_norms.cpu().clone() for name, stats in statistics.items()}  # shared ones too
         n_tokens = next(iter(statistics.values())).n_tokens
         write_atomically(path, lambda temporary: save_file({**tensors, "n_tokens": torch.tensor(n_tokens)}, temporary))
         log(f"calibration: {len(statistics)} Linears, {n_tokens} tokens ({time.perf_counter() - began:.0f} s)")
@@ -535,6 +539,75 @@ def phase_search(
     return files, summary
 
 
+def phase_budget(
+    settings: Settings, inputs: Inputs, work: Path, preset_bytes: Mapping[str, int], seconds: float, log: Log
+) -> tuple[list[File], dict[str, Any]]:
+    """At each target preset's file size, a size-budget study in generations (`budget: {size: bytes}`, a ceiling
+    from the target's own byte accounting) searched for `seconds`, then its best recorded plan under the ceiling
+    (lowest fitness KL) exported. The ceiling leaves room for what an export adds to the accounted bytes."""
+    from autocompress.export import export_trial
+    from autocompress.frontier import frontier_of
+    from autocompress.record import StudyLocation, StudyRecord, seed_attrs, trial_records
+    from autocompress.search.objective import Objective
+    from autocompress.search.runner import ProgressBar, run_generations
+    from autocompress.search.study import open_study, prepare_study, study_session
+
+    files, summary = [], {}
+    for preset in [preset for preset in TARGET_PRESETS if preset in preset_bytes]:
+        limit = preset_bytes[preset]
+        ceiling = limit - EXPORT_MARGIN
+        base = study_config(settings).model_dump(mode="json")
+        base["search"] |= {"budget": {"size": ceiling}, "generations": {}, "sampler": "evolution"}
+        config = Config.model_validate(base)
+        location = StudyLocation.resolve(f"gguf-budget-{preset}", work)
+        session, space = study_session(config, location.cache_dir, progress=True)
+        study, created = open_study(config, location, space, config.search.seed)
+        if created:
+            for baseline, params in substitute_seeds(inputs, space, [preset]):
+                study.enqueue_trial(params, user_attrs=seed_attrs([baseline]), skip_if_exists=True)
+        prepare_study(study, session, space, location)
+        objective = Objective(config, session, space, StudyRecord.of(study).max_bytes())
+        began = time.perf_counter()
+        bar = ProgressBar(study, 10**9, enabled=False)
+        search = run_generations(study, objective, 10**9, seconds, config.search.seed, bar)
+        search_s = time.perf_counter() - began
+        record, records = StudyRecord.of(study), trial_records(study)
+        under = sorted(frontier_of(records, ceiling), key=lambda item: (item.loss, item.number))
+        log(f"{preset}: {search.evaluations} plans scored, {len(records)} trials, in {search_s:.0f} s")
+        del session, objective, search
+        gc.collect()
+        if not under:
+            log(f"{preset}: no recorded plan under {ceiling:,} bytes")
+            continue
+        chosen = under[0]
+        exporting = time.perf_counter()
+        result = export_trial(
+            record, location, chosen, work / "budget" / preset, format="gguf", overwrite=True,
+            chosen_by=f"lowest fitness KL under the size budget of llama.cpp {preset}'s {limit:,} bytes",
+        )  # fmt: skip
+        path = Path(result.path) / "model.gguf"
+        if path.stat().st_size > limit:
+            log(f"{preset}: the export is {path.stat().st_size:,} bytes, over {limit:,}: raise EXPORT_MARGIN")
+            continue
+        extra = {
+            "trial": chosen.number,
+            "trial_is_seed": chosen.seed,
+            "trial_baseline": chosen.baseline,
+            "fitness_kl": chosen.loss,
+            "accounted_bytes": result.accounted_bytes,
+            "trial_size_bytes": chosen.size_bytes,
+            "budget_bytes": ceiling,
+            "budget_search_s": round(search_s),
+            "budget_trials": len(records),
+            "budget_plans_scored": sum(item.generation_evaluations or 1 for item in records),
+        }
+        row = f"searched under a size budget at {preset} size"
+        files.append(File(row, "searched", preset, path, time.perf_counter() - exporting, extra))
+        log(f"{preset}: trial {chosen.number} (fitness KL {chosen.loss:.4f}, {path.stat().st_size:,} bytes)")
+        summary[f"budget_{preset}_search_s"] = round(search_s)
+    return files, summary
+
+
 # ---------------------------------------------------------------- rows, figure
 
 
@@ -650,8 +723,12 @@ def score_all(files: Sequence[File], tokens: torch.Tensor, settings: Settings, w
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    phases = "presets: phase 1 alone (base, llama.cpp presets, our reproductions); all: then the study (default)"
-    parser.add_argument("--phase", choices=("presets", "all"), default="all", help=phases)
+    phases = (
+        "presets: phase 1 alone (base, llama.cpp presets, our reproductions); all: then the study (default); "
+        "budget: phase 1, then size-budget studies at Q3_K_M's and Q4_K_M's sizes"
+    )
+    parser.add_argument("--phase", choices=("presets", "all", "budget"), default="all", help=phases)
+    parser.add_argument("--budget-seconds", type=float, default=1800, help="search time of each size-budget study")
     parser.add_argument("--quick", action="store_true", help="a few minutes: Q4_K_M only, 8 held-out windows")
     parser.add_argument("--trials", type=int, help="finished trials of the study (default: 120 full, 10 quick)")
     parser.add_argument("--heldout", type=int, help="held-out windows of 256 tokens (default: 64 full, 8 quick)")
@@ -705,7 +782,10 @@ def main(argv: list[str] | None = None) -> int:
     preset_bytes = {file.preset: file.path.stat().st_size for file in files if file.kind == "llama.cpp"}
     searching = time.perf_counter()
     try:
-        searched, summary = phase_search(settings, inputs, work, preset_bytes, log)
+        if args.phase == "budget":
+            searched, summary = phase_budget(settings, inputs, work, preset_bytes, args.budget_seconds, log)
+        else:
+            searched, summary = phase_search(settings, inputs, work, preset_bytes, log)
     except Exception as error:  # phase 1's figures stand; say why phase 2 did not
         traceback.print_exc()
         log(f"phase 2 failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}")
