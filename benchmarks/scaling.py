@@ -9,7 +9,8 @@ reads the trial timestamps back from the study:
   seconds_per_trial, its inverse: the steady pace, gaps between trials included;
 - median_trial_s: median wall time of a trial as the study records it (ask to tell), median_compute_s: median
   stitch + evaluation time measured inside it, median_overhead_s: median of their difference per trial (the
-  storage round trips of the trial's attributes, ask and tell).
+  storage round trips of the trial's attributes, ask and tell); bookkeeping_share: the part of the trials'
+  summed wall time spent outside stitch and evaluation.
 
 Ray's cost per trial is mostly outside ask..tell (Tune's scheduling loop between one trial's end and the next
 ask), so the figure for it is seconds_per_trial with Ray minus without, one trial at a time.
@@ -17,7 +18,7 @@ ask), so the figure for it is seconds_per_trial with Ray minus without, one tria
 The default workloads are the tests' tiny random Llama (2 blocks, hidden 64) with 32 fitness windows (trials
 so short that overheads dominate) and with 512 (compute dominates); `--config` runs any study config instead.
 Every process computes with one thread (OMP_NUM_THREADS=1, what Ray gives a 1-CPU trial), so 2 workers use 2
-cores where 1 uses one. Results go to results/benchmarks/scaling.csv.
+cores where 1 uses one. Results go to results/benchmarks/scaling.csv (a workload's rows replace its earlier ones).
 
     python benchmarks/scaling.py [--n-trials 40] [--fitness 32 512] [--config SPACE.yaml] [--storage URL]
 """
@@ -108,6 +109,7 @@ def figures(study: optuna.Study, wall_s: float) -> dict:
         "median_trial_s": round(statistics.median(seconds), 3),
         "median_compute_s": round(statistics.median(compute), 3),
         "median_overhead_s": round(statistics.median(s - c for s, c in zip(seconds, compute, strict=True)), 3),
+        "bookkeeping_share": round(1 - sum(compute) / sum(seconds), 3),
     }
 
 
@@ -176,6 +178,9 @@ def main() -> None:
             added = float(ray["seconds_per_trial"].iloc[0] - local["seconds_per_trial"].iloc[0])
             print(f"{described}: Ray Tune adds {added:.3f} s per trial (one trial at a time)")
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    if Path(args.csv).is_file():  # the rows of other workloads stay
+        earlier = pd.read_csv(args.csv)
+        frame = pd.concat([earlier[~earlier["model"].isin(frame["model"])], frame], ignore_index=True)
     frame.to_csv(args.csv, index=False)
     print(frame.drop(columns=["model"]).to_string(index=False))
     print(f"wrote {args.csv}")
