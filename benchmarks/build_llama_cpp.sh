@@ -11,8 +11,9 @@
 #                            when present, else python3)
 #   LLAMA_CPP_PYTHON_VERSION the sdist version to build (default: the installed llama-cpp-python's, else the newest)
 #   LLAMA_CPP_SDIST          a llama_cpp_python-*.tar.gz already downloaded (default: pip download from PyPI)
-# Running it again is a no-op once the three tools of that version are built; the tools land in .../llama.cpp/bin and
-# the build's version and llama.cpp commit in .../llama.cpp/BUILD_INFO.
+# It builds for AVX2, not natively, as the README's install does (a native build's AMX kernels crash on VMs that
+# do not enable AMX tile state). Running it again is a no-op once the three tools of that version are built; the
+# tools land in .../llama.cpp/bin and the build's version and llama.cpp commit in .../llama.cpp/BUILD_INFO.
 set -euo pipefail
 
 CACHE="${AUTOCOMPRESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/autocompress}"  # autocompress.models.cache_dir()
@@ -67,7 +68,7 @@ COMMIT="$(git -C "$LLAMA" rev-parse HEAD 2>/dev/null \
 GENERATOR=()
 if command -v ninja >/dev/null; then GENERATOR=(-G Ninja); fi
 cmake -S "$LLAMA" -B "$WORK/build" "${GENERATOR[@]}" \
-    -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
     -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
