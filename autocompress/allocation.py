@@ -189,6 +189,23 @@ class SizeCeiling:
                         allocation[unit] -= 1
         return allocation
 
+    def fitted(self, allocation: Mapping[str, int]) -> dict[str, int]:
+        """`allocation` moved under the ceiling by the smallest change: while it is over, the one-level step down
+        that saves the fewest bytes among those that bring it under, or, when no single step does, the one that
+        saves the most. An allocation that fits is returned as it is."""
+        fitted = dict(allocation)
+        while not self.fits(fitted):
+            steps = {
+                unit: self.unit_bytes[unit][index] - self.unit_bytes[unit][index - 1]
+                for unit, index in fitted.items()
+                if index > 0
+            }
+            excess = self.total(fitted) - self.ceiling
+            enough = [unit for unit, saved in steps.items() if saved >= excess]
+            unit = min(enough, key=steps.get) if enough else max(steps, key=steps.get)
+            fitted[unit] -= 1
+        return fitted
+
     def mutate(self, parent: Mapping[str, int], rng, max_mutations: int, attempts: int = 200) -> dict[str, int]:
         """`parent` with min(U, U') switches (U, U' uniform in 1..`max_mutations`), each one unit a level up and
         another a level down, kept only when the plan still fits under the ceiling."""

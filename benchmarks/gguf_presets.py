@@ -63,6 +63,7 @@ from allocation import prepare_run  # a sibling benchmark's helper
 from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 
+from autocompress.allocation import SizeCeiling
 from autocompress.calibration import collect_statistics
 from autocompress.codecs.gguf import gguf_tensors, importance
 from autocompress.codecs.gguf_blocks import BLOCK_TYPES, GgufBlocks, quantize_rows
@@ -219,6 +220,13 @@ def llama_cpp_build(tool: Path) -> dict[str, str]:
         elif line.startswith("version"):
             build["llama_cpp_build"] = line.strip()
     return build
+
+
+def scoring_kernels() -> str:
+    """The CPU paths of the llama-cpp-python build that scores the files (its system info line)."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode().strip()
 
 
 # ---------------------------------------------------------------- files
@@ -443,6 +451,29 @@ def substitute_seeds(inputs: Inputs, space: Any, presets: Sequence[str]) -> list
     return seeds
 
 
+def budget_seed(inputs: Inputs, space: Any, preset: str, ceiling: SizeCeiling) -> tuple[str, dict[str, str]] | None:
+    """The preset (Q4_0/Q4_1 given as IQ4_NL, as in `substitute_seeds`) as the seed of a size-budget study at its
+    size, moved under the ceiling by the smallest step down (`SizeCeiling.fitted`): the ceiling lies below the
+    preset's own bytes by what an export adds, so the preset itself could never be a parent."""
+    by_name = {tensor.gguf_name: tensor for tensor in inputs.tensors}
+    allocation = {}
+    for name, kind in preset_tensor_types(inputs, preset).items():
+        unit, level = by_name[name].unit, SUBSTITUTE.get(kind, kind)
+        if level not in space.levels_of(unit):
+            return None
+        allocation[unit] = space.levels_of(unit).index(level)
+    fitted = ceiling.fitted(allocation)
+    lowered = [unit for unit in fitted if fitted[unit] != allocation[unit]]
+    label = f"llama.cpp {preset}"
+    if any(kind in SUBSTITUTE for kind in preset_tensor_types(inputs, preset).values()):
+        label += ", q4_0 -> iq4_nl"
+    if lowered:
+        label += f", {', '.join(lowered)} a level down to fit"
+    params = {f"{unit}.format": space.levels_of(unit)[index] for unit, index in fitted.items()
+              if len(space.levels_of(unit)) > 1}  # fmt: skip
+    return label, params
+
+
 def phase_search(
     settings: Settings, inputs: Inputs, work: Path, preset_bytes: Mapping[str, int], log: Log
 ) -> tuple[list[File], dict[str, Any]]:
@@ -550,7 +581,7 @@ def phase_budget(
     from autocompress.record import StudyLocation, StudyRecord, seed_attrs, trial_records
     from autocompress.search.objective import Objective
     from autocompress.search.runner import ProgressBar, run_generations
-    from autocompress.search.study import open_study, prepare_study, study_session
+    from autocompress.search.study import open_study, prepare_study, study_session, study_size_ceiling
 
     files, summary = [], {}
     for preset in [preset for preset in TARGET_PRESETS if preset in preset_bytes]:
@@ -562,9 +593,10 @@ def phase_budget(
         location = StudyLocation.resolve(f"gguf-budget-{preset}", work)
         session, space = study_session(config, location.cache_dir, progress=True)
         study, created = open_study(config, location, space, config.search.seed)
-        if created:
-            for baseline, params in substitute_seeds(inputs, space, [preset]):
-                study.enqueue_trial(params, user_attrs=seed_attrs([baseline]), skip_if_exists=True)
+        seed = budget_seed(inputs, space, preset, study_size_ceiling(session, space))
+        if created and seed is not None:
+            study.enqueue_trial(seed[1], user_attrs=seed_attrs([seed[0]]), skip_if_exists=True)
+            log(f"{preset}: seeded {seed[0]}")
         prepare_study(study, session, space, location)
         objective = Objective(config, session, space, StudyRecord.of(study).max_bytes())
         began = time.perf_counter()
@@ -602,7 +634,7 @@ def phase_budget(
             "budget_plans_scored": sum(item.generation_evaluations or 1 for item in records),
         }
         row = f"searched under a size budget at {preset} size"
-        files.append(File(row, "searched", preset, path, time.perf_counter() - exporting, extra))
+        files.append(File(row, "budget", preset, path, time.perf_counter() - exporting, extra))
         log(f"{preset}: trial {chosen.number} (fitness KL {chosen.loss:.4f}, {path.stat().st_size:,} bytes)")
         summary[f"budget_{preset}_search_s"] = round(search_s)
     return files, summary
@@ -644,7 +676,7 @@ def build_rows(
         if reference is not None and reference is not file:
             row |= paired(nll, scores[reference.path], scores[base.path], tokens_per_window)
             row["preset_size_bytes"] = reference.path.stat().st_size
-        if file.kind == "searched" and file.preset in TARGET_PRESETS:
+        if file.kind in ("searched", "budget") and file.preset in TARGET_PRESETS:
             below = row["heldout_ppl"] < ppl(scores[reference.path], tokens_per_window)
             met = below and row["gap_closed"] >= TARGET_CLOSURE
             row["target"] = f"ppl below llama.cpp {file.preset} imatrix, >= {TARGET_CLOSURE:.0%} of its gap closed"
@@ -678,12 +710,13 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         "llama.cpp-plain": ("s", "tab:gray", "llama.cpp preset (no imatrix)"),
         "ours": ("x", "tab:orange", "our reproduction of the preset"),
         "searched": ("*", "tab:red", "searched (frontier member at the preset's size)"),
+        "budget": ("P", "tab:green", "searched under the preset's size as a budget"),
     }
     for kind, (marker, color, label) in styles.items():
         part = frame[frame["kind"] == kind]
         if part.empty:
             continue
-        size = 140 if kind == "searched" else 50
+        size = 140 if kind in ("searched", "budget") else 50
         axes.scatter(part["size_mb"], part["heldout_ppl"], marker=marker, color=color, s=size, label=label, zorder=3)
         if kind == "llama.cpp":
             for _, row in part.iterrows():
@@ -703,7 +736,25 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120))
 
 
+def merged_with_earlier(frame: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """The run's rows, and the rows of an earlier run in `out` that this run has no row of (phase 2 of another
+    kind, say), kept only when that run scored the same held-out tokens with the same llama.cpp kernels (its CPU
+    paths round differently: an AVX2 build and an AVX-512 one differ in the third decimal of a preset's perplexity),
+    so every row compares alike."""
+    if not out.is_file():
+        return frame
+    earlier = pd.read_csv(out)
+    if "scoring_kernels" not in earlier:
+        return frame
+    alike = (earlier["heldout_tokens_scored"] == frame["heldout_tokens_scored"].iloc[0]) & (
+        earlier["scoring_kernels"] == frame["scoring_kernels"].iloc[0]
+    )
+    kept = earlier[alike & ~earlier["row"].isin(frame["row"])]
+    return pd.concat([frame, kept], ignore_index=True) if not kept.empty else frame
+
+
 def write_outputs(frame: pd.DataFrame, out: Path) -> None:
+    frame = merged_with_earlier(frame, out)
     write_text_atomically(out, frame.to_csv(index=False, float_format="%.6g"))
     plot(frame, out.with_suffix(".png"))
 
@@ -770,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         "fitness_windows": settings.fitness,
         "imatrix_sha256": sha256(imatrix),
         **llama_cpp_build(tool),
+        "scoring_kernels": scoring_kernels(),
         "llama_threads": settings.llama_threads,
         "phase1_s": time.perf_counter() - began,
         "notes": EXCLUSION_NOTE,

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from autocompress.allocation import (
     BudgetGrid,
+    SizeCeiling,
     average_level,
     owl_allocation,
     sensitivity_allocation,
@@ -94,6 +95,19 @@ def test_evolution_mutations_keep_every_group_sum() -> None:
         changed += child != parent
         parent = child
     assert changed > 150
+
+
+def test_a_plan_over_a_size_ceiling_is_fitted_under_it_by_the_smallest_step_down() -> None:
+    levels = {unit: ["q4", "q5", "q8"] for unit in ("a", "b", "c")}
+    unit_bytes = {"a": [0, 100, 400], "b": [0, 10, 40], "c": [0, 30, 90]}
+    over = {"a": 2, "b": 2, "c": 2}  # 530 bytes beyond the fixed 1,000
+    ceiling = SizeCeiling(levels, unit_bytes, 1_000, 1_505)
+    assert ceiling.fitted(over) == {"a": 2, "b": 1, "c": 2}  # 30 saved, the least of the steps that fit
+    assert ceiling.fitted({"a": 1, "b": 0, "c": 0}) == {"a": 1, "b": 0, "c": 0}  # already under: unchanged
+    tight = SizeCeiling(levels, unit_bytes, 1_000, 1_050)
+    fitted = tight.fitted(over)
+    assert tight.fits(fitted)
+    assert fitted["a"] < 2  # no single step saved enough, so the largest went first
 
 
 @pytest.mark.parametrize(
