@@ -153,6 +153,8 @@ def test_a_size_budget_searches_gguf_types_under_a_byte_ceiling(tmp_path: Path) 
     assert len(records) >= 16
     assert any(record.baseline == "uniform" for record in records)
     assert any((record.baseline or "").startswith("llama.cpp") for record in records)
+    fitted = [record for record in records if (record.baseline or "").endswith("fitted under the budget")]
+    assert len(fitted) == 1 and fitted[0].size_bytes <= ceiling  # the smallest preset over 30%, a few units lower
     generated = [record for record in records if record.generation_evaluations is not None]
     assert generated and all(record.size_bytes <= ceiling for record in generated)
     assert all(

@@ -190,16 +190,44 @@ def enqueue_presets(
     with FileLock(location.out_dir / ".study.lock"):
         if StudyRecord.of(study).baselines:
             return
-        enqueued = []
+        enqueued, seeds = [], []
         for seed in preset_seeds(session.gguf.tensors, session.model.config, space.unit_levels):
             if seed.params is None:
                 print(f"autocompress: {seed.baseline} is not a seed: {seed.reason}", flush=True)
                 continue
             study.enqueue_trial(seed.params, user_attrs=seed_attrs([seed.baseline]), skip_if_exists=True)
             enqueued.append(seed.baseline)
+            seeds.append((seed.baseline, seed.params))
         if ceiling is not None:
             enqueued.append(enqueue_uniform_at_ceiling(study, space, ceiling))
+            fitted = enqueue_fitted_under_ceiling(study, space, ceiling, seeds)
+            enqueued += [fitted] if fitted else []
         record_baselines(study, enqueued)
+
+
+def enqueue_fitted_under_ceiling(
+    study: optuna.Study, space: SearchSpace, ceiling: SizeCeiling, seeds: list[tuple[str, dict]]
+) -> str | None:
+    """The smallest seed over a size budget's ceiling, moved under it by the smallest steps down
+    (`SizeCeiling.fitted`), enqueued as one more seed; its name, or None when every seed fits. A budget set at a
+    preset's file size leaves room for what an export adds, so the preset itself is just over the ceiling and
+    could never become a parent."""
+    key = space.precision_key
+    over = []
+    for baseline, params in seeds:
+        allocation = {
+            unit: levels.index(params.get(f"{unit}.{key}", levels[0])) for unit, levels in ceiling.levels.items()
+        }
+        if not ceiling.fits(allocation):
+            over.append((ceiling.total(allocation), baseline, allocation))
+    if not over:
+        return None
+    _, baseline, allocation = min(over)
+    fitted = ceiling.fitted(allocation)
+    params = {f"{unit}.{key}": ceiling.levels[unit][index] for unit, index in fitted.items()}
+    name = f"{baseline} fitted under the budget"
+    study.enqueue_trial(params, user_attrs=seed_attrs([name]), skip_if_exists=True)
+    return name
 
 
 def study_size_ceiling(session: CompressionSession, space: SearchSpace) -> SizeCeiling:
