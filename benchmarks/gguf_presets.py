@@ -63,7 +63,6 @@ from allocation import prepare_run  # a sibling benchmark's helper
 from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 
-from autocompress.allocation import SizeCeiling
 from autocompress.calibration import collect_statistics
 from autocompress.codecs.gguf import gguf_tensors, importance
 from autocompress.codecs.gguf_blocks import BLOCK_TYPES, GgufBlocks, quantize_rows
@@ -451,29 +450,6 @@ def substitute_seeds(inputs: Inputs, space: Any, presets: Sequence[str]) -> list
     return seeds
 
 
-def budget_seed(inputs: Inputs, space: Any, preset: str, ceiling: SizeCeiling) -> tuple[str, dict[str, str]] | None:
-    """The preset (Q4_0/Q4_1 given as IQ4_NL, as in `substitute_seeds`) as the seed of a size-budget study at its
-    size, moved under the ceiling by the smallest step down (`SizeCeiling.fitted`): the ceiling lies below the
-    preset's own bytes by what an export adds, so the preset itself could never be a parent."""
-    by_name = {tensor.gguf_name: tensor for tensor in inputs.tensors}
-    allocation = {}
-    for name, kind in preset_tensor_types(inputs, preset).items():
-        unit, level = by_name[name].unit, SUBSTITUTE.get(kind, kind)
-        if level not in space.levels_of(unit):
-            return None
-        allocation[unit] = space.levels_of(unit).index(level)
-    fitted = ceiling.fitted(allocation)
-    lowered = [unit for unit in fitted if fitted[unit] != allocation[unit]]
-    label = f"llama.cpp {preset}"
-    if any(kind in SUBSTITUTE for kind in preset_tensor_types(inputs, preset).values()):
-        label += ", q4_0 -> iq4_nl"
-    if lowered:
-        label += f", {', '.join(lowered)} a level down to fit"
-    params = {f"{unit}.format": space.levels_of(unit)[index] for unit, index in fitted.items()
-              if len(space.levels_of(unit)) > 1}  # fmt: skip
-    return label, params
-
-
 def phase_search(
     settings: Settings, inputs: Inputs, work: Path, preset_bytes: Mapping[str, int], log: Log
 ) -> tuple[list[File], dict[str, Any]]:
@@ -581,7 +557,13 @@ def phase_budget(
     from autocompress.record import StudyLocation, StudyRecord, seed_attrs, trial_records
     from autocompress.search.objective import Objective
     from autocompress.search.runner import ProgressBar, run_generations
-    from autocompress.search.study import open_study, prepare_study, study_session, study_size_ceiling
+    from autocompress.search.study import (
+        fitted_under_ceiling,
+        open_study,
+        prepare_study,
+        study_session,
+        study_size_ceiling,
+    )
 
     files, summary = [], {}
     for preset in [preset for preset in TARGET_PRESETS if preset in preset_bytes]:
@@ -593,10 +575,12 @@ def phase_budget(
         location = StudyLocation.resolve(f"gguf-budget-{preset}", work)
         session, space = study_session(config, location.cache_dir, progress=True)
         study, created = open_study(config, location, space, config.search.seed)
-        seed = budget_seed(inputs, space, preset, study_size_ceiling(session, space))
-        if created and seed is not None:
-            study.enqueue_trial(seed[1], user_attrs=seed_attrs([seed[0]]), skip_if_exists=True)
-            log(f"{preset}: seeded {seed[0]}")
+        if created:  # the study fits the presets it holds under the ceiling itself; these hold iq4_nl for q4_0
+            ceiling_of = study_size_ceiling(session, space)
+            for baseline, params in substitute_seeds(inputs, space, [preset]):
+                name = f"{baseline} fitted under the budget"
+                fitted = fitted_under_ceiling(space, ceiling_of, params)
+                study.enqueue_trial(fitted, user_attrs=seed_attrs([name]), skip_if_exists=True)
         prepare_study(study, session, space, location)
         objective = Objective(config, session, space, StudyRecord.of(study).max_bytes())
         began = time.perf_counter()

@@ -5,8 +5,10 @@ that scores its trials sets up alike."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import optuna
 from filelock import FileLock
@@ -209,25 +211,32 @@ def enqueue_fitted_under_ceiling(
     study: optuna.Study, space: SearchSpace, ceiling: SizeCeiling, seeds: list[tuple[str, dict]]
 ) -> str | None:
     """The smallest seed over a size budget's ceiling, moved under it by the smallest steps down
-    (`SizeCeiling.fitted`), enqueued as one more seed; its name, or None when every seed fits. A budget set at a
+    (`fitted_under_ceiling`), enqueued as one more seed; its name, or None when every seed fits. A budget set at a
     preset's file size leaves room for what an export adds, so the preset itself is just over the ceiling and
     could never become a parent."""
-    key = space.precision_key
-    over = []
-    for baseline, params in seeds:
-        allocation = {
-            unit: levels.index(params.get(f"{unit}.{key}", levels[0])) for unit, levels in ceiling.levels.items()
-        }
-        if not ceiling.fits(allocation):
-            over.append((ceiling.total(allocation), baseline, allocation))
+    over = [(ceiling.total(seed_allocation(space, ceiling, params)), baseline, params) for baseline, params in seeds]
+    over = [item for item in over if item[0] > ceiling.ceiling]
     if not over:
         return None
-    _, baseline, allocation = min(over)
-    fitted = ceiling.fitted(allocation)
-    params = {f"{unit}.{key}": ceiling.levels[unit][index] for unit, index in fitted.items()}
+    _, baseline, params = min(over, key=lambda item: item[:2])
     name = f"{baseline} fitted under the budget"
-    study.enqueue_trial(params, user_attrs=seed_attrs([name]), skip_if_exists=True)
+    study.enqueue_trial(
+        fitted_under_ceiling(space, ceiling, params), user_attrs=seed_attrs([name]), skip_if_exists=True
+    )
     return name
+
+
+def seed_allocation(space: SearchSpace, ceiling: SizeCeiling, params: Mapping[str, Any]) -> dict[str, int]:
+    """A seed's trial parameters as the index of each unit's level (a unit without its parameter has one level)."""
+    key = space.precision_key
+    return {unit: levels.index(params.get(f"{unit}.{key}", levels[0])) for unit, levels in ceiling.levels.items()}
+
+
+def fitted_under_ceiling(space: SearchSpace, ceiling: SizeCeiling, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A seed's trial parameters moved under the size budget's ceiling by the smallest steps down
+    (`SizeCeiling.fitted`); parameters that fit come back with the same levels."""
+    fitted = ceiling.fitted(seed_allocation(space, ceiling, params))
+    return {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in fitted.items()}
 
 
 def study_size_ceiling(session: CompressionSession, space: SearchSpace) -> SizeCeiling:
