@@ -77,7 +77,7 @@ def evaluate_artifact(
     """Held-out perplexity, size on disk, load time and generation speed of an artifact, and of its dense base.
     A GGUF file (or an export folder holding one) is run in llama.cpp instead, beside the search's predictions."""
     from autocompress.data import token_pools
-    from autocompress.runtimes.gguf_evaluation import evaluate_gguf, gguf_file
+    from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_file
 
     if gguf_file(path) is not None:
         return evaluate_gguf(path, data, device, new_tokens, dense)
@@ -134,7 +134,7 @@ def evaluate_artifact(
 def evaluation_lines(result: dict[str, Any]) -> list[str]:
     """The figures of `evaluate_artifact` as an aligned table: artifact beside dense."""
     if result.get("runtime") == "llama.cpp":
-        from autocompress.runtimes.gguf_evaluation import gguf_evaluation_lines
+        from autocompress.targets.gguf.evaluation import gguf_evaluation_lines
 
         return gguf_evaluation_lines(result)
 

@@ -176,7 +176,7 @@ def export_trial(
         )
         weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
     else:
-        from autocompress.targets.gguf import GGUF_FILE, tokenizer_gguf, write_gguf, write_gguf_tensors
+        from autocompress.targets.gguf.file import GGUF_FILE, tokenizer_gguf, write_gguf, write_gguf_tensors
 
         provenance["versions"] = package_versions()
         reports = []

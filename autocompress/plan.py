@@ -28,7 +28,7 @@ LEVEL_NAMES_HELP = (
     "fp8-e4m3 or fp8-e5m2 [-g<size>|-row|-tensor], nf4[-g<size>|-row], mxfp4, nvfp4; "
     "under the gguf target llama.cpp's types q2_k..q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs, mxfp4, f16"
 )
-GGUF_METHOD = "gguf"  # the `Level.method` of a GGUF tensor type: its blocks are llama.cpp's (autocompress.codecs.gguf)
+GGUF_METHOD = "gguf"  # the `Level.method` of a GGUF tensor type: blocks are llama.cpp's (targets.gguf.weights)
 
 
 class StudentArchitecture(BaseModel):
@@ -111,7 +111,7 @@ def parse_level(name: str) -> Level:
         if group == PER_TENSOR and not spec.allows_per_tensor:
             raise ValueError(f"precision level {name!r}: only FP8 takes one scale per tensor")
         return Level(name, spec.bits, spec.name, group)
-    from autocompress.codecs.gguf import GGUF_LEVELS  # here, not above: the codecs import plans
+    from autocompress.targets.gguf.weights import GGUF_LEVELS  # here, not above: the codecs import plans
 
     if name in GGUF_LEVELS:  # llama.cpp's own tensor types, the levels of `compression.target: gguf`
         return Level(name, GGUF_LEVELS[name], GGUF_METHOD, None)

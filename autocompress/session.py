@@ -21,7 +21,6 @@ from safetensors import SafetensorError, safe_open
 
 from autocompress.block_reuse import BlockInputCache
 from autocompress.calibration import collect_statistics
-from autocompress.codecs.gguf import GgufWeights, check_levels
 from autocompress.compress import CompressedLinear, apply_plan, settings_needs, statistics_needed
 from autocompress.config import Config
 from autocompress.data import TokenPools, token_pools
@@ -41,7 +40,8 @@ from autocompress.models import (
 from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.size import SizeReport, model_size
 from autocompress.targets import target_named
-from autocompress.targets.gguf import gguf_layout, tokenizer_gguf
+from autocompress.targets.gguf.file import gguf_layout, tokenizer_gguf
+from autocompress.targets.gguf.weights import GgufWeights, check_levels
 from autocompress.variants import BuildReport, VariantDatabase, methods_key, save_atomically, variant_settings
 
 if TYPE_CHECKING:

@@ -3,12 +3,12 @@
 What it measures, on the embedded SmolLM2-135M-Instruct and its pydoc text (256-token windows):
 - the base model as an F16 GGUF (our writer, as llama.cpp's converter stores it);
 - llama.cpp's presets Q2_K, Q3_K_M, Q4_K_M, Q5_K_M and Q6_K, written by its own `llama-quantize --imatrix` from
-  that F16 file, with an importance matrix written (`runtimes.llama_cpp.write_imatrix`) from our calibration
+  that F16 file, with an importance matrix written (`targets.gguf.llama_cpp.write_imatrix`) from our calibration
   statistics on the same calibration windows the search uses (the mean x_j^2 per input column of each decoder
   Linear; like `llama-imatrix` by default, none for the output matrix);
-- beside each preset, our reproduction of it: llama.cpp's type per tensor (`targets.gguf_presets.preset_types`,
+- beside each preset, our reproduction of it: llama.cpp's type per tensor (`targets.gguf.presets.preset_types`,
   which copies llama-quantize's fallbacks for SmolLM2's 576-wide rows that 256-weight blocks do not divide),
-  quantized by our block quantizers (`codecs.gguf_blocks.quantize_rows`, same importance) and written by our
+  quantized by our block quantizers (`targets.gguf.blocks.quantize_rows`, same importance) and written by our
   writer; the CSV says how many tensors came out byte-identical to llama.cpp's;
 - phase 2: a gguf study (`compression.target: gguf`, one GGUF type per Linear and for the tied embedding) and,
   at each preset's file size, the frontier member with the lowest fitness KL whose file is no larger, exported
@@ -16,7 +16,7 @@ What it measures, on the embedded SmolLM2-135M-Instruct and its pydoc text (256-
 - or, with `--phase budget`, a size-budget study in generations at each of Q3_K_M's and Q4_K_M's file sizes
   (`budget: {size: bytes}`), searched for `--budget-seconds`, its best plan under the ceiling exported.
 
-Every file is scored the same way: loaded in llama.cpp (llama-cpp-python, `runtimes.llama_cpp.LlamaCppModel`),
+Every file is scored the same way: loaded in llama.cpp (llama-cpp-python, `targets.gguf.llama_cpp.LlamaCppModel`),
 every token of every window of the whole held-out pool predicted, perplexity from the summed log-probabilities.
 Each file is compared with the llama.cpp preset of its size by paired per-window differences (the same windows):
 a bootstrap 95% interval (resampling windows) of the mean per-token log-prob difference, and of the share of the
@@ -64,25 +64,25 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 
 from autocompress.calibration import collect_statistics
-from autocompress.codecs.gguf import gguf_tensors, importance
-from autocompress.codecs.gguf_blocks import BLOCK_TYPES, GgufBlocks, quantize_rows
 from autocompress.config import Config, DataConfig
 from autocompress.data import TokenPools, token_pools
 from autocompress.files import write_atomically, write_text_atomically
 from autocompress.methods import LayerStatistics
 from autocompress.models import EMBEDDED_MODEL, compressible_linears, embedded_gguf, load_model, round_model_to_storage
-from autocompress.runtimes.llama_cpp import (
+from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, quantize_rows
+from autocompress.targets.gguf.file import write_gguf_tensors
+from autocompress.targets.gguf.llama_cpp import (
     LlamaCppModel,
     gguf_statistics,
     llama_cpp_available,
     llama_cpp_tool,
     write_imatrix,
 )
-from autocompress.targets.gguf import write_gguf_tensors
-from autocompress.targets.gguf_presets import is_quantized, preset_types
+from autocompress.targets.gguf.presets import is_quantized, preset_types
+from autocompress.targets.gguf.weights import gguf_tensors, importance
 
 if TYPE_CHECKING:
-    from autocompress.codecs.gguf import UnitTensor  # a unit's tensor: its unit, module, GGUF name and shape
+    from autocompress.targets.gguf.weights import UnitTensor  # a unit's tensor: its unit, module, GGUF name and shape
 
 Log = Callable[[str], None]
 

@@ -28,7 +28,7 @@ from autocompress.search.study import load_existing
 from autocompress.sensitivity import study_sensitivity
 from autocompress.session import CompressionSession
 from autocompress.targets.artifact import load, read_manifest
-from autocompress.targets.gguf import encode_blocks, gguf_type_for
+from autocompress.targets.gguf.file import encode_blocks, gguf_type_for
 from tests.conftest import random_text, tiny_tokenizer
 
 QType = gguf.GGMLQuantizationType

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from autocompress.codecs.gguf_blocks import (
+from autocompress.targets.gguf.blocks import (
     BLOCK_TYPES,
     dequantize_rows,
     fits,

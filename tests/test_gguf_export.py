@@ -39,12 +39,12 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from autocompress.codecs.gguf_blocks import GgufBlocks, dequantize_rows, quantize_rows
 from autocompress.errors import UserError
 from autocompress.metrics import log_probs
 from autocompress.models import embedded_gguf
-from autocompress.runtimes.llama_cpp import LlamaCppModel, llama_cpp_available
-from autocompress.targets.gguf import gguf_layout, write_gguf_tensors
+from autocompress.targets.gguf.blocks import GgufBlocks, dequantize_rows, quantize_rows
+from autocompress.targets.gguf.file import gguf_layout, write_gguf_tensors
+from autocompress.targets.gguf.llama_cpp import LlamaCppModel, llama_cpp_available
 from tests.conftest import require
 
 SEQ_LEN = 32

@@ -14,9 +14,9 @@ import pytest
 from autocompress.config import load_config
 from autocompress.metrics import log_probs
 from autocompress.record import StudyLocation, StudyRecord, scored_records
-from autocompress.runtimes.llama_cpp import llama_cpp_available
 from autocompress.search.space import SearchSpace
 from autocompress.session import CompressionSession
+from autocompress.targets.gguf.llama_cpp import llama_cpp_available
 from tests.conftest import CLI, tiny_study_config, write_yaml
 from tests.test_gguf_export import (
     SEQ_LEN,

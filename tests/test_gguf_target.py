@@ -11,8 +11,13 @@ from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from autocompress.calibration import collect_statistics
-from autocompress.codecs import gguf_blocks
-from autocompress.codecs.gguf import (
+from autocompress.config import Config, describe_validation_error
+from autocompress.errors import UserError
+from autocompress.models import CompressibleLinear, compressible_linears
+from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.targets.gguf import blocks as gguf_blocks
+from autocompress.targets.gguf.file import gguf_layout
+from autocompress.targets.gguf.weights import (
     SEED_PRESETS,
     GgufWeights,
     check_levels,
@@ -24,11 +29,6 @@ from autocompress.codecs.gguf import (
     space_levels,
     unit_levels,
 )
-from autocompress.config import Config, describe_validation_error
-from autocompress.errors import UserError
-from autocompress.models import CompressibleLinear, compressible_linears
-from autocompress.plan import CompressionPlan, LayerCompression
-from autocompress.targets.gguf import gguf_layout
 from tests.conftest import tiny_study_config
 
 LEVELS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q5_0", "q5_1", "iq4_nl", "f16"]

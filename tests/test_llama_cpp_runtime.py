@@ -23,7 +23,8 @@ from autocompress.errors import UserError
 from autocompress.metrics import dense_reference, evaluate, log_probs
 from autocompress.models import compressible_linears, embedded_gguf
 from autocompress.plan import CompressionPlan
-from autocompress.runtimes.llama_cpp import (
+from autocompress.targets.gguf.file import write_gguf
+from autocompress.targets.gguf.llama_cpp import (
     LlamaCppModel,
     gguf_statistics,
     llama_cpp_available,
@@ -31,8 +32,7 @@ from autocompress.runtimes.llama_cpp import (
     quantize,
     write_imatrix,
 )
-from autocompress.targets.gguf import write_gguf
-from autocompress.targets.gguf_presets import PRESETS, preset_types
+from autocompress.targets.gguf.presets import PRESETS, preset_types
 from tests.conftest import require
 
 SEQ_LEN = 64

@@ -21,7 +21,6 @@ from autocompress.allocation import (
     size_ceiling,
     unit_sizes,
 )
-from autocompress.codecs.gguf import preset_seeds
 from autocompress.config import Config, evenly_spaced
 from autocompress.errors import UserError
 from autocompress.plan import StudentArchitecture
@@ -41,6 +40,7 @@ from autocompress.search.evolution import BudgetEvolutionSampler
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import load_study, open_storage
 from autocompress.session import CompressionSession
+from autocompress.targets.gguf.weights import preset_seeds
 
 
 def study_session(config: Config, cache_dir: Path, progress: bool = False) -> tuple[CompressionSession, SearchSpace]:

@@ -9,9 +9,9 @@ A target decides
 `artifact` is our own bit-packed format (`targets.artifact`), whose bytes each level's codec counts
 (`codecs.stored_bytes`); it stores every level and any sparsity. `vllm` is compressed-tensors for vLLM
 (`targets.vllm.VllmTarget`). Both count bytes per Linear (`LinearTarget`). `gguf` is llama.cpp's file
-(`targets.gguf.GgufTarget`), whose units include the embedding and the output matrix and whose size is the file's,
-header included (`codecs.gguf.GgufWeights.size`). A target is looked up by name (`target_named`); the others are
-imported only when named, as they import their runtime's libraries.
+(`targets.gguf.target.GgufTarget`), whose units include the embedding and the output matrix and whose size is the
+file's, header included (`targets.gguf.weights.GgufWeights.size`). A target is looked up by name (`target_named`);
+the others are imported only when named, as they import their runtime's libraries.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from autocompress.config import Config
 
 HALF_BYTES = 2
-TARGET_NAMES = ("artifact", "vllm", "gguf")
+TARGET_MODULES = {"artifact": "artifact", "vllm": "vllm", "gguf": "gguf.target"}  # under autocompress.targets
+TARGET_NAMES = tuple(TARGET_MODULES)
 
 
 class Target(ABC):
@@ -107,4 +108,4 @@ def target_named(name: str) -> Target:
         return ARTIFACT
     if name not in TARGET_NAMES:
         raise ValueError(f"unknown target {name!r}; choose {', '.join(TARGET_NAMES)}")
-    return importlib.import_module(f"autocompress.targets.{name}").TARGET
+    return importlib.import_module(f"autocompress.targets.{TARGET_MODULES[name]}").TARGET

@@ -172,7 +172,7 @@ def _replace_folder(staging: Path, out_dir: Path) -> None:
 def written_by_us(folder: Path) -> bool:
     """Whether `folder` holds an earlier export and nothing else of note: our manifest.json (compressed),
     autocompress.json (a Hugging Face folder) or a model.gguf carrying our provenance, and no sub-folder."""
-    from autocompress.targets.gguf import GGUF_FILE
+    from autocompress.targets.gguf.file import GGUF_FILE
 
     if any(path.is_dir() for path in folder.iterdir()):
         return False

@@ -23,7 +23,7 @@ import torch
 
 from autocompress.config import DataConfig, ModelConfig
 from autocompress.errors import UserError
-from autocompress.targets.gguf import GGUF_FILE, PROVENANCE_KEY
+from autocompress.targets.gguf.file import GGUF_FILE, PROVENANCE_KEY
 
 PROMPT_TOKENS = 16
 
@@ -80,7 +80,7 @@ def evaluate_gguf(
     from autocompress.evaluate import generation_speed
     from autocompress.metrics import dense_reference, evaluate
     from autocompress.models import check_consent, load_model, resolve_device
-    from autocompress.runtimes.llama_cpp import LlamaCppModel, llama_cpp_available
+    from autocompress.targets.gguf.llama_cpp import LlamaCppModel, llama_cpp_available
 
     file = gguf_file(path)
     if file is None:

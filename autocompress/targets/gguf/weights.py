@@ -2,7 +2,7 @@
 quantized and decoded, how many bytes it takes, and llama.cpp's presets as plans.
 
 Under this target a level is a llama.cpp tensor type (`q4_k`, `iq4_nl`, `f16`...), and a unit's weight is quantized
-by `gguf_blocks.quantize_rows`, which writes the bytes `llama-quantize` writes, with the calibration's importance
+by `blocks.quantize_rows`, which writes the bytes `llama-quantize` writes, with the calibration's importance
 matrix (the mean x_j² per input column, what llama.cpp's imatrix holds). What the search evaluates is the float32
 weight the `gguf` package decodes from those very bytes (`dequantize_rows`), so the scored model is the shipped one,
 bit for bit, on the weights.
@@ -32,17 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from autocompress.codecs.gguf_blocks import BLOCK_TYPES, GgufBlocks, fits, quantize_rows, tensor_bytes
 from autocompress.errors import UserError
 from autocompress.files import write_atomically
 from autocompress.methods import LayerStatistics
 from autocompress.models import compressible_linears, meta_model, module_name
 from autocompress.size import SizeReport
-from autocompress.targets.gguf_presets import preset_types
+from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fits, quantize_rows, tensor_bytes
+from autocompress.targets.gguf.presets import preset_types
 
 if TYPE_CHECKING:
     from autocompress.plan import CompressionPlan
-    from autocompress.targets.gguf import GgufLayout
+    from autocompress.targets.gguf.file import GgufLayout
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def data_bytes(tensors: Iterable[UnitTensor], unit_level: Mapping[str, str]) -> 
 def preset_levels(
     preset: str, tensors: Sequence[UnitTensor], config, allowed: Mapping[str, Sequence[str]]
 ) -> tuple[dict[str, str] | None, str | None]:
-    """The level of every unit under llama.cpp's `preset` (`gguf_presets.preset_types`: by tensor role and layer,
+    """The level of every unit under llama.cpp's `preset` (`presets.preset_types`: by tensor role and layer,
     with llama.cpp's fallbacks for rows its blocks do not split), or None and the reason the space cannot hold it:
     a unit that holds tensors of different types (block granularity), or a type the unit's levels do not offer."""
     heads = config.num_attention_heads
@@ -204,7 +204,7 @@ class GgufWeights:
     A trial then costs a decode (a few milliseconds per tensor) for each tensor whose level changed. `statistics`
     gives the calibration statistics by module name (the decoder-block Linears and lm_head), asked for only when
     blocks must be computed; it may run the dense model, so it is called before any weight is swapped. `layout` is
-    the file `export` writes of the model (`targets.gguf.gguf_layout`), which sizes a plan exactly.
+    the file `export` writes of the model (`file.gguf_layout`), which sizes a plan exactly.
     """
 
     def __init__(
@@ -301,7 +301,7 @@ class GgufWeights:
         return self.layout.file_bytes()
 
     def blocks_of(self, plan: CompressionPlan) -> dict[str, GgufBlocks]:
-        """The blocks `plan` stores, by state-dict key, for `targets.gguf.write_gguf_tensors`."""
+        """The blocks `plan` stores, by state-dict key, for `file.write_gguf_tensors`."""
         levels = self.levels(plan)
         return {f"{tensor.module}.weight": self.blocks(tensor, levels[tensor.unit]) for tensor in self.tensors}
 

@@ -6,7 +6,7 @@ The GGUF target promises that what is scored is what ships, so its files are jud
 - `LlamaCppModel` evaluates windows of token ids the project tokenized, each from an empty KV cache at positions
   0..n-1 and without an added BOS token, exactly as `autocompress.metrics.log_probs` feeds transformers, and returns
   the same [windows, seq_len, vocab] float32 log-probabilities, so the same KL and perplexity code applies;
-- `quantize` runs `llama_model_quantize` with a preset (see `autocompress.targets.gguf_presets`) and, optionally,
+- `quantize` runs `llama_model_quantize` with a preset (see `autocompress.targets.gguf.presets`) and, optionally,
   importance data from our own calibration statistics;
 - `write_imatrix` writes those statistics as the GGUF imatrix file that this llama.cpp's `llama-imatrix` writes and
   `llama-quantize --imatrix` reads, for the command-line tools (`benchmarks/build_llama_cpp.sh` builds them).
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from autocompress.methods import LayerStatistics
 from autocompress.metrics import Metrics
 from autocompress.models import cache_dir
-from autocompress.targets.gguf_presets import PRESETS
+from autocompress.targets.gguf.presets import PRESETS
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -183,7 +183,7 @@ def quantize(
     statistics: Mapping[str, LayerStatistics] | None = None,
     n_threads: int | None = None,
 ) -> Path:
-    """Quantize a GGUF file with llama.cpp's `preset` (a key of `gguf_presets.PRESETS`), as `llama-quantize` does.
+    """Quantize a GGUF file with llama.cpp's `preset` (a key of `presets.PRESETS`), as `llama-quantize` does.
 
     `statistics` (per GGUF tensor name, see `gguf_statistics`) become llama.cpp's importance matrix, passed as
     the per-column means that `llama-quantize --imatrix` would read from `write_imatrix`'s file."""

@@ -2,7 +2,7 @@
 
 Two ways in, one writer:
 - `write_gguf_tensors(model, tokenizer, tensors, path, ...)` takes, per state-dict tensor, its GGUF block bytes and
-  type (what `autocompress.codecs.gguf_blocks.quantize_rows` wrote, so the file holds exactly what the search
+  type (what `autocompress.targets.gguf.blocks.quantize_rows` wrote, so the file holds exactly what the search
   evaluated); every other tensor is stored as llama.cpp's converter stores it: 1-D tensors in F32, the rest in F16.
   `gguf_layout(...)` describes the same file without any tensor data: `GgufLayout.file_bytes(types)` is its exact
   size (header, metadata, tensor infos, alignment padding, tensor bytes), so accounted bytes equal written bytes
@@ -61,17 +61,15 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from transformers import PreTrainedModel
 
-from autocompress.codecs.gguf import check_config, space_levels
-from autocompress.codecs.gguf_blocks import BLOCK_TYPES, GgufBlocks, fits, tensor_bytes
 from autocompress.compress import CompressedLinear
 from autocompress.errors import UserError
 from autocompress.methods import QuantizedWeight
 from autocompress.models import EMBEDDED_MODEL, embedded_gguf
 from autocompress.plan import CompressionPlan
-from autocompress.targets import Target
+from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fits, tensor_bytes
 
 if TYPE_CHECKING:
-    from autocompress.config import Config, ModelConfig
+    from autocompress.config import ModelConfig
 
 BLOCK = 32
 GGUF_FILE = "model.gguf"
@@ -704,20 +702,3 @@ def tokenizer_gguf(model: ModelConfig) -> Path | None:
     if model.name.endswith(".gguf"):
         return Path(model.name).expanduser()
     return None
-
-
-class GgufTarget(Target):
-    """llama.cpp: each unit (decoder-block Linears, the embedding, the output matrix) in one of GGUF's own tensor
-    types (`codecs.gguf`), the size the file's, and `export` writing that file natively."""
-
-    name = "gguf"
-    export_format = "gguf"
-
-    def check_config(self, config: Config) -> None:
-        check_config(config)
-
-    def check_model(self, config: Config) -> None:
-        space_levels(config)
-
-
-TARGET = GgufTarget()
