@@ -208,6 +208,41 @@ class StudentSearchConfig(Section):
         return chosen
 
 
+class BlockDistillationConfig(Section):
+    """How each structural alternative is trained to reproduce its parent sub-block's output from that sub-block's
+    cached inputs (MSE on the residual stream), on calibration windows, judged on windows it was not trained on."""
+
+    steps: int = Field(100, ge=0, description="optimizer (AdamW) steps per alternative; 0: the importance cut as is")
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1, description="calibration windows per step")
+    heldout_fraction: float = Field(
+        0.25, gt=0, lt=1, description="share of the calibration windows each alternative is judged on, not trained on"
+    )
+
+
+class StructureConfig(Section):
+    """Per-block shapes the search may choose, as llama.cpp's `deci` architecture runs them: FFN widths (fractions
+    of the teacher's), key/value groups (each with the teacher's query heads per group; 0: no attention, offered in
+    every block but the first) and whole blocks removed (offered in every block but the first and the last)."""
+
+    ffn: list[float] = Field(default_factory=lambda: [1.0], description="FFN widths, e.g. [1, 0.75, 0.5, 0.25]")
+    kv_groups: list[int] | None = Field(
+        None, description="key/value groups kept, e.g. [3, 2, 1, 0] for 3 groups; default: the teacher's only"
+    )
+    drop_blocks: bool = Field(False, description="whether a block may be removed altogether")
+    distillation: BlockDistillationConfig = BlockDistillationConfig()
+
+    @model_validator(mode="after")
+    def _levels_are_valid(self) -> StructureConfig:
+        if not self.ffn or not all(0 < fraction <= 1 for fraction in self.ffn):
+            raise ValueError(f"ffn widths are fractions of the teacher's in (0, 1], got {self.ffn}")
+        if self.kv_groups is not None and (not self.kv_groups or min(self.kv_groups) < 0):
+            raise ValueError(f"kv_groups are counts of key/value groups, 0 or more, got {self.kv_groups}")
+        if self.ffn == [1.0] and self.kv_groups is None and not self.drop_blocks:
+            raise ValueError("a structure section offers at least one of ffn widths below 1, kv_groups or drop_blocks")
+        return self
+
+
 class Budget(Section):
     """A fixed size for a budget-aware search: the average sparsity, or the average bit-width, of the
     compressible weights (weighted by their number), which every plan the search tries keeps exactly; or a ceiling
@@ -363,6 +398,9 @@ class SearchConfig(Section):
         None,
         description="with a budget: EvoPress's generations, selected in stages, only the plans scored on the whole "
         "fitness pool recorded as trials (instead of one trial per scored plan)",
+    )
+    structure: StructureConfig | None = Field(
+        None, description="per-block FFN widths, key/value groups and removed blocks (llama.cpp's deci architecture)"
     )
 
     @field_validator("formats")
@@ -568,6 +606,19 @@ class Config(Section):
                 f"search.sparsity: pattern {self.compression.pattern} keeps {nm[0]} of every {nm[1]} weights, so "
                 f"the sparsity levels may only be 0 and {allowed:g}, got {levels}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _structure_ships(self) -> Config:
+        if self.search.structure is None:
+            return self
+        if self.compression.target != "gguf":
+            raise ValueError(
+                "search.structure: structural levels ship as llama.cpp's deci architecture, so far under "
+                f"compression.target gguf only, not {self.compression.target}"
+            )
+        if self.search.student is not None:
+            raise ValueError("search.structure: a smaller architecture is made one way; drop search.student")
         return self
 
     @model_validator(mode="after")

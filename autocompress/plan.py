@@ -1,5 +1,6 @@
 """The data a trial is: an optional student architecture, then how much to prune and at which precision to
-keep, per decoder block or per Linear (of the student, when there is one)."""
+keep, per decoder block or per Linear (of the student, when there is one), and each block's own shape (its FFN
+width, its attention's key/value groups, or the block removed)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ Granularity = Literal["block", "linear"]
 UNQUANTIZED = "fp16"  # the level name of weights kept in 16 bits (bfloat16 for a bfloat16 model)
 
 STUDENT_PREFIX = "student."  # trial parameters of the student architecture: student.num_layers, ...
+STRUCTURE_FIELDS = ("ffn", "kv_groups", "removed")  # trial parameters of a block's shape: `{block}.ffn`, ...
 _N_M = re.compile(r"^(\d+):(\d+)$")
 _INTEGER_LEVEL = re.compile(r"^int(\d+)(?:-(?:g(\d+)|(row)))?$")
 _FORMAT_LEVEL = re.compile(rf"^({'|'.join(map(re.escape, FORMATS))})(?:-(?:g(\d+)|(row)|(tensor)))?$")
@@ -67,6 +69,41 @@ class StudentArchitecture(BaseModel):
         except Exception as error:  # the family's own config validation raises its own error types
             raise ValueError(f"student shape {shape} is not a valid {type(config).__name__}: {error}") from error
         return shape
+
+
+class BlockStructure(BaseModel):
+    """One decoder block's shape, relative to the teacher's block (`autocompress.structure` builds it).
+
+    `ffn` is the fraction of the teacher's FFN channels kept (1: all); `kv_groups` the key/value groups kept, each
+    with the teacher's query heads per group (None: all of them; 0: no attention); `removed` drops the whole block
+    (its input passes on unchanged). A removed block says nothing more, so one shape has one form.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ffn: float = Field(1.0, gt=0.0, le=1.0)
+    kv_groups: int | None = Field(None, ge=0)
+    removed: bool = False
+
+    @model_validator(mode="after")
+    def _removed_says_nothing_more(self) -> BlockStructure:
+        if self.removed and (self.ffn != 1.0 or self.kv_groups is not None):
+            raise ValueError("a removed block has no FFN width or key/value groups; give removed alone")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_the_teachers(self, handler):
+        """Only what differs from the teacher's block, so plans without a shape serialize as before."""
+        data = handler(self)
+        return {key: value for key, value in data.items() if value != BlockStructure.model_fields[key].default}
+
+    @property
+    def is_teacher(self) -> bool:
+        return self == BlockStructure()
+
+    @property
+    def has_attention(self) -> bool:
+        return not self.removed and self.kv_groups != 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +224,24 @@ class CompressionPlan(BaseModel):
     symmetric: bool = False
     student: StudentArchitecture | None = None
     recovery_steps: int = Field(0, ge=0, description="KD steps after pruning, masks frozen, before quantizing")
+    structure: dict[str, BlockStructure] = Field(
+        default_factory=dict, description="each named decoder block's own shape; the teacher's for the others"
+    )
+
+    @field_validator("structure")
+    @classmethod
+    def _teacher_blocks_unnamed(cls, structure: dict[str, BlockStructure]) -> dict[str, BlockStructure]:
+        """A block at the teacher's shape is left out, so one plan has one form."""
+        return {block: shape for block, shape in structure.items() if not shape.is_teacher}
+
+    @model_serializer(mode="wrap")
+    def _omit_no_structure(self, handler):
+        """Leave `structure` out while every block keeps the teacher's shape, so such plans serialize (and are
+        cached and fingerprinted) as before structural levels existed."""
+        data = handler(self)
+        if not self.structure:
+            data.pop("structure", None)
+        return data
 
     @field_validator("pruning")
     @classmethod
@@ -285,11 +340,14 @@ class CompressionPlan(BaseModel):
 
     def to_params(self) -> dict[str, float | int | str]:
         """Flat parameters, as an Optuna trial holds them: `student.{dimension}` for each student dimension
-        given, then per unit `{unit}.sparsity`, and `{unit}.bits` or `{unit}.format` (a named level)."""
+        given, then per block of its own shape `{block}.ffn`, `{block}.kv_groups` or `{block}.removed`, then per
+        unit `{unit}.sparsity`, and `{unit}.bits` or `{unit}.format` (a named level)."""
         params: dict[str, float | int | str] = {}
         if self.student is not None:
             shape = self.student.model_dump(exclude_none=True)
             params |= {f"{STUDENT_PREFIX}{dimension}": value for dimension, value in shape.items()}
+        for block, shape in self.structure.items():
+            params |= {f"{block}.{field}": value for field, value in shape.model_dump().items()}
         for unit, setting in self.layers.items():
             params[f"{unit}.sparsity"] = setting.sparsity
             if setting.format is None:
@@ -302,18 +360,33 @@ class CompressionPlan(BaseModel):
     def from_params(cls, params: Mapping[str, float | int | str], **options: object) -> CompressionPlan:
         """The inverse of `to_params`; `options` sets the plan-wide fields (methods, granularity...)."""
         per_unit: dict[str, dict[str, float | int | str]] = {}
+        per_block: dict[str, dict[str, float | int | bool]] = {}
         student: dict[str, int] = {}
         for key, value in params.items():
             if key.startswith(STUDENT_PREFIX):
                 student[key.removeprefix(STUDENT_PREFIX)] = int(value)
                 continue
             unit, _, field = key.rpartition(".")
+            if field in STRUCTURE_FIELDS and unit:
+                per_block.setdefault(unit, {})[field] = value
+                continue
             if field not in ("sparsity", "bits", "format") or not unit:
                 raise ValueError(
-                    f"parameter {key!r} is not of the form '<unit>.sparsity', '<unit>.bits' or '<unit>.format'"
+                    f"parameter {key!r} is not of the form '<unit>.sparsity', '<unit>.bits', '<unit>.format' or "
+                    "'<block>.ffn', '<block>.kv_groups', '<block>.removed'"
                 )
             per_unit.setdefault(unit, {})[field] = value
         layers = {unit: LayerCompression(**fields) for unit, fields in per_unit.items()}
         if student:
             options = {**options, "student": StudentArchitecture(**student)}
+        if per_block:
+            options = {**options, "structure": {block: _block_of_params(fields) for block, fields in per_block.items()}}
         return cls(layers=layers, **options)
+
+
+def _block_of_params(fields: Mapping[str, float | int | bool]) -> BlockStructure:
+    """A block's shape from its trial parameters: a removed block's width and groups, which a search samples beside
+    `removed` all the same, mean nothing."""
+    if fields.get("removed"):
+        return BlockStructure(removed=True)
+    return BlockStructure(**{field: value for field, value in fields.items() if field != "removed"})

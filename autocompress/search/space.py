@@ -10,6 +10,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 
 from autocompress.config import Config
+from autocompress.errors import UserError
 from autocompress.plan import STUDENT_PREFIX, UNQUANTIZED, CompressionPlan, parse_level
 from autocompress.record import StudyRecord
 
@@ -42,6 +43,8 @@ class SearchSpace:
     """
 
     def __init__(self, config: Config, units: list[str], unit_levels: dict[str, list[str]] | None = None) -> None:
+        if config.search.structure is not None:  # validated, built and exported, but not yet stitched into trials
+            raise UserError("search.structure: structural levels are not searched yet; drop search.structure")
         self.config = config
         self.units = units
         self.unit_levels = unit_levels

@@ -50,8 +50,9 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,7 @@ from autocompress.errors import UserError
 from autocompress.methods import QuantizedWeight
 from autocompress.models import EMBEDDED_MODEL, embedded_gguf
 from autocompress.plan import CompressionPlan
+from autocompress.structure import DECI_FAMILIES, BlockShape, block_shapes, check_shapes, is_structured
 from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fits, tensor_bytes
 
 if TYPE_CHECKING:
@@ -129,15 +131,21 @@ def _add_rope(writer: gguf.GGUFWriter, config, allowed: tuple[str, ...]) -> None
         writer.add_rope_freq_base_swa(float(sliding.get("rope_theta", 10000.0)))
 
 
-def _add_common(writer: gguf.GGUFWriter, config) -> None:
-    """The keys `TextModel.set_gguf_parameters` writes for every family."""
+def _add_common(writer: gguf.GGUFWriter, config, shapes: Sequence[BlockShape] | None = None) -> None:
+    """The keys `TextModel.set_gguf_parameters` writes for every family; with per-block `shapes`, the FFN width and
+    head counts per layer, as the deci converter writes them (the head size is written either way)."""
     heads = config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    if shapes is None:
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    else:
+        writer.add_feed_forward_length([shape.intermediate_size for shape in shapes])
+        writer.add_head_count([shape.num_attention_heads for shape in shapes])
+        writer.add_head_count_kv([shape.num_key_value_heads for shape in shapes])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_key_length(_head_dim(config))
     writer.add_value_length(_head_dim(config))
@@ -158,8 +166,10 @@ def _note_sliding_window(config, notes: list[str]) -> None:
         )
 
 
-def _llama_metadata(writer: gguf.GGUFWriter, config, notes: list[str]) -> None:
-    _add_common(writer, config)
+def _llama_metadata(
+    writer: gguf.GGUFWriter, config, notes: list[str], shapes: Sequence[BlockShape] | None = None
+) -> None:
+    _add_common(writer, config, shapes)
     _add_rope(writer, config, ("linear", "llama3"))
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(_head_dim(config))
@@ -256,11 +266,25 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(model: PreTrainedModel) -> Family:
+    """The family a model is written as: its class's, or llama.cpp's `deci` for a Llama whose blocks have shapes of
+    their own (`autocompress.structure`), with the FFN width and head counts per layer."""
     name = type(model).__name__
     if name not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
         raise UserError(f"export: GGUF is written for {known}, not {name}; use --format compressed or hf")
-    return FAMILIES[name]
+    if not is_structured(model):
+        return FAMILIES[name]
+    if name not in DECI_FAMILIES:
+        raise UserError(
+            f"export: blocks of their own shapes are written as llama.cpp's deci architecture, which runs "
+            f"{', '.join(DECI_FAMILIES)} blocks, not {name}'s"
+        )
+    shapes = block_shapes(model)
+    try:
+        check_shapes(shapes)
+    except ValueError as error:
+        raise UserError(f"export: {error}") from error
+    return Family(gguf.MODEL_ARCH.DECI, partial(_llama_metadata, shapes=shapes), permute_rope=True)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -414,8 +438,6 @@ def _llama3_rope_factors(config) -> np.ndarray | None:
 
 def _slots(model: PreTrainedModel, family: Family) -> dict[str, TensorSlot]:
     config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     names = gguf.get_tensor_name_map(family.arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     slots = {}
@@ -426,10 +448,8 @@ def _slots(model: PreTrainedModel, family: Family) -> dict[str, TensorSlot]:
         if name is None:
             raise UserError(f"export: GGUF ({family.arch.name.lower()}) has no name for the tensor {key!r}")
         rows = None
-        if family.permute_rope and name.endswith(("attn_q.weight", "attn_q.bias")):
-            rows = _rope_rows(tensor.shape[0], heads)
-        elif family.permute_rope and name.endswith(("attn_k.weight", "attn_k.bias")):
-            rows = _rope_rows(tensor.shape[0], kv_heads)
+        if family.permute_rope and name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            rows = _rope_rows(tensor.shape[0], tensor.shape[0] // _head_dim(config))  # this layer's own heads
         shift = family.norm_shift if key.endswith("norm.weight") else 0.0
         slots[key] = TensorSlot(key, name, tuple(tensor.shape), rows, shift)
     factors = _llama3_rope_factors(config)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from autocompress.errors import UserError
+from autocompress.models import meta_model
+from autocompress.structure import check_levels
 from autocompress.targets import Target
 from autocompress.targets.gguf.weights import check_config, space_levels
 
@@ -23,6 +26,19 @@ class GgufTarget(Target):
 
     def check_model(self, config: Config) -> None:
         space_levels(config)
+        if config.search.structure is not None:
+            check_structure_levels(config)
+
+
+def check_structure_levels(config: Config) -> None:
+    """A UserError (one line) for structural levels the config's model cannot take or llama.cpp's deci cannot run,
+    from its config alone (on the meta device, before any weight is loaded)."""
+    model = meta_model(config.model)
+    structure = config.search.structure
+    try:
+        check_levels(model.config, type(model).__name__, structure.ffn, structure.kv_groups, structure.drop_blocks)
+    except ValueError as error:
+        raise UserError(f"search.structure: {error}") from error
 
 
 TARGET = GgufTarget()
