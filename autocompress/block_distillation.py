@@ -1,0 +1,194 @@
+"""Block-local distillation (Puzzle's "BLD"): each structural alternative of a sub-block, cut from the teacher's by
+importance (`structure.variant_modules`), is trained to reproduce that sub-block's output from its cached inputs.
+
+A decoder block adds two things to the residual stream: its attention's output (from the input norm's output) and its
+FFN's output (from the post-attention norm's output). An alternative replaces one of them and leaves the residual
+itself alone, so the MSE between what the alternative adds and what the teacher's sub-block adds is the MSE on the
+residual stream. `capture` records, for the chosen blocks, each sub-block's input and output on calibration windows in
+one pass of the teacher; `distill` trains an alternative on the first windows and judges it, before and after, on the
+last ones (`heldout_fraction`), which it never trains on: the calibration pool is small, so an alternative judged on
+its training windows would look better than it is. FFN alternatives train the FFN alone, attention alternatives the
+attention alone; no attention and a removed block have nothing to train.
+
+Blocks are independent: every block's alternatives can be trained in its own process from its own captured inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autocompress.config import BlockDistillationConfig
+from autocompress.models import decoder_blocks
+
+SubBlock = Literal["ffn", "attention"]
+
+
+@dataclass(frozen=True)
+class BlockDistillationOptions:
+    steps: int = 100
+    learning_rate: float = 1e-4
+    batch_size: int = 4  # calibration windows per step
+    heldout_fraction: float = 0.25  # the last windows, on which alternatives are judged and never trained
+    seed: int = 0  # of the order training windows are drawn in
+
+
+def options_of(settings: BlockDistillationConfig) -> BlockDistillationOptions:
+    """The training options of a config's `search.structure.distillation` section."""
+    return BlockDistillationOptions(
+        steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        heldout_fraction=settings.heldout_fraction,
+    )
+
+
+@dataclass
+class SubBlockRecord:
+    """What one sub-block of the teacher took and added to the residual stream, per calibration window (on the CPU,
+    so that many blocks' records do not crowd the model's device)."""
+
+    kind: SubBlock
+    inputs: torch.Tensor  # [windows, tokens, hidden]: the sub-block's input, after its norm
+    outputs: torch.Tensor  # [windows, tokens, hidden]: what it adds to the residual stream
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # attention: rope cos, sin of one window
+    attention_mask: torch.Tensor | None = None  # attention: one window's mask (None: causal, as sdpa takes it)
+
+    def split(self, heldout_fraction: float) -> tuple[range, range]:
+        """(training windows, held-out windows): the last `heldout_fraction` of them held out, at least one of each."""
+        count = len(self.inputs)
+        if count < 2:
+            raise ValueError(f"block-local distillation needs two calibration windows or more, got {count}")
+        heldout = min(count - 1, max(1, round(count * heldout_fraction)))
+        return range(count - heldout), range(count - heldout, count)
+
+    def run(self, module: nn.Module, windows: torch.Tensor | slice | range) -> torch.Tensor:
+        """What `module` (this sub-block or an alternative of it) adds on the given windows."""
+        device = self.device_of(module)
+        windows = slice(windows.start, windows.stop) if isinstance(windows, range) else windows
+        inputs = self.inputs[windows].to(device)
+        if self.kind == "ffn":
+            return module(inputs)
+        count = len(inputs)
+        cos, sin = (part.to(device).expand(count, *part.shape[1:]) for part in self.position_embeddings)
+        mask = None if self.attention_mask is None else self.attention_mask.to(device).expand(count, -1, -1, -1)
+        return module(hidden_states=inputs, position_embeddings=(cos, sin), attention_mask=mask)[0]
+
+    @torch.no_grad()
+    def mse(self, module: nn.Module, windows: range, batch_size: int) -> float:
+        """Mean squared error of what `module` adds against what the teacher's sub-block adds, on `windows`."""
+        total = 0.0
+        for start in range(windows.start, windows.stop, batch_size):
+            batch = slice(start, min(start + batch_size, windows.stop))
+            error = self.run(module, batch).float() - self.outputs[batch].to(self.device_of(module)).float()
+            total += error.square().sum().item()
+        return total / (len(windows) * self.outputs[0].numel())
+
+    @staticmethod
+    def device_of(module: nn.Module) -> torch.device:
+        """Where a module computes (the CPU for one without parameters)."""
+        return next(module.parameters(), torch.empty(0)).device
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module, tokens: torch.Tensor, blocks: Iterable[int], batch_size: int = 4
+) -> dict[tuple[int, SubBlock], SubBlockRecord]:
+    """Each sub-block's inputs and outputs in the chosen decoder blocks of `model`, on `tokens` [windows, length],
+    in one pass per batch of windows; keyed by (block index, "ffn" | "attention")."""
+    all_blocks = decoder_blocks(model)[1]
+    captured: dict[tuple[int, SubBlock], dict] = {}
+    hooks = []
+
+    def on_ffn(index: int):
+        def hook(_module, args, output):
+            parts = captured.setdefault((index, "ffn"), {"inputs": [], "outputs": []})
+            parts["inputs"].append(args[0].detach().cpu())
+            parts["outputs"].append(output.detach().cpu())
+
+        return hook
+
+    def on_attention(index: int):
+        def hook(_module, args, kwargs, output):
+            parts = captured.setdefault((index, "attention"), {"inputs": [], "outputs": []})
+            hidden = args[0] if args else kwargs["hidden_states"]
+            parts["inputs"].append(hidden.detach().cpu())
+            parts["outputs"].append(output[0].detach().cpu())
+            cos, sin = kwargs["position_embeddings"]
+            parts["position_embeddings"] = (cos[:1].detach().cpu(), sin[:1].detach().cpu())
+            mask = kwargs.get("attention_mask")
+            parts["attention_mask"] = None if mask is None else mask[:1].detach().cpu()
+
+        return hook
+
+    for index in blocks:
+        block = all_blocks[index]
+        hooks.append(block.mlp.register_forward_hook(on_ffn(index)))
+        hooks.append(block.self_attn.register_forward_hook(on_attention(index), with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(tokens), batch_size):
+            model(tokens[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        (index, kind): SubBlockRecord(
+            kind,
+            torch.cat(parts["inputs"]),
+            torch.cat(parts["outputs"]),
+            parts.get("position_embeddings"),
+            parts.get("attention_mask"),
+        )
+        for (index, kind), parts in captured.items()
+    }
+
+
+@dataclass(frozen=True)
+class DistillationResult:
+    """One alternative trained: its held-out MSE as cut and as trained, and what the training cost."""
+
+    steps: int
+    seconds: float
+    heldout_mse_cut: float
+    heldout_mse: float
+    train_mse: float  # on the training windows, after training
+
+
+def distill(alternative: nn.Module, record: SubBlockRecord, options: BlockDistillationOptions) -> DistillationResult:
+    """Train `alternative` (in place) to add what the teacher's sub-block adds, from the sub-block's recorded inputs,
+    on the training windows; judge it on the held-out ones. An alternative without parameters is judged only."""
+    train, heldout = record.split(options.heldout_fraction)
+    before = record.mse(alternative, heldout, options.batch_size)
+    parameters = list(alternative.parameters())
+    steps = options.steps if parameters else 0
+    started = time.perf_counter()
+    if steps:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(options.seed)
+        alternative.train()
+        device = SubBlockRecord.device_of(alternative)
+        try:
+            for step in range(steps):
+                rows = train.start + torch.randint(len(train), (options.batch_size,), generator=generator)
+                loss = F.mse_loss(record.run(alternative, rows).float(), record.outputs[rows].to(device).float())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"block-local distillation loss is not finite at step {step + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            alternative.eval()
+            for parameter in parameters:
+                parameter.requires_grad_(False)
+    seconds = time.perf_counter() - started
+    after = record.mse(alternative, heldout, options.batch_size)
+    return DistillationResult(steps, seconds, before, after, record.mse(alternative, train, options.batch_size))
