@@ -182,23 +182,51 @@ def cut_attention(attention: nn.Module, groups: list[int], heads: list[int], siz
 
 
 @torch.no_grad()
+def attention_alternative(
+    block: nn.Module, index: int, groups: int, importance: Importance, config
+) -> dict[str, nn.Module]:
+    """The sub-modules (by attribute of the decoder block) that keep `groups` key/value groups of the teacher's
+    `block` (block `index`), the most important ones, each with all its query heads; none: no attention."""
+    if groups == 0:
+        return {"self_attn": NoAttention(), "input_layernorm": nn.Identity()}
+    teacher = teacher_shape(config)
+    per_group = teacher.num_attention_heads // teacher.num_key_value_heads
+    kept, heads = _kept_heads(importance.heads[index], groups, per_group, per_group)
+    return {"self_attn": cut_attention(block.self_attn, kept, heads, head_dim(config))}
+
+
+@torch.no_grad()
+def ffn_alternative(block: nn.Module, index: int, channels: int, importance: Importance) -> dict[str, nn.Module]:
+    """The sub-modules that keep `channels` FFN channels of the teacher's `block`, the most important ones; none:
+    no FFN (the block removed, with its attention)."""
+    if channels == 0:
+        return {"mlp": NoFeedForward(), "post_attention_layernorm": nn.Identity()}
+    return {"mlp": cut_ffn(block.mlp, _top(importance.mlp_channels[index], channels))}
+
+
+def sub_block_levels(structure: BlockStructure, config) -> dict[str, int]:
+    """The sub-blocks a structure changes, with the level each takes: "attention" its key/value groups (0: none),
+    "ffn" its channels (0: the block removed); sub-blocks at the teacher's shape are not listed."""
+    shape, teacher = block_shape(structure, config), teacher_shape(config)
+    levels = {}
+    if shape.num_key_value_heads < teacher.num_key_value_heads:
+        levels["attention"] = shape.num_key_value_heads
+    if shape.intermediate_size < teacher.intermediate_size:
+        levels["ffn"] = shape.intermediate_size
+    return levels
+
+
 def variant_modules(
     block: nn.Module, index: int, structure: BlockStructure, importance: Importance, config
 ) -> dict[str, nn.Module]:
     """The sub-modules (by attribute of the decoder block) that give the teacher's `block` its `structure`, cut by
     importance; the teacher's block is left untouched. Sub-modules at the teacher's shape are not listed."""
-    shape, teacher = block_shape(structure, config), teacher_shape(config)
     swaps: dict[str, nn.Module] = {}
-    if shape.num_attention_heads == 0:
-        swaps |= {"self_attn": NoAttention(), "input_layernorm": nn.Identity()}
-    elif shape.num_key_value_heads < teacher.num_key_value_heads:
-        per_group = teacher.num_attention_heads // teacher.num_key_value_heads
-        groups, heads = _kept_heads(importance.heads[index], shape.num_key_value_heads, per_group, per_group)
-        swaps["self_attn"] = cut_attention(block.self_attn, groups, heads, head_dim(config))
-    if shape.removed:
-        swaps |= {"mlp": NoFeedForward(), "post_attention_layernorm": nn.Identity()}
-    elif shape.intermediate_size < teacher.intermediate_size:
-        swaps["mlp"] = cut_ffn(block.mlp, _top(importance.mlp_channels[index], shape.intermediate_size))
+    for kind, level in sub_block_levels(structure, config).items():
+        if kind == "attention":
+            swaps |= attention_alternative(block, index, level, importance, config)
+        else:
+            swaps |= ffn_alternative(block, index, level, importance)
     return swaps
 
 
@@ -251,3 +279,70 @@ def is_structured(model: nn.Module) -> bool:
     except AttributeError:  # not Llama's block layout (Phi-3's fused projections), which is never cut here
         return False
     return any(shape != teacher_shape(model.config) for shape in shapes)
+
+
+# ---------------------------------------------------------------- stitching
+
+SubBlockLevel = tuple[int, str, int]  # (block index, "attention" | "ffn", key/value groups or channels kept)
+SUB_MODULES = ("self_attn", "input_layernorm", "mlp", "post_attention_layernorm")
+
+
+class StructureStitcher:
+    """Stitches a plan's block shapes into a model in place, sub-module by sub-module, and puts the teacher's back.
+
+    Each alternative (a block's attention at some key/value groups, its FFN at some width) is built once from the
+    teacher's own sub-module, cut by importance, and kept: `alternatives` may hold trained ones
+    (`block_distillation.distill`), keyed by `SubBlockLevel`. The teacher's sub-modules are held, never changed, so
+    `restore` (a rollback) gives the teacher back exactly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        importance: Importance,
+        alternatives: Mapping[SubBlockLevel, Mapping[str, nn.Module]] | None = None,
+    ) -> None:
+        self.model = model
+        self.importance = importance
+        self.blocks_name, self.blocks = decoder_blocks(model)
+        self.teacher = [{name: getattr(block, name) for name in SUB_MODULES} for block in self.blocks]
+        self.alternatives = {key: dict(modules) for key, modules in (alternatives or {}).items()}
+        self.applied: dict[str, BlockStructure] = {}
+
+    def alternative(self, index: int, kind: str, level: int) -> dict[str, nn.Module]:
+        """The sub-modules of block `index`'s `kind` at `level`, built from the teacher's on first use."""
+        key = (index, kind, level)
+        if key not in self.alternatives:
+            self.restore_block(index)
+            block, config = self.blocks[index], self.model.config
+            if kind == "attention":
+                self.alternatives[key] = attention_alternative(block, index, level, self.importance, config)
+            else:
+                self.alternatives[key] = ffn_alternative(block, index, level, self.importance)
+        return self.alternatives[key]
+
+    def restore_block(self, index: int) -> None:
+        for name, module in self.teacher[index].items():
+            setattr(self.blocks[index], name, module)
+
+    def restore(self) -> None:
+        """The teacher's sub-modules back in every block."""
+        for index in range(len(self.blocks)):
+            self.restore_block(index)
+        self.applied = {}
+
+    @torch.no_grad()
+    def stitch(self, plan: CompressionPlan) -> None:
+        """Give every block the plan's shape (the teacher's where the plan names none); ValueError (one line) for a
+        structure the model cannot take or llama.cpp cannot run, before anything changes."""
+        config = self.model.config
+        check_structure(plan.structure, config, self.blocks_name)
+        wanted = {block_index(name, self.blocks_name): structure for name, structure in plan.structure.items()}
+        for index in range(len(self.blocks)):
+            levels = sub_block_levels(wanted[index], config) if index in wanted else {}
+            swaps = {}
+            for kind, level in levels.items():
+                swaps |= self.alternative(index, kind, level)
+            self.restore_block(index)
+            swap_modules(self.blocks[index], swaps)
+        self.applied = dict(plan.structure)

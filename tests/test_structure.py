@@ -19,6 +19,7 @@ from autocompress.structure import (
     BlockShape,
     NoAttention,
     NoFeedForward,
+    StructureStitcher,
     block_shapes,
     build_structured,
     check_structure,
@@ -241,3 +242,33 @@ def test_a_cut_attention_computes_what_the_teacher_computes_without_the_dropped_
             silenced.model.layers[2].self_attn.o_proj.weight[:, head * 16 : (head + 1) * 16] = 0
     tokens = calibration_tokens(256, windows=2, seed=3)
     torch.testing.assert_close(cut(tokens).logits, silenced(tokens).logits)
+
+
+# --- stitching --------------------------------------------------------------------------------------------------
+
+
+def test_a_stitched_structural_plan_equals_the_directly_built_model_and_rolls_back_to_the_teacher() -> None:
+    teacher = four_block_model()
+    tokens = calibration_tokens(256, windows=2, seed=3)
+    dense = teacher(tokens).logits
+    importance = measure_importance(teacher, calibration_tokens(256))
+    plan = CompressionPlan(structure=STRUCTURE)
+    built = build_structured(teacher, plan, importance)
+    stitcher = StructureStitcher(teacher, importance)
+    other = {"model.layers.2": BlockStructure(removed=True), "model.layers.3": BlockStructure(ffn=0.5)}
+    stitcher.stitch(CompressionPlan(structure=other))  # another plan first: stitching replaces it whole
+    stitcher.stitch(plan)
+    assert block_shapes(teacher) == block_shapes(built)
+    assert torch.equal(teacher(tokens).logits, built(tokens).logits)
+    stitcher.restore()
+    assert not is_structured(teacher)
+    assert torch.equal(teacher(tokens).logits, dense)
+
+
+def test_a_structure_the_model_cannot_take_changes_nothing() -> None:
+    teacher = four_block_model()
+    stitcher = StructureStitcher(teacher, measure_importance(teacher, calibration_tokens(256)))
+    stitcher.stitch(CompressionPlan(structure={"model.layers.1": BlockStructure(ffn=0.5)}))
+    with pytest.raises(ValueError, match="removes blocks 1 to 2 only"):
+        stitcher.stitch(CompressionPlan(structure={"model.layers.3": BlockStructure(removed=True)}))
+    assert block_shapes(teacher)[1].intermediate_size == 64
