@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING
 
 from autocompress.errors import UserError
 from autocompress.models import meta_model
-from autocompress.structure import check_levels
+from autocompress.structure import check_levels, structural_inputs
 from autocompress.targets import Target
+from autocompress.targets.gguf.blocks import fits
 from autocompress.targets.gguf.weights import check_config, space_levels
 
 if TYPE_CHECKING:
@@ -39,6 +40,13 @@ def check_structure_levels(config: Config) -> None:
         check_levels(model.config, type(model).__name__, structure.ffn, structure.kv_groups, structure.drop_blocks)
     except ValueError as error:
         raise UserError(f"search.structure: {error}") from error
+    formats = config.search.precision_levels()
+    for matrix, level, inputs in structural_inputs(model.config, structure.ffn, structure.kv_groups):
+        if not any(fits(kind, inputs) for kind in formats):
+            raise UserError(
+                f"search.structure: {level} gives {matrix} rows of {inputs} weights, which no type of search.formats "
+                f"splits into whole blocks (K-types need a multiple of 256); add a 32-block type such as q8_0"
+            )
 
 
 TARGET = GgufTarget()
