@@ -238,6 +238,8 @@ class StructureConfig(Section):
             raise ValueError(f"ffn widths are fractions of the teacher's in (0, 1], got {self.ffn}")
         if self.kv_groups is not None and (not self.kv_groups or min(self.kv_groups) < 0):
             raise ValueError(f"kv_groups are counts of key/value groups, 0 or more, got {self.kv_groups}")
+        if self.kv_groups is not None and max(self.kv_groups) == 0:
+            raise ValueError("kv_groups: the first block keeps its attention, so offer a count above 0 too")
         if self.ffn == [1.0] and self.kv_groups is None and not self.drop_blocks:
             raise ValueError("a structure section offers at least one of ffn widths below 1, kv_groups or drop_blocks")
         return self

@@ -156,6 +156,30 @@ def structural_inputs(config, ffn: Iterable[float], kv_groups: Iterable[int] | N
     return inputs
 
 
+def structure_choices(
+    ffn: Iterable[float],
+    kv_groups: Iterable[int] | None,
+    drop_blocks: bool,
+    n_layers: int,
+    blocks_name: str = "model.layers",
+) -> dict[str, list]:
+    """Each block's structural trial parameters (`{block}.ffn`, `{block}.kv_groups`, `{block}.removed`, as
+    `CompressionPlan.from_params` reads them) with the values a search may give them there: no attention nowhere
+    but in blocks 1 to L-1, removal only in blocks 1 to L-2 (llama.cpp's deci). A dimension the config leaves at the
+    teacher's is not listed."""
+    choices: dict[str, list] = {}
+    widths = sorted(set(ffn))
+    for index in range(n_layers):
+        block = f"{blocks_name}.{index}"
+        if widths != [1.0]:
+            choices[f"{block}.ffn"] = widths
+        if kv_groups is not None:
+            choices[f"{block}.kv_groups"] = sorted({groups for groups in kv_groups if index > 0 or groups > 0})
+        if drop_blocks and 0 < index < n_layers - 1:
+            choices[f"{block}.removed"] = [False, True]
+    return choices
+
+
 # ---------------------------------------------------------------- modules
 
 

@@ -24,6 +24,7 @@ from autocompress.structure import (
     build_structured,
     check_structure,
     is_structured,
+    structure_choices,
 )
 from tests.conftest import write_yaml
 from tests.test_config_and_cli import error_line, run_main
@@ -102,6 +103,19 @@ def test_shapes_llama_cpp_cannot_run_are_refused_in_one_line() -> None:
         check_structure({"model.layers.4": BlockStructure(ffn=0.5)}, config)
 
 
+def test_each_block_is_offered_only_the_shapes_llama_cpp_runs_there() -> None:
+    choices = structure_choices([1, 0.5], [2, 1, 0], True, n_layers=4)
+    assert choices["model.layers.0.kv_groups"] == [1, 2]  # the first block keeps its attention
+    assert choices["model.layers.3.kv_groups"] == [0, 1, 2]
+    assert [key for key in choices if key.endswith(".removed")] == ["model.layers.1.removed", "model.layers.2.removed"]
+    assert choices["model.layers.0.ffn"] == [0.5, 1]
+    every_extreme = {key: values[0] if not key.endswith(".removed") else values[-1] for key, values in choices.items()}
+    plan = CompressionPlan.from_params(every_extreme)
+    check_structure(plan.structure, four_block_config())
+    assert plan.structure["model.layers.1"] == BlockStructure(removed=True)
+    assert structure_choices([1.0], None, False, n_layers=4) == {}
+
+
 # --- config: refused before any model loads ---------------------------------------------------------------------
 
 
@@ -171,6 +185,7 @@ def test_a_family_deci_does_not_run_is_refused_naming_those_it_does(tmp_path: Pa
         ({"search": {"structure": {"ffn": [1.0]}}}, "offers at least one of ffn widths below 1"),
         ({"search": {"structure": {"ffn": [1.5]}}}, "fractions of the teacher's in (0, 1]"),
         ({"search": {"structure": {"kv_groups": [-1]}}}, "0 or more"),
+        ({"search": {"structure": {"kv_groups": [0]}}}, "offer a count above 0 too"),
     ],
 )
 def test_a_structure_section_that_cannot_ship_is_one_line(tmp_path: Path, section: dict, message: str) -> None:
