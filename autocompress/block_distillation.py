@@ -15,17 +15,32 @@ Blocks are independent: every block's alternatives can be trained in its own pro
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from autocompress.config import BlockDistillationConfig
+from autocompress.distillation import Importance
+from autocompress.files import write_atomically
 from autocompress.models import decoder_blocks
+from autocompress.structure import (
+    SubBlockLevel,
+    attention_alternative,
+    ffn_alternative,
+    ffn_width,
+    structure_choices,
+    teacher_shape,
+)
 
 SubBlock = Literal["ffn", "attention"]
 
@@ -192,3 +207,112 @@ def distill(alternative: nn.Module, record: SubBlockRecord, options: BlockDistil
     seconds = time.perf_counter() - started
     after = record.mse(alternative, heldout, options.batch_size)
     return DistillationResult(steps, seconds, before, after, record.mse(alternative, train, options.batch_size))
+
+
+# ---------------------------------------------------------------- every alternative of a model, kept on disk
+
+
+def alternative_levels(config, ffn: Iterable[float], kv_groups: Iterable[int] | None, drop_blocks: bool) -> dict:
+    """Per block index, the sub-block levels its alternatives take, {"attention": [key/value groups], "ffn":
+    [channels]}, the teacher's own left out; a removed block is both at 0 (in blocks 1 to L-2 only)."""
+    choices = structure_choices(ffn, kv_groups, drop_blocks, config.num_hidden_layers)
+    teacher = teacher_shape(config)
+    levels: dict[int, dict[str, list[int]]] = {}
+    for index in range(config.num_hidden_layers):
+        block = f"model.layers.{index}"
+        widths = {ffn_width(fraction, config) for fraction in choices.get(f"{block}.ffn", [])}
+        groups = set(choices.get(f"{block}.kv_groups", []))
+        if True in choices.get(f"{block}.removed", []):
+            widths.add(0)
+            groups.add(0)
+        levels[index] = {
+            "attention": sorted((groups - {teacher.num_key_value_heads}), reverse=True),
+            "ffn": sorted((widths - {teacher.intermediate_size}), reverse=True),
+        }
+    return levels
+
+
+@dataclass(frozen=True)
+class Alternative:
+    modules: dict[str, nn.Module]  # by attribute of the decoder block, as `StructureStitcher` swaps them in
+    result: DistillationResult
+    from_store: bool  # read back from disk rather than trained now
+
+
+class AlternativeStore:
+    """Trained alternatives on disk: one safetensors file per (block, sub-block, level), its training result in the
+    file's metadata, each written atomically, so an interrupted distillation resumes with what it finished. The
+    folder must be keyed by what the alternatives depend on (the teacher, the calibration windows, the options)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, key: SubBlockLevel) -> Path:
+        index, kind, level = key
+        return self.folder / f"block{index}-{kind}-{level}.safetensors"
+
+    def load(self, key: SubBlockLevel, modules: dict[str, nn.Module]) -> DistillationResult | None:
+        """The stored result, with the stored weights loaded into `modules`; None if it is not stored."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        with safe_open(path, framework="pt") as stored:
+            result = json.loads(stored.metadata()["result"])
+        tensors = load_file(path)
+        for attribute, module in modules.items():
+            prefix = f"{attribute}."
+            state = {name.removeprefix(prefix): value for name, value in tensors.items() if name.startswith(prefix)}
+            module.load_state_dict(state, strict=True)
+        return DistillationResult(**result)
+
+    def save(self, key: SubBlockLevel, modules: dict[str, nn.Module], result: DistillationResult) -> None:
+        tensors = {
+            f"{attribute}.{name}": value.detach().cpu().contiguous()
+            for attribute, module in modules.items()
+            for name, value in module.state_dict().items()
+        }
+        metadata = {"result": json.dumps(asdict(result))}
+        write_atomically(self.path(key), lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+
+def distill_alternatives(
+    teacher: nn.Module,
+    tokens: torch.Tensor,
+    importance: Importance,
+    levels: dict[int, dict[str, list[int]]],
+    options: BlockDistillationOptions,
+    store: AlternativeStore | None = None,
+    progress: bool = False,
+) -> dict[SubBlockLevel, Alternative]:
+    """Every alternative of `levels` (see `alternative_levels`), cut from the teacher by importance and trained by
+    `distill` on `tokens` (calibration windows), block by block; those the store holds are read back instead. The
+    teacher is left untouched, and its sub-blocks' records are held for one block at a time."""
+    blocks = decoder_blocks(teacher)[1]
+    config = teacher.config
+    alternatives: dict[SubBlockLevel, Alternative] = {}
+    total = sum(len(block_levels) for per_kind in levels.values() for block_levels in per_kind.values())
+    bar = tqdm(total=total, desc="block-local distillation", disable=not progress, leave=False)
+    try:
+        for index, per_kind in levels.items():
+            records = None
+            for kind, kind_levels in per_kind.items():
+                for level in kind_levels:
+                    key = (index, kind, level)
+                    if kind == "attention":
+                        modules = attention_alternative(blocks[index], index, level, importance, config)
+                    else:
+                        modules = ffn_alternative(blocks[index], index, level, importance)
+                    trained = modules["self_attn" if kind == "attention" else "mlp"]
+                    result = None if store is None else store.load(key, modules)
+                    if result is None:
+                        records = records or capture(teacher, tokens, [index], options.batch_size)
+                        result = distill(trained, records[index, kind], options)
+                        if store is not None:
+                            store.save(key, modules, result)
+                        alternatives[key] = Alternative(modules, result, from_store=False)
+                    else:
+                        alternatives[key] = Alternative(modules, result, from_store=True)
+                    bar.update()
+    finally:
+        bar.close()
+    return alternatives

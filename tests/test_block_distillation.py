@@ -3,15 +3,25 @@ sub-block's recorded inputs, judged on calibration windows it was not trained on
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from autocompress.block_distillation import BlockDistillationOptions, capture, distill, options_of
+from autocompress.block_distillation import (
+    AlternativeStore,
+    BlockDistillationOptions,
+    alternative_levels,
+    capture,
+    distill,
+    distill_alternatives,
+    options_of,
+)
 from autocompress.config import BlockDistillationConfig
 from autocompress.distillation import measure_importance
-from autocompress.plan import BlockStructure
-from autocompress.structure import variant_modules
-from tests.test_structure import calibration_tokens, four_block_model
+from autocompress.plan import BlockStructure, CompressionPlan
+from autocompress.structure import StructureStitcher, variant_modules
+from tests.test_structure import calibration_tokens, four_block_config, four_block_model
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +71,39 @@ def test_no_attention_has_nothing_to_train_and_is_judged_all_the_same(teacher_an
     swaps = variant_modules(teacher.model.layers[2], 2, BlockStructure(kv_groups=0), importance, teacher.config)
     result = distill(swaps["self_attn"], records[2, "attention"], BlockDistillationOptions())
     assert result.steps == 0 and result.heldout_mse == result.heldout_mse_cut > 0
+
+
+def test_each_block_gets_the_alternatives_llama_cpp_runs_there() -> None:
+    levels = alternative_levels(four_block_config(), [1, 0.5], [2, 1, 0], drop_blocks=True)
+    assert levels[0] == {"attention": [1], "ffn": [64]}  # the first block keeps attention and is never removed
+    assert levels[1] == levels[2] == {"attention": [1, 0], "ffn": [64, 0]}  # 0 and 0: the block removed
+    assert levels[3] == {"attention": [1, 0], "ffn": [64]}
+
+
+def test_trained_alternatives_are_kept_on_disk_read_back_on_resume_and_stitched(
+    teacher_and_records, tmp_path: Path
+) -> None:
+    teacher, importance, _ = teacher_and_records
+    tokens = calibration_tokens(256, windows=8)
+    levels = {2: {"attention": [1, 0], "ffn": [64]}}
+    options = BlockDistillationOptions(steps=5)
+    first = distill_alternatives(teacher, tokens, importance, levels, options, AlternativeStore(tmp_path))
+    assert set(first) == {(2, "attention", 1), (2, "attention", 0), (2, "ffn", 64)}
+    assert not any(alternative.from_store for alternative in first.values())
+    assert first[2, "ffn", 64].result.steps == 5 and first[2, "attention", 0].result.steps == 0
+
+    again = distill_alternatives(teacher, tokens, importance, levels, options, AlternativeStore(tmp_path))
+    assert all(alternative.from_store for alternative in again.values())
+    for key, alternative in again.items():
+        assert alternative.result == first[key].result
+        for attribute, module in alternative.modules.items():
+            stored, trained = module.state_dict(), first[key].modules[attribute].state_dict()
+            assert all(torch.equal(stored[name], trained[name]) for name in trained)
+
+    stitcher = StructureStitcher(teacher, importance, {key: alternative.modules for key, alternative in again.items()})
+    stitcher.stitch(CompressionPlan(structure={"model.layers.2": BlockStructure(ffn=0.5, kv_groups=1)}))
+    try:
+        assert teacher.model.layers[2].mlp is again[2, "ffn", 64].modules["mlp"]
+        assert teacher.model.layers[2].self_attn is again[2, "attention", 1].modules["self_attn"]
+    finally:
+        stitcher.restore()
