@@ -42,6 +42,8 @@ def plan_from_args(config: Config, args: argparse.Namespace) -> CompressionPlan:
             except OSError as error:
                 raise UserError(f"--plan: cannot read {args.plan} ({error.strerror or error})") from error
             plan = CompressionPlan.from_json(text)
+            if plan.structure:  # built and exported by autocompress.structure, not yet applied by these commands
+                raise UserError("--plan: per-block shapes (structure) are not applied by apply or export yet")
             overrides = {key: value for key, value in options.items() if key in ("pruning", "quantization")}
             return plan.model_copy(update=overrides) if args.method else plan
         if args.format is not None and args.bits != 16:

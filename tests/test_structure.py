@@ -298,3 +298,11 @@ def test_a_width_no_configured_type_can_store_is_refused_before_the_model_loads(
     path = write_yaml(tmp_path / "space.yaml", config)
     code, _, err = run_main(["search", str(path), "--storage", str(tmp_path / "study.db")], capsys)
     assert "an FFN width of 0.75 gives ffn_down rows of 384 weights, which no type" in error_line(code, err)
+
+
+def test_a_plan_file_with_shapes_is_refused_where_they_would_be_ignored(tmp_path: Path, capsys) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(CompressionPlan(structure=STRUCTURE).to_json(), encoding="utf-8")
+    config = write_yaml(tmp_path / "space.yaml", {})
+    code, _, err = run_main(["apply", str(config), "--plan", str(plan)], capsys)
+    assert "--plan: per-block shapes (structure) are not applied by apply or export yet" in error_line(code, err)
