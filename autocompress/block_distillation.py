@@ -15,6 +15,7 @@ Blocks are independent: every block's alternatives can be trained in its own pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -111,13 +112,19 @@ class SubBlockRecord:
         return next(module.parameters(), torch.empty(0)).device
 
 
+class _Recorded(Exception):
+    """Raised after the last recorded block, to skip the rest of the forward pass."""
+
+
 @torch.no_grad()
 def capture(
     model: nn.Module, tokens: torch.Tensor, blocks: Iterable[int], batch_size: int = 4
 ) -> dict[tuple[int, SubBlock], SubBlockRecord]:
     """Each sub-block's inputs and outputs in the chosen decoder blocks of `model`, on `tokens` [windows, length],
-    in one pass per batch of windows; keyed by (block index, "ffn" | "attention")."""
+    in one pass per batch of windows that stops after the last chosen block; keyed by (block index, "ffn" |
+    "attention")."""
     all_blocks = decoder_blocks(model)[1]
+    blocks = sorted(set(blocks))
     captured: dict[tuple[int, SubBlock], dict] = {}
     hooks = []
 
@@ -142,14 +149,19 @@ def capture(
 
         return hook
 
+    def stop(_module, _args, _output):
+        raise _Recorded
+
     for index in blocks:
         block = all_blocks[index]
         hooks.append(block.mlp.register_forward_hook(on_ffn(index)))
         hooks.append(block.self_attn.register_forward_hook(on_attention(index), with_kwargs=True))
+    hooks.append(all_blocks[blocks[-1]].register_forward_hook(stop))  # the later blocks and the head: not needed
     device = next(model.parameters()).device
     try:
         for start in range(0, len(tokens), batch_size):
-            model(tokens[start : start + batch_size].to(device), use_cache=False)
+            with contextlib.suppress(_Recorded):
+                model(tokens[start : start + batch_size].to(device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
@@ -283,18 +295,35 @@ def distill_alternatives(
     options: BlockDistillationOptions,
     store: AlternativeStore | None = None,
     progress: bool = False,
+    memory_bytes: int = 10**9,
 ) -> dict[SubBlockLevel, Alternative]:
     """Every alternative of `levels` (see `alternative_levels`), cut from the teacher by importance and trained by
-    `distill` on `tokens` (calibration windows), block by block; those the store holds are read back instead. The
-    teacher is left untouched, and its sub-blocks' records are held for one block at a time."""
+    `distill` on `tokens` (calibration windows); those the store holds are read back instead. The teacher is left
+    untouched. Its sub-blocks' records (inputs and outputs of both sub-blocks: four [windows, length, hidden]
+    tensors per block) are taken for as many consecutive blocks at once as `memory_bytes` holds, at least one."""
     blocks = decoder_blocks(teacher)[1]
     config = teacher.config
+    element = next(teacher.parameters()).element_size()
+    per_block = 4 * tokens.numel() * config.hidden_size * element
+    chunk = max(1, memory_bytes // per_block)
+    pending = [
+        index
+        for index, per_kind in levels.items()
+        if any(
+            store is None or not store.path((index, kind, level)).is_file()
+            for kind in per_kind
+            for level in per_kind[kind]
+        )
+    ]
     alternatives: dict[SubBlockLevel, Alternative] = {}
     total = sum(len(block_levels) for per_kind in levels.values() for block_levels in per_kind.values())
     bar = tqdm(total=total, desc="block-local distillation", disable=not progress, leave=False)
+    records: dict[tuple[int, SubBlock], SubBlockRecord] = {}
     try:
         for index, per_kind in levels.items():
-            records = None
+            if index in pending and (index, "ffn") not in records:
+                later = pending[pending.index(index) :][:chunk]
+                records = capture(teacher, tokens, later, options.batch_size)
             for kind, kind_levels in per_kind.items():
                 for level in kind_levels:
                     key = (index, kind, level)
@@ -305,7 +334,6 @@ def distill_alternatives(
                     trained = modules["self_attn" if kind == "attention" else "mlp"]
                     result = None if store is None else store.load(key, modules)
                     if result is None:
-                        records = records or capture(teacher, tokens, [index], options.batch_size)
                         result = distill(trained, records[index, kind], options)
                         if store is not None:
                             store.save(key, modules, result)

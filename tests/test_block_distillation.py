@@ -107,3 +107,14 @@ def test_trained_alternatives_are_kept_on_disk_read_back_on_resume_and_stitched(
         assert teacher.model.layers[2].self_attn is again[2, "attention", 1].modules["self_attn"]
     finally:
         stitcher.restore()
+
+
+def test_records_are_the_same_whichever_blocks_are_taken_together() -> None:
+    teacher = four_block_model()
+    tokens = calibration_tokens(256, windows=4)
+    alone = capture(teacher, tokens, [1], batch_size=2)  # the pass stops after block 1
+    together = capture(teacher, tokens, [3, 1], batch_size=2)
+    assert set(together) == {(1, "ffn"), (1, "attention"), (3, "ffn"), (3, "attention")}
+    for kind in ("ffn", "attention"):
+        assert torch.equal(alone[1, kind].inputs, together[1, kind].inputs)
+        assert torch.equal(alone[1, kind].outputs, together[1, kind].outputs)
