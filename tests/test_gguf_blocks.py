@@ -7,10 +7,7 @@ types it has, pin the same behaviour.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import importlib.util
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -25,6 +22,7 @@ from autocompress.targets.gguf.blocks import (
     row_bytes,
     tensor_bytes,
 )
+from autocompress.targets.gguf.quantize import NativeQuantizer, native_quantizer
 
 REQUIRED = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 REQUIRED += ["iq4_nl", "iq4_xs"] + (["mxfp4"] if hasattr(gguf.GGMLQuantizationType, "MXFP4") else [])
@@ -286,49 +284,26 @@ def test_bytes_equal_llama_cpps_recorded_digests(name: str) -> None:
     assert digests == LLAMA_CPP_DIGESTS[name]
 
 
-def _ggml_base() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llama.cpp is not installed (pip install llama-cpp-python) to compare bytes with")
-    libraries = sorted((Path(next(iter(spec.submodule_search_locations))) / "lib").glob("libggml-base.*"))
-    if not libraries:
-        pytest.skip("llama_cpp ships no libggml-base shared library to compare bytes with")
-    library = ctypes.CDLL(str(libraries[0]))
-    library.ggml_quantize_chunk.restype = ctypes.c_size_t
-    library.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
-    library.ggml_quantize_chunk.argtypes += [ctypes.c_void_p]
-    library.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    library.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    return library
-
-
 @pytest.fixture(scope="module")
-def ggml() -> ctypes.CDLL:
-    return _ggml_base()
+def ggml() -> NativeQuantizer:
+    quantizer = native_quantizer()
+    if quantizer.library is None:
+        pytest.skip(f"no llama.cpp to compare bytes with: {quantizer.missing}")
+    return quantizer
 
 
-def llama_cpp_bytes(ggml: ctypes.CDLL, weight: np.ndarray, name: str, importance: np.ndarray | None) -> np.ndarray:
+def llama_cpp_bytes(ggml: NativeQuantizer, weight: np.ndarray, name: str, importance: np.ndarray | None) -> np.ndarray:
     """What `llama-quantize` writes for this tensor: ggml_quantize_chunk over all rows, with the imatrix."""
     weight = np.ascontiguousarray(weight, np.float32)
     out = np.zeros((len(weight), row_bytes(name, weight.shape[1])), np.uint8)
-    imatrix = None if importance is None else np.ascontiguousarray(importance, np.float32)
-    written = ggml.ggml_quantize_chunk(
-        int(BLOCK_TYPES[name].qtype),
-        weight.ctypes.data,
-        out.ctypes.data,
-        0,
-        len(weight),
-        weight.shape[1],
-        None if imatrix is None else imatrix.ctypes.data,
-    )
-    assert written == out.size
+    ggml.quantize(weight, name, None if importance is None else np.ascontiguousarray(importance, np.float32), out)
     return out
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_bytes_equal_llama_cpps_ggml_quantize_chunk(ggml: ctypes.CDLL, name: str) -> None:
+def test_bytes_equal_llama_cpps_ggml_quantize_chunk(ggml: NativeQuantizer, name: str) -> None:
     """Every type, with and without an imatrix, on hard and random weights: identical bytes, block for block."""
-    assert not ggml.ggml_quantize_requires_imatrix(int(BLOCK_TYPES[name].qtype))
+    assert not ggml.library.ggml_quantize_requires_imatrix(int(BLOCK_TYPES[name].qtype))
     cases = hard_cases(BLOCK_TYPES[name].block_size)
     cases |= {f"random{seed}": gaussian(16, 256 * (seed + 1), seed=seed) for seed in range(3)}
     for case, weight in cases.items():
@@ -341,7 +316,7 @@ def test_bytes_equal_llama_cpps_ggml_quantize_chunk(ggml: ctypes.CDLL, name: str
             assert np.array_equal(ours, expected), (case, None if given is None else "imatrix")
 
 
-def test_recorded_digests_are_llama_cpps(ggml: ctypes.CDLL) -> None:
+def test_recorded_digests_are_llama_cpps(ggml: NativeQuantizer) -> None:
     weight, importance = deterministic_weights(8, 512), deterministic_importance(512)
     for name in TYPES:
         digests = tuple(
@@ -351,7 +326,7 @@ def test_recorded_digests_are_llama_cpps(ggml: ctypes.CDLL) -> None:
         assert digests == LLAMA_CPP_DIGESTS[name], name
 
 
-def test_overflow_refusals_are_where_llama_cpp_writes_non_finite_scales(ggml: ctypes.CDLL) -> None:
+def test_overflow_refusals_are_where_llama_cpp_writes_non_finite_scales(ggml: NativeQuantizer) -> None:
     for std in (1e4, 3e6, 1e8, 1e9):
         weight = gaussian(4, 512, std=std)
         for name in TYPES:

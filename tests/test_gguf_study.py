@@ -69,6 +69,14 @@ def test_the_presets_are_seeded_beside_the_searched_mixes(study: tuple[Path, Pat
     assert record.dense_bytes > max(trial.size_bytes for trial in trials)  # the F16 file's
 
 
+def test_every_block_a_trial_may_take_was_built_before_the_trials(study: tuple[Path, Path]) -> None:
+    _config, results = study
+    _study, record, _location = study_record(results)
+    stored = {(path.parent.name, path.stem) for path in results.rglob("gguf/*/*.npy")}
+    levels = [*LEVELS, "f16"]  # bits [16]: a unit may stay at the F16 file's type
+    assert stored == {(unit, level) for unit in record.units for level in levels}  # one tensor per unit here
+
+
 def test_the_exported_file_is_the_measured_model_at_the_promised_size(study: tuple[Path, Path]) -> None:
     """Its types are the plan's, its size within 0.5% of the trial's (the provenance is what differs), and the
     model llama.cpp reads computes what the search scored: llama.cpp's next-token distributions differ from ours

@@ -276,7 +276,8 @@ def prepare_study(
     study: optuna.Study, session: CompressionSession, space: SearchSpace, location: StudyLocation
 ) -> None:
     """What a study computes once before its trials: the layer-variant database (built or completed, its
-    disk use logged and kept in the study), then the baseline allocations enqueued as seed trials."""
+    disk use logged and kept in the study) or under gguf every tensor's blocks, then the baseline allocations
+    enqueued as seed trials."""
     check_student_space(space, session.model.config)
     record_dense_bytes(study, session.dense_bytes)
     budget = space.config.search.budget
@@ -307,6 +308,13 @@ def prepare_study(
         record_database(
             study,
             {"path": str(database.root), "files": usage.files, "bytes": usage.bytes, "bytes_per_weight": per_weight},
+        )
+    if session.gguf is not None and session.gguf.cache is not None:  # every block a trial may take, in parallel
+        built = session.gguf.build(session.unit_levels(), session.progress)
+        print(
+            f"autocompress: GGUF blocks {session.gguf.cache}: {built.blocks} tensor levels, "
+            f"quantized {built.computed} now in {built.seconds:.0f} s",
+            flush=True,
         )
     enqueue_baselines(study, session, space, location, ceiling)
 

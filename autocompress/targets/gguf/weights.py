@@ -22,6 +22,7 @@ under this target: GGUF stores zeros densely, so pruning would cost loss and sav
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,18 @@ from typing import TYPE_CHECKING
 import gguf
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
+from tqdm.auto import tqdm
 
 from autocompress.errors import UserError
 from autocompress.files import write_atomically
 from autocompress.methods import LayerStatistics
 from autocompress.models import compressible_linears, meta_model, module_name
 from autocompress.size import SizeReport
-from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fits, quantize_rows, tensor_bytes
+from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fits, tensor_bytes
 from autocompress.targets.gguf.presets import preset_types
+from autocompress.targets.gguf.quantize import quantize_rows
 
 if TYPE_CHECKING:
     from autocompress.plan import CompressionPlan
@@ -197,6 +201,13 @@ def preset_levels(
     return levels, None
 
 
+@dataclass(frozen=True)
+class BlocksBuilt:
+    blocks: int  # (tensor, level) pairs the build was asked for
+    computed: int  # of which this process quantized now
+    seconds: float
+
+
 class GgufWeights:
     """The GGUF units of a resident model: each tensor quantized once per level into its GGUF blocks (kept on disk
     under `cache`, as the file stores them), and the decoded weights swapped into the model per plan.
@@ -240,20 +251,91 @@ class GgufWeights:
     def _path(self, module: str, level: str) -> Path:
         return self.cache / module / f"{level}.npy"
 
+    def _lock(self, tensor: UnitTensor, level: str, timeout: float = -1) -> FileLock:
+        """The lock held while a tensor's blocks in `level` are quantized, shared by every process on the cache
+        (Optuna and Ray workers alike), acquired: Timeout after `timeout` seconds (0: at once; -1: never)."""
+        path = self._path(tensor.module, level)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path.with_name(f".{level}.lock"), timeout=timeout)
+        lock.acquire()
+        return lock
+
     def blocks(self, tensor: UnitTensor, level: str) -> GgufBlocks:
-        """The tensor's blocks in `level`: from the cache, else quantized now (and stored)."""
+        """The tensor's blocks in `level`: from the cache, else quantized now (and stored), or waited for while
+        another process quantizes them."""
         if self.cache is None:
             key = (tensor.module, level)
             if key not in self._memory:
                 self._memory[key] = self._quantize(tensor, level)
             return self._memory[key]
+        with self._lock(tensor, level):
+            stored = self._read(self._path(tensor.module, level), tensor, level)
+            return stored if stored is not None else self._store(tensor, level)
+
+    def _store(self, tensor: UnitTensor, level: str) -> GgufBlocks:
+        """Quantize and write the tensor's blocks in `level`; the caller holds their lock."""
         path = self._path(tensor.module, level)
-        stored = self._read(path, tensor, level)
-        if stored is not None:
-            return stored
+        for stale in path.parent.glob(f".{path.name}.*"):  # left by a killed writer; nobody else writes it now
+            stale.unlink(missing_ok=True)
         blocks = self._quantize(tensor, level)
         write_atomically(path, lambda temporary: np.save(temporary, blocks.data))
         return blocks
+
+    def _complete(self, tensor: UnitTensor, level: str) -> bool:
+        """Whether the tensor's blocks in `level` are stored whole, from the file's header and length alone."""
+        try:
+            data = np.load(self._path(tensor.module, level), mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            return False
+        return data.shape == (tensor.shape[0], tensor_bytes(level, *tensor.shape) // tensor.shape[0])
+
+    def build(self, unit_levels: Mapping[str, Sequence[str]], progress: bool = False) -> BlocksBuilt:
+        """Quantize and store every tensor in every level its unit may take (`unit_levels`), before any trial
+        needs them. Resumable: blocks stored whole are kept, missing or truncated ones quantized. A tensor another
+        process is quantizing is skipped at first and waited for at the end, so workers that start together share
+        the work and none quantizes a block twice."""
+        if self.cache is None:
+            raise ValueError("GGUF blocks are built up front only into a cache folder")
+        began = time.perf_counter()
+        wanted = [(tensor, level) for tensor in self.tensors for level in unit_levels[tensor.unit]]
+        pending = [(tensor, level) for tensor, level in wanted if not self._complete(tensor, level)]
+        if any(tensor.statistics_of and BLOCK_TYPES[level].uses_importance for tensor, level in pending):
+            self.statistics()  # collecting them may run the dense model: before anything is quantized
+
+        def weights(pairs: list[tuple[UnitTensor, str]]) -> int:
+            return sum(tensor.shape[0] * tensor.shape[1] for tensor, _ in pairs)
+
+        total = weights(wanted)
+        bar = tqdm(
+            total=total,
+            initial=total - weights(pending),
+            desc="gguf blocks",
+            unit="weight",
+            unit_scale=True,
+            disable=not progress,
+        )
+        computed = 0
+        try:
+            for blocking in (False, True):
+                deferred = []
+                for tensor, level in pending:
+                    try:
+                        lock = self._lock(tensor, level, timeout=-1 if blocking else 0)
+                    except Timeout:
+                        deferred.append((tensor, level))
+                        continue
+                    try:
+                        if not self._complete(tensor, level):
+                            self._store(tensor, level)
+                            computed += 1
+                    finally:
+                        lock.release()
+                    bar.update(weights([(tensor, level)]))
+                    bar.set_postfix(computed=computed)
+                pending = deferred
+        finally:
+            bar.close()
+        return BlocksBuilt(len(wanted), computed, time.perf_counter() - began)
 
     @staticmethod
     def _read(path: Path, tensor: UnitTensor, level: str) -> GgufBlocks | None:
