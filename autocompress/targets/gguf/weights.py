@@ -2,7 +2,8 @@
 quantized and decoded, how many bytes it takes, and llama.cpp's presets as plans.
 
 Under this target a level is a llama.cpp tensor type (`q4_k`, `iq4_nl`, `f16`...), and a unit's weight is quantized
-by `blocks.quantize_rows`, which writes the bytes `llama-quantize` writes, with the calibration's importance
+by `quantize.quantize_rows` (llama.cpp's own quantizer where llama-cpp-python is installed, else the numpy port
+`blocks.quantize_rows`), which writes the bytes `llama-quantize` writes, with the calibration's importance
 matrix (the mean x_j² per input column, what llama.cpp's imatrix holds). What the search evaluates is the float32
 weight the `gguf` package decodes from those very bytes (`dequantize_rows`), so the scored model is the shipped one,
 bit for bit, on the weights.
