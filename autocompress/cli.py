@@ -223,7 +223,9 @@ def command_evaluate(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = evaluate_artifact(args.artifact, data, args.device, args.new_tokens, dense=not args.no_dense)
+    result = evaluate_artifact(
+        args.artifact, data, args.device, args.new_tokens, dense=not args.no_dense, against=args.against
+    )
     if args.json:
         print(json_text(result))
         return
@@ -355,9 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=command_export)
 
     evaluate = commands.add_parser(
-        "evaluate", help="held-out perplexity, size, load time and speed of an artifact beside its dense model"
+        "evaluate",
+        help="held-out perplexity, KL statistics to the dense model, size, load time and speed of an artifact or "
+        "GGUF file",
     )
-    evaluate.add_argument("artifact", help="a folder written by `autocompress export` (--format compressed)")
+    evaluate.add_argument("artifact", help="a folder written by `autocompress export`, or a .gguf file")
+    evaluate.add_argument(
+        "--against",
+        metavar="OTHER",
+        help="another artifact (or .gguf file, beside a .gguf file) scored on the same windows: paired per-window "
+        "differences with bootstrap 95%% intervals",
+    )
     evaluate.add_argument("--data", help="a config YAML whose data section replaces the one the artifact records")
     evaluate.add_argument("--device", help="cpu, cuda, ... (default: the device the study's config names)")
     evaluate.add_argument("--new-tokens", type=int, default=32, help="tokens generated to time generate()")

@@ -68,6 +68,7 @@ from autocompress.config import Config, DataConfig
 from autocompress.data import TokenPools, token_pools
 from autocompress.files import write_atomically, write_text_atomically
 from autocompress.methods import LayerStatistics
+from autocompress.metrics import gap_closed, paired_difference
 from autocompress.models import EMBEDDED_MODEL, compressible_linears, embedded_gguf, load_model, round_model_to_storage
 from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, quantize_rows
 from autocompress.targets.gguf.file import write_gguf_tensors
@@ -92,7 +93,6 @@ TARGET_CLOSURE = 0.25  # ... closing at least this share of the preset's perplex
 EXCLUDED_LEVELS = ("q4_0", "q4_1")  # the embedded weights' own grid (Q4_1 in groups of 32): nearly free
 SEARCH_LEVELS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
 SUBSTITUTE = {"q4_0": "iq4_nl", "q4_1": "iq4_nl"}  # same 4.5 bits per weight as Q4_0, a level the search has
-BOOTSTRAP = 10_000
 EXPORT_MARGIN = 64_000  # bytes an export adds beyond the accounted ones (its plan and provenance metadata)
 EXCLUSION_NOTE = (
     "searched levels exclude q4_0 and q4_1: the embedded weights already lie on a Q4_1 grid in groups of 32, so "
@@ -337,27 +337,14 @@ def paired(
     """A file against the preset of its size on the same windows: the mean per-token log-prob difference (file
     minus preset, in nats; negative is better), the share of the preset's perplexity gap to F16 the file closes,
     each with a paired bootstrap 95% interval (windows resampled, the same draw for the three files)."""
-    count = len(nll)
-    draws = np.random.default_rng(seed).integers(0, count, size=(BOOTSTRAP, count))
-
-    def ppls(values: np.ndarray) -> np.ndarray:
-        return np.exp(values[draws].sum(axis=1) / (count * tokens_per_window))
-
-    delta = (nll - preset) / tokens_per_window
-    deltas = delta[draws].mean(axis=1)
-    p_file, p_preset, p_base = ppls(nll), ppls(preset), ppls(base)
-    closures = (p_preset - p_file) / (p_preset - p_base)
-    point = (ppl(preset, tokens_per_window) - ppl(nll, tokens_per_window)) / (
-        ppl(preset, tokens_per_window) - ppl(base, tokens_per_window)
-    )
+    per_token = [values / tokens_per_window for values in (nll, preset, base)]
+    delta = paired_difference(per_token[0], per_token[1], seed)
     return {
-        "delta_nll_per_token": float(delta.mean()),
-        "delta_ci_low": float(np.percentile(deltas, 2.5)),
-        "delta_ci_high": float(np.percentile(deltas, 97.5)),
-        "gap_closed": float(point),
-        "gap_closed_ci_low": float(np.percentile(closures, 2.5)),
-        "gap_closed_ci_high": float(np.percentile(closures, 97.5)),
-        "windows_better": int((delta < 0).sum()),
+        "delta_nll_per_token": delta["delta"],
+        "delta_ci_low": delta["ci_low"],
+        "delta_ci_high": delta["ci_high"],
+        **gap_closed(*per_token, seed=seed),
+        "windows_better": delta["windows_lower"],
     }
 
 

@@ -146,6 +146,34 @@ def test_evaluate_prints_a_table_and_takes_other_data(study, best_artifact, caps
     assert figures["heldout_tokens"] == 16 * 16 and "dense_heldout_ppl" not in figures
 
 
+def test_evaluate_reports_kld_statistics_and_compares_against_another_artifact(
+    study, best_artifact, capsys, tmp_path
+) -> None:
+    """Beside perplexity, the statistics llama-perplexity --kl-divergence reports, to the dense base; --against
+    scores another export on the same windows and gives paired differences with bootstrap intervals."""
+    other = tmp_path / "worst"
+    worst = max((item for item in trial_records(best_artifact["study"]) if item.scored), key=lambda item: item.loss)
+    export(capsys, study, "--trial", worst.number, "--out", other)
+    figures = json.loads(
+        run_cli(capsys, "evaluate", best_artifact["path"], "--json", "--new-tokens", 4, "--against", other)
+    )
+    for key in ("heldout_mean_kld", "heldout_kld_99_9", "heldout_median_kld", "heldout_same_top_p", "heldout_rms_dp"):
+        assert figures[key] > 0 and figures["against"][key] > 0, key
+    assert figures["heldout_median_kld"] <= figures["heldout_kld_99_9"] and figures["heldout_same_top_p"] <= 1
+    compared = figures["comparison"]
+    assert compared["windows"] == figures["heldout_windows"] == 4
+    nll = compared["nll_per_token"]
+    own, theirs = figures["heldout_ppl"], figures["against"]["heldout_ppl"]
+    assert nll["delta"] == pytest.approx(np.log(own) - np.log(theirs), abs=1e-6)
+    assert nll["ci_low"] <= nll["delta"] <= nll["ci_high"]
+    kld = compared["kld_per_token"]
+    assert kld["delta"] == pytest.approx(figures["heldout_mean_kld"] - figures["against"]["heldout_mean_kld"], abs=1e-6)
+    assert "gap_closed" in compared
+    table = run_cli(capsys, "evaluate", best_artifact["path"], "--new-tokens", 4, "--against", other)
+    assert "99.9% KLD" in table and "same top p" in table and "RMS Δp" in table
+    assert "artifact minus --against on the same 4 windows" in table
+
+
 def test_export_a_given_trial_reproduces_its_logits(study, tmp_path, capsys) -> None:
     study_object, record = load_existing(study["location"])
     config = record.config

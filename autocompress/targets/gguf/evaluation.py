@@ -23,6 +23,8 @@ import torch
 
 from autocompress.config import DataConfig, ModelConfig
 from autocompress.errors import UserError
+from autocompress.evaluate import comparison, divergence_figures, generation_speed
+from autocompress.metrics import TokenValues, dense_reference, evaluate
 from autocompress.targets.gguf.file import GGUF_FILE, PROVENANCE_KEY
 
 PROMPT_TOKENS = 16
@@ -73,44 +75,44 @@ def evaluate_gguf(
     new_tokens: int = 32,
     dense: bool = True,
     n_threads: int | None = None,
+    against: Path | str | None = None,
 ) -> dict[str, Any]:
-    """llama.cpp's held-out perplexity, KL to the dense base model and tokens/s for a GGUF file, beside the
-    search's predictions and the dense model's own figures (transformers, on `device`)."""
+    """llama.cpp's held-out perplexity, KL statistics to the dense base model and tokens/s for a GGUF file, beside
+    the search's predictions and the dense model's own figures (transformers, on `device`).
+
+    With `against` (another GGUF file of the same vocabulary), that file is scored on the same windows too, under
+    "against", and "comparison" holds the paired per-window differences of the first file minus the other."""
     from autocompress.data import token_pools
-    from autocompress.evaluate import generation_speed
-    from autocompress.metrics import dense_reference, evaluate
     from autocompress.models import check_consent, load_model, resolve_device
-    from autocompress.targets.gguf.llama_cpp import LlamaCppModel, llama_cpp_available
+    from autocompress.targets.gguf.llama_cpp import llama_cpp_available
 
     file = gguf_file(path)
     if file is None:
         raise UserError(f"{path}: not a .gguf file nor a folder holding {GGUF_FILE}")
+    other = None if against is None else gguf_file(against)
+    if against is not None and other is None:
+        raise UserError(f"--against {against}: not a .gguf file nor a folder holding {GGUF_FILE}")
     unavailable = llama_cpp_available()
     if unavailable is not None:
         raise UserError(f"evaluate {file}: {unavailable}")
     provenance = read_provenance(file)
+    recorded = provenance or (read_provenance(other) if other is not None else {})  # a preset file records none
+    source = file if provenance or other is None else other
     if data is None:
-        if "data" not in provenance:
-            raise UserError(f"{file}: no data config in its autocompress.provenance; pass --data CONFIG.yaml")
-        data = DataConfig.model_validate(provenance["data"])
-    if "base_model" not in provenance:
-        raise UserError(f"{file}: no base model in its autocompress.provenance, so its windows cannot be tokenized")
-    base = ModelConfig.model_validate(provenance["base_model"])
-    check_consent(base, f"{file}'s {PROVENANCE_KEY}")  # the file names the model to load: it must not run code
+        if "data" not in recorded:
+            raise UserError(f"{source}: no data config in its autocompress.provenance; pass --data CONFIG.yaml")
+        data = DataConfig.model_validate(recorded["data"])
+    if "base_model" not in recorded:
+        raise UserError(f"{source}: no base model in its autocompress.provenance, so its windows cannot be tokenized")
+    base = ModelConfig.model_validate(recorded["base_model"])
+    check_consent(base, f"{source}'s {PROVENANCE_KEY}")  # the file names the model to load: it must not run code
     target = resolve_device(device or base.device)
     dense_model, tokenizer = load_model(**base.model_copy(update={"device": str(target)}).model_dump())
     tokens = token_pools(data, tokenizer).heldout
-    reference = dense_reference(dense_model, tokens, data.batch_size) if dense else None
+    reference = dense_reference(dense_model, tokens, data.batch_size) if dense or other is not None else None
     prompt = tokens[0, : min(PROMPT_TOKENS, tokens.shape[1] // 2)].tolist()
 
-    began = time.perf_counter()
-    runtime = LlamaCppModel(file, n_ctx=max(tokens.shape[1], len(prompt) + new_tokens), n_threads=n_threads)
-    load_s = time.perf_counter() - began
-    try:
-        metrics = runtime.evaluate(tokens, reference)
-        speed = runtime.generation_speed(prompt, new_tokens)
-    finally:
-        runtime.close()
+    measured, values = _llama_cpp_figures(file, tokens, reference, prompt, new_tokens, n_threads)
     result: dict[str, Any] = {
         "path": str(file),
         "runtime": "llama.cpp",
@@ -120,49 +122,90 @@ def evaluate_gguf(
         "heldout_windows": int(tokens.shape[0]),
         "heldout_tokens": int(tokens.numel()),
         "new_tokens": new_tokens,
-        "size_on_disk_bytes": file.stat().st_size,
-        "load_s": load_s,
-        "heldout_ppl": math.exp(metrics.ce),
-        "heldout_kl": metrics.kl,
-        "tokens_per_s": speed,
+        **measured,
         **_predicted(provenance),
     }
+    if other is not None:
+        other_measured, other_values = _llama_cpp_figures(other, tokens, reference, prompt, new_tokens, n_threads)
+        result["against"] = {"path": str(other), **other_measured}
+        result["comparison"] = comparison(values, other_values)
     if dense:
         dense_prompt = torch.tensor([prompt])
         result |= {
             "dense_heldout_ppl": evaluate(dense_model, tokens, batch_size=data.batch_size).ppl,
             "dense_tokens_per_s": generation_speed(dense_model, dense_prompt, new_tokens),
             "dense_device": str(target),
-            "dense_fp16_bytes": provenance.get("dense_bytes"),
+            "dense_fp16_bytes": recorded.get("dense_bytes"),
         }
     del dense_model
     gc.collect()
     return result
 
 
-def gguf_evaluation_lines(result: dict[str, Any]) -> list[str]:
-    """`evaluate_gguf`'s figures as a table: llama.cpp's measurement, the search's prediction, the dense model."""
+def _llama_cpp_figures(
+    file: Path,
+    tokens: torch.Tensor,
+    reference: torch.Tensor | None,
+    prompt: list[int],
+    new_tokens: int,
+    n_threads: int | None,
+) -> tuple[dict[str, Any], TokenValues]:
+    """One GGUF file run in llama.cpp on the windows: its size, load time, perplexity, KL statistics to the
+    reference and generation speed, and its per-token values."""
+    from autocompress.targets.gguf.llama_cpp import LlamaCppModel
 
-    def cell(key: str, form: str) -> str:
-        value = result.get(key)
-        return "" if value is None else format(value, form)
+    began = time.perf_counter()
+    runtime = LlamaCppModel(file, n_ctx=max(tokens.shape[1], len(prompt) + new_tokens), n_threads=n_threads)
+    load_s = time.perf_counter() - began
+    values = TokenValues()
+    try:
+        if reference is not None and runtime.n_vocab != reference.shape[-1]:
+            raise UserError(
+                f"{file}: a vocabulary of {runtime.n_vocab} tokens, the base model's has {reference.shape[-1]}; "
+                "files compare only on the same tokens"
+            )
+        metrics = runtime.evaluate(tokens, reference, values)
+        speed = runtime.generation_speed(prompt, new_tokens)
+    finally:
+        runtime.close()
+    figures = {
+        "size_on_disk_bytes": file.stat().st_size,
+        "load_s": load_s,
+        "heldout_ppl": math.exp(metrics.ce),
+        "heldout_kl": metrics.kl,
+        **divergence_figures(values),
+        "tokens_per_s": speed,
+    }
+    return figures, values
+
+
+def gguf_evaluation_lines(result: dict[str, Any]) -> list[str]:
+    """`evaluate_gguf`'s figures as a table: llama.cpp's measurement (and the --against file's), the search's
+    prediction, the dense model; then the paired comparison with the --against file."""
+    from autocompress.evaluate import DIVERGENCE_ROWS, cell, comparison_lines
 
     rows = [
         ("held-out perplexity", "heldout_ppl", "predicted_heldout_ppl", "dense_heldout_ppl", ".3f"),
         ("held-out KL to dense", "heldout_kl", "predicted_heldout_kl", None, ".5f"),
+        *((label, key, None, None, form) for label, key, form in DIVERGENCE_ROWS),
         ("size (bytes)", "size_on_disk_bytes", "accounted_bytes", "dense_fp16_bytes", ",d"),
         ("generation (tokens/s)", "tokens_per_s", None, "dense_tokens_per_s", ".1f"),
         ("load time (s)", "load_s", None, None, ".2f"),
     ]
-    lines = [f"{'':24}{'llama.cpp':>16}{'predicted':>16}{'dense':>16}"]
+    other = result.get("against")
+    header = ["llama.cpp", *(["--against"] if other else []), "predicted", "dense"]
+    lines = [f"{'':24}" + "".join(f"{name:>16}" for name in header)]
     for label, measured, predicted, dense, form in rows:
-        columns = [cell(key, form) if key else "" for key in (measured, predicted, dense)]
+        columns = [cell(result, measured, form)]
+        columns += [cell(other, measured, form)] if other else []
+        columns += [cell(result, predicted, form), cell(result, dense, form)]
         lines.append(f"{label:24}" + "".join(f"{column:>16}" for column in columns))
     if result.get("predicted_fitness_kl") is not None:
         lines.append(f"(the search's fitness KL for this plan: {result['predicted_fitness_kl']:.5f})")
     lines.append(
         f"({result['heldout_windows']} held-out windows, {result['heldout_tokens']} tokens, every one scored; "
         f"{result['new_tokens']} new tokens per generation; the dense model in transformers on "
-        f"{result.get('dense_device')})"
+        f"{result.get('dense_device')}; KLD, same top p and RMS Δp as llama-perplexity --kl-divergence defines "
+        "them, over every predicted token)"
     )
-    return lines
+    return lines + comparison_lines(result, Path(result["path"]).name)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from autocompress.methods import LayerStatistics
-from autocompress.metrics import Metrics
+from autocompress.metrics import Metrics, TokenValues
 from autocompress.models import cache_dir
 from autocompress.targets.gguf.presets import PRESETS
 
@@ -118,19 +118,24 @@ class LlamaCppModel:
         `autocompress.metrics.log_probs` (position t predicts token t + 1; the last one predicts past the window)."""
         return torch.stack(list(self.iter_log_probs(windows)))
 
-    def evaluate(self, tokens: torch.Tensor, reference: torch.Tensor | None = None) -> Metrics:
+    def evaluate(
+        self, tokens: torch.Tensor, reference: torch.Tensor | None = None, values: TokenValues | None = None
+    ) -> Metrics:
         """Cross-entropy over every predicted token and the mean per-token KL(reference ‖ llama.cpp) against
         cached dense log-probabilities [n_windows, seq_len, vocab], with `autocompress.metrics.evaluate`'s
-        conventions, so that figures from transformers and from llama.cpp compare."""
+        conventions, so that figures from transformers and from llama.cpp compare; `values`, if given, gathers
+        each window's per-token values (`TokenValues`) on the way."""
         ce_sum = kl_sum = seconds = 0.0
         for index, window in enumerate(tokens):
             began = time.perf_counter()
             predicted = next(self.iter_log_probs(window[None]))
             seconds += time.perf_counter() - began
             ce_sum += -predicted[:-1].gather(-1, window[1:, None]).sum().item()
-            if reference is not None:
-                dense = reference[index].to(torch.float32)
+            dense = None if reference is None else reference[index].to(torch.float32)
+            if dense is not None:
                 kl_sum += F.kl_div(predicted, dense, log_target=True, reduction="sum").item()
+            if values is not None:
+                values.add(predicted, window, dense)
         return Metrics(
             ce=ce_sum / (tokens.shape[0] * (tokens.shape[1] - 1)),
             kl=None if reference is None else kl_sum / tokens.numel(),
