@@ -417,3 +417,49 @@ def test_evaluate_runs_the_file_in_llama_cpp_beside_the_prediction(tmp_path: Pat
     main(["evaluate", str(path), "--no-dense", "--new-tokens", "4"])
     printed = capsys.readouterr().out
     assert "llama.cpp" in printed and "held-out perplexity" in printed
+
+
+def test_evaluate_against_another_gguf_gives_kld_statistics_and_paired_differences(tmp_path: Path, capsys) -> None:
+    """`autocompress evaluate A.gguf --against B.gguf`: both files run in llama.cpp on the same held-out windows
+    (B, a file without our provenance as llama-quantize writes, takes A's windows), each with the KLD statistics
+    llama-perplexity --kl-divergence reports against the dense base, and the paired per-window differences."""
+    require(llama_cpp_available())
+    from autocompress.cli import main
+    from autocompress.config import DataConfig
+    from autocompress.data import token_pools
+    from autocompress.metrics import TokenValues, evaluate
+
+    dense = tiny_model("mistral")
+    tokenizer = bpe_tokenizer()
+    base = tmp_path / "base"
+    dense.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(Path(__file__).read_text())
+    data = {"source": "files", "files": [str(corpus)], "seq_len": SEQ_LEN, "calibration": 2, "fitness": 2}
+    data |= {"heldout": 6, "batch_size": 2}
+    compressed = tiny_model("mistral")
+    tensors = mixed_plan(compressed)
+    dequantized(compressed, tensors)
+    provenance = {"base_model": {"name": str(base), "device": "cpu"}, "data": data}
+    quantized = write_gguf_tensors(compressed, tokenizer, tensors, tmp_path / "quantized.gguf", provenance).path
+    plain = write_gguf_tensors(dense, tokenizer, {}, tmp_path / "f16.gguf").path  # no provenance
+
+    capsys.readouterr()
+    main(["evaluate", str(quantized), "--against", str(plain), "--json", "--new-tokens", "4"])
+    result = json.loads(capsys.readouterr().out)
+    tokens = token_pools(DataConfig.model_validate(data), tokenizer).heldout
+    values = TokenValues()
+    evaluate(compressed, tokens, reference=dense, batch_size=2, values=values)
+    ours = values.statistics()
+    assert result["against"]["path"] == str(plain)
+    assert result["heldout_mean_kld"] == pytest.approx(ours["mean_kld"], rel=0.2, abs=5e-3)
+    assert result["heldout_same_top_p"] == pytest.approx(ours["same_top_p"], abs=0.05)
+    assert result["against"]["heldout_mean_kld"] < result["heldout_mean_kld"]  # F16 of the base: nearly the base
+    compared = result["comparison"]
+    assert compared["windows"] == 6 and compared["nll_per_token"]["ci_low"] <= compared["nll_per_token"]["delta"]
+    assert compared["kld_per_token"]["delta"] > 0 and compared["kld_per_token"]["windows_lower"] < 6
+
+    main(["evaluate", str(quantized), "--against", str(plain), "--new-tokens", "4", "--no-dense"])
+    table = capsys.readouterr().out
+    assert "--against" in table and "99.9% KLD" in table and "quantized.gguf minus --against" in table
