@@ -35,7 +35,7 @@ class OneshotResult:
 def oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> OneshotResult:
     if plan.trains:
         return trained_oneshot(config, plan, progress)
-    target = target_named(config.compression.target)
+    target = target_named(config.compression.target).for_config(config)
     target.check_model(config)
     model, tokenizer = load_model(**config.model.model_dump())
     pools = token_pools(config.data, tokenizer)

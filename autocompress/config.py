@@ -81,6 +81,11 @@ class CompressionConfig(Section):
         "artifact",
         description="the runtime models ship to: artifact (ours) | vllm (compressed-tensors) | gguf (llama.cpp)",
     )
+    serve_dtype: Literal["bfloat16", "float16"] = Field(
+        "bfloat16",
+        description="target vllm: the dtype vLLM serves the model in, which the tensors left unquantized are "
+        "stored (and counted) in, whatever dtype the model loads in for the search",
+    )
 
     @model_serializer(mode="wrap")
     def _omit_default_target(self, handler):
@@ -88,16 +93,20 @@ class CompressionConfig(Section):
         data = handler(self)
         if self.target == "artifact":
             data.pop("target", None)
+        if self.target != "vllm":
+            data.pop("serve_dtype", None)
         return data
 
     @model_validator(mode="after")
     def _valid_as_plan(self) -> CompressionConfig:
         CompressionPlan(**self.plan_options())
+        if "serve_dtype" in self.model_fields_set and self.target != "vllm":
+            raise ValueError(f"serve_dtype: only target vllm stores tensors in a serving dtype, not {self.target}")
         return self
 
     def plan_options(self) -> dict:
         """The plan-wide fields of a `CompressionPlan` (the target is the study's, not the plan's)."""
-        return self.model_dump(exclude={"target"})
+        return self.model_dump(exclude={"target", "serve_dtype"})
 
 
 class LevelRange(Section):

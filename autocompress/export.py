@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from transformers import PreTrainedModel
 
 from autocompress.codecs import CompressedLinear
@@ -139,7 +140,7 @@ def export_trial(
     if session.gguf is not None:
         accounted = session.size(plan).total_bytes
     else:  # the model written, a student's own where the plan trains one
-        size_target = target_named("vllm") if format == "compressed-tensors" else session.target
+        size_target = target_named("vllm").for_config(config) if format == "compressed-tensors" else session.target
         accounted = model_size(model, plan, size_target).total_bytes
 
     recorded = ("loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective")
@@ -172,7 +173,10 @@ def export_trial(
         notes.append(f"a plain Hugging Face folder stores every weight densely in {str(model.dtype)[6:]}")
     elif format == "compressed-tensors":
         path = staged_write(
-            out_dir, lambda folder: _write_compressed_tensors(model, session.tokenizer, compressed, folder, provenance)
+            out_dir,
+            lambda folder: _write_compressed_tensors(
+                model, session.tokenizer, compressed, folder, provenance, size_target.serve_dtype
+            ),
         )
         weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
     else:
@@ -223,9 +227,11 @@ def _write_compressed_tensors(
     compressed: Mapping[str, CompressedLinear],
     folder: Path,
     provenance: dict[str, Any],
+    serve_dtype: torch.dtype | None,
 ) -> None:
     """A compressed-tensors checkpoint of the compressed model: the codes and scales it computes with, written by
-    compressed-tensors' own compressors (`targets.vllm`), and our provenance beside it."""
+    compressed-tensors' own compressors (`targets.vllm`), the other tensors in `serve_dtype`, and our provenance
+    beside it."""
     from autocompress.targets.vllm import write_compressed_tensors
 
     pruned = sorted(name for name, kept in compressed.items() if kept.mask is not None)
@@ -233,7 +239,7 @@ def _write_compressed_tensors(
         raise UserError(f"export: compressed-tensors for vLLM stores no sparse weights, but {pruned[0]} is pruned")
     quantized = {name: kept.quantized for name, kept in compressed.items() if kept.quantized is not None}
     try:
-        write_compressed_tensors(model, tokenizer, quantized, folder)
+        write_compressed_tensors(model, tokenizer, quantized, folder, dtype=serve_dtype)
     except ValueError as error:
         raise UserError(f"export: {error}") from error
     text = json.dumps(

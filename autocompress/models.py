@@ -229,13 +229,13 @@ def model_fingerprint(name: str, model: PreTrainedModel) -> str:
 
 
 @torch.no_grad()
-def round_to_storage(tensor: torch.Tensor, name: str) -> None:
-    """Round a floating tensor in place to the values its 16-bit storage dtype holds (a float32 model's tensors
-    are stored in float16), so that a model computes with what an artifact of it stores; a value beyond the
-    storage dtype's range is a UserError, not an inf."""
+def round_to_storage(tensor: torch.Tensor, name: str, store: torch.dtype | None = None) -> None:
+    """Round a floating tensor in place to the values its 16-bit storage dtype holds (`store`, else an artifact's:
+    a float32 model's tensors are stored in float16), so that a model computes with what is stored of it; a value
+    beyond the storage dtype's range is a UserError, not an inf."""
     from autocompress.targets.artifact import storage_dtype  # it imports this module
 
-    store = storage_dtype(tensor.dtype)
+    store = store or storage_dtype(tensor.dtype)
     if not tensor.is_floating_point() or tensor.dtype == store:
         return
     rounded = tensor.to(store)
@@ -248,10 +248,10 @@ def round_to_storage(tensor: torch.Tensor, name: str) -> None:
     tensor.copy_(rounded)
 
 
-def round_model_to_storage(model: nn.Module) -> None:
+def round_model_to_storage(model: nn.Module, store: torch.dtype | None = None) -> None:
     """`round_to_storage` for every floating tensor of the model's state dict (tied tensors once)."""
     for key, tensor in model.state_dict().items():
-        round_to_storage(tensor, key)
+        round_to_storage(tensor, key, store)
 
 
 @dataclass(frozen=True)

@@ -156,10 +156,10 @@ class CompressionSession:
     def __init__(self, config: Config, cache_dir: Path | None = None, progress: bool = False) -> None:
         self.config = config
         self.progress = progress
-        self.target = target_named(config.compression.target)
+        self.target = target_named(config.compression.target).for_config(config)
         self.target.check_model(config)  # from the model's config alone, before its weights load
         self.model, self.tokenizer = load_model(**config.model.model_dump())
-        round_model_to_storage(self.model)  # the dense model is what an artifact stores of it
+        round_model_to_storage(self.model, self.target.serve_dtype)  # the dense model is what is stored of it
         self.pools = token_pools(config.data, self.tokenizer)
         self.linears = compressible_linears(self.model)
         self.calibrated = list(self.linears)  # the Linears whose inputs calibration statistics describe

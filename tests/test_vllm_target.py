@@ -15,7 +15,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from autocompress.methods import QUANTIZERS, LayerStatistics, QuantizedWeight, QuantSpec
-from autocompress.plan import parse_level
+from autocompress.models import compressible_linears
+from autocompress.plan import CompressionPlan, parse_level
 from autocompress.search.space import SearchSpace
 from autocompress.size import model_size
 from autocompress.targets.vllm import (
@@ -402,10 +403,53 @@ def test_a_vllm_plan_exports_as_compressed_tensors_and_reloads_with_matching_log
     quantization = json.loads((result.path / "config.json").read_text())["quantization_config"]
     if pick == "mixed":
         assert set(quantization["config_groups"]) == {"int4-g32", "int8-channel", "fp8-e4m3-channel"}
-    reloaded = load_compressed_tensors(result.path)
+    config_json = json.loads((result.path / "config.json").read_text())
+    assert config_json.get("torch_dtype", config_json.get("dtype")) == "bfloat16"  # what vLLM serves it in
+    with safe_open(next(result.path.glob("*.safetensors")), "pt") as file:
+        assert file.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16  # stored as served
     session = CompressionSession(config, cache_dir=location.cache_dir)
+    reloaded = load_compressed_tensors(result.path, dtype=session.model.dtype)  # the search's float32
     session.stitch(SearchSpace(config, record.units).plan_from_params(chosen.params))
     assert evaluate(reloaded, session.pools.heldout, reference=session.model).kl <= 1e-5
+
+
+def test_tensors_left_unquantized_count_in_the_serving_dtype_not_the_load_dtype(tmp_path: Path) -> None:
+    """The demo model loads in float32 for the search, but vLLM serves it in bfloat16: a dense 16-bit plan counts
+    the ~269 MB of the model in 16 bits, not the 538 MB of float32, with either serving dtype."""
+    from autocompress.config import Config, ModelConfig
+    from autocompress.models import EMBEDDED_MODEL, meta_model
+    from autocompress.targets import target_named
+
+    model = meta_model(ModelConfig(name=EMBEDDED_MODEL, dtype="float32"))
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    vllm = target_named("vllm")
+    dense = model_size(model, CompressionPlan.uniform(bits=16), vllm)
+    header = vllm.overhead_bytes(model, CompressionPlan.uniform(bits=16))
+    assert dense.total_bytes == 2 * parameters + header
+    assert 268e6 < dense.total_bytes < 271e6
+    config = vllm_config(tmp_path, tmp_path)
+    float16 = Config.model_validate(config | {"compression": config["compression"] | {"serve_dtype": "float16"}})
+    assert vllm.for_config(float16).serve_dtype == torch.float16
+    assert (
+        model_size(model, CompressionPlan.uniform(bits=16), vllm.for_config(float16)).total_bytes == dense.total_bytes
+    )
+    int4_plan = CompressionPlan.uniform(bits=4, group_size=64, symmetric=True)
+    int4 = model_size(model, int4_plan, vllm)
+    in_linears = sum(linear.module.weight.numel() for linear in compressible_linears(model))
+    untouched = int4.total_bytes - sum(int4.per_layer.values()) - vllm.overhead_bytes(model, int4_plan)
+    assert untouched == 2 * (parameters - in_linears)  # the embedding and the norms, in bfloat16
+    print(f"dense 16-bit: {dense.total_bytes:,} bytes; uniform int4-g64: {int4.total_bytes:,} bytes")
+
+
+def test_serve_dtype_belongs_to_the_vllm_target(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from autocompress.config import Config
+    from tests.conftest import tiny_study_config
+
+    config = tiny_study_config(tmp_path, tmp_path, compression={"serve_dtype": "float16"})
+    with pytest.raises(ValidationError, match="serve_dtype: only target vllm"):
+        Config.model_validate(config)
 
 
 @pytest.mark.parametrize(

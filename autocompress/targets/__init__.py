@@ -38,6 +38,11 @@ TARGET_NAMES = tuple(TARGET_MODULES)
 class Target(ABC):
     name: ClassVar[str]
     export_format: ClassVar[str]  # what `autocompress export` writes unless --format says otherwise
+    serve_dtype: torch.dtype | None = None  # what the untouched tensors are stored in; None: the target's own rule
+
+    def for_config(self, config: Config) -> Target:
+        """This target with the settings `config` gives it (vLLM's serving dtype)."""
+        return self
 
     def check_config(self, config: Config) -> None:
         """Raise ValueError (one line) for sparsity or levels of the config the runtime cannot run."""

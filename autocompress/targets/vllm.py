@@ -11,7 +11,8 @@ w = (c − z)·s) maps onto compressed-tensors' conventions as follows (`scheme_
   weight_scale [out, 1];
 - nvfp4: FLOAT 4, TENSOR_GROUP(16) with e4m3 scales (the NVFP4A16 preset), `nvfp4-pack-quantized`: weight_packed
   uint8 (two codes a byte, the even column low), weight_scale float8_e4m3fn [out, in/16], weight_global_scale [1];
-- fp16: no scheme; the Linear is listed in `ignore` and its weight stored at the model dtype.
+- fp16: no scheme; the Linear is listed in `ignore` and its weight stored in the serving dtype (bfloat16 unless
+  `compression.serve_dtype` says float16), as every other unquantized tensor.
 
 - Signed ranges: compressed-tensors quantizes to signed q in [−2^(b−1), 2^(b−1)) and packs q + 2^(b−1), so the packed
   words hold exactly our unsigned codes c; its zero-point is signed too, z − 2^(b−1) (int8), packed the same way
@@ -263,13 +264,20 @@ def scheme_for(level: VllmLevel | QuantizedWeight, targets: Iterable[str] = ()) 
 
 
 def compressed_tensors_bytes(
-    level: VllmLevel, out_features: int, in_features: int, bias: bool, dtype: torch.dtype = torch.float16
+    level: VllmLevel,
+    out_features: int,
+    in_features: int,
+    bias: bool,
+    dtype: torch.dtype = torch.float16,
+    stored: torch.dtype | None = None,
 ) -> int:
-    """Bytes of one Linear as the checkpoint stores it (every tensor it writes for it), for a model of `dtype`."""
+    """Bytes of one Linear as the checkpoint stores it (every tensor it writes for it), for a model of `dtype`
+    whose unquantized tensors (weights, biases) are stored in `stored` (`dtype` itself by default)."""
     level = level.on(in_features)
-    bias_bytes = out_features * dtype.itemsize if bias else 0
+    stored = stored or dtype
+    bias_bytes = out_features * stored.itemsize if bias else 0
     if level.kind == UNQUANTIZED:
-        return out_features * in_features * dtype.itemsize + bias_bytes
+        return out_features * in_features * stored.itemsize + bias_bytes
     scale_bytes = scale_dtype(dtype).itemsize
     if level.kind == INTEGER:
         groups = 1 if level.group_size == PER_ROW else math.ceil(in_features / level.group_size)
@@ -290,9 +298,12 @@ def write_compressed_tensors(
     out_dir: Path,
     *,
     tile_padding: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write `model`, whose Linears named in `quantized` compute with those weights dequantized (as
     `compress.apply_plan` leaves them), as a compressed-tensors checkpoint folder; the model is left unchanged.
+    Every tensor but the quantized weights (and their scales) is stored in `dtype`, the dtype vLLM then serves the
+    model in (config.json's torch_dtype): the model's own by default.
 
     Raises ValueError, before writing anything, when a Linear's weight is not what its codes dequantize to, or a
     level is one vLLM cannot run (`refusal`, `fusion_refusals`; `tile_padding` as there).
@@ -301,7 +312,14 @@ def write_compressed_tensors(
     _check(model, linears, quantized, tile_padding)
     # A copy of the module tree that shares every parameter: compression replaces the copy's parameters only.
     memo = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    quantized_weights = {id(linears[name].weight) for name in quantized}
+    if dtype is not None and dtype != model.dtype:  # the others as vLLM serves them: new tensors, the model's kept
+        for parameter in model.parameters():
+            if id(parameter) not in quantized_weights and parameter.is_floating_point():
+                memo[id(parameter)] = nn.Parameter(parameter.detach().to(dtype), requires_grad=False)
     shell = copy.deepcopy(model, memo)
+    if dtype is not None:
+        shell.config.torch_dtype = dtype
     shell_modules = dict(shell.named_modules())
     schemes: dict[VllmLevel, QuantizationScheme] = {}
     for name, stored in quantized.items():
@@ -460,11 +478,19 @@ def stored_names(level: VllmLevel, bias: bool) -> tuple[str, ...]:
 
 class VllmTarget(Target):
     """compressed-tensors for vLLM: weight-only int4/int8 (groups of 32, 64, 128 or per channel), FP8 E4M3 per
-    channel, NVFP4 and fp16, no sparsity; each Linear as `compressed_tensors_bytes` counts it, every other tensor at
-    the model's dtype, and the safetensors header."""
+    channel, NVFP4 and fp16, no sparsity; each Linear as `compressed_tensors_bytes` counts it, every other tensor in
+    the dtype vLLM serves the model in (`serve_dtype`, bfloat16 unless `compression.serve_dtype` says float16, not
+    the dtype the model loads in for the search), and the safetensors header."""
 
     name = "vllm"
     export_format = "compressed-tensors"
+
+    def __init__(self, serve_dtype: torch.dtype = torch.bfloat16) -> None:
+        self.serve_dtype = serve_dtype
+
+    def for_config(self, config: Config) -> VllmTarget:
+        serve_dtype = getattr(torch, config.compression.serve_dtype)
+        return self if serve_dtype == self.serve_dtype else VllmTarget(serve_dtype)
 
     def level(self, setting: LayerCompression, plan: CompressionPlan) -> VllmLevel:
         return level_for(setting.level, plan.group_size, plan.symmetric)
@@ -516,10 +542,10 @@ class VllmTarget(Target):
         reason = "vLLM runs no sparse weights" if setting.sparsity > 0 else refusal(level, out_features, in_features)
         if reason is not None:  # a plan given by hand (apply --plan) that the config's levels did not vet
             raise UserError(f"compression.target vllm: {reason}")
-        return compressed_tensors_bytes(level, out_features, in_features, bias, dtype)
+        return compressed_tensors_bytes(level, out_features, in_features, bias, dtype, self.serve_dtype)
 
     def tensor_bytes(self, numel: int, dtype: torch.dtype) -> int:
-        return numel * dtype.itemsize
+        return numel * self.serve_dtype.itemsize
 
     def overhead_bytes(self, model: nn.Module, plan: CompressionPlan) -> int:
         """The safetensors header: the length, the metadata, then one entry per tensor (its name, dtype, shape and
