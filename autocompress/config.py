@@ -288,9 +288,10 @@ class Budget(Section):
             raise ValueError("a size budget is a ceiling in bytes, not an average")
         return self.sparsity if self.sparsity is not None else self.bits
 
-    def max_bytes(self, dense_bytes: int) -> int:
-        """A size budget's ceiling in bytes, for a model of `dense_bytes` dense bytes."""
-        return size_limit(self.size).max_bytes(dense_bytes)
+    def max_bytes(self, dense_bytes: int, config: Config | None = None) -> int:
+        """A size budget's ceiling in bytes, for a model of `dense_bytes` dense bytes (and of `config`'s study, for
+        a preset's size)."""
+        return size_limit(self.size).max_bytes(dense_bytes, config)
 
 
 class GenerationsConfig(Section):
@@ -423,9 +424,10 @@ class SearchConfig(Section):
 
     _size_limit: SizeLimit | None = PrivateAttr(None)
 
-    def max_bytes(self, dense_bytes: int) -> int | None:
-        """The size limit in bytes for a model of `dense_bytes` dense bytes; None without a limit."""
-        return None if self._size_limit is None else self._size_limit.max_bytes(dense_bytes)
+    def max_bytes(self, dense_bytes: int, config: Config | None = None) -> int | None:
+        """The size limit in bytes for a model of `dense_bytes` dense bytes (and of `config`'s study, for a
+        preset's size); None without a limit."""
+        return None if self._size_limit is None else self._size_limit.max_bytes(dense_bytes, config)
 
     @model_validator(mode="before")
     @classmethod
@@ -540,18 +542,27 @@ class SearchConfig(Section):
 
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 SIZE_SPELLINGS = (
-    "bytes as a whole number (80000000) or with a unit ('80MB', '1.5GiB'), or a fraction of dense ('50%', 0.5)"
+    "bytes as a whole number (80000000) or with a unit ('80MB', '1.5GiB'), a fraction of dense ('50%', 0.5), "
+    "or a llama.cpp preset's file (q4_k_m)"
 )
 
 
 @dataclass(frozen=True)
 class SizeLimit:
-    """A parsed size limit: a number of bytes, or a fraction of the dense (16-bit) model's bytes."""
+    """A parsed size limit: a number of bytes, a fraction of the dense (16-bit) model's bytes, or the file llama.cpp
+    writes of the model with a preset (`targets.preset_sizes`: the study's config sizes it)."""
 
     bytes: int | None = None
     fraction: float | None = None
+    preset: str | None = None
 
-    def max_bytes(self, dense_bytes: int) -> int:
+    def max_bytes(self, dense_bytes: int, config: Config | None = None) -> int:
+        if self.preset is not None:
+            from autocompress.targets.preset_sizes import preset_ceiling
+
+            if config is None:
+                raise ValueError(f"size {self.preset!r}: a preset's size is the study's model's; no config to size it")
+            return preset_ceiling(config, self.preset)
         return self.bytes if self.bytes is not None else int(self.fraction * dense_bytes)
 
 
@@ -564,6 +575,13 @@ def size_limit(value: float | str) -> SizeLimit:
     """
     if isinstance(value, bool):
         raise ValueError(f"size {value!r} is not a size; give {SIZE_SPELLINGS}")
+    name = str(value).strip().lower()
+    if name[:1].isalpha():  # a llama.cpp preset (sized once the model is known), or a misspelt one
+        from autocompress.targets.preset_sizes import preset_names
+
+        if name not in preset_names():
+            raise ValueError(f"size {value!r} is not a size nor a llama.cpp preset ({', '.join(preset_names())})")
+        return SizeLimit(preset=name)
     text = str(value).strip().lower().replace(" ", "").replace("_", "")
     unit = text.lstrip("+-0123456789.e") if not text.endswith("%") else "%"
     number_text = text[: len(text) - len(unit)]
@@ -592,9 +610,9 @@ def max_bytes_for(given: str | None, config: Config, dense_bytes: int | None) ->
     if dense_bytes is None:
         return None
     if given is None:
-        return config.search.max_bytes(dense_bytes)
+        return config.search.max_bytes(dense_bytes, config)
     try:
-        return size_limit(given).max_bytes(dense_bytes)
+        return size_limit(given).max_bytes(dense_bytes, config)
     except ValueError as error:
         raise UserError(f"--max-size: {error}") from error
 
@@ -630,6 +648,18 @@ class Config(Section):
             )
         if self.search.student is not None:
             raise ValueError("search.structure: a smaller architecture is made one way; drop search.student")
+        return self
+
+    @model_validator(mode="after")
+    def _presets_size_gguf_files(self) -> Config:
+        sizes = {
+            "search.max_size": self.search.max_size,
+            "search.budget.size": getattr(self.search.budget, "size", None),
+        }
+        for where, size in sizes.items():
+            preset = None if size is None else size_limit(size).preset
+            if preset is not None and self.compression.target != "gguf":
+                raise ValueError(f"{where}: {preset} names a llama.cpp file's size, a budget of target gguf only")
         return self
 
     @model_validator(mode="after")

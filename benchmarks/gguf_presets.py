@@ -14,7 +14,8 @@ What it measures, on the embedded SmolLM2-135M-Instruct and its pydoc text (256-
   at each preset's file size, the frontier member with the lowest fitness KL whose file is no larger, exported
   with `autocompress.export.export_trial(..., format="gguf")`.
 - or, with `--phase budget`, a size-budget study in generations at each of Q3_K_M's and Q4_K_M's file sizes
-  (`budget: {size: bytes}`), searched for `--budget-seconds`, its best plan under the ceiling exported.
+  (`budget: {size: q3_k_m}`, computed from the model, metadata included), searched for `--budget-seconds`, its
+  best plan under the ceiling exported.
 
 Every file is scored the same way: loaded in llama.cpp (llama-cpp-python, `targets.gguf.llama_cpp.LlamaCppModel`),
 every token of every window of the whole held-out pool predicted, perplexity from the summed log-probabilities.
@@ -93,7 +94,6 @@ TARGET_CLOSURE = 0.25  # ... closing at least this share of the preset's perplex
 EXCLUDED_LEVELS = ("q4_0", "q4_1")  # the embedded weights' own grid (Q4_1 in groups of 32): nearly free
 SEARCH_LEVELS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
 SUBSTITUTE = {"q4_0": "iq4_nl", "q4_1": "iq4_nl"}  # same 4.5 bits per weight as Q4_0, a level the search has
-EXPORT_MARGIN = 64_000  # bytes an export adds beyond the accounted ones (its plan and provenance metadata)
 EXCLUSION_NOTE = (
     "searched levels exclude q4_0 and q4_1: the embedded weights already lie on a Q4_1 grid in groups of 32, so "
     "re-quantizing to them is nearly free"
@@ -536,9 +536,10 @@ def phase_search(
 def phase_budget(
     settings: Settings, inputs: Inputs, work: Path, preset_bytes: Mapping[str, int], seconds: float, log: Log
 ) -> tuple[list[File], dict[str, Any]]:
-    """At each target preset's file size, a size-budget study in generations (`budget: {size: bytes}`, a ceiling
-    from the target's own byte accounting) searched for `seconds`, then its best recorded plan under the ceiling
-    (lowest fitness KL) exported. The ceiling leaves room for what an export adds to the accounted bytes."""
+    """At each target preset's file size, a size-budget study in generations (`budget: {size: q4_k_m}`: the file
+    llama-quantize writes with that preset, computed by `targets.preset_sizes`, less what an export adds to the
+    accounted bytes) searched for `seconds`, then its best recorded plan under the ceiling (lowest fitness KL)
+    exported."""
     from autocompress.export import export_trial
     from autocompress.frontier import frontier_of
     from autocompress.record import StudyLocation, StudyRecord, seed_attrs, trial_records
@@ -555,10 +556,10 @@ def phase_budget(
     files, summary = [], {}
     for preset in [preset for preset in TARGET_PRESETS if preset in preset_bytes]:
         limit = preset_bytes[preset]
-        ceiling = limit - EXPORT_MARGIN
         base = study_config(settings).model_dump(mode="json")
-        base["search"] |= {"budget": {"size": ceiling}, "generations": {}, "sampler": "evolution"}
+        base["search"] |= {"budget": {"size": preset}, "generations": {}, "sampler": "evolution"}
         config = Config.model_validate(base)
+        ceiling = config.search.budget.max_bytes(0, config)
         location = StudyLocation.resolve(f"gguf-budget-{preset}", work)
         session, space = study_session(config, location.cache_dir, progress=True)
         study, created = open_study(config, location, space, config.search.seed)
@@ -590,7 +591,7 @@ def phase_budget(
         )  # fmt: skip
         path = Path(result.path) / "model.gguf"
         if path.stat().st_size > limit:
-            log(f"{preset}: the export is {path.stat().st_size:,} bytes, over {limit:,}: raise EXPORT_MARGIN")
+            log(f"{preset}: the export is {path.stat().st_size:,} bytes, over llama.cpp's {limit:,}")
             continue
         extra = {
             "trial": chosen.number,

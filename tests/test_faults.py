@@ -452,6 +452,14 @@ def test_the_search_config_resolves_its_size_limit_once_parsed() -> None:
     assert Config().search.max_bytes(1000) is None
 
 
+def test_a_preset_name_is_a_size_of_gguf_studies_and_a_misspelt_one_is_refused() -> None:
+    assert size_limit("Q4_K_M").preset == "q4_k_m"
+    with pytest.raises(ValueError, match=r"'q4_km' is not a size nor a llama\.cpp preset"):
+        size_limit("q4_km")
+    with pytest.raises(ValueError, match=r"names a llama\.cpp file's size, a budget of target gguf only"):
+        Config.model_validate({"search": {"max_size": "q4_k_m"}})
+
+
 # 6. A float32 model's artifact is the evaluated model.
 
 

@@ -170,3 +170,73 @@ def test_a_size_budget_searches_gguf_types_under_a_byte_ceiling(tmp_path: Path) 
         for trial in study.trials
         if trial.number in {record.number for record in generated}
     )
+
+
+def test_a_budget_named_by_preset_is_the_preset_file_with_the_export_metadata_inside(tmp_path: Path) -> None:
+    """`budget: {size: q4_k_m}`: every plan a generation tries stays under Q4_K_M's file less what an export adds,
+    and the best one exported (`export --max-size q4_k_m`), provenance and plan included, is no larger than the file
+    of llama.cpp's Q4_K_M types; `frontier --max-size q4_k_m` lists only such plans, and a misspelt preset is one
+    line, exit 2."""
+    import json
+
+    from autocompress.config import Config
+    from autocompress.search import run_search
+    from autocompress.targets.gguf import gguf_layout
+    from autocompress.targets.gguf_presets import preset_types
+    from autocompress.targets.preset_sizes import preset_ceiling, preset_file_bytes
+
+    model_dir = tmp_path / "model"
+    model = tiny_model("mistral")
+    model.save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
+    search = {"sparsity": [0.0], "bits": [16], "formats": LEVELS, "budget": {"size": "q4_k_m"}}
+    raw = tiny_study_config(
+        tmp_path,
+        model_dir,
+        compression={"target": "gguf", "granularity": "linear"},
+        search=search | {"generations": generations, "loss": "kl"},
+    )
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    config = Config.model_validate(raw)
+    results = tmp_path / "results"
+    study = run_search(config, StudyLocation.resolve("preset", results), n_trials=16, progress=False)
+
+    file_bytes, ceiling = preset_file_bytes(config, "q4_k_m"), preset_ceiling(config, "q4_k_m")
+    model.config._name_or_path = str(model_dir)  # the name the file records, as when loaded from the folder
+    layout = gguf_layout(model, bpe_tokenizer())
+    matrices = [key for key, slot in layout.slots.items() if len(slot.shape) == 2]
+    types = preset_types(
+        "q4_k_m",
+        [(layout.slots[key].name, layout.slots[key].shape) for key in matrices],
+        model.config.num_hidden_layers,
+        n_head=model.config.num_attention_heads,
+        n_head_kv=model.config.num_key_value_heads,
+        imatrix=True,
+    )
+    by_name = {slot.name: key for key, slot in layout.slots.items()}
+    assert file_bytes == layout.file_bytes({by_name[name]: kind for name, kind in types.items() if kind != "f16"})
+    assert file_bytes - 64_000 < ceiling < file_bytes
+    records = scored_records(study)
+    generated = [record for record in records if record.generation_evaluations is not None]
+    assert generated and all(record.size_bytes <= ceiling for record in generated)
+
+    listed = subprocess.run(
+        [*CLI, "frontier", "--study", "preset", "--results", str(results), "--max-size", "q4_k_m", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert all(point["size_bytes"] <= ceiling for point in json.loads(listed.stdout))
+    out = tmp_path / "best"
+    exported = [*CLI, "export", "--study", "preset", "--results", str(results), "--pick", "best"]
+    subprocess.run([*exported, "--max-size", "q4_k_m", "--out", str(out)], check=True, capture_output=True)
+    assert (out / "model.gguf").stat().st_size <= file_bytes
+
+    refused = subprocess.run(
+        [*CLI, "frontier", "--study", "preset", "--results", str(results), "--max-size", "q4_km"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "not a size nor a llama.cpp preset" in refused.stderr

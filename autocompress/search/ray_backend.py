@@ -524,7 +524,7 @@ def run_ray_search(
         write_prepared(study, location, prepared)
         if not created:  # another driver's sampler must not replay this one's suggestions
             study.sampler = sampler_for(config, config.search.seed + os.getpid())
-        max_bytes = config.search.max_bytes(described["dense_bytes"])
+        max_bytes = config.search.max_bytes(described["dense_bytes"], config)
         bar = ProgressBar(study, target, progress)
         deadline = None if timeout is None else time.time() + timeout
         searcher = StudySearcher(study, space, target, deadline, bar, max_bytes, location.storage_url)

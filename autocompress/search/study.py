@@ -243,7 +243,7 @@ def study_size_ceiling(session: CompressionSession, space: SearchSpace) -> SizeC
     """The size budget's levels and bytes per unit; a UserError when the ceiling is below the smallest plan."""
     budget = space.config.search.budget
     try:
-        return size_ceiling(session, space, budget.max_bytes(session.dense_bytes))
+        return size_ceiling(session, space, budget.max_bytes(session.dense_bytes, space.config))
     except ValueError as error:
         raise UserError(f"search.budget: {error}") from error
 
