@@ -79,12 +79,30 @@ def embedded_model_folder() -> Path:
     folder = cache_dir() / "models" / EMBEDDED_MODEL
     if (folder / "config.json").is_file():
         return folder
-    gguf = embedded_gguf()
-    print(f"Converting the embedded {EMBEDDED_MODEL} from GGUF into {folder} (once)...", file=sys.stderr)
-    model = plain_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return converted_gguf(embedded_gguf(), folder, f"the embedded {EMBEDDED_MODEL}")
+
+
+def gguf_model_folder(path: Path) -> Path:
+    """A GGUF model file as a plain Hugging Face folder (its tokenizer, its tensors dequantized to float32),
+    converted once and cached by the file's content (`file_digest`), so a second load reads safetensors."""
+    folder = cache_dir() / "models" / "gguf" / file_digest(path)[:32]
+    if (folder / "config.json").is_file():
+        return folder
+    return converted_gguf(path, folder, str(path))
+
+
+def converted_gguf(gguf: Path, folder: Path, label: str) -> Path:
+    """Convert the GGUF file into `folder` (written aside, then renamed into place whole)."""
+    print(f"Converting {label} from GGUF into {folder} (once)...", file=sys.stderr)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model {label!r} cannot be loaded: {first_line}") from error
+    model = plain_copy(loaded)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -141,7 +159,7 @@ def load_model(
         path = Path(name).expanduser()
         if not path.is_file():
             raise UserError(f"model: GGUF file {name} not found")
-        source, kwargs["gguf_file"] = path.parent, path.name
+        source = gguf_model_folder(path)
     elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
         raise UserError(f"model: folder {name} not found")
     elif safetensors_only:

@@ -41,7 +41,7 @@ from transformers import (
 
 from autocompress.errors import UserError
 from autocompress.metrics import log_probs
-from autocompress.models import embedded_gguf
+from autocompress.models import embedded_gguf, load_model
 from autocompress.targets.gguf.blocks import GgufBlocks, dequantize_rows, quantize_rows
 from autocompress.targets.gguf.file import gguf_layout, write_gguf_tensors
 from autocompress.targets.gguf.llama_cpp import LlamaCppModel, llama_cpp_available
@@ -463,3 +463,34 @@ def test_evaluate_against_another_gguf_gives_kld_statistics_and_paired_differenc
     main(["evaluate", str(quantized), "--against", str(plain), "--new-tokens", "4", "--no-dense"])
     table = capsys.readouterr().out
     assert "--against" in table and "99.9% KLD" in table and "quantized.gguf minus --against" in table
+
+
+def test_a_gguf_model_is_converted_once_into_the_cache_keyed_by_its_content(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A `.gguf` model's tokenizer and dequantized tensors are converted into the model cache on the first load;
+    the second load reads that folder (no conversion) and computes the same logits; a file of other content gets a
+    folder of its own."""
+    from autocompress import models
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("mistral")
+    tokenizer = bpe_tokenizer()
+    path = write_gguf_tensors(model, tokenizer, mixed_plan(model), tmp_path / "tiny.gguf").path
+    tokens = windows(model.config.vocab_size)
+
+    first, first_tokenizer = load_model(str(path), device="cpu")
+    assert "Converting" in capsys.readouterr().err
+    folders = list((tmp_path / "cache" / "models" / "gguf").iterdir())
+    assert len(folders) == 1 and (folders[0] / "config.json").is_file()
+    monkeypatch.setattr(models, "converted_gguf", lambda *_: pytest.fail("converted a second time"))
+    second, second_tokenizer = load_model(str(path), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(first(tokens).logits, second(tokens).logits)
+    assert second_tokenizer("def main") == first_tokenizer("def main")
+
+    monkeypatch.undo()
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    other = write_gguf_tensors(tiny_model("mistral", seed=1), tokenizer, {}, tmp_path / "other.gguf").path
+    load_model(str(other), device="cpu")
+    assert len(list((tmp_path / "cache" / "models" / "gguf").iterdir())) == 2
