@@ -373,10 +373,12 @@ class SearchConfig(Section):
         "tokens) by more than this fraction. Default: 0 with a budget (an offspring must keep up with the best plan, "
         "as in EvoPress' selection), else 0.05",
     )
-    baselines: list[Literal["uniform", "owl", "sensitivity"]] | None = Field(
+    baselines: list[Literal["uniform", "owl", "sensitivity", "additive"]] | None = Field(
         None,
         description="allocations enqueued as seed trials, at the budget or at each level of a free search. "
-        "Default: all three with a budget, none without (the `seeds` uniform plans still are)",
+        "Default: uniform, owl and sensitivity with an average budget, uniform with a size budget, none without (the "
+        "`seeds` uniform plans still are). additive (size budgets only): each unit's error at each level measured "
+        "alone, the least summed error under the ceiling solved as a knapsack over bytes",
     )
     owl_threshold: float = Field(5.0, gt=0, description="OWL: a weight is an outlier above this many times the mean")
     owl_spread: float | None = Field(
@@ -479,6 +481,8 @@ class SearchConfig(Section):
             raise ValueError("baselines (uniform, owl, sensitivity) allocate bits, not formats; drop baselines")
 
     def _budget_is_valid(self) -> None:
+        if "additive" in self.baseline_names() and (self.budget is None or self.budget.dimension != "size"):
+            raise ValueError("the additive baseline allocates bytes under a size budget; add budget: {size: ...}")
         if self.budget is None:
             if self.sampler == "evolution":
                 raise ValueError("the evolution sampler needs a budget, e.g. budget: {sparsity: 0.6}")
@@ -491,8 +495,10 @@ class SearchConfig(Section):
                 raise ValueError("a size budget is searched in generations; add search.generations (e.g. {})")
             if len(self.sparsity_levels()) != 1 or len(self.precision_levels()) < 2:
                 raise ValueError("a size budget needs a single sparsity level and two or more precision levels")
-            if set(self.baseline_names()) - {"uniform"}:
-                raise ValueError("a size budget's only baseline is uniform (OWL and sensitivity keep an average)")
+            if set(self.baseline_names()) - {"uniform", "additive"}:
+                raise ValueError(
+                    "a size budget's baselines are uniform and additive (OWL and sensitivity keep an average)"
+                )
             return
         levels = self.levels(dimension)
         other = "bits" if dimension == "sparsity" else "sparsity"

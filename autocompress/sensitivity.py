@@ -30,7 +30,7 @@ def measure_sensitivity(
     session: CompressionSession,
     space: SearchSpace,
     base: Params,
-    variants: Sequence[Variant],
+    variants: Sequence[Variant] | Callable[[str], Sequence[Variant]],
     windows: int,
     stored: dict[str, Any],
     save: Callable[[dict[str, Any]], None],
@@ -38,8 +38,9 @@ def measure_sensitivity(
     desc: str = "sensitivity",
 ) -> dict[str, Any]:
     """Fill `stored` ({"base": loss of the base plan, "values": {unit: {variant label: loss increase}}}) for every
-    unit of the space and every variant, on the first `windows` fitness windows; `save` is called after the base
-    and after each unit, so an interrupted measurement resumes where it stopped."""
+    unit of the space and every variant (the same for every unit, or each unit's own from `variants(unit)`), on the
+    first `windows` fitness windows; `save` is called after the base and after each unit, so an interrupted
+    measurement resumes where it stopped."""
     loss_name = session.config.search.loss
 
     def loss_of(params: Params) -> float:
@@ -53,7 +54,7 @@ def measure_sensitivity(
     todo = [unit for unit in space.units if unit not in stored["values"]]
     for unit in tqdm(todo, desc=desc, disable=not progress, leave=False):
         row = {}
-        for variant in variants:
+        for variant in variants(unit) if callable(variants) else variants:
             params = base | {f"{unit}.{field}": value for field, value in variant.items()}
             row[variant_label(variant)] = loss_of(params) - stored["base"]
         stored["values"][unit] = row

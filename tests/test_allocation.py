@@ -224,3 +224,40 @@ def test_the_budget_search_space_recipe_is_valid() -> None:
     config = load_config(Path(__file__).parent.parent / "search_spaces" / "smollm2-budget.yaml")
     assert config.search.budget.dimension == "sparsity" and config.search.sampler == "evolution"
     assert config.search.stage_fractions() == [0.25, 0.5, 1.0] and config.search.margin() == 0.0
+
+
+def test_the_additive_knapsack_finds_the_least_error_allocation_that_fits() -> None:
+    """Dynamic programming over bytes gives what trying every allocation gives, exactly at the byte; with more room
+    than its cells it rounds bytes up and still fits."""
+    import random
+
+    from autocompress.additive import MAX_CELLS, knapsack
+
+    rng = random.Random(0)
+    for _ in range(20):
+        units = [f"u{index}" for index in range(4)]
+        unit_bytes = {unit: [0, *sorted(rng.sample(range(1, 60), 2))] for unit in units}
+        errors = {unit: sorted((rng.random() for _ in range(3)), reverse=True) for unit in units}
+        room = rng.randrange(0, 150)
+        feasible = [
+            dict(zip(units, choice, strict=True))
+            for choice in itertools.product(range(3), repeat=4)
+            if sum(unit_bytes[unit][index] for unit, index in zip(units, choice, strict=True)) <= room
+        ]
+        best = min(sum(errors[unit][index] for unit, index in choice.items()) for choice in feasible)
+        chosen = knapsack(errors, unit_bytes, room)
+        assert sum(unit_bytes[unit][index] for unit, index in chosen.items()) <= room
+        assert sum(errors[unit][index] for unit, index in chosen.items()) == pytest.approx(best)
+    large = {unit: [0, 3 * MAX_CELLS, 7 * MAX_CELLS] for unit in ("a", "b")}  # cells of 10 bytes
+    chosen = knapsack({"a": [2.0, 1.0, 0.0], "b": [2.0, 1.0, 0.0]}, large, 10 * MAX_CELLS)
+    assert sum(large[unit][index] for unit, index in chosen.items()) <= 10 * MAX_CELLS
+    assert sorted(chosen.values()) == [1, 2]
+    with pytest.raises(ValueError, match="no allocation fits"):
+        knapsack({"a": [0.0]}, {"a": [0]}, -1)
+
+
+def test_the_additive_baseline_belongs_to_size_budgets() -> None:
+    with pytest.raises(ValidationError, match="the additive baseline allocates bytes under a size budget"):
+        SearchConfig.model_validate({"baselines": ["additive"]})
+    with pytest.raises(ValidationError, match="additive baseline allocates bytes"):
+        SearchConfig.model_validate({"budget": {"bits": 4.0}, "bits": [2, 4, 8], "baselines": ["additive"]})

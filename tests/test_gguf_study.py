@@ -240,3 +240,43 @@ def test_a_budget_named_by_preset_is_the_preset_file_with_the_export_metadata_in
     )
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "not a size nor a llama.cpp preset" in refused.stderr
+
+
+def test_a_size_budget_seeds_the_additive_allocation_from_each_units_error_alone(tmp_path: Path) -> None:
+    """`baselines: [uniform, additive]`: each unit's error at each GGUF type alone (cached), the least summed error
+    under the ceiling as a knapsack over bytes, enqueued as the seed `additive` and scored under the ceiling."""
+    from autocompress.additive import knapsack, unit_errors
+    from autocompress.allocation import size_ceiling
+    from autocompress.config import Config
+    from autocompress.search import run_search
+    from autocompress.search.study import study_session
+
+    model_dir = tmp_path / "model"
+    tiny_model("mistral").save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    search = {"sparsity": [0.0], "bits": [16], "formats": LEVELS, "budget": {"size": "30%"}}
+    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
+    search |= {"generations": generations, "baselines": ["uniform", "additive"], "loss": "kl"}
+    raw = tiny_study_config(tmp_path, model_dir, compression={"target": "gguf"}, search=search)
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    config = Config.model_validate(raw)
+    location = StudyLocation.resolve("additive", tmp_path / "results")
+    study = run_search(config, location, n_trials=10, progress=False)
+    records = scored_records(study)
+    ceiling = int(0.3 * StudyRecord.of(study).dense_bytes)
+    additive = [record for record in records if record.baseline == "additive"]
+    assert len(additive) == 1 and additive[0].size_bytes <= ceiling
+    assert "additive@size" in StudyRecord.of(study).baselines
+
+    session, space = study_session(config, location.cache_dir)
+    assert list((location.cache_dir / session.inputs_key / "profiles").glob("additive-*.json"))
+    windows = max(1, len(session.pools.fitness) // 4)
+    errors = unit_errors(session, space, windows)  # from the cache: the seed's own measurement
+    assert all(errors[unit][-1] == 0.0 and len(errors[unit]) == len(space.levels_of(unit)) for unit in space.units)
+    assert all(max(values) > 0 for values in errors.values())
+    ceiling_of = size_ceiling(session, space, ceiling)
+    expected = knapsack(errors, ceiling_of.unit_bytes, ceiling - ceiling_of.fixed)
+    params = {f"{unit}.format": space.levels_of(unit)[index] for unit, index in expected.items()}
+    assert {key: value for key, value in additive[0].params.items()} == {
+        key: value for key, value in params.items() if key in additive[0].params
+    }

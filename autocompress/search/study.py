@@ -144,7 +144,9 @@ def enqueue_baselines(
     if ceiling is not None:
         with FileLock(location.out_dir / ".study.lock"):
             if not StudyRecord.of(study).baselines:
-                record_baselines(study, [enqueue_uniform_at_ceiling(study, space, ceiling)])
+                enqueued = [enqueue_uniform_at_ceiling(study, space, ceiling)] if "uniform" in names else []
+                enqueued += [enqueue_additive(study, session, space, ceiling)] if "additive" in names else []
+                record_baselines(study, enqueued)
         return
     with FileLock(location.out_dir / ".study.lock"):
         if StudyRecord.of(study).baselines:  # another process enqueued them while this one waited
@@ -204,6 +206,8 @@ def enqueue_presets(
             enqueued.append(enqueue_uniform_at_ceiling(study, space, ceiling))
             fitted = enqueue_fitted_under_ceiling(study, space, ceiling, seeds)
             enqueued += [fitted] if fitted else []
+            if "additive" in space.config.search.baseline_names():
+                enqueued.append(enqueue_additive(study, session, space, ceiling))
         record_baselines(study, enqueued)
 
 
@@ -254,6 +258,17 @@ def enqueue_uniform_at_ceiling(study: optuna.Study, space: SearchSpace, ceiling:
     params = {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in allocation.items()}
     study.enqueue_trial(params, user_attrs=seed_attrs(["uniform"]), skip_if_exists=True)
     return "uniform@size"
+
+
+def enqueue_additive(study: optuna.Study, session: CompressionSession, space: SearchSpace, ceiling: SizeCeiling) -> str:
+    """Enqueue the additive allocation under a size budget's ceiling (`additive.additive_allocation`) as a seed;
+    its name."""
+    from autocompress.additive import additive_allocation
+
+    allocation = additive_allocation(session, space, ceiling, progress=session.progress)
+    params = {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in allocation.items()}
+    study.enqueue_trial(params, user_attrs=seed_attrs(["additive"]), skip_if_exists=True)
+    return "additive@size"
 
 
 def check_student_space(space: SearchSpace, teacher_config) -> None:
