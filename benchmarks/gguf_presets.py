@@ -15,7 +15,9 @@ What it measures, on the embedded SmolLM2-135M-Instruct and its pydoc text (256-
   with `autocompress.export.export_trial(..., format="gguf")`.
 - or, with `--phase budget`, a size-budget study in generations at each of Q3_K_M's and Q4_K_M's file sizes
   (`budget: {size: q3_k_m}`, computed from the model, metadata included), searched for `--budget-seconds`, its
-  best plan under the ceiling exported.
+  best plan under the ceiling exported, and beside it the study's `additive` seed (each unit's error at each type
+  alone, the least summed error under the ceiling by a knapsack over bytes: llama.cpp PR #15550's and AutoRound
+  AutoScheme's allocation, no search), exported as a row of its own.
 
 Every file is scored the same way: loaded in llama.cpp (llama-cpp-python, `targets.gguf.llama_cpp.LlamaCppModel`),
 every token of every window of the whole held-out pool predicted, perplexity from the summed log-probabilities.
@@ -558,6 +560,7 @@ def phase_budget(
         limit = preset_bytes[preset]
         base = study_config(settings).model_dump(mode="json")
         base["search"] |= {"budget": {"size": preset}, "generations": {}, "sampler": "evolution"}
+        base["search"]["baselines"] = ["uniform", "additive"]
         config = Config.model_validate(base)
         ceiling = config.search.budget.max_bytes(0, config)
         location = StudyLocation.resolve(f"gguf-budget-{preset}", work)
@@ -608,6 +611,19 @@ def phase_budget(
         row = f"searched under a size budget at {preset} size"
         files.append(File(row, "budget", preset, path, time.perf_counter() - exporting, extra))
         log(f"{preset}: trial {chosen.number} (fitness KL {chosen.loss:.4f}, {path.stat().st_size:,} bytes)")
+        additive = next((item for item in records if item.baseline == "additive" and item.scored), None)
+        if additive is not None:  # the study's own seed: each unit's error alone, a knapsack over bytes
+            exporting = time.perf_counter()
+            result = export_trial(
+                record, location, additive, work / "additive" / preset, format="gguf", overwrite=True,
+                chosen_by=f"the additive allocation under the size budget of llama.cpp {preset}'s {limit:,} bytes",
+            )  # fmt: skip
+            path = Path(result.path) / "model.gguf"
+            extra = {"trial": additive.number, "fitness_kl": additive.loss, "budget_bytes": ceiling}
+            extra |= {"accounted_bytes": result.accounted_bytes, "trial_size_bytes": additive.size_bytes}
+            seconds = time.perf_counter() - exporting
+            files.append(File(f"additive allocation at {preset} size", "additive", preset, path, seconds, extra))
+            log(f"{preset}: additive, trial {additive.number} (fitness KL {additive.loss:.4f})")
         summary[f"budget_{preset}_search_s"] = round(search_s)
     return files, summary
 
@@ -683,6 +699,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         "ours": ("x", "tab:orange", "our reproduction of the preset"),
         "searched": ("*", "tab:red", "searched (frontier member at the preset's size)"),
         "budget": ("P", "tab:green", "searched under the preset's size as a budget"),
+        "additive": ("D", "tab:purple", "additive allocation (each unit's error alone, knapsack over bytes)"),
     }
     for kind, (marker, color, label) in styles.items():
         part = frame[frame["kind"] == kind]
