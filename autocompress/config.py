@@ -556,7 +556,7 @@ SIZE_SPELLINGS = (
 @dataclass(frozen=True)
 class SizeLimit:
     """A parsed size limit: a number of bytes, a fraction of the dense (16-bit) model's bytes, or the file llama.cpp
-    writes of the model with a preset (`targets.preset_sizes`: the study's config sizes it)."""
+    writes of the model with a preset (`targets.gguf.preset_sizes`: the study's config sizes it)."""
 
     bytes: int | None = None
     fraction: float | None = None
@@ -564,7 +564,7 @@ class SizeLimit:
 
     def max_bytes(self, dense_bytes: int, config: Config | None = None) -> int:
         if self.preset is not None:
-            from autocompress.targets.preset_sizes import preset_ceiling
+            from autocompress.targets.gguf.preset_sizes import preset_ceiling
 
             if config is None:
                 raise ValueError(f"size {self.preset!r}: a preset's size is the study's model's; no config to size it")
@@ -583,7 +583,7 @@ def size_limit(value: float | str) -> SizeLimit:
         raise ValueError(f"size {value!r} is not a size; give {SIZE_SPELLINGS}")
     name = str(value).strip().lower()
     if name[:1].isalpha():  # a llama.cpp preset (sized once the model is known), or a misspelt one
-        from autocompress.targets.preset_sizes import preset_names
+        from autocompress.targets.gguf.preset_sizes import preset_names
 
         if name not in preset_names():
             raise ValueError(f"size {value!r} is not a size nor a llama.cpp preset ({', '.join(preset_names())})")

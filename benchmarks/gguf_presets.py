@@ -539,7 +539,7 @@ def phase_budget(
     settings: Settings, inputs: Inputs, work: Path, preset_bytes: Mapping[str, int], seconds: float, log: Log
 ) -> tuple[list[File], dict[str, Any]]:
     """At each target preset's file size, a size-budget study in generations (`budget: {size: q4_k_m}`: the file
-    llama-quantize writes with that preset, computed by `targets.preset_sizes`, less what an export adds to the
+    llama-quantize writes with that preset, computed by `targets.gguf.preset_sizes`, less what an export adds to the
     accounted bytes) searched for `seconds`, then its best recorded plan under the ceiling (lowest fitness KL)
     exported."""
     from autocompress.export import export_trial

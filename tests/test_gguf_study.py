@@ -181,9 +181,9 @@ def test_a_budget_named_by_preset_is_the_preset_file_with_the_export_metadata_in
 
     from autocompress.config import Config
     from autocompress.search import run_search
-    from autocompress.targets.gguf import gguf_layout
-    from autocompress.targets.gguf_presets import preset_types
-    from autocompress.targets.preset_sizes import preset_ceiling, preset_file_bytes
+    from autocompress.targets.gguf.file import gguf_layout
+    from autocompress.targets.gguf.preset_sizes import preset_ceiling, preset_file_bytes
+    from autocompress.targets.gguf.presets import preset_types
 
     model_dir = tmp_path / "model"
     model = tiny_model("mistral")

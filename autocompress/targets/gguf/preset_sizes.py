@@ -2,8 +2,8 @@
 `frontier --max-size q4_k_m`, `export --max-size q4_k_m`.
 
 A preset's name stands for the file `llama-quantize --imatrix` writes of the study's model with that preset. Its
-bytes are computed, not measured: llama.cpp's type for every tensor (`gguf_presets.preset_types`, its per-tensor
-rules and fallbacks) sized by the GGUF writer's layout (`targets.gguf.gguf_layout`, exact from shapes). The
+bytes are computed, not measured: llama.cpp's type for every tensor (`presets.preset_types`, its per-tensor
+rules and fallbacks) sized by the GGUF writer's layout (`file.gguf_layout`, exact from shapes). The
 llama.cpp file holds a few more metadata keys than ours (those naming its importance matrix: 256 bytes more on
 SmolLM2-135M, `results/benchmarks/gguf.csv`), so the figure never exceeds the preset's file.
 
@@ -32,7 +32,7 @@ PROVENANCE_FIGURES_BYTES = 4096
 
 def preset_names() -> tuple[str, ...]:
     """The llama.cpp presets a size limit may name."""
-    from autocompress.targets.gguf_presets import PRESETS
+    from autocompress.targets.gguf.presets import PRESETS
 
     return tuple(PRESETS)
 
@@ -53,11 +53,11 @@ def preset_ceiling(config: Config, preset: str) -> int:
 @functools.lru_cache(maxsize=16)
 def _sizes(config_json: str, preset: str) -> tuple[int, int]:
     """(the preset's file bytes, the bytes an export's metadata adds to a trial's) for the study of `config_json`."""
-    from autocompress.codecs.gguf import space_levels
     from autocompress.config import Config
     from autocompress.plan import CompressionPlan, LayerCompression
-    from autocompress.targets.gguf import PLAN_KEY
-    from autocompress.targets.gguf_presets import PRESETS, is_quantized, preset_types
+    from autocompress.targets.gguf.file import PLAN_KEY
+    from autocompress.targets.gguf.presets import PRESETS, is_quantized, preset_types
+    from autocompress.targets.gguf.weights import space_levels
 
     if preset not in PRESETS:
         raise UserError(f"size {preset!r}: not a llama.cpp preset; known: {', '.join(PRESETS)}")
@@ -94,10 +94,10 @@ def _sizes(config_json: str, preset: str) -> tuple[int, int]:
 @functools.lru_cache(maxsize=4)
 def _layout(model_json: str, granularity: str):
     """The model's config, the tensors a gguf plan types, and the GGUF layout of its file with no provenance."""
-    from autocompress.codecs.gguf import gguf_tensors
     from autocompress.config import ModelConfig
     from autocompress.models import meta_model
-    from autocompress.targets.gguf import gguf_layout, tokenizer_gguf
+    from autocompress.targets.gguf.file import gguf_layout, tokenizer_gguf
+    from autocompress.targets.gguf.weights import gguf_tensors
 
     model_config = ModelConfig.model_validate_json(model_json)
     model = meta_model(model_config)
