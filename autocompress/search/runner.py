@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from autocompress.config import Config
 from autocompress.frontier import frontier_of
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord, scored_records
-from autocompress.report import write_outputs
 from autocompress.search.generations import GenerationSearch
 from autocompress.search.heldout import heldout_pending, judge_pending
 from autocompress.search.objective import Objective, OptunaTrialContext
@@ -92,11 +91,14 @@ def run_search(
     timeout: float | None = None,
     progress: bool = True,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    write_reports: bool = True,
 ) -> optuna.Study:
     """Run (or continue) the study until it holds `n_trials` finished (complete or pruned) trials or `timeout`
     seconds pass.
 
     `callbacks` run after each of this process's trials, beside the ones that stop and report the search.
+    `write_reports=False` leaves out the study's outputs (trials.csv, plots, report.md: `autocompress report`
+    writes them later), so a machine without pandas and matplotlib can search.
     """
     target = config.search.n_trials if n_trials is None else n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials; Optuna's lines would bury it
@@ -128,7 +130,10 @@ def run_search(
     finally:
         bar.close()
         judge_pending(study, session, space, heldout_pending(study, space, max_bytes))
-        write_outputs(study, location)
+        if write_reports:
+            from autocompress.report import write_outputs  # pandas and matplotlib: for the outputs alone
+
+            write_outputs(study, location)
     return study
 
 
