@@ -67,6 +67,13 @@ def test_the_demo_search_space_is_a_valid_config():
     assert load_config(demo).model.name == "smollm2-135m"
 
 
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml")), ids=lambda path: path.name
+)
+def test_every_shipped_search_space_is_a_valid_config(path: Path) -> None:
+    assert load_config(path).search.n_trials >= 1
+
+
 def test_an_unknown_field_is_named(tmp_path):
     path = write_config(tmp_path, {"model": {"nmae": "x"}})
     with pytest.raises(UserError, match=r"study\.yaml: model\.nmae: Extra inputs are not permitted"):
