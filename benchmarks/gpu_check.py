@@ -44,7 +44,7 @@ def blocks_that_fit(device: str) -> int:
     import torch
 
     free, _total = torch.cuda.mem_get_info(torch.device(device))
-    block = (4 * 4096 * 4096 // 4 * 2 + 4096 * 4096 * 2 + 3 * 4096 * 14336) * 2  # q, k+v (8 of 32 heads), o, MLP
+    block = (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) * 2  # q and o, k and v (8 of 32 heads), MLP
     fixed = 2 * 128256 * 4096 * 2 + 8 * GIB  # embedding and head; Hessians, GPTQ's copies and logits
     return max(1, min(32, (free - fixed) // block))
 

@@ -15,10 +15,18 @@ and byte formulas, plus what else a study keeps: the host copy of the dense Line
 the fitness reference log-probabilities (float16, `reference_mb`, in memory and cached on disk). GPU figures add
 the model's own bf16 weights, the held Hessians and `search.reuse_memory_mb` of kept block inputs.
 
+Measured at real shapes (`--shapes llama3-8b --blocks 2`): a random model with Llama-3-8B's shapes, keeping two
+decoder blocks and the full embedding and head (1.49 G parameters, float32 on the CPU), runs the pipeline of
+`benchmarks/shapes_pipeline.py` one child process per phase (model, calibration, variants, gguf, study, export), each
+phase's peak resident memory its own. A phase's figures are kept in `<work>/phases.json` as it ends, so a run that
+stops resumes at the next phase. Rows `how=measured` hold each phase's seconds, peak RSS and disk, beside rows
+`how=scaled by shapes` of what the formulas above predict for the same shapes, pools and levels.
+
     .venv/bin/python benchmarks/memory.py --budgets 4000            # the recipe's levels: about 40 minutes
     .venv/bin/python benchmarks/memory.py --budgets 30 --levels few # a small budget's peaks, in minutes
+    .venv/bin/python benchmarks/memory.py --shapes llama3-8b --blocks 2   # real shapes on the CPU: about an hour
 
-Writes results/benchmarks/memory.csv (a row replaces the earlier one of its model, budget and levels).
+Writes results/benchmarks/memory.csv (a row replaces the earlier one of its model, budget, levels and phase).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import yaml
+from shapes_pipeline import PHASES, SHAPES, Pipeline, PoolSizes, architecture
 
 from autocompress.codecs import packed_length, resolve, stored_bytes
 from autocompress.compress import sparsity_pattern
@@ -213,16 +222,110 @@ def scaled(budget_mb: float) -> dict:
 
 
 def write(row: dict, path: Path) -> None:
-    """Add `row` to the CSV, replacing an earlier row of the same model, kind, budget and levels."""
-    key = ["model", "how", "hessian_memory_mb", "levels"]
-    frame = pd.DataFrame([row | {"date": datetime.now().strftime("%Y-%m-%d %H:%M")}])
+    """Add `row` to the CSV, replacing an earlier row of the same model, kind, budget, levels and phase."""
+    key = ["model", "how", "hessian_memory_mb", "levels", "phase"]
+    frame = pd.DataFrame([{"phase": ""} | row | {"date": datetime.now().strftime("%Y-%m-%d %H:%M")}])
     if path.is_file():
-        earlier = pd.read_csv(path)
+        earlier = pd.read_csv(path, keep_default_na=False)
+        if "phase" not in earlier:
+            earlier["phase"] = ""
         same = (earlier[key].astype(str) == frame[key].astype(str).iloc[0]).all(axis=1)
         frame = pd.concat([earlier[~same], frame], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
     print(row, flush=True)
+
+
+SHAPES_POOLS = PoolSizes(seq_len=128, calibration=8, fitness=4, heldout=2, batch_size=4)
+SHAPES_BUDGET_MB = 4000.0  # the default search.hessian_memory_mb
+
+
+def shapes_pipeline(shapes: str, blocks: int, work: Path) -> Pipeline:
+    """Float32 on the CPU: SparseGPT + GPTQ variants of every kept block, q4_k blocks of the first block's attention
+    Linears, two generations."""
+    return Pipeline(
+        work,
+        shapes,
+        blocks,
+        "cpu",
+        "float32",
+        SHAPES_POOLS,
+        variant_blocks=blocks,
+        gguf_blocks=1,
+        gguf_types=["q4_k"],
+        generations=2,
+        hessian_memory_mb=SHAPES_BUDGET_MB,
+        gguf_linears=4,  # q, k, v and o: 42 M weights, minutes on a shared core
+    )
+
+
+def shapes_phase(pipeline: Pipeline, phase: str) -> dict:
+    """In this process: one phase's figures and the process's peak resident memory."""
+    figures = pipeline.run(phase)
+    return figures | {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB)}
+
+
+def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
+    """What the scaling formulas (`scaled`'s) predict for the run of `pipeline`, by phase: the Hessians held, the
+    variant files, the reference, and each phase's peak resident memory on the CPU, where the host holds what
+    `scaled` puts on the GPU (the model's own weights, the held Hessians and GPTQ's working copies, a batch's logits)
+    besides what it keeps on the host (the dense copy of the Linears, the reference)."""
+    config = pipeline.variants_config()
+    value_bytes = getattr(torch, pipeline.dtype).itemsize
+    with torch.device("meta"):
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(pipeline.architecture)
+    linears = compressible_linears(model)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    blocks = list(dict.fromkeys(linear.block for linear in linears))[: pipeline.variant_blocks]
+    built = [linear for linear in linears if linear.block in blocks]
+    groups = hessian_groups(built, int(pipeline.hessian_memory_mb * MB))
+    held = max(shared_hessian_bytes(group) for group in groups)
+    largest = max(linear.module.in_features for linear in built) ** 2 * 4
+    pools, vocab = pipeline.pools, pipeline.architecture.vocab_size
+    reference = pools.fitness * pools.seq_len * vocab * 2
+    logits = 2 * pools.batch_size * pools.seq_len * vocab * 4
+    weights = sum(linear.module.weight.numel() for linear in linears)
+    model_bytes, dense_copy = parameters * value_bytes, weights * value_bytes
+    session = model_bytes + dense_copy + logits
+    return {
+        "model": {"peak_rss_mb": round(model_bytes / MB), "model_mb": round(model_bytes / MB)},
+        "calibration": {"peak_rss_mb": round((session + reference) / MB), "reference_mb": round(reference / MB)},
+        "variants": {
+            "peak_rss_mb": round((session + held + 2 * largest) / MB),
+            "hessians_held_mb": round(held / MB),
+            "variants_mb": round(accounted_database_bytes(built, config, value_bytes) / MB),
+        },
+        "study": {"peak_rss_mb": round((session + reference) / MB)},
+        "export": {"peak_rss_mb": round((session + reference) / MB)},
+    }
+
+
+def run_shapes(shapes: str, blocks: int, work: Path, csv: Path) -> None:
+    """Each phase not yet in `<work>/phases.json` in a child process, then the measured and predicted rows."""
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "phases.json"
+    done = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    for phase in PHASES:
+        if phase in done:
+            print(f"{phase}: measured earlier, {done[phase]}", flush=True)
+            continue
+        command = [sys.executable, __file__, "--shapes", shapes, "--blocks", str(blocks), "--work", str(work)]
+        result = subprocess.run([*command, "--phase", phase], capture_output=True, text=True, check=False)
+        if result.returncode:
+            raise SystemExit(f"the {phase} phase failed:\n{result.stderr[-3000:]}")
+        done[phase] = json.loads(result.stdout.splitlines()[-1])
+        state_path.write_text(json.dumps(done, indent=1))  # small: a rename is not needed to survive a kill here
+        print(f"{phase}: {done[phase]}", flush=True)
+    pipeline = shapes_pipeline(shapes, blocks, work)
+    model = f"{shapes} shapes, {pipeline.architecture.num_hidden_layers} blocks"
+    common = {"model": model, "hessian_memory_mb": SHAPES_BUDGET_MB, "levels": "few"}
+    for phase, figures in predicted_for_shapes(pipeline).items():
+        write(common | {"how": "scaled by shapes", "phase": phase} | figures, csv)
+    for phase in PHASES:
+        write(common | {"how": "measured", "phase": phase} | done[phase], csv)
+    print(f"wrote {csv}")
 
 
 def main() -> None:
@@ -231,9 +334,24 @@ def main() -> None:
     parser.add_argument("--levels", choices=tuple(LEVELS), default="recipe", help="the measured builds' levels")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--csv", type=Path, default=ROOT / "results" / "benchmarks" / "memory.csv")
+    parser.add_argument("--shapes", choices=tuple(SHAPES), help="measure a random model of these shapes instead")
+    parser.add_argument("--blocks", type=int, default=2, help="with --shapes: the decoder blocks kept")
+    parser.add_argument("--work", type=Path, help="with --shapes: the model, caches and phases.json (resumable)")
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(measure(args.child, args.levels)))
+        return
+    if args.shapes is not None:
+        try:
+            architecture(args.shapes, args.blocks)
+        except ValueError as error:
+            parser.error(str(error))
+        work = args.work or Path(tempfile.gettempdir()) / f"autocompress-memory-{args.shapes}-{args.blocks}"
+        if args.phase is not None:
+            print(json.dumps(shapes_phase(shapes_pipeline(args.shapes, args.blocks, work), args.phase)))
+        else:
+            run_shapes(args.shapes, args.blocks, work, args.csv)
         return
     for budget in args.budgets:
         write({"model": "Llama-3-8B", "how": "scaled by shapes"} | scaled(budget), args.csv)

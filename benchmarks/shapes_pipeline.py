@@ -19,6 +19,8 @@ so the token pools are synthetic token ids. The phases are those a study runs:
 
 from __future__ import annotations
 
+import gc
+import os
 import random
 import shutil
 import sys
@@ -127,6 +129,7 @@ class Pipeline:
         gguf_types: list[str],
         generations: int,
         hessian_memory_mb: float = 4000.0,
+        gguf_linears: int | None = None,
     ) -> None:
         self.work = work
         self.architecture = architecture(shapes, blocks)
@@ -136,10 +139,12 @@ class Pipeline:
         self.variant_blocks = min(variant_blocks, self.architecture.num_hidden_layers)
         self.gguf_blocks = min(gguf_blocks, self.architecture.num_hidden_layers)
         self.gguf_types = gguf_types
+        self.gguf_linears = gguf_linears  # of those blocks' Linears, the first ones only (None: all)
         self.generations = generations
         self.hessian_memory_mb = hessian_memory_mb
         self.model_dir = work / "model"
         self.location = StudyLocation.resolve("study", work / "results", None)
+        self._session: CompressionSession | None = None
 
     # configs
 
@@ -207,6 +212,7 @@ class Pipeline:
         began = time.perf_counter()
         figures = getattr(self, f"phase_{phase}")()
         figures = {"seconds": round(time.perf_counter() - began, 2)} | figures
+        figures["load_average"] = round(os.getloadavg()[0], 1)  # the host's, at the end: a shared host is slower
         gpu = peak_gpu_mb(self.device)
         return figures if gpu is None else figures | {"gpu_peak_mb": gpu}
 
@@ -237,7 +243,17 @@ class Pipeline:
         return {"parameters": parameters, "model_mb": round(folder_bytes(self.model_dir) / MB, 1)}
 
     def session(self) -> CompressionSession:
-        return CompressionSession(self.variants_config(), cache_dir=self.work / "cache")
+        """The `variants` config's session, loaded once for the phases before the study (which loads its own)."""
+        if self._session is None:
+            self._session = CompressionSession(self.variants_config(), cache_dir=self.work / "cache")
+        return self._session
+
+    def release(self) -> None:
+        """Drop the session, and its model's memory on the device, before a phase that loads the model again."""
+        self._session = None
+        gc.collect()  # a session's closures hold it in reference cycles
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def phase_calibration(self) -> dict:
         began = time.perf_counter()
@@ -265,35 +281,40 @@ class Pipeline:
         names = self.variant_names(session)
         search = session.config.search
         settings = variant_settings(search.sparsity_levels(), search.precision_levels())
-        held = 0
-        began = time.perf_counter()
+        held, hessian_s, compress_s = 0, 0.0, 0.0
         database = session.database()
         try:
             for name in names:  # block order: each group's Hessians are collected once, then dropped
+                began = time.perf_counter()
+                if name not in session._held_hessians:  # the calibration pass of the next group of blocks
+                    session.linear_statistics({"hessian"}, name)
+                collected = time.perf_counter()
                 database.build([name], settings)
+                hessian_s += collected - began
+                compress_s += time.perf_counter() - collected
                 held = max(held, unique_bytes(session))
         finally:
             session._held_hessians = {}
-        seconds = time.perf_counter() - began
         return {
             "variants": len(names) * len(settings),
             "linears": len(names),
             "hessian_passes": session.hessian_passes,
+            "hessians_s": round(hessian_s, 2),
             "hessians_held_mb": round(held / MB, 1),
-            "seconds_per_variant": round(seconds / (len(names) * len(settings)), 3),
+            "seconds_per_variant": round(compress_s / (len(names) * len(settings)), 3),
             "variants_mb": round(folder_bytes(session.cache_dir / "variants") / MB, 1),
         }
 
     def phase_gguf(self) -> dict:
-        """llama.cpp blocks of the first blocks' Linears in each type, with the calibration pool's imatrix; Mweights
-        per second over all of them."""
+        """llama.cpp blocks of the first blocks' Linears (the first `gguf_linears` of them) in each type, with the
+        calibration pool's imatrix; Mweights per second over all of them."""
         from autocompress.codecs.gguf import quantize
         from autocompress.files import write_atomically
 
         session = self.session()
         statistics = session.statistics({"input_sq_norms"})
         blocks = list(dict.fromkeys(linear.block for linear in session.linears))[: self.gguf_blocks]
-        linears = [linear for linear in session.linears if linear.block in blocks]
+        linears = [linear for linear in session.linears if linear.block in blocks][: self.gguf_linears]
         figures: dict = {}
         folder = self.work / "gguf"
         for type_name in self.gguf_types:
@@ -314,6 +335,7 @@ class Pipeline:
         from autocompress.record import TrialRecord
         from autocompress.search import run_search
 
+        self.release()
         config = self.study_config()
         study = run_search(config, self.location, progress=False, write_reports=False)
         records = [TrialRecord.of(trial) for trial in study.get_trials(deepcopy=False)]
@@ -332,6 +354,7 @@ class Pipeline:
         from autocompress.export import choose_trial, export_trial
         from autocompress.search.study import load_existing
 
+        self.release()
         study, record = load_existing(self.location)
         chosen, chosen_by = choose_trial(study, record)
         result = export_trial(record, self.location, chosen, self.work / "export", overwrite=True, chosen_by=chosen_by)
