@@ -241,8 +241,8 @@ SHAPES_BUDGET_MB = 4000.0  # the default search.hessian_memory_mb
 
 
 def shapes_pipeline(shapes: str, blocks: int, work: Path) -> Pipeline:
-    """Float32 on the CPU: SparseGPT + GPTQ variants of every kept block, q4_k blocks of the first block's attention
-    Linears, two generations."""
+    """Float32 on the CPU: SparseGPT + GPTQ variants of the first block, q4_k blocks of its attention Linears, two
+    generations."""
     return Pipeline(
         work,
         shapes,
@@ -250,7 +250,7 @@ def shapes_pipeline(shapes: str, blocks: int, work: Path) -> Pipeline:
         "cpu",
         "float32",
         SHAPES_POOLS,
-        variant_blocks=blocks,
+        variant_blocks=1,  # the Hessians of every block are held (one group), the variants built for the first
         gguf_blocks=1,
         gguf_types=["q4_k"],
         generations=2,

@@ -213,6 +213,7 @@ class Pipeline:
         figures = getattr(self, f"phase_{phase}")()
         figures = {"seconds": round(time.perf_counter() - began, 2)} | figures
         figures["load_average"] = round(os.getloadavg()[0], 1)  # the host's, at the end: a shared host is slower
+        figures["threads"] = torch.get_num_threads()
         gpu = peak_gpu_mb(self.device)
         return figures if gpu is None else figures | {"gpu_peak_mb": gpu}
 
