@@ -309,8 +309,8 @@ class Pipeline:
     def phase_gguf(self) -> dict:
         """llama.cpp blocks of the first blocks' Linears (the first `gguf_linears` of them) in each type, with the
         calibration pool's imatrix; Mweights per second over all of them."""
-        from autocompress.codecs.gguf import quantize
         from autocompress.files import write_atomically
+        from autocompress.targets.gguf.weights import quantize
 
         session = self.session()
         statistics = session.statistics({"input_sq_norms"})
