@@ -13,7 +13,9 @@ last block), `database_mb` the variant files on disk and `database_accounted_mb`
 Scaled (no weights loaded: the Llama-3-8B architecture on the meta device, the recipe's pools): the same groups
 and byte formulas, plus what else a study keeps: the host copy of the dense Linears (`dense_copy_mb`, in bf16) and
 the fitness reference log-probabilities (float16, `reference_mb`, in memory and cached on disk). GPU figures add
-the model's own bf16 weights, the held Hessians and `search.reuse_memory_mb` of kept block inputs.
+the model's own bf16 weights, the held Hessians and `search.reuse_memory_mb` of kept block inputs. The host peak is
+the larger of the whole bf16 model while it loads (it is read on the host, then moved) and the dense copy with the
+reference, plus the process itself (`PROCESS_MB`), which the 2-block run below showed missing.
 
 Measured at real shapes (`--shapes llama3-8b --blocks 2`): a random model with Llama-3-8B's shapes, keeping two
 decoder blocks and the full embedding and head (1.49 G parameters, float32 on the CPU), runs the pipeline of
@@ -216,7 +218,8 @@ def scaled(budget_mb: float) -> dict:
         "dense_copy_mb": round(weights * 2 / MB),
         "reference_mb": round(reference / MB),
         "gpu_peak_mb": round((PARAMETERS_8B * 2 + max(building, scoring)) / MB),
-        "host_peak_mb": round((weights * 2 + reference) / MB),
+        # the whole bf16 model while it loads (on the host, then moved), later the dense copy and the reference
+        "host_peak_mb": round((max(PARAMETERS_8B * 2, weights * 2 + reference) + PROCESS_MB * MB) / MB),
         "disk_mb": round((database + reference) / MB),
     }
 
@@ -241,8 +244,8 @@ SHAPES_BUDGET_MB = 4000.0  # the default search.hessian_memory_mb
 
 
 def shapes_pipeline(shapes: str, blocks: int, work: Path) -> Pipeline:
-    """Float32 on the CPU: SparseGPT + GPTQ variants of the first block, q4_k blocks of its attention Linears, two
-    generations."""
+    """Float32 on the CPU: SparseGPT + GPTQ variants of the first block, q4_k blocks of its attention Linears, one
+    generation."""
     return Pipeline(
         work,
         shapes,
@@ -253,7 +256,7 @@ def shapes_pipeline(shapes: str, blocks: int, work: Path) -> Pipeline:
         variant_blocks=1,  # the Hessians of every block are held (one group), the variants built for the first
         gguf_blocks=1,
         gguf_types=["q4_k"],
-        generations=2,
+        generations=1,
         hessian_memory_mb=SHAPES_BUDGET_MB,
         gguf_linears=4,  # q, k, v and o: 42 M weights, minutes on a shared core
     )
@@ -265,11 +268,30 @@ def shapes_phase(pipeline: Pipeline, phase: str) -> dict:
     return figures | {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB)}
 
 
+PROCESS_MB = 360  # a Python process with torch, transformers and autocompress imported (measured)
+# Bytes per element of the largest tensor that rounding a loaded float32 model to its float16 storage
+# (`models.round_to_storage`) holds at its peak beyond the model: a float16 copy, the boolean masks of its range
+# check, and the tensor's pages both as read from the memory-mapped file and as rewritten. Measured: a peak 543 MB
+# above the rounded model for a 65.5 M-element float32 embedding (8.3 bytes per element).
+ROUNDING_BYTES_PER_ELEMENT = 8.3
+
+
+def rounding_transient(model: torch.nn.Module, value_bytes: int) -> int:
+    """What rounding a loaded model to its 16-bit storage holds at its peak beyond the model; nothing for a model
+    loaded in 16 bits (stored as is)."""
+    if value_bytes <= 2:
+        return 0
+    return int(max(parameter.numel() for parameter in model.parameters()) * ROUNDING_BYTES_PER_ELEMENT)
+
+
 def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
     """What the scaling formulas (`scaled`'s) predict for the run of `pipeline`, by phase: the Hessians held, the
     variant files, the reference, and each phase's peak resident memory on the CPU, where the host holds what
     `scaled` puts on the GPU (the model's own weights, the held Hessians and GPTQ's working copies, a batch's logits)
-    besides what it keeps on the host (the dense copy of the Linears, the reference)."""
+    besides what it keeps on the host (the dense copy of the Linears, the reference).
+
+    `peak_rss_mb_before_fix` leaves out what the 2-block run showed missing: the process itself and the rounding of
+    a float32 model to its float16 storage as it loads (`rounding_transient`: 4.4 GB for a 128k x 4096 embedding)."""
     config = pipeline.variants_config()
     value_bytes = getattr(torch, pipeline.dtype).itemsize
     with torch.device("meta"):
@@ -280,7 +302,7 @@ def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
     parameters = sum(parameter.numel() for parameter in model.parameters())
     blocks = list(dict.fromkeys(linear.block for linear in linears))[: pipeline.variant_blocks]
     built = [linear for linear in linears if linear.block in blocks]
-    groups = hessian_groups(built, int(pipeline.hessian_memory_mb * MB))
+    groups = [group for group in hessian_groups(linears, int(pipeline.hessian_memory_mb * MB)) if group[0] in built]
     held = max(shared_hessian_bytes(group) for group in groups)
     largest = max(linear.module.in_features for linear in built) ** 2 * 4
     pools, vocab = pipeline.pools, pipeline.architecture.vocab_size
@@ -289,27 +311,48 @@ def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
     weights = sum(linear.module.weight.numel() for linear in linears)
     model_bytes, dense_copy = parameters * value_bytes, weights * value_bytes
     session = model_bytes + dense_copy + logits
-    return {
-        "model": {"peak_rss_mb": round(model_bytes / MB), "model_mb": round(model_bytes / MB)},
-        "calibration": {"peak_rss_mb": round((session + reference) / MB), "reference_mb": round(reference / MB)},
+    loading = model_bytes + rounding_transient(model, value_bytes)  # the session's model, as it loads
+    peaks = {
+        "model": model_bytes,
+        "calibration": session + reference,
+        "variants": session + held + 2 * largest,
+        "gguf": session,
+        "study": session + reference,
+        "export": session + reference,
+    }
+    figures = {
+        "model": {"model_mb": round(model_bytes / MB)},
+        "calibration": {"reference_mb": round(reference / MB)},
         "variants": {
-            "peak_rss_mb": round((session + held + 2 * largest) / MB),
             "hessians_held_mb": round(held / MB),
             "variants_mb": round(accounted_database_bytes(built, config, value_bytes) / MB),
         },
-        "study": {"peak_rss_mb": round((session + reference) / MB)},
-        "export": {"peak_rss_mb": round((session + reference) / MB)},
     }
+    predicted = {}
+    for phase, peak in peaks.items():
+        fixed = (peak if phase == "model" else max(peak, loading)) + PROCESS_MB * MB
+        predicted[phase] = figures.get(phase, {}) | {
+            "peak_rss_mb": round(fixed / MB),
+            "peak_rss_mb_before_fix": round(peak / MB),
+        }
+    return predicted
 
 
 def run_shapes(shapes: str, blocks: int, work: Path, csv: Path) -> None:
-    """Each phase not yet in `<work>/phases.json` in a child process, then the measured and predicted rows."""
+    """The predicted rows, then each phase not yet in `<work>/phases.json` in a child process, its measured row
+    written as it ends (a phase that did not finish has no measured row)."""
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "phases.json"
     done = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    pipeline = shapes_pipeline(shapes, blocks, work)
+    model = f"{shapes} shapes, {pipeline.architecture.num_hidden_layers} blocks"
+    common = {"model": model, "hessian_memory_mb": SHAPES_BUDGET_MB, "levels": "few"}
+    for phase, figures in predicted_for_shapes(pipeline).items():
+        write(common | {"how": "scaled by shapes", "phase": phase} | figures, csv)
     for phase in PHASES:
         if phase in done:
             print(f"{phase}: measured earlier, {done[phase]}", flush=True)
+            write(common | {"how": "measured", "phase": phase} | done[phase], csv)
             continue
         command = [sys.executable, __file__, "--shapes", shapes, "--blocks", str(blocks), "--work", str(work)]
         result = subprocess.run([*command, "--phase", phase], capture_output=True, text=True, check=False)
@@ -317,13 +360,6 @@ def run_shapes(shapes: str, blocks: int, work: Path, csv: Path) -> None:
             raise SystemExit(f"the {phase} phase failed:\n{result.stderr[-3000:]}")
         done[phase] = json.loads(result.stdout.splitlines()[-1])
         state_path.write_text(json.dumps(done, indent=1))  # small: a rename is not needed to survive a kill here
-        print(f"{phase}: {done[phase]}", flush=True)
-    pipeline = shapes_pipeline(shapes, blocks, work)
-    model = f"{shapes} shapes, {pipeline.architecture.num_hidden_layers} blocks"
-    common = {"model": model, "hessian_memory_mb": SHAPES_BUDGET_MB, "levels": "few"}
-    for phase, figures in predicted_for_shapes(pipeline).items():
-        write(common | {"how": "scaled by shapes", "phase": phase} | figures, csv)
-    for phase in PHASES:
         write(common | {"how": "measured", "phase": phase} | done[phase], csv)
     print(f"wrote {csv}")
 
