@@ -224,16 +224,25 @@ def scaled(budget_mb: float) -> dict:
     }
 
 
+def key_text(value: str) -> str:
+    """A key cell as text that numbers written alike share ("4000" and "4000.0")."""
+    try:
+        return str(float(value))
+    except ValueError:
+        return value
+
+
 def write(row: dict, path: Path) -> None:
     """Add `row` to the CSV, replacing an earlier row of the same model, kind, budget, levels and phase."""
     key = ["model", "how", "hessian_memory_mb", "levels", "phase"]
-    frame = pd.DataFrame([{"phase": ""} | row | {"date": datetime.now().strftime("%Y-%m-%d %H:%M")}])
+    row = {"phase": ""} | row | {"date": datetime.now().strftime("%Y-%m-%d %H:%M")}
+    frame = pd.DataFrame([{name: "" if value is None else str(value) for name, value in row.items()}])
     if path.is_file():
-        earlier = pd.read_csv(path, keep_default_na=False)
+        earlier = pd.read_csv(path, dtype=str, keep_default_na=False)  # other rows as written, never reformatted
         if "phase" not in earlier:
             earlier["phase"] = ""
-        same = (earlier[key].astype(str) == frame[key].astype(str).iloc[0]).all(axis=1)
-        frame = pd.concat([earlier[~same], frame], ignore_index=True)
+        same = (earlier[key].map(key_text) == frame[key].map(key_text).iloc[0]).all(axis=1)
+        frame = pd.concat([earlier[~same], frame], ignore_index=True).fillna("")
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
     print(row, flush=True)
@@ -244,7 +253,7 @@ SHAPES_BUDGET_MB = 4000.0  # the default search.hessian_memory_mb
 
 
 def shapes_pipeline(shapes: str, blocks: int, work: Path) -> Pipeline:
-    """Float32 on the CPU: SparseGPT + GPTQ variants of the first block, q4_k blocks of its attention Linears, one
+    """Float32 on the CPU: SparseGPT + GPTQ variants and q4_k blocks of the first block's attention Linears, one
     generation."""
     return Pipeline(
         work,
@@ -253,7 +262,8 @@ def shapes_pipeline(shapes: str, blocks: int, work: Path) -> Pipeline:
         "cpu",
         "float32",
         SHAPES_POOLS,
-        variant_blocks=1,  # the Hessians of every block are held (one group), the variants built for the first
+        variant_blocks=1,  # the Hessians of both blocks are held (one group); the variants built for the first
+        variant_linears=4,  # block's attention Linears (GPTQ on down_proj alone would take most of an hour here)
         gguf_blocks=1,
         gguf_types=["q4_k"],
         generations=1,
@@ -300,8 +310,7 @@ def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
         model = LlamaForCausalLM(pipeline.architecture)
     linears = compressible_linears(model)
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    blocks = list(dict.fromkeys(linear.block for linear in linears))[: pipeline.variant_blocks]
-    built = [linear for linear in linears if linear.block in blocks]
+    built = pipeline.variant_linears_of(linears)
     groups = [group for group in hessian_groups(linears, int(pipeline.hessian_memory_mb * MB)) if group[0] in built]
     held = max(shared_hessian_bytes(group) for group in groups)
     largest = max(linear.module.in_features for linear in built) ** 2 * 4
@@ -338,7 +347,7 @@ def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
     return predicted
 
 
-def run_shapes(shapes: str, blocks: int, work: Path, csv: Path) -> None:
+def run_shapes(shapes: str, blocks: int, work: Path, csv: Path, phases: list[str]) -> None:
     """The predicted rows, then each phase not yet in `<work>/phases.json` in a child process, its measured row
     written as it ends (a phase that did not finish has no measured row)."""
     work.mkdir(parents=True, exist_ok=True)
@@ -349,10 +358,11 @@ def run_shapes(shapes: str, blocks: int, work: Path, csv: Path) -> None:
     common = {"model": model, "hessian_memory_mb": SHAPES_BUDGET_MB, "levels": "few"}
     for phase, figures in predicted_for_shapes(pipeline).items():
         write(common | {"how": "scaled by shapes", "phase": phase} | figures, csv)
-    for phase in PHASES:
+    for phase in done:
+        print(f"{phase}: measured earlier, {done[phase]}", flush=True)
+        write(common | {"how": "measured", "phase": phase} | done[phase], csv)
+    for phase in phases:
         if phase in done:
-            print(f"{phase}: measured earlier, {done[phase]}", flush=True)
-            write(common | {"how": "measured", "phase": phase} | done[phase], csv)
             continue
         command = [sys.executable, __file__, "--shapes", shapes, "--blocks", str(blocks), "--work", str(work)]
         result = subprocess.run([*command, "--phase", phase], capture_output=True, text=True, check=False)
@@ -369,11 +379,15 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[4000, 30], help="search.hessian_memory_mb")
     parser.add_argument("--levels", choices=tuple(LEVELS), default="recipe", help="the measured builds' levels")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--scaled-only", action="store_true", help="write the Llama-3-8B rows scaled by shapes alone")
     parser.add_argument("--csv", type=Path, default=ROOT / "results" / "benchmarks" / "memory.csv")
     parser.add_argument("--shapes", choices=tuple(SHAPES), help="measure a random model of these shapes instead")
     parser.add_argument("--blocks", type=int, default=2, help="with --shapes: the decoder blocks kept")
     parser.add_argument("--work", type=Path, help="with --shapes: the model, caches and phases.json (resumable)")
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phases", choices=PHASES, nargs="+", default=list(PHASES), help="with --shapes: these, in this order"
+    )
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(measure(args.child, args.levels)))
@@ -387,11 +401,11 @@ def main() -> None:
         if args.phase is not None:
             print(json.dumps(shapes_phase(shapes_pipeline(args.shapes, args.blocks, work), args.phase)))
         else:
-            run_shapes(args.shapes, args.blocks, work, args.csv)
+            run_shapes(args.shapes, args.blocks, work, args.csv, args.phases)
         return
     for budget in args.budgets:
         write({"model": "Llama-3-8B", "how": "scaled by shapes"} | scaled(budget), args.csv)
-    for budget in args.budgets:
+    for budget in [] if args.scaled_only else args.budgets:
         command = [sys.executable, __file__, "--child", str(budget), "--levels", args.levels]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode:

@@ -35,6 +35,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from autocompress.config import Config
+from autocompress.models import CompressibleLinear
 from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.record import StudyLocation
 from autocompress.session import CompressionSession
@@ -130,6 +131,7 @@ class Pipeline:
         generations: int,
         hessian_memory_mb: float = 4000.0,
         gguf_linears: int | None = None,
+        variant_linears: int | None = None,
     ) -> None:
         self.work = work
         self.architecture = architecture(shapes, blocks)
@@ -140,6 +142,7 @@ class Pipeline:
         self.gguf_blocks = min(gguf_blocks, self.architecture.num_hidden_layers)
         self.gguf_types = gguf_types
         self.gguf_linears = gguf_linears  # of those blocks' Linears, the first ones only (None: all)
+        self.variant_linears = variant_linears  # likewise
         self.generations = generations
         self.hessian_memory_mb = hessian_memory_mb
         self.model_dir = work / "model"
@@ -272,14 +275,16 @@ class Pipeline:
             "reference_mb": round(folder_bytes(cache / "reference-fitness.safetensors") / MB, 1),
         }
 
-    def variant_names(self, session: CompressionSession) -> list[str]:
-        blocks = list(dict.fromkeys(linear.block for linear in session.linears))[: self.variant_blocks]
-        return [linear.name for linear in session.linears if linear.block in blocks]
+    def variant_linears_of(self, linears: list[CompressibleLinear]) -> list[CompressibleLinear]:
+        """The Linears the `variants` phase builds: of the first `variant_blocks` blocks, the first `variant_linears`
+        of them."""
+        blocks = list(dict.fromkeys(linear.block for linear in linears))[: self.variant_blocks]
+        return [linear for linear in linears if linear.block in blocks][: self.variant_linears]
 
     def phase_variants(self) -> dict:
         """Hessians of the first blocks (held one group at a time), then their SparseGPT + GPTQ variants."""
         session = self.session()
-        names = self.variant_names(session)
+        names = [linear.name for linear in self.variant_linears_of(session.linears)]
         search = session.config.search
         settings = variant_settings(search.sparsity_levels(), search.precision_levels())
         held, hessian_s, compress_s = 0, 0.0, 0.0
