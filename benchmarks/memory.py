@@ -204,6 +204,7 @@ def scaled(budget_mb: float) -> dict:
     scoring = Config.model_validate({"search": search}).search.reuse_memory_mb * MB
     scoring += 2 * data["batch_size"] * data["seq_len"] * VOCAB * 4
     database = accounted_database_bytes(linears, config, value_bytes=2)  # bfloat16
+    artifact = search["max_size"] * PARAMETERS_8B * 2
     return {
         "hessian_memory_mb": budget_mb,
         "levels": "recipe",
@@ -220,6 +221,8 @@ def scaled(budget_mb: float) -> dict:
         "gpu_peak_mb": round((PARAMETERS_8B * 2 + max(building, scoring)) / MB),
         # the whole bf16 model while it loads (on the host, then moved), later the dense copy and the reference
         "host_peak_mb": round((max(PARAMETERS_8B * 2, weights * 2 + reference) + PROCESS_MB * MB) / MB),
+        # exporting a plan at the recipe's max_size: its tensors held twice while written (the 2-block run's export)
+        "export_host_peak_mb": round((weights * 2 + reference + 2 * artifact + PROCESS_MB * MB) / MB),
         "disk_mb": round((database + reference) / MB),
     }
 
@@ -300,8 +303,9 @@ def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
     `scaled` puts on the GPU (the model's own weights, the held Hessians and GPTQ's working copies, a batch's logits)
     besides what it keeps on the host (the dense copy of the Linears, the reference).
 
-    `peak_rss_mb_before_fix` leaves out what the 2-block run showed missing: the process itself and the rounding of
-    a float32 model to its float16 storage as it loads (`rounding_transient`: 4.4 GB for a 128k x 4096 embedding)."""
+    `peak_rss_mb_before_fix` leaves out what the 2-block run showed missing: the process itself, the rounding of a
+    float32 model to its float16 storage as it loads (`rounding_transient`: 4.4 GB for a 128k x 4096 embedding),
+    and the export's tensors, held twice while written."""
     config = pipeline.variants_config()
     value_bytes = getattr(torch, pipeline.dtype).itemsize
     with torch.device("meta"):
@@ -320,6 +324,8 @@ def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
     weights = sum(linear.module.weight.numel() for linear in linears)
     model_bytes, dense_copy = parameters * value_bytes, weights * value_bytes
     session = model_bytes + dense_copy + logits
+    # the study's plans (4-bit in groups of 128 with a float16 scale and a 4-bit zero-point) beside the rest in 16 bits
+    artifact = (parameters - weights) * 2 + weights * (0.5 + 2.5 / 128)
     loading = model_bytes + rounding_transient(model, value_bytes)  # the session's model, as it loads
     peaks = {
         "model": model_bytes,
@@ -338,8 +344,10 @@ def predicted_for_shapes(pipeline: Pipeline) -> dict[str, dict]:
         },
     }
     predicted = {}
+    # the artifact's tensors as export writes them, twice: what the 2-block run's export peak showed missing
+    written = {"export": 2 * artifact}
     for phase, peak in peaks.items():
-        fixed = (peak if phase == "model" else max(peak, loading)) + PROCESS_MB * MB
+        fixed = (peak if phase == "model" else max(peak + written.get(phase, 0), loading)) + PROCESS_MB * MB
         predicted[phase] = figures.get(phase, {}) | {
             "peak_rss_mb": round(fixed / MB),
             "peak_rss_mb_before_fix": round(peak / MB),
