@@ -129,6 +129,18 @@ def test_a_generations_search_records_only_fully_scored_plans_each_one_its_paren
     assert best.loss <= uniform.loss
 
 
+def test_a_search_whose_budget_admits_few_plans_stops_once_it_holds_them_all(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # Two blocks at an average sparsity of 0.3 over 0.2/0.3/0.4: three plans in all, far fewer than asked for.
+    search = {"sparsity": [0.2, 0.3, 0.4], "bits": [16], "budget": {"sparsity": 0.3}, "generations": GENERATIONS}
+    config = Config.model_validate(tiny_study_config(tmp_path, tiny_model_dir, search=search))
+    study = run_search(config, StudyLocation.resolve("few", tmp_path / "results"), n_trials=50, progress=False)
+
+    plans = {tuple(sorted(record.params.items())) for record in scored_records(study)}
+    assert len(plans) == 3
+
+
 def generation_trials_in(database: Path) -> int:
     try:
         with closing(sqlite3.connect(database, timeout=5)) as connection:

@@ -211,7 +211,11 @@ class GenerationSearch:
         """One generation; the number of trials it recorded, or None when the search must stop (the deadline passed
         in the middle of it, or `max_failures` scores failed in a row)."""
         parent = self.parent()
-        candidates = [parent, *self.offspring(parent)]  # the parent first: it wins ties
+        children = self.offspring(parent)
+        if not children and parent.number is not None:
+            print("autocompress: stopping: the study holds every plan a mutation of its best plan reaches", flush=True)
+            return None
+        candidates = [parent, *children]  # the parent first: it wins ties
         evaluations = 0
         for windows, kept in self.stages:
             scored = []
