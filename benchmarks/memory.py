@@ -48,7 +48,8 @@ import torch
 import yaml
 from shapes_pipeline import PHASES, SHAPES, Pipeline, PoolSizes, architecture
 
-from autocompress.codecs import packed_length, resolve, stored_bytes
+from autocompress.codecs import resolve, stored_bytes
+from autocompress.codecs.packing import packed_length
 from autocompress.compress import sparsity_pattern
 from autocompress.config import Config
 from autocompress.methods.pruning import pruned_per_row

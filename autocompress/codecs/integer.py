@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from autocompress.codecs import Codec, CompressedLinear, Entry, _tensor, register, scatter_kept
 from autocompress.codecs.packing import pack, packed_length, unpack
+from autocompress.codecs.registry import Codec, CompressedLinear, Entry, _tensor, register, scatter_kept
 from autocompress.methods import QUANTIZERS, LayerStatistics, QuantizedWeight, QuantSpec, Statistic
 from autocompress.methods.quantization import effective_group_size, group_count
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from autocompress.codecs import Codec, CompressedLinear, Entry, _tensor, register, scatter_kept
 from autocompress.codecs.packing import pack, unpack
+from autocompress.codecs.registry import Codec, CompressedLinear, Entry, _tensor, register, scatter_kept
 from autocompress.methods import QUANTIZERS, LayerStatistics, QuantizedWeight, QuantSpec
 from autocompress.methods.formats import (
     FORMATS,

@@ -47,7 +47,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from autocompress.methods import LayerStatistics, QuantizedWeight, QuantSpec, register_quantizer
+from autocompress.methods.registry import LayerStatistics, QuantizedWeight, QuantSpec, register_quantizer
 
 PER_TENSOR = 0  # spec.group_size for one scale per tensor (FP8 only)
 PER_ROW = -1  # spec.group_size for one scale per output row

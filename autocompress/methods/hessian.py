@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from autocompress.methods import LayerStatistics
+from autocompress.methods.registry import LayerStatistics
 
 DEFAULT_DAMPING = 0.01  # fraction of the mean diagonal of H added to its diagonal
 DEFAULT_BLOCK_SIZE = 128  # columns per lazy batch update

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from autocompress.methods import LayerStatistics, SparsityPattern, register_pruner
 from autocompress.methods.hessian import DEFAULT_BLOCK_SIZE, DEFAULT_DAMPING, inverse_cholesky, layer_hessian
+from autocompress.methods.registry import LayerStatistics, SparsityPattern, register_pruner
 
 
 def pruned_per_row(in_features: int, sparsity: float, pattern: SparsityPattern) -> int:

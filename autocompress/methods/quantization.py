@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from autocompress.methods import LayerStatistics, QuantizedWeight, QuantSpec, register_quantizer
 from autocompress.methods.hessian import DEFAULT_BLOCK_SIZE, DEFAULT_DAMPING, inverse_cholesky, layer_hessian
+from autocompress.methods.registry import LayerStatistics, QuantizedWeight, QuantSpec, register_quantizer
 
 
 def group_count(in_features: int, group_size: int) -> int:
