@@ -183,6 +183,12 @@ def seed_of(trial: optuna.Trial) -> bool:
     return bool(trial.user_attrs.get("seed", False))
 
 
+def planned_params(trial: FrozenTrial) -> Params:
+    """A trial's parameters, or, for a seed enqueued and not yet run, those it was enqueued with (which Optuna keeps
+    in a system attribute until the trial starts)."""
+    return trial.params or trial.system_attrs.get("fixed_params", {})
+
+
 def seed_attrs(baselines: Iterable[str] = (), budget: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The user attributes of an enqueued seed trial: a uniform plan, or the baseline allocations it stands for."""
     names = list(baselines)

@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 from autocompress.allocation import BudgetGrid, SizeCeiling, uniform_allocation
 from autocompress.metrics import Metrics
 from autocompress.plan import CompressionPlan
-from autocompress.record import StudyRecord, TrialRecord, add_scored_trial
+from autocompress.record import StudyRecord, TrialRecord, add_scored_trial, planned_params
 from autocompress.search.evolution import level_switches
 from autocompress.search.objective import Objective, failure_reason, stage_window
 from autocompress.search.space import Params
@@ -159,8 +159,7 @@ class GenerationSearch:
             settled = settled and finished
             if settled:
                 self._read_up_to = position + 1
-            # An enqueued seed holds its plan in fixed_params until it runs.
-            params = trial.params or trial.system_attrs.get("fixed_params", {})
+            params = planned_params(trial)
             if trial.number in self._read or not all(name in params for name in self.names.values()):
                 continue
             self._seen.add(self.key(params))
