@@ -3,6 +3,6 @@
 from autocompress.errors import UserError
 from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.targets.artifact import export_compressed, load
+from autocompress.version import __version__
 
-__all__ = ["CompressionPlan", "LayerCompression", "UserError", "export_compressed", "load"]
-__version__ = "0.1.0"
+__all__ = ["CompressionPlan", "LayerCompression", "UserError", "__version__", "export_compressed", "load"]

@@ -15,6 +15,7 @@ from autocompress.config import Config, describe_validation_error, load_config
 from autocompress.errors import UserError
 from autocompress.methods import PRUNERS, QUANTIZERS
 from autocompress.plan import CompressionPlan
+from autocompress.targets import EXPORT_FORMATS
 
 
 def json_text(value: object) -> str:
@@ -195,12 +196,9 @@ def command_export(args: argparse.Namespace) -> None:
     if args.trial is not None and (args.alpha is not None or args.beta is not None or args.max_size is not None):
         raise UserError("--alpha, --beta and --max-size choose among the frontier; they go with --pick best")
     chosen, chosen_by = choose_trial(study, record, args.trial, args.alpha, args.beta, args.max_size)
-    result = export_trial(record, location, chosen, args.artifact, args.format, args.overwrite, chosen_by)
-    if result.format not in ("compressed", "compressed-tensors"):
-        kind = "GGUF" if result.format == "gguf" else "a plain Hugging Face folder"
-        limits = "; ".join(note for note in result.notes if not note.startswith("GGUF tensor types"))
-        if limits:
-            print(f"autocompress: warning: {kind} cannot store this plan as searched: {limits}", file=sys.stderr)
+    result = export_trial(record, location, chosen, args.out_dir, args.format, args.overwrite, chosen_by)
+    if result.warning is not None:
+        print(f"autocompress: warning: {result.warning}", file=sys.stderr)
     if args.json:
         print(json_text(result.as_dict()))
         return
@@ -224,7 +222,7 @@ def command_evaluate(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     result = evaluate_artifact(
-        args.artifact, data, args.device, args.new_tokens, dense=not args.no_dense, against=args.against
+        args.path, data, args.device, args.new_tokens, dense=not args.no_dense, against=args.against
     )
     if args.json:
         print(json_text(result))
@@ -343,10 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--alpha", type=float, help="weight of Loss for --pick best (default: the study's)")
     export.add_argument("--beta", type=float, help="weight of Size for --pick best (default: the study's)")
     export.add_argument("--max-size", help="--pick best among plans up to this size: bytes ('80MB') or a fraction")
-    export.add_argument("--out", dest="artifact", metavar="DIR", required=True, help="the folder to write")
+    export.add_argument("--out", dest="out_dir", metavar="DIR", required=True, help="the folder to write")
     export.add_argument(
         "--format",
-        choices=["compressed", "hf", "gguf", "compressed-tensors"],
+        choices=EXPORT_FORMATS,
         help="compressed: bit-packed artifact for autocompress.load (the default of target artifact); hf: plain "
         "dense Hugging Face folder; gguf: model.gguf for llama.cpp; compressed-tensors: a checkpoint for vLLM "
         "(the default of target vllm)",
@@ -361,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out perplexity, KL statistics to the dense model, size, load time and speed of an artifact or "
         "GGUF file",
     )
-    evaluate.add_argument("artifact", help="a folder written by `autocompress export`, or a .gguf file")
+    evaluate.add_argument(
+        "path",
+        metavar="artifact",
+        help="a folder written by `autocompress export`, or a file another target's "
+        "runtime judges (a .gguf file: llama.cpp)",
+    )
     evaluate.add_argument(
         "--against",
         metavar="OTHER",

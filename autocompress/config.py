@@ -22,7 +22,7 @@ from pydantic import (
 from autocompress.errors import UserError
 from autocompress.methods.formats import FORMATS
 from autocompress.plan import BIT_WIDTHS, MAX_SPARSITY, CompressionPlan, Granularity, parse_level
-from autocompress.targets import target_named
+from autocompress.targets import DEFAULT_TARGET, TARGET_NAMES, target_named
 
 
 class Section(BaseModel):
@@ -77,8 +77,8 @@ class CompressionConfig(Section):
     granularity: Granularity = "block"
     group_size: int = 128
     symmetric: bool = False
-    target: Literal["artifact", "vllm", "gguf"] = Field(
-        "artifact",
+    target: Literal[TARGET_NAMES] = Field(
+        DEFAULT_TARGET,
         description="the runtime models ship to: artifact (ours) | vllm (compressed-tensors) | gguf (llama.cpp)",
     )
     serve_dtype: Literal["bfloat16", "float16"] = Field(
@@ -91,7 +91,7 @@ class CompressionConfig(Section):
     def _omit_default_target(self, handler):
         """Leave the target out while it is our artifact, so studies fingerprinted before targets still match."""
         data = handler(self)
-        if self.target == "artifact":
+        if self.target == DEFAULT_TARGET:
             data.pop("target", None)
         if self.target != "vllm":
             data.pop("serve_dtype", None)

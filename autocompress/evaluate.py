@@ -14,6 +14,7 @@ from autocompress.config import DataConfig, ModelConfig
 from autocompress.errors import UserError
 from autocompress.metrics import TokenValues, dense_reference, evaluate, gap_closed, paired_difference
 from autocompress.models import EMBEDDED_MODEL, check_consent, embedded_model_folder, load_model, resolve_device
+from autocompress.targets import target_judging, target_of_result
 from autocompress.targets.artifact import MANIFEST_FILE, artifact_bytes, load, read_manifest
 
 NEW_TOKENS = 32  # generated per throughput measurement
@@ -103,16 +104,19 @@ def evaluate_artifact(
     against: Path | str | None = None,
 ) -> dict[str, Any]:
     """Held-out perplexity, KL statistics to the dense base, size on disk, load time and generation speed of an
-    artifact, and of its dense base. A GGUF file (or an export folder holding one) is run in llama.cpp instead,
-    beside the search's predictions. With `against`, another artifact (or GGUF file, beside a GGUF file) is scored
-    on the same windows, under "against", and "comparison" holds the paired per-window differences."""
+    artifact, and of its dense base. A file another target's runtime judges (a GGUF file, or an export folder holding
+    one: llama.cpp) is run there instead, beside the search's predictions. With `against`, another artifact (or
+    another file of that runtime, beside one) is scored on the same windows, under "against", and "comparison"
+    holds the paired per-window differences."""
     from autocompress.data import token_pools
-    from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_file
 
-    if gguf_file(path) is not None:
-        return evaluate_gguf(path, data, device, new_tokens, dense, against=against)
-    if against is not None and gguf_file(against) is not None:
-        raise UserError(f"--against {against}: a GGUF file compares with a GGUF file, not with {path}")
+    judge = target_judging(path)  # a target whose own runtime judges its files (llama.cpp for GGUF)
+    if judge is not None:
+        other = None if against is None else Path(against)
+        return judge.evaluate(Path(path), data, device, new_tokens, dense, against=other)
+    judged = None if against is None else target_judging(against)
+    if judged is not None:
+        raise UserError(f"--against {against}: a {judged.runtime} file compares with another, not with {path}")
     path = Path(path)
     manifest = read_manifest(path)
     if against is not None:
@@ -226,10 +230,9 @@ def comparison_lines(result: dict[str, Any], name: str) -> list[str]:
 
 def evaluation_lines(result: dict[str, Any]) -> list[str]:
     """The figures of `evaluate_artifact` as an aligned table: artifact beside dense."""
-    if result.get("runtime") == "llama.cpp":
-        from autocompress.targets.gguf.evaluation import gguf_evaluation_lines
-
-        return gguf_evaluation_lines(result)
+    judge = target_of_result(result)
+    if judge is not None:
+        return judge.evaluation_lines(result)
 
     rows = [
         ("held-out perplexity", "heldout_ppl", ".3f"),

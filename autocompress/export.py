@@ -1,22 +1,19 @@
 """From a study to a shipped model and back: pick a trial, compress a fresh model with its plan, write it
-(compressed artifact, plain Hugging Face folder, GGUF or compressed-tensors), then evaluate what was written against
-the dense model."""
+in the format of the study's deployment target (or of another target, or a plain dense Hugging Face folder), then
+evaluate what was written against the dense model."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from transformers import PreTrainedModel
 
-from autocompress.codecs import CompressedLinear
 from autocompress.errors import UserError
 from autocompress.frontier import frontier_points
 from autocompress.metrics import evaluate
@@ -24,20 +21,9 @@ from autocompress.plan import CompressionPlan
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord, trial_records
 from autocompress.search.space import SearchSpace
 from autocompress.session import CompressionSession
-from autocompress.size import model_size
-from autocompress.targets import target_named
-from autocompress.targets.artifact import (
-    PROVENANCE_FILE,
-    artifact_bytes,
-    export_compressed,
-    json_default,
-    package_versions,
-    prepare_out_dir,
-    staged_write,
-    write_hf_folder,
-)
-
-FORMATS = ("compressed", "hf", "gguf", "compressed-tensors")
+from autocompress.targets import target_named, target_writing
+from autocompress.targets.artifact import package_versions, prepare_out_dir, write_hf_folder
+from autocompress.targets.base import ExportInput, Written
 
 
 @dataclass
@@ -52,6 +38,7 @@ class ExportResult:
     fitness_loss: float  # the exported model's loss on the fitness pool, measured again
     weights_bytes: int  # the bytes of the weights file written
     notes: list[str] = field(default_factory=list)  # what the format could not express
+    warning: str | None = None  # what the file cannot store of the plan as searched, for stderr
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -110,38 +97,35 @@ def export_trial(
     chosen_by: str = "",
 ) -> ExportResult:
     """Compress a fresh dense model with the trial's plan (the study's cached calibration statistics) and write it,
-    in `format` (the study's deployment target's own by default)."""
+    in `format`: the study's deployment target's own by default, another target's, or `hf` (a dense folder)."""
     config = record.config
     plan = SearchSpace.of_record(record).plan_from_params(chosen.params)  # the plan, before any model loads
-    format = format or target_named(config.compression.target).export_format
-    if format not in FORMATS:
-        raise UserError(f"--format: unknown format {format!r}; choose {', '.join(FORMATS)}")
-    if config.compression.target == "gguf" and format != "gguf":
-        raise UserError(
-            f"--format: a gguf study's levels are llama.cpp tensor types, which only gguf stores, not {format}"
-        )
+    target = target_named(config.compression.target)
+    format = format or target.export_format
+    try:
+        writer = target_writing(format)  # None: the dense escape hatch
+    except ValueError as error:
+        raise UserError(f"--format: {error}") from error
+    if writer is not None:
+        writer = writer.for_config(config)  # vLLM's serving dtype
+    refusal = target.export_refusal(format)
+    if refusal is not None:
+        raise UserError(f"--format: {refusal}")
     out_dir = prepare_out_dir(out_dir, overwrite)  # fail before the model loads
     session = CompressionSession(config, cache_dir=location.cache_dir)
     model = session.model
     reference = session.reference("fitness")  # before compressing: it may need the dense model
-    blocks = None  # a gguf study's tensors, as the file stores them
-    if session.gguf is not None:
-        session.stitch(plan)  # the model computes with what the blocks decode to, as in the search
-        blocks, compressed = session.gguf.blocks_of(plan), {}
-    elif session.trains(plan):  # a student (or a recovered plan): built and distilled again, or from the cache
+    if session.trains(plan):  # a student (or a recovered plan): built and distilled again, or from the cache
         trained = session.realize(plan)
-        model, compressed = trained.model, trained.compressed
+        model, compressed, stored = trained.model, trained.compressed, None
     else:
         if plan.student is not None:  # a "student" of the teacher's own shape is the teacher
             plan = plan.model_copy(update={"student": None})
-        compressed = session.compress_for_export(plan)
+        session.check_plan(plan)
+        compressed, stored = session.weights.for_export(plan)
     metrics = evaluate(model, session.pools.fitness, reference=reference, batch_size=config.data.batch_size)
     fitness_loss = metrics.kl if config.search.loss == "kl" else metrics.ce
-    if session.gguf is not None:
-        accounted = session.size(plan).total_bytes
-    else:  # the model written, a student's own where the plan trains one
-        size_target = target_named("vllm").for_config(config) if format == "compressed-tensors" else session.target
-        accounted = model_size(model, plan, size_target).total_bytes
+    accounted = session.weights.export_bytes(model, plan, writer)  # the model written, a student's own if trained
 
     recorded = ("loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective")
     heldout = record.heldout.get(chosen.number)
@@ -162,53 +146,13 @@ def export_trial(
         "export_fitness_loss": fitness_loss,
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    notes: list[str] = []
-    if format == "compressed":
-        path = export_compressed(model, session.tokenizer, plan, compressed, out_dir, provenance, overwrite=True)
-        weights = artifact_bytes(path)
-    elif format == "hf":
-        provenance |= {"plan": json.loads(plan.to_json()), "versions": package_versions()}
-        path = write_hf_folder(model, session.tokenizer, out_dir, model.dtype, overwrite=True, provenance=provenance)
-        weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
-        notes.append(f"a plain Hugging Face folder stores every weight densely in {str(model.dtype)[6:]}")
-    elif format == "compressed-tensors":
-        path = staged_write(
-            out_dir,
-            lambda folder: _write_compressed_tensors(
-                model, session.tokenizer, compressed, folder, provenance, size_target.serve_dtype
-            ),
-        )
-        weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
+    if writer is None:
+        written = _write_dense(model, session.tokenizer, plan, out_dir, provenance)
     else:
-        from autocompress.targets.gguf.file import GGUF_FILE, tokenizer_gguf, write_gguf, write_gguf_tensors
-
-        provenance["versions"] = package_versions()
-        reports = []
-        tokenizer_source = tokenizer_gguf(config.model)
-
-        def write(folder: Path) -> None:
-            path = folder / GGUF_FILE
-            if blocks is not None:  # the types the search chose, as the blocks it evaluated
-                report = write_gguf_tensors(
-                    model, session.tokenizer, blocks, path, provenance, tokenizer_source=tokenizer_source, plan=plan
-                )
-            else:  # our artifact's levels mapped onto GGUF's 32-blocks where they can be
-                report = write_gguf(
-                    model,
-                    session.tokenizer,
-                    plan,
-                    compressed,
-                    path,
-                    metadata=provenance,
-                    tokenizer_source=tokenizer_source,
-                )
-            reports.append(report)
-
-        path = staged_write(out_dir, write)
-        weights = (path / GGUF_FILE).stat().st_size
-        notes += [f"GGUF tensor types: {reports[0].summary()}", *reports[0].notes]
+        given = ExportInput(model, session.tokenizer, plan, config, compressed, stored, provenance)
+        written = writer.export(given, out_dir)
     return ExportResult(
-        path=path,
+        path=written.path,
         format=format,
         trial=chosen.number,
         plan=plan,
@@ -216,33 +160,19 @@ def export_trial(
         trial_size_bytes=chosen.size_bytes,
         trial_loss=chosen.loss,
         fitness_loss=fitness_loss,
-        weights_bytes=weights,
-        notes=notes,
+        weights_bytes=written.weights_bytes,
+        notes=written.notes,
+        warning=written.warning,
     )
 
 
-def _write_compressed_tensors(
-    model: PreTrainedModel,
-    tokenizer,
-    compressed: Mapping[str, CompressedLinear],
-    folder: Path,
-    provenance: dict[str, Any],
-    serve_dtype: torch.dtype | None,
-) -> None:
-    """A compressed-tensors checkpoint of the compressed model: the codes and scales it computes with, written by
-    compressed-tensors' own compressors (`targets.vllm`), the other tensors in `serve_dtype`, and our provenance
-    beside it."""
-    from autocompress.targets.vllm import write_compressed_tensors
-
-    pruned = sorted(name for name, kept in compressed.items() if kept.mask is not None)
-    if pruned:
-        raise UserError(f"export: compressed-tensors for vLLM stores no sparse weights, but {pruned[0]} is pruned")
-    quantized = {name: kept.quantized for name, kept in compressed.items() if kept.quantized is not None}
-    try:
-        write_compressed_tensors(model, tokenizer, quantized, folder, dtype=serve_dtype)
-    except ValueError as error:
-        raise UserError(f"export: {error}") from error
-    text = json.dumps(
-        {"format": "compressed-tensors", **provenance, "versions": package_versions()}, indent=2, default=json_default
-    )
-    (folder / PROVENANCE_FILE).write_text(text + "\n")
+def _write_dense(
+    model: PreTrainedModel, tokenizer, plan: CompressionPlan, out_dir: Path, provenance: dict[str, Any]
+) -> Written:
+    """The escape hatch (`--format hf`): a plain Hugging Face folder of the model computing with the plan, every
+    weight dense, with the plan and provenance in autocompress.json."""
+    provenance = provenance | {"plan": json.loads(plan.to_json()), "versions": package_versions()}
+    path = write_hf_folder(model, tokenizer, out_dir, model.dtype, overwrite=True, provenance=provenance)
+    note = f"a plain Hugging Face folder stores every weight densely in {str(model.dtype)[6:]}"
+    weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))
+    return Written(path, weights, [note], f"a plain Hugging Face folder cannot store this plan as searched: {note}")

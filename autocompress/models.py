@@ -246,13 +246,16 @@ def model_fingerprint(name: str, model: PreTrainedModel) -> str:
     return digest.hexdigest()
 
 
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit dtype an artifact stores uncompressed tensors in: bfloat16 for bfloat16 models, else float16."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
 @torch.no_grad()
 def round_to_storage(tensor: torch.Tensor, name: str, store: torch.dtype | None = None) -> None:
     """Round a floating tensor in place to the values its 16-bit storage dtype holds (`store`, else an artifact's:
     a float32 model's tensors are stored in float16), so that a model computes with what is stored of it; a value
     beyond the storage dtype's range is a UserError, not an inf."""
-    from autocompress.targets.artifact import storage_dtype  # it imports this module
-
     store = store or storage_dtype(tensor.dtype)
     if not tensor.is_floating_point() or tensor.dtype == store:
         return

@@ -31,6 +31,25 @@ LEVEL_NAMES_HELP = (
     "under the gguf target llama.cpp's types q2_k..q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs, mxfp4, f16"
 )
 GGUF_METHOD = "gguf"  # the `Level.method` of a GGUF tensor type: blocks are llama.cpp's (targets.gguf.weights)
+# llama.cpp's tensor types, the levels of `compression.target: gguf`, with the whole bits per weight a plan records
+# for them (LayerCompression.bits): the values' own bits, not counting the scales their blocks store. A level is
+# data a plan names, so its table lives here, below every target; `targets.gguf` quantizes and counts them.
+GGUF_LEVELS: dict[str, int] = {
+    "q2_k": 2,
+    "q3_k": 3,
+    "q4_k": 4,
+    "q5_k": 5,
+    "q6_k": 6,
+    "q8_0": 8,
+    "q4_0": 4,
+    "q4_1": 4,
+    "q5_0": 5,
+    "q5_1": 5,
+    "iq4_nl": 4,
+    "iq4_xs": 4,
+    "mxfp4": 4,
+    "f16": 16,
+}
 
 
 class StudentArchitecture(BaseModel):
@@ -148,8 +167,6 @@ def parse_level(name: str) -> Level:
         if group == PER_TENSOR and not spec.allows_per_tensor:
             raise ValueError(f"precision level {name!r}: only FP8 takes one scale per tensor")
         return Level(name, spec.bits, spec.name, group)
-    from autocompress.targets.gguf.weights import GGUF_LEVELS  # here, not above: the codecs import plans
-
     if name in GGUF_LEVELS:  # llama.cpp's own tensor types, the levels of `compression.target: gguf`
         return Level(name, GGUF_LEVELS[name], GGUF_METHOD, None)
     raise ValueError(f"unknown precision level {name!r}; use {LEVEL_NAMES_HELP}")

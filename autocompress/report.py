@@ -20,6 +20,7 @@ from autocompress.frontier import FrontierPoint, frontier_points
 from autocompress.plan import parse_level
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord, trial_records
 from autocompress.students import ARCHITECTURE_COLUMNS, architecture_columns
+from autocompress.targets import DEFAULT_TARGET, target_named
 
 TRIAL_COLUMNS = ["loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective", "stitch_s", "eval_s"]
 
@@ -64,12 +65,10 @@ def methods_text(config: Config, open_code: str, close_code: str | None = None) 
     def code(text: str) -> str:
         return f"{open_code}{text}{close_code}"
 
-    if compression.target == "gguf":
-        return (
-            f"target {code('gguf')}: llama.cpp's tensor types, quantized as llama.cpp does with the calibration's "
-            f"importance matrix, per {compression.granularity} (the embedding and output matrix are units too)"
-        )
-    target = "" if compression.target == "artifact" else f"target {code(compression.target)}; "
+    own = target_named(compression.target).describe(compression, code)
+    if own is not None:
+        return own
+    target = "" if compression.target == DEFAULT_TARGET else f"target {code(compression.target)}; "
     return (
         f"{target}pruning {code(compression.pruning)} ({compression.pattern}), quantization "
         f"{code(compression.quantization)} (group size {compression.group_size}), per {compression.granularity}"
@@ -77,8 +76,8 @@ def methods_text(config: Config, open_code: str, close_code: str | None = None) 
 
 
 def dense_form(config: Config) -> str:
-    """What the dense bytes are: the F16 file llama.cpp's converter writes, or every parameter in 16 bits."""
-    return "as an F16 GGUF file" if config.compression.target == "gguf" else "in fp16"
+    """What the dense bytes are as the study's target counts them (every parameter in 16 bits, an F16 file...)."""
+    return target_named(config.compression.target).dense_form
 
 
 def frontier_frame(

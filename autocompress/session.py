@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from autocompress.block_reuse import BlockInputCache
 from autocompress.calibration import collect_statistics
-from autocompress.compress import CompressedLinear, apply_plan, settings_needs, statistics_needed
+from autocompress.compress import CompressedLinear
 from autocompress.config import Config
 from autocompress.data import TokenPools, token_pools
 from autocompress.errors import UserError
@@ -32,17 +32,12 @@ from autocompress.models import (
     compressible_linears,
     load_model,
     model_fingerprint,
-    module_name,
     round_model_to_storage,
-    round_to_storage,
-    unit_names,
 )
-from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.plan import CompressionPlan
 from autocompress.size import SizeReport, model_size
 from autocompress.targets import target_named
-from autocompress.targets.gguf.file import gguf_layout, tokenizer_gguf
-from autocompress.targets.gguf.weights import GgufWeights, check_levels
-from autocompress.variants import BuildReport, VariantDatabase, methods_key, save_atomically, variant_settings
+from autocompress.variants import BuildReport, VariantDatabase, save_atomically
 
 if TYPE_CHECKING:
     from autocompress.students import ReportCallback, StudentTrainer, TrainedModel
@@ -143,15 +138,6 @@ def hessian_groups(linears: list[CompressibleLinear], memory_bytes: int) -> list
     return groups
 
 
-def uses_database(config: Config) -> bool:
-    """Whether trials stitch stored variants: 'auto' means when a configured method needs the Hessian."""
-    mode = config.search.database
-    if mode != "auto":
-        return mode == "on"
-    settings = variant_settings(config.search.sparsity_levels(), config.search.precision_levels())
-    return "hessian" in settings_needs(settings, CompressionPlan(**config.compression.plan_options()))
-
-
 class CompressionSession:
     def __init__(self, config: Config, cache_dir: Path | None = None, progress: bool = False) -> None:
         self.config = config
@@ -168,9 +154,9 @@ class CompressionSession:
         }
         self.inputs_key = inputs_fingerprint(config, model_fingerprint(config.model.name, self.model), self.pools)
         self.cache_dir = None if cache_dir is None else cache_dir / self.inputs_key
-        self.gguf = None if self.target.name != "gguf" else self._gguf_weights()
-        # Under gguf a stitch also changes the embeddings and the output, which the cache cannot see: kept off.
-        reuse_bytes = 0 if self.gguf is not None else int(config.search.reuse_memory_mb * 10**6)
+        self.weights = self.target.weights(self)  # the target's backend: units, their bytes, stitch
+        # A stitch that changes more than decoder blocks (the embeddings, the output) the cache cannot see: kept off.
+        reuse_bytes = int(config.search.reuse_memory_mb * 10**6) if self.weights.reuses_block_inputs else 0
         self.block_inputs = BlockInputCache(self.model, *self.pools.fitness.shape, memory_bytes=reuse_bytes)
         self._statistics: dict[str, LayerStatistics] = {linear.name: LayerStatistics() for linear in self.calibrated}
         self._collected: set[Statistic] = set()
@@ -178,46 +164,22 @@ class CompressionSession:
         self._held_hessians: dict[str, LayerStatistics] = {}  # of one group of blocks (linear_statistics)
         self.hessian_passes = 0  # calibration passes linear_statistics ran, one per group of blocks
         self._references: dict[str, torch.Tensor] = {}
-        self._applied: dict[str, tuple] = {}  # compressed Linear name -> (setting, plan-wide options) it holds
-        self.use_database = self.gguf is None and uses_database(config) and self.cache_dir is not None
-        self._databases: dict[str, VariantDatabase] = {}
         self.last_stitch_s = 0.0  # of the latest measure(), for a trial that staged fitness stops
-        self._restores = 0  # times the resident model went back to dense (collecting statistics does)
-        self._units = {granularity: unit_names(self.model, granularity) for granularity in ("block", "linear")}
+        self.restores = 0  # times the resident model went back to dense (collecting statistics does)
         self._trainer: StudentTrainer | None = None
-
-    def _gguf_weights(self) -> GgufWeights:
-        """The GGUF units of the resident model; their importance needs lm_head's inputs too."""
-        output = self.model.get_output_embeddings()
-        self.calibrated.append(CompressibleLinear(module_name(self.model, output), "", output))
-        layout = gguf_layout(self.model, self.tokenizer, tokenizer_gguf(self.config.model))
-        cache = None if self.cache_dir is None else self.cache_dir / "gguf"
-        return GgufWeights(
-            self.model,
-            self.config.compression.granularity,
-            lambda: self.statistics({"input_sq_norms"}),
-            cache,
-            layout,
-        )
 
     @property
     def units(self) -> list[str]:
-        """The units a plan of this study names: blocks or Linears (and, under gguf, the embedding and output)."""
-        if self.gguf is not None:
-            return self.gguf.units
-        return self._units[self.config.compression.granularity]
+        """The units a plan of this study names (blocks or Linears, and whatever else the target makes units)."""
+        return self.weights.units
 
     def unit_levels(self) -> dict[str, list[str]] | None:
-        """The levels each unit may take where the target restricts them by shape (gguf); None: every unit all."""
-        if self.gguf is None:
-            return None
-        return check_levels(self.gguf.tensors, self.config.search.precision_levels())
+        """The levels each unit may take where the target restricts them by shape; None: every unit all."""
+        return self.weights.unit_levels(self.config.search.precision_levels())
 
     def size(self, plan: CompressionPlan) -> SizeReport:
         """The plan's bytes as the study's target stores them."""
-        if self.gguf is not None:
-            return self.gguf.size(plan)
-        return model_size(self.model, plan, self.target)
+        return self.weights.size(plan)
 
     @property
     def trainer(self) -> StudentTrainer:
@@ -259,10 +221,8 @@ class CompressionSession:
 
     @property
     def dense_bytes(self) -> int:
-        """The uncompressed model's bytes: every parameter in 16 bits, or under gguf the F16 file's."""
-        if self.gguf is not None:
-            return self.gguf.dense_bytes
-        return model_size(self.model, CompressionPlan()).dense_bytes
+        """The uncompressed model's bytes as the target counts them (every parameter in 16 bits, an F16 file...)."""
+        return self.weights.dense_bytes
 
     @property
     def batch_size(self) -> int:
@@ -302,6 +262,13 @@ class CompressionSession:
         self._collected |= missing
         return self._statistics
 
+    def has_collected(self, need: Statistic) -> bool:
+        return need in self._collected
+
+    def drop_held_hessians(self) -> None:
+        """Free the Hessians `linear_statistics` holds (once a group's variants or stored forms are kept)."""
+        self._held_hessians = {}
+
     def linear_statistics(self, needs: set[Statistic], name: str) -> LayerStatistics:
         """One Linear's statistics for `needs`, as `statistics` gives them, but with Hessians collected and held
         for one group of consecutive blocks at a time (`hessian_groups`): asking for a Linear of the next group
@@ -340,131 +307,38 @@ class CompressionSession:
         return reference
 
     def restore_dense(self) -> None:
-        self._restores += 1
+        self.restores += 1
         self.block_inputs.invalidate()
-        if self.gguf is not None:
-            self.gguf.restore_dense()
-        for linear in self.linears:
-            if linear.name in self._applied:
-                linear.module.weight.data.copy_(self.dense_weights[linear.name])
-        self._applied.clear()
+        self.weights.restore_dense()
+
+    @property
+    def use_database(self) -> bool:
+        """Whether trials stitch the layer-variant database's stored variants."""
+        return self.weights.use_database
 
     def database(self, plan: CompressionPlan | None = None) -> VariantDatabase:
         """The layer-variant database of `plan`'s plan-wide options (the config's by default)."""
-        if self.cache_dir is None:
-            raise ValueError("a layer-variant database needs a session with a cache folder")
-        if plan is None:
-            plan = CompressionPlan(**self.config.compression.plan_options())
-        key = methods_key(plan)
-        if key not in self._databases:
-            device = next(self.model.parameters()).device
-            self._databases[key] = VariantDatabase(
-                self.cache_dir / "variants", plan, self.dense_weights, self.linear_statistics, device
-            )
-        return self._databases[key]
+        return self.weights.database(plan)
 
     def build_database(self, progress: bool | None = None) -> BuildReport:
         """Compress every Linear at every level the config's search space may choose, once (resumable)."""
-        search = self.config.search
-        settings = variant_settings(search.sparsity_levels(), search.precision_levels())
-        names = [linear.name for linear in self.linears]
-        try:
-            return self.database().build(names, settings, self.progress if progress is None else progress)
-        finally:
-            self._held_hessians = {}
+        return self.weights.build_database(self.progress if progress is None else progress)
 
     def stitch(self, plan: CompressionPlan) -> SizeReport:
-        """Make the resident model compute with `plan`, changing only the Linears whose setting changed.
+        """Make the resident model compute with `plan`, changing only the units whose level changed (the target's
+        backend, `weights.stitch`); a plan its units cannot take is a UserError."""
+        self.check_plan(plan)
+        return self.weights.stitch(plan)
 
-        With the layer-variant database, a changed Linear gets its stored variant (computed and stored first
-        if missing); without it, the Linear is compressed again from its dense weight.
-        """
-        if self.gguf is not None:
-            try:
-                plan.check_units(self.gguf.units)
-                return self.gguf.stitch(plan)
-            except ValueError as error:
-                raise UserError(f"plan: {error}") from error
+    def check_plan(self, plan: CompressionPlan) -> None:
         try:
-            plan.check_units(self._units[plan.granularity])
+            self.weights.check_plan(plan)
         except ValueError as error:
             raise UserError(f"plan: {error}") from error
-        database = self.database(plan) if self.use_database else None
-        # Without a database, first (as collecting statistics restores the dense weights) what the methods need for
-        # every Linear. A variant the database lacks (usually none) is computed on the spot, and its statistics are
-        # collected then: the stitch starts over after that.
-        statistics = self.statistics(statistics_needed(plan)) if database is None else {}
-        plan_wide = tuple(sorted(plan.model_dump(exclude={"default", "layers"}).items()))
-        to_compress = {}
-        for linear in self.linears:
-            setting = plan.setting(linear.name, linear.block)
-            wanted = None if setting.is_identity else (setting, plan_wide)
-            if self._applied.get(linear.name) == wanted:
-                continue
-            self.block_inputs.block_changed(linear.block)  # before its weights change, whatever happens next
-            if linear.name in self._applied:
-                linear.module.weight.data.copy_(self.dense_weights[linear.name])
-                del self._applied[linear.name]
-            if wanted is not None:
-                to_compress[linear.name] = (linear, setting)
-        # Transactional: `_applied` records a Linear as soon as it holds its variant, and on any failure (an
-        # error, Ctrl-C) the Linears not recorded are put back to dense, so the weights are always what
-        # `_applied` says: later trials, restore_dense() and statistics collected later see exactly that.
-        try:
-            if database is None:
-                apply_plan(self.model, plan, statistics, only=set(to_compress))
-                for linear, setting in to_compress.values():
-                    self._hold(linear, setting, plan_wide)
-            else:
-                restores = self._restores
-                for linear, setting in to_compress.values():
-                    linear.module.weight.data.copy_(database.load(linear.name, setting))
-                    self._hold(linear, setting, plan_wide)
-                if self._restores != restores:  # a variant computed on the spot needed statistics: start over
-                    return self.stitch(plan)
-        except BaseException:
-            self.block_inputs.invalidate()
-            for name, (linear, _setting) in to_compress.items():
-                if name not in self._applied:
-                    linear.module.weight.data.copy_(self.dense_weights[name])
-            raise
-        return model_size(self.model, plan, self.target)
-
-    def _hold(self, linear: CompressibleLinear, setting: LayerCompression, plan_wide: tuple) -> None:
-        """Record that `linear` now computes with `setting`; a pruned-only Linear first has its kept values
-        rounded to the 16 bits an artifact stores them in (quantized ones compute with their stored codes)."""
-        if setting.bits >= 16:
-            round_to_storage(linear.module.weight.data, linear.name)
-        self._applied[linear.name] = (setting, plan_wide)
 
     def compress_for_export(self, plan: CompressionPlan) -> dict[str, CompressedLinear]:
-        """Compress the resident model with `plan` from its dense weights, returning each compressed Linear's
-        stored form (`apply_plan(..., keep=True)`); the model then computes with exactly what those store.
-
-        A plan whose methods need Hessians is compressed one Hessian group at a time, each group's Linears put
-        back to dense once their stored forms are kept, so that the next group's calibration pass runs the
-        dense model; the compressed weights are written at the end."""
-        needs = statistics_needed(plan)
-        self.restore_dense()
-        if "hessian" not in needs or "hessian" in self._collected:
-            compressed = apply_plan(self.model, plan, self.statistics(needs), keep=True)
-        else:
-            compressed = {}
-            for group in self.hessian_groups:
-                names = {linear.name for linear in group}
-                statistics = {name: self.linear_statistics(needs, name) for name in names}
-                compressed |= apply_plan(self.model, plan, statistics, keep=True, only=names)
-                for linear in group:
-                    linear.module.weight.data.copy_(self.dense_weights[linear.name])
-            self._held_hessians = {}
-            for linear in self.linears:
-                if linear.name in compressed:
-                    linear.module.weight.data.copy_(compressed[linear.name].weight)
-        plan_wide = tuple(sorted(plan.model_dump(exclude={"default", "layers"}).items()))
-        for linear in self.linears:
-            if linear.name in compressed:
-                self._hold(linear, plan.setting(linear.name, linear.block), plan_wide)
-        return compressed
+        """The resident model compressed with `plan` from its dense weights, each compressed Linear's stored form."""
+        return self.weights.compress_for_export(plan)
 
     def measure(
         self,

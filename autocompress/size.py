@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
+from autocompress.codecs import resolve, stored_bytes
+from autocompress.compress import kept_count
 from autocompress.models import compressible_linears
 from autocompress.plan import CompressionPlan, LayerCompression
-from autocompress.targets import ARTIFACT, HALF_BYTES, Target
+
+if TYPE_CHECKING:
+    from autocompress.targets.linear import LinearTarget
+
+HALF_BYTES = 2
 
 __all__ = ["HALF_BYTES", "SizeReport", "linear_bytes", "model_size", "packed_bytes"]
 
@@ -36,7 +42,9 @@ def linear_bytes(
 ) -> int:
     """Bytes one Linear takes in our artifact once compressed with `setting` under the plan-wide options of `plan`:
     what its codec writes (`codecs.encode_linear`), and its bias in 16 bits."""
-    return ARTIFACT.linear_bytes(setting, plan, out_features, in_features, bias, torch.float16)
+    kept = kept_count(out_features, in_features, setting, plan)
+    size = stored_bytes(resolve(setting, plan), out_features, in_features, kept)
+    return size + (out_features * HALF_BYTES if bias else 0)
 
 
 @dataclass(frozen=True)
@@ -50,20 +58,26 @@ class SizeReport:
         return self.total_bytes / self.dense_bytes
 
 
-def model_size(model: nn.Module, plan: CompressionPlan, target: Target | None = None) -> SizeReport:
-    """The plan's bytes as the deployment `target` stores them (our artifact by default); `dense_bytes` is always
-    every parameter in 16 bits, the figure sizes are fractions of."""
-    target = ARTIFACT if target is None else target
+def model_size(model: nn.Module, plan: CompressionPlan, target: LinearTarget | None = None) -> SizeReport:
+    """The plan's bytes as the deployment `target` stores them (by default our artifact, whose bytes are the ones
+    this module counts); `dense_bytes` is always every parameter in 16 bits, the figure sizes are fractions of."""
     linears = compressible_linears(model)
     dtype = next(model.parameters()).dtype
     per_layer = {}
     for linear in linears:
         weight, bias = linear.module.weight, linear.module.bias
         setting = plan.setting(linear.name, linear.block)
-        per_layer[linear.name] = target.linear_bytes(setting, plan, *weight.shape, bias is not None, dtype)
+        if target is None:
+            per_layer[linear.name] = linear_bytes(*weight.shape, setting, plan, bias is not None)
+        else:
+            per_layer[linear.name] = target.linear_bytes(setting, plan, *weight.shape, bias is not None, dtype)
     compressed_ids = {id(parameter) for linear in linears for parameter in linear.module.parameters()}
     parameters = list(model.parameters())  # tied parameters appear once
     dense_bytes = sum(parameter.numel() for parameter in parameters) * HALF_BYTES
-    untouched = sum(target.tensor_bytes(p.numel(), dtype) for p in parameters if id(p) not in compressed_ids)
-    total = untouched + sum(per_layer.values()) + target.overhead_bytes(model, plan)
+    untouched = [p.numel() for p in parameters if id(p) not in compressed_ids]
+    if target is None:
+        total = sum(untouched) * HALF_BYTES + sum(per_layer.values())
+    else:
+        tensors = sum(target.tensor_bytes(numel, dtype) for numel in untouched)
+        total = tensors + sum(per_layer.values()) + target.overhead_bytes(model, plan)
     return SizeReport(total_bytes=total, dense_bytes=dense_bytes, per_layer=per_layer)

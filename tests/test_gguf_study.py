@@ -111,8 +111,8 @@ def test_the_exported_file_is_the_measured_model_at_the_promised_size(study: tup
 
 
 def levels(session: CompressionSession, plan) -> list:
-    chosen = session.gguf.levels(plan)
-    return [(tensor, chosen[tensor.unit]) for tensor in session.gguf.tensors]
+    chosen = session.weights.levels(plan)
+    return [(tensor, chosen[tensor.unit]) for tensor in session.weights.tensors]
 
 
 def test_a_gguf_study_exports_only_gguf(study: tuple[Path, Path], tmp_path: Path) -> None:

@@ -38,17 +38,16 @@ import optuna
 from filelock import FileLock
 from optuna.trial import TrialState
 
-from autocompress.compress import settings_needs
 from autocompress.config import Config
 from autocompress.errors import UserError
 from autocompress.frontier import frontier_of
-from autocompress.plan import CompressionPlan
 from autocompress.record import (
     HeldoutFigures,
     StudyLocation,
     StudyRecord,
     TrialRecord,
     TrialWriter,
+    planned_params,
     record_heldout,
     seed_of,
     trial_records,
@@ -61,7 +60,6 @@ from autocompress.search.runner import ProgressBar, StopAfterFailures, complete_
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import MAX_RETRIES
 from autocompress.search.study import open_study, prepare_study, sampler_for, study_session
-from autocompress.variants import variant_settings
 
 # RAY_AIR_NEW_OUTPUT=0: with verbose=0 Tune prints nothing; our bar shows the study's progress
 RAY_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"}
@@ -191,12 +189,7 @@ class StudyPreparer:
         config = Config.model_validate(self.setup.config)
         self.session, self.space = study_session(config, Path(self.setup.cache_dir))
         space = self.space
-        if self.session.gguf is not None:  # GGUF blocks are llama.cpp's quantizers, with its importance matrix
-            self.session.gguf.statistics()
-        elif not self.session.use_database:  # a database is built by `prepare`, block by block
-            plan = CompressionPlan(**config.compression.plan_options())
-            levels = variant_settings(space.sparsity_levels, space.precision_levels)
-            self.session.statistics(settings_needs(levels, plan))
+        self.session.weights.prepare()  # what every stitch needs (a database is built by `prepare`, block by block)
         self.session.reference("fitness")
         return {"units": space.units, "unit_levels": space.unit_levels, "dense_bytes": self.session.dense_bytes}
 
@@ -213,7 +206,7 @@ class StudyPreparer:
             key: value for key, value in copy.user_attrs.items() if key not in user_attrs or user_attrs[key] != value
         }
         enqueued = [
-            {"params": trial.system_attrs.get("fixed_params", {}), "user_attrs": trial.user_attrs}
+            {"params": planned_params(trial), "user_attrs": trial.user_attrs}
             for trial in copy.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         ]
         return {"user_attrs": added, "enqueued": enqueued}

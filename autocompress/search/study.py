@@ -40,7 +40,7 @@ from autocompress.search.evolution import BudgetEvolutionSampler
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import load_study, open_storage
 from autocompress.session import CompressionSession
-from autocompress.targets.gguf.weights import preset_seeds
+from autocompress.targets.base import PresetSeed
 
 
 def study_session(config: Config, cache_dir: Path, progress: bool = False) -> tuple[CompressionSession, SearchSpace]:
@@ -135,8 +135,9 @@ def enqueue_baselines(
     its levels allow).
     """
     search = space.config.search
-    if session.gguf is not None:
-        enqueue_presets(study, session, space, location, ceiling)
+    presets = session.target.seeds(session, space.unit_levels)
+    if presets is not None:
+        enqueue_presets(study, session, presets, space, location, ceiling)
         return
     names = search.baseline_names()
     if not names or StudyRecord.of(study).baselines:
@@ -182,20 +183,21 @@ def enqueue_baselines(
 def enqueue_presets(
     study: optuna.Study,
     session: CompressionSession,
+    presets: list[PresetSeed],
     space: SearchSpace,
     location: StudyLocation,
     ceiling: SizeCeiling | None = None,
 ) -> None:
-    """Enqueue llama.cpp's k-quant presets (as llama.cpp assigns their types per tensor role, with its fallbacks)
-    as seed trials of a gguf study, once, whatever `search.seeds` says of the uniform ones; a preset the space
-    cannot hold is left out, saying why."""
+    """Enqueue the target runtime's own presets (llama.cpp's k-quant presets for gguf: `Target.seeds`) as seed
+    trials, once, whatever `search.seeds` says of the uniform ones; a preset the space cannot hold is left out,
+    saying why."""
     if StudyRecord.of(study).baselines:
         return
     with FileLock(location.out_dir / ".study.lock"):
         if StudyRecord.of(study).baselines:
             return
         enqueued, seeds = [], []
-        for seed in preset_seeds(session.gguf.tensors, session.model.config, space.unit_levels):
+        for seed in presets:
             if seed.params is None:
                 print(f"autocompress: {seed.baseline} is not a seed: {seed.reason}", flush=True)
                 continue
@@ -291,8 +293,8 @@ def prepare_study(
     study: optuna.Study, session: CompressionSession, space: SearchSpace, location: StudyLocation
 ) -> None:
     """What a study computes once before its trials: the layer-variant database (built or completed, its
-    disk use logged and kept in the study) or under gguf every tensor's blocks, then the baseline allocations
-    enqueued as seed trials."""
+    disk use logged and kept in the study) or what the target's backend precomputes (GGUF blocks), then the
+    baseline allocations enqueued as seed trials."""
     check_student_space(space, session.model.config)
     record_dense_bytes(study, session.dense_bytes)
     budget = space.config.search.budget
@@ -324,13 +326,9 @@ def prepare_study(
             study,
             {"path": str(database.root), "files": usage.files, "bytes": usage.bytes, "bytes_per_weight": per_weight},
         )
-    if session.gguf is not None and session.gguf.cache is not None:  # every block a trial may take, in parallel
-        built = session.gguf.build(session.unit_levels(), session.progress)
-        print(
-            f"autocompress: GGUF blocks {session.gguf.cache}: {built.blocks} tensor levels, "
-            f"quantized {built.computed} now in {built.seconds:.0f} s",
-            flush=True,
-        )
+    precomputed = session.weights.precompute(session.unit_levels(), session.progress)  # GGUF blocks, in parallel
+    if precomputed is not None:
+        print(f"autocompress: {precomputed}", flush=True)
     enqueue_baselines(study, session, space, location, ceiling)
 
 

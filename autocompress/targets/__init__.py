@@ -1,116 +1,76 @@
-"""Deployment targets: the runtime a study's models ship to (`compression.target`).
+"""Deployment targets: the runtime a study's models ship to (`compression.target`), looked up by name here.
 
-A target decides
-- which levels a unit may take: `check_config` refuses, in one line and before any model is loaded, the sparsity
-  and levels its runtime cannot run; `check_model` refuses those the model's shapes rule out, from its config alone;
-- how its runtime stores the model, so Size is what ships;
-- what `autocompress export` writes by default (`export_format`).
+This module is the registry, the one list of targets: each name, the module holding its `TARGET` (a
+`targets.base.Target`), the export format it writes, and whether its own runtime judges its files. A target's
+module is imported only when the target is named, as it imports its runtime's libraries.
 
-`artifact` is our own bit-packed format (`targets.artifact`), whose bytes each level's codec counts
-(`codecs.stored_bytes`); it stores every level and any sparsity. `vllm` is compressed-tensors for vLLM
-(`targets.vllm.VllmTarget`). Both count bytes per Linear (`LinearTarget`). `gguf` is llama.cpp's file
-(`targets.gguf.target.GgufTarget`), whose units include the embedding and the output matrix and whose size is the
-file's, header included (`targets.gguf.weights.GgufWeights.size`). A target is looked up by name (`target_named`);
-the others are imported only when named, as they import their runtime's libraries.
+- `artifact` (`targets.artifact`): our own bit-packed format, whose bytes each level's codec counts
+  (`codecs.stored_bytes`); it stores every level and any sparsity;
+- `vllm` (`targets.vllm`): compressed-tensors for vLLM;
+- `gguf` (`targets.gguf`): llama.cpp's file, whose units include the embedding and the output matrix and whose size
+  is the file's, header included; llama.cpp judges its files.
+
+The first two store each compressible Linear on its own (`targets.linear.LinearTarget`). To add a target, write its
+module (or folder) with a `TARGET` and add one line below; docs/architecture.md walks through it.
 """
 
 from __future__ import annotations
 
 import importlib
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
-
-import torch
-from torch import nn
-
-from autocompress.codecs import resolve, stored_bytes
-from autocompress.compress import kept_count
-from autocompress.plan import GGUF_METHOD, CompressionPlan, LayerCompression, parse_level
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from autocompress.config import Config
-
-HALF_BYTES = 2
-TARGET_MODULES = {"artifact": "artifact", "vllm": "vllm", "gguf": "gguf.target"}  # under autocompress.targets
-TARGET_NAMES = tuple(TARGET_MODULES)
+    from autocompress.targets.base import Target
 
 
-class Target(ABC):
-    name: ClassVar[str]
-    export_format: ClassVar[str]  # what `autocompress export` writes unless --format says otherwise
-    serve_dtype: torch.dtype | None = None  # what the untouched tensors are stored in; None: the target's own rule
-
-    def for_config(self, config: Config) -> Target:
-        """This target with the settings `config` gives it (vLLM's serving dtype)."""
-        return self
-
-    def check_config(self, config: Config) -> None:
-        """Raise ValueError (one line) for sparsity or levels of the config the runtime cannot run."""
-        for name in config.search.formats or ():
-            if parse_level(name).method == GGUF_METHOD:
-                raise ValueError(
-                    f"search.formats: {name} is a llama.cpp tensor type, a level of compression.target: gguf only"
-                )
-
-    def check_model(self, config: Config) -> None:
-        """Raise UserError (one line) for a level the model's Linears cannot take, reading its config only."""
-        return None
+@dataclass(frozen=True)
+class Registered:
+    module: str  # where its `TARGET` lives
+    export_format: str  # what `autocompress export` writes of its studies, the `--format` naming it
+    judges_files: bool = False  # `autocompress evaluate` hands its files to its own runtime
 
 
-class LinearTarget(Target):
-    """A target that stores each compressible Linear on its own and every other tensor alike."""
-
-    @abstractmethod
-    def linear_bytes(
-        self,
-        setting: LayerCompression,
-        plan: CompressionPlan,
-        out_features: int,
-        in_features: int,
-        bias: bool,
-        dtype: torch.dtype,
-    ) -> int:
-        """Bytes one compressible Linear (weight and bias) of a model of `dtype` takes, compressed with `setting`."""
-
-    @abstractmethod
-    def tensor_bytes(self, numel: int, dtype: torch.dtype) -> int:
-        """Bytes of an untouched tensor (embeddings, norms, lm_head) of `numel` values of `dtype`."""
-
-    def overhead_bytes(self, model: nn.Module, plan: CompressionPlan) -> int:
-        """Bytes the files take beyond their tensors (headers), when the target counts them."""
-        return 0
-
-
-class ArtifactTarget(LinearTarget):
-    """Our own artifact: every level, any sparsity, bytes as each level's codec writes them; 16-bit elsewhere."""
-
-    name = "artifact"
-    export_format = "compressed"
-
-    def linear_bytes(
-        self,
-        setting: LayerCompression,
-        plan: CompressionPlan,
-        out_features: int,
-        in_features: int,
-        bias: bool,
-        dtype: torch.dtype,
-    ) -> int:
-        kept = kept_count(out_features, in_features, setting, plan)
-        size = stored_bytes(resolve(setting, plan), out_features, in_features, kept)
-        return size + (out_features * HALF_BYTES if bias else 0)
-
-    def tensor_bytes(self, numel: int, dtype: torch.dtype) -> int:
-        return numel * HALF_BYTES
-
-
-ARTIFACT = ArtifactTarget()
+TARGETS: dict[str, Registered] = {
+    "artifact": Registered("autocompress.targets.artifact", "compressed"),
+    "vllm": Registered("autocompress.targets.vllm", "compressed-tensors"),
+    "gguf": Registered("autocompress.targets.gguf.target", "gguf", judges_files=True),
+}
+TARGET_NAMES = tuple(TARGETS)
+DEFAULT_TARGET = "artifact"
+DENSE_FORMAT = "hf"  # the escape hatch: a plain Hugging Face folder, every weight dense, whatever the target
+EXPORT_FORMATS = (*(entry.export_format for entry in TARGETS.values()), DENSE_FORMAT)
 
 
 def target_named(name: str) -> Target:
     """The target of a `compression.target` name."""
-    if name == ARTIFACT.name:
-        return ARTIFACT
-    if name not in TARGET_NAMES:
+    if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; choose {', '.join(TARGET_NAMES)}")
-    return importlib.import_module(f"autocompress.targets.{TARGET_MODULES[name]}").TARGET
+    return importlib.import_module(TARGETS[name].module).TARGET
+
+
+def target_writing(format: str) -> Target | None:
+    """The target whose export format `format` is; None for the dense escape hatch."""
+    if format == DENSE_FORMAT:
+        return None
+    names = [name for name, entry in TARGETS.items() if entry.export_format == format]
+    if not names:
+        raise ValueError(f"unknown format {format!r}; choose {', '.join(EXPORT_FORMATS)}")
+    return target_named(names[0])
+
+
+def target_judging(path: Path | str) -> Target | None:
+    """The target whose own runtime judges the written file `path`; None: evaluate it as our artifact."""
+    for name, entry in TARGETS.items():
+        if entry.judges_files and target_named(name).judges(Path(path)):
+            return target_named(name)
+    return None
+
+
+def target_of_result(result: dict[str, Any]) -> Target | None:
+    """The target whose runtime produced an evaluation `result`; None: transformers (our artifact)."""
+    for name, entry in TARGETS.items():
+        if entry.judges_files and result.get("runtime") == target_named(name).runtime:
+            return target_named(name)
+    return None

@@ -38,19 +38,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from autocompress.codecs import CompressedLinear, decode_linear, encode_linear, resolve
 from autocompress.errors import UserError
-from autocompress.models import compressible_linears, plain_copy
+from autocompress.models import compressible_linears, plain_copy, storage_dtype
 from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.size import HALF_BYTES, linear_bytes
+from autocompress.targets.base import ExportInput, Written
+from autocompress.targets.linear import LinearTarget
+from autocompress.version import __version__
 
 FORMAT = "autocompress"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 PROVENANCE_FILE = "autocompress.json"  # beside a plain Hugging Face folder
-
-
-def storage_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The 16-bit dtype an artifact stores uncompressed tensors in: bfloat16 for bfloat16 models, else float16."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -75,8 +74,6 @@ def sha256_file(path: Path) -> str:
 def package_versions() -> dict[str, str]:
     import safetensors
     import transformers
-
-    from autocompress import __version__  # here, not at import time: the package imports this module
 
     return {
         "autocompress": __version__,
@@ -438,3 +435,34 @@ __all__ = [
     "size_gap",
     "write_hf_folder",
 ]
+
+
+class ArtifactTarget(LinearTarget):
+    """Our own artifact: every level, any sparsity, bytes as each level's codec writes them (`size.linear_bytes`);
+    16-bit elsewhere."""
+
+    name = "artifact"
+    export_format = "compressed"
+
+    def linear_bytes(
+        self,
+        setting: LayerCompression,
+        plan: CompressionPlan,
+        out_features: int,
+        in_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+    ) -> int:
+        return linear_bytes(out_features, in_features, setting, plan, bias)
+
+    def tensor_bytes(self, numel: int, dtype: torch.dtype) -> int:
+        return numel * HALF_BYTES
+
+    def export(self, given: ExportInput, out_dir: Path) -> Written:
+        path = export_compressed(
+            given.model, given.tokenizer, given.plan, given.compressed, out_dir, given.provenance, overwrite=True
+        )
+        return Written(path, artifact_bytes(path))
+
+
+TARGET = ArtifactTarget()

@@ -54,6 +54,7 @@ Pruned weights are stored densely (as codes of zero): vLLM runs no unstructured 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ from autocompress.methods import QuantizedWeight
 from autocompress.methods.formats import FORMATS, PER_ROW, PER_TENSOR, scale_codes
 from autocompress.models import compressible_linears, meta_model
 from autocompress.plan import UNQUANTIZED, CompressionPlan, LayerCompression, Level
-from autocompress.targets import Target
+from autocompress.targets.artifact import PROVENANCE_FILE, json_default, package_versions, staged_write
+from autocompress.targets.base import ExportInput, Written
+from autocompress.targets.linear import LinearTarget
 
 if TYPE_CHECKING:
     from autocompress.config import Config
@@ -476,7 +479,7 @@ def stored_names(level: VllmLevel, bias: bool) -> tuple[str, ...]:
     return names + (("bias",) if bias else ())
 
 
-class VllmTarget(Target):
+class VllmTarget(LinearTarget):
     """compressed-tensors for vLLM: weight-only int4/int8 (groups of 32, 64, 128 or per channel), FP8 E4M3 per
     channel, NVFP4 and fp16, no sparsity; each Linear as `compressed_tensors_bytes` counts it, every other tensor in
     the dtype vLLM serves the model in (`serve_dtype`, bfloat16 unless `compression.serve_dtype` says float16, not
@@ -560,6 +563,26 @@ class VllmTarget(Target):
         offset_digits = len(str(sum(parameter.numel() for parameter in model.parameters()) * 2))
         entries = sum(len(name) + _HEADER_ENTRY_BYTES + 2 * offset_digits for name in names)
         return _HEADER_START_BYTES + entries
+
+    def export(self, given: ExportInput, out_dir: Path) -> Written:
+        """A compressed-tensors checkpoint of the compressed model: the codes and scales it computes with, written
+        by compressed-tensors' own compressors, and our provenance beside it."""
+        compressed = given.compressed
+        pruned = sorted(name for name, kept in compressed.items() if kept.mask is not None)
+        if pruned:
+            raise UserError(f"export: compressed-tensors for vLLM stores no sparse weights, but {pruned[0]} is pruned")
+        quantized = {name: kept.quantized for name, kept in compressed.items() if kept.quantized is not None}
+
+        def write(folder: Path) -> None:
+            try:
+                write_compressed_tensors(given.model, given.tokenizer, quantized, folder, dtype=self.serve_dtype)
+            except ValueError as error:
+                raise UserError(f"export: {error}") from error
+            provenance = {"format": self.export_format, **given.provenance, "versions": package_versions()}
+            (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=json_default) + "\n")
+
+        path = staged_write(out_dir, write)
+        return Written(path, sum(file.stat().st_size for file in path.glob("*.safetensors")))
 
 
 def setting_of(precision: int | str) -> LayerCompression:

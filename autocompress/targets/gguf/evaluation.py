@@ -22,10 +22,21 @@ import gguf
 import torch
 
 from autocompress.config import DataConfig, ModelConfig
+from autocompress.data import token_pools
 from autocompress.errors import UserError
-from autocompress.evaluate import comparison, divergence_figures, generation_speed
+from autocompress.evaluate import (
+    DIVERGENCE_ROWS,
+    cell,
+    comparison,
+    comparison_lines,
+    divergence_figures,
+    generation_speed,
+)
 from autocompress.metrics import TokenValues, dense_reference, evaluate
+from autocompress.models import check_consent, load_model, resolve_device
+from autocompress.targets.artifact import MANIFEST_FILE
 from autocompress.targets.gguf.file import GGUF_FILE, PROVENANCE_KEY
+from autocompress.targets.gguf.llama_cpp import LlamaCppModel, llama_cpp_available
 
 PROMPT_TOKENS = 16
 
@@ -33,8 +44,6 @@ PROMPT_TOKENS = 16
 def gguf_file(path: Path | str) -> Path | None:
     """The GGUF file `path` names: the file itself, or the model.gguf of a `--format gguf` export folder (one
     without our artifact's manifest); None for neither."""
-    from autocompress.targets.artifact import MANIFEST_FILE
-
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return path
@@ -82,10 +91,6 @@ def evaluate_gguf(
 
     With `against` (another GGUF file of the same vocabulary), that file is scored on the same windows too, under
     "against", and "comparison" holds the paired per-window differences of the first file minus the other."""
-    from autocompress.data import token_pools
-    from autocompress.models import check_consent, load_model, resolve_device
-    from autocompress.targets.gguf.llama_cpp import llama_cpp_available
-
     file = gguf_file(path)
     if file is None:
         raise UserError(f"{path}: not a .gguf file nor a folder holding {GGUF_FILE}")
@@ -152,7 +157,6 @@ def _llama_cpp_figures(
 ) -> tuple[dict[str, Any], TokenValues]:
     """One GGUF file run in llama.cpp on the windows: its size, load time, perplexity, KL statistics to the
     reference and generation speed, and its per-token values."""
-    from autocompress.targets.gguf.llama_cpp import LlamaCppModel
 
     began = time.perf_counter()
     runtime = LlamaCppModel(file, n_ctx=max(tokens.shape[1], len(prompt) + new_tokens), n_threads=n_threads)
@@ -182,8 +186,6 @@ def _llama_cpp_figures(
 def gguf_evaluation_lines(result: dict[str, Any]) -> list[str]:
     """`evaluate_gguf`'s figures as a table: llama.cpp's measurement (and the --against file's), the search's
     prediction, the dense model; then the paired comparison with the --against file."""
-    from autocompress.evaluate import DIVERGENCE_ROWS, cell, comparison_lines
-
     rows = [
         ("held-out perplexity", "heldout_ppl", "predicted_heldout_ppl", "dense_heldout_ppl", ".3f"),
         ("held-out KL to dense", "heldout_kl", "predicted_heldout_kl", None, ".5f"),

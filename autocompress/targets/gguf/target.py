@@ -1,18 +1,29 @@
-"""The gguf deployment target (`compression.target: gguf`): llama.cpp's file, judged by llama.cpp."""
+"""The gguf deployment target (`compression.target: gguf`): llama.cpp's file, judged by llama.cpp.
+
+Each unit (decoder-block Linears, the embedding, the output matrix) takes one of GGUF's own tensor types
+(`weights`), quantized as llama.cpp quantizes; a plan's size is the file's (`file.GgufLayout`); `export` writes
+that file, and `autocompress evaluate` runs it in llama.cpp (`evaluation`).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from autocompress.errors import UserError
-from autocompress.models import meta_model
+from autocompress.models import CompressibleLinear, meta_model, module_name
 from autocompress.structure import check_levels, structural_inputs
-from autocompress.targets import Target
+from autocompress.targets.artifact import package_versions, staged_write
+from autocompress.targets.base import ExportInput, PresetSeed, Target, Written
 from autocompress.targets.gguf.blocks import fits
-from autocompress.targets.gguf.weights import check_config, space_levels
+from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_evaluation_lines, gguf_file
+from autocompress.targets.gguf.file import GGUF_FILE, gguf_layout, tokenizer_gguf, write_gguf, write_gguf_tensors
+from autocompress.targets.gguf.weights import GgufWeights, check_config, preset_seeds, space_levels
 
 if TYPE_CHECKING:
-    from autocompress.config import Config
+    from autocompress.config import CompressionConfig, Config, DataConfig
+    from autocompress.session import CompressionSession
 
 
 class GgufTarget(Target):
@@ -21,6 +32,8 @@ class GgufTarget(Target):
 
     name = "gguf"
     export_format = "gguf"
+    runtime = "llama.cpp"
+    dense_form = "as an F16 GGUF file"
 
     def check_config(self, config: Config) -> None:
         check_config(config)
@@ -29,6 +42,86 @@ class GgufTarget(Target):
         space_levels(config)
         if config.search.structure is not None:
             check_structure_levels(config)
+
+    def weights(self, session: CompressionSession) -> GgufWeights:
+        """The GGUF units of the session's resident model; their importance needs lm_head's inputs too."""
+        model = session.model
+        output = model.get_output_embeddings()
+        session.calibrated.append(CompressibleLinear(module_name(model, output), "", output))
+        layout = gguf_layout(model, session.tokenizer, tokenizer_gguf(session.config.model))
+        cache = None if session.cache_dir is None else session.cache_dir / "gguf"
+        granularity = session.config.compression.granularity
+        return GgufWeights(model, granularity, lambda: session.statistics({"input_sq_norms"}), cache, layout)
+
+    def seeds(self, session: CompressionSession, unit_levels: Mapping[str, Sequence[str]]) -> list[PresetSeed]:
+        """llama.cpp's k-quant presets, as llama.cpp assigns their types per tensor role (with its fallbacks)."""
+        return preset_seeds(session.weights.tensors, session.model.config, unit_levels)
+
+    def export_refusal(self, format: str) -> str | None:
+        if format == self.export_format:
+            return None
+        return f"a gguf study's levels are llama.cpp tensor types, which only gguf stores, not {format}"
+
+    def export(self, given: ExportInput, out_dir: Path) -> Written:
+        """model.gguf: the blocks the search evaluated (a gguf study's), or our artifact's integer grids mapped onto
+        GGUF's 32-blocks where they can be (another target's study)."""
+        provenance = given.provenance | {"versions": package_versions()}
+        tokenizer_source = tokenizer_gguf(given.config.model)
+        reports = []
+
+        def write(folder: Path) -> None:
+            path = folder / GGUF_FILE
+            if given.stored is not None:
+                report = write_gguf_tensors(
+                    given.model,
+                    given.tokenizer,
+                    given.stored,
+                    path,
+                    provenance,
+                    tokenizer_source=tokenizer_source,
+                    plan=given.plan,
+                )
+            else:
+                report = write_gguf(
+                    given.model,
+                    given.tokenizer,
+                    given.plan,
+                    given.compressed,
+                    path,
+                    metadata=provenance,
+                    tokenizer_source=tokenizer_source,
+                )
+            reports.append(report)
+
+        path = staged_write(out_dir, write)
+        report = reports[0]
+        limits = "; ".join(report.notes)
+        warning = f"GGUF cannot store this plan as searched: {limits}" if limits else None
+        notes = [f"GGUF tensor types: {report.summary()}", *report.notes]
+        return Written(path, (path / GGUF_FILE).stat().st_size, notes, warning)
+
+    def describe(self, compression: CompressionConfig, code) -> str:
+        return (
+            f"target {code(self.name)}: llama.cpp's tensor types, quantized as llama.cpp does with the calibration's "
+            f"importance matrix, per {compression.granularity} (the embedding and output matrix are units too)"
+        )
+
+    def judges(self, path: Path) -> bool:
+        return gguf_file(path) is not None
+
+    def evaluate(
+        self,
+        path: Path,
+        data: DataConfig | None,
+        device: str | None,
+        new_tokens: int,
+        dense: bool,
+        against: Path | None = None,
+    ) -> dict[str, Any]:
+        return evaluate_gguf(path, data, device, new_tokens, dense, against=against)
+
+    def evaluation_lines(self, result: dict[str, Any]) -> list[str]:
+        return gguf_evaluation_lines(result)
 
 
 def check_structure_levels(config: Config) -> None:

@@ -40,7 +40,9 @@ from autocompress.errors import UserError
 from autocompress.files import write_atomically
 from autocompress.methods import LayerStatistics
 from autocompress.models import compressible_linears, meta_model, module_name
+from autocompress.plan import GGUF_LEVELS
 from autocompress.size import SizeReport
+from autocompress.targets.base import PresetSeed, Weights
 from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fits, tensor_bytes
 from autocompress.targets.gguf.presets import preset_types
 from autocompress.targets.gguf.quantize import quantize_rows
@@ -51,24 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The levels of the target, with the whole bits per weight a plan records for them (LayerCompression.bits): the
-# values' own bits, not counting the scales that `tensor_bytes` counts exactly.
-GGUF_LEVELS: dict[str, int] = {
-    "q2_k": 2,
-    "q3_k": 3,
-    "q4_k": 4,
-    "q5_k": 5,
-    "q6_k": 6,
-    "q8_0": 8,
-    "q4_0": 4,
-    "q4_1": 4,
-    "q5_0": 5,
-    "q5_1": 5,
-    "iq4_nl": 4,
-    "iq4_xs": 4,
-    "mxfp4": 4,
-    "f16": 16,
-}
 # llama.cpp's k-quant presets, seeded into every gguf study whose units can take their types.
 SEED_PRESETS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 PRESET_BASELINE = "llama.cpp {preset}"  # the `baseline` a preset's seed trial is marked with
@@ -209,7 +193,7 @@ class BlocksBuilt:
     seconds: float
 
 
-class GgufWeights:
+class GgufWeights(Weights):
     """The GGUF units of a resident model: each tensor quantized once per level into its GGUF blocks (kept on disk
     under `cache`, as the file stores them), and the decoded weights swapped into the model per plan.
 
@@ -237,6 +221,32 @@ class GgufWeights:
         self.cache = cache
         self.applied: dict[str, str] = {}  # module name -> the level its weight holds now (absent: dense)
         self._memory: dict[tuple[str, str], GgufBlocks] = {}  # without a cache folder
+
+    reuses_block_inputs = False  # a stitch changes the embedding and the output too
+
+    def unit_levels(self, levels: Sequence[int | str]) -> dict[str, list[str]]:
+        return check_levels(self.tensors, levels)
+
+    def check_plan(self, plan: CompressionPlan) -> None:
+        plan.check_units(self.units)
+        self.levels(plan)
+
+    def prepare(self) -> None:
+        self.statistics()  # the importance matrix of llama.cpp's quantizers
+
+    def precompute(self, unit_levels: Mapping[str, Sequence[str]] | None, progress: bool) -> str | None:
+        if self.cache is None or unit_levels is None:  # without a cache folder, blocks are computed as trials ask
+            return None
+        built = self.build(unit_levels, progress)
+        return (
+            f"GGUF blocks {self.cache}: {built.blocks} tensor levels, quantized {built.computed} now in "
+            f"{built.seconds:.0f} s"
+        )
+
+    def for_export(self, plan: CompressionPlan) -> tuple[dict, dict[str, GgufBlocks]]:
+        """The model computing with what the blocks decode to, as in the search, and the blocks themselves."""
+        self.stitch(plan)
+        return {}, self.blocks_of(plan)
 
     def levels(self, plan: CompressionPlan) -> dict[str, str]:
         """The level of every unit under `plan` (`f16` where the plan keeps 16 bits), checked against the rows."""
@@ -459,10 +469,3 @@ def preset_seeds(tensors: Sequence[UnitTensor], config, allowed: Mapping[str, Se
             params = {f"{unit}.format": level for unit, level in levels.items() if len(allowed[unit]) > 1}
         seeds.append(PresetSeed(PRESET_BASELINE.format(preset=preset), params, reason))
     return seeds
-
-
-@dataclass(frozen=True)
-class PresetSeed:
-    baseline: str  # e.g. "llama.cpp q4_k_m", the seed trial's `baseline`
-    params: dict[str, str] | None  # None: the search space cannot hold the preset
-    reason: str | None  # why not
