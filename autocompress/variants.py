@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from tqdm.auto import tqdm
 
 from autocompress.codecs import decode_linear, encode_linear, resolve
 from autocompress.compress import prune_weight, quantize_weight, settings_needs
+from autocompress.files import write_atomically
 from autocompress.methods import LayerStatistics, Statistic
 from autocompress.plan import CompressionPlan, LayerCompression
 
@@ -53,15 +52,8 @@ StatisticsProvider = Callable[[set[Statistic], str], LayerStatistics]  # (needs,
 
 def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file under a temporary name, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(descriptor)
-    try:
-        save_file({key: value.contiguous() for key, value in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    contiguous = {key: value.contiguous() for key, value in tensors.items()}
+    write_atomically(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
 
 
 def methods_key(plan: CompressionPlan) -> str:

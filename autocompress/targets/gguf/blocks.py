@@ -403,14 +403,15 @@ def _requantize(x: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, lo:
 # ---------------------------------------------------------------- bit layouts (codes as [blocks, n])
 
 
-def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """Blocks of 32 codes as 16 bytes: code j in the low nibble, code j + 16 in the high one."""
-    pairs = codes.reshape(len(codes), -1, 2, 16)
-    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(len(codes), -1).astype(np.uint8)
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Blocks of 32 4-bit codes (along the last axis) as 16 bytes: code j in the low nibble, code j + 16 in the
+    high one."""
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2, 16)
+    return (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(*codes.shape[:-1], -1).astype(np.uint8)
 
 
-def _fifth_bits(codes: np.ndarray) -> np.ndarray:
-    """Bit 4 of each of a block's 32 codes, as the little-endian uint32 `qh`."""
+def fifth_bits(codes: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of a block's 32 codes (the last axis), as the little-endian uint32 `qh`."""
     return np.packbits(((codes >> 4) & 1).astype(np.uint8), axis=-1, bitorder="little")
 
 
@@ -487,12 +488,12 @@ def _symmetric_32(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.n
 
 def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d, codes = _symmetric_32(x, qw, 8)
-    return np.concatenate([_bytes(d, len(d)), _pack_nibbles(codes)], axis=1)
+    return np.concatenate([_bytes(d, len(d)), pack_nibbles(codes)], axis=1)
 
 
 def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d, codes = _symmetric_32(x, qw, 16)
-    return np.concatenate([_bytes(d, len(d)), _fifth_bits(codes), _pack_nibbles(codes & 0xF)], axis=1)
+    return np.concatenate([_bytes(d, len(d)), fifth_bits(codes), pack_nibbles(codes & 0xF)], axis=1)
 
 
 def _affine_32(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -513,13 +514,13 @@ def _affine_32(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndar
 
 def _q4_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d, m, codes = _affine_32(x, qw, 15)
-    return np.concatenate([_bytes(d, len(d)), _bytes(m, len(d)), _pack_nibbles(codes)], axis=1)
+    return np.concatenate([_bytes(d, len(d)), _bytes(m, len(d)), pack_nibbles(codes)], axis=1)
 
 
 def _q5_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d, m, codes = _affine_32(x, qw, 31)
-    low = _pack_nibbles(codes & 0xF)
-    return np.concatenate([_bytes(d, len(d)), _bytes(m, len(d)), _fifth_bits(codes), low], axis=1)
+    low = pack_nibbles(codes & 0xF)
+    return np.concatenate([_bytes(d, len(d)), _bytes(m, len(d)), fifth_bits(codes), low], axis=1)
 
 
 def _superblocks(x: np.ndarray, qw: np.ndarray | None, sub: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -712,7 +713,7 @@ def _iq4_nl(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, _F32(1) / d, _F32(0))
     codes = _blocks(_best_index_iq4nl(inv * xc)[0], len(d))
-    return np.concatenate([_bytes(_f16(d), len(d)), _pack_nibbles(codes)], axis=1)
+    return np.concatenate([_bytes(_f16(d), len(d)), pack_nibbles(codes)], axis=1)
 
 
 def _iq4_xs(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -730,7 +731,7 @@ def _iq4_xs(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     levels = levels.reshape(nb, 8) + 32
     scales_l = ((levels[:, 0::2] & 0xF) | ((levels[:, 1::2] & 0xF) << 4)).astype(np.uint8)
     scales_h = sum((levels[:, ib] >> 4) << (2 * ib) for ib in range(8)).astype("<u2")
-    return np.concatenate([_bytes(_f16(d), nb), _bytes(scales_h, nb), scales_l, _pack_nibbles(codes)], axis=1)
+    return np.concatenate([_bytes(_f16(d), nb), _bytes(scales_h, nb), scales_l, pack_nibbles(codes)], axis=1)
 
 
 def _mxfp4(x: np.ndarray, _qw: np.ndarray | None) -> np.ndarray:
@@ -744,7 +745,7 @@ def _mxfp4(x: np.ndarray, _qw: np.ndarray | None) -> np.ndarray:
     # best_index_mxfp4: a linear scan keeping the first smallest |kvalue·d − x| (the table repeats 0)
     errors = np.abs(_KVALUES_MXFP4.astype(_F32) * d[:, None, None] - xb[..., None])
     codes = errors.argmin(axis=-1)
-    return np.concatenate([e.astype(np.uint8)[:, None], _pack_nibbles(codes)], axis=1)
+    return np.concatenate([e.astype(np.uint8)[:, None], pack_nibbles(codes)], axis=1)
 
 
 def _f16_rows(x: np.ndarray, _qw: np.ndarray | None) -> np.ndarray:

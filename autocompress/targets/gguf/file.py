@@ -47,7 +47,6 @@ scales do not map onto; the `target: gguf` levels quantize into those blocks dir
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -64,11 +63,12 @@ from transformers import PreTrainedModel
 
 from autocompress.compress import CompressedLinear
 from autocompress.errors import UserError
+from autocompress.files import write_atomically
 from autocompress.methods import QuantizedWeight
 from autocompress.models import EMBEDDED_MODEL, embedded_gguf
 from autocompress.plan import CompressionPlan
 from autocompress.structure import DECI_FAMILIES, BlockShape, block_shapes, check_shapes, is_structured
-from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fits, tensor_bytes
+from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fifth_bits, fits, pack_nibbles, tensor_bytes
 
 if TYPE_CHECKING:
     from autocompress.config import ModelConfig
@@ -571,19 +571,13 @@ def write_gguf_tensors(
 
 
 def _write_atomically(writer: gguf.GGUFWriter, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(descriptor)
-    try:
+    def write(temporary: str) -> None:
         writer.write_header_to_file(Path(temporary))
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+
+    write_atomically(path, write)
 
 
 # ---------------------------------------------------------------- our artifact's integer grids
@@ -622,11 +616,6 @@ def _half_bytes(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float16).view(np.uint8).reshape(*values.shape[:-1], -1)
 
 
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """[..., 32] values → [..., 16] bytes: value j in the low nibble of byte j, value j+16 in its high nibble."""
-    return (q[..., :16] & 0x0F) | ((q[..., 16:] & 0x0F) << 4)
-
-
 def encode_blocks(quantized: QuantizedWeight, mask: torch.Tensor | None, qtype: QType) -> np.ndarray:
     """The GGUF block bytes [out, blocks·type_size] of a quantized Linear; pruned positions become zeros."""
     codes = quantized.codes.long().cpu()
@@ -644,20 +633,15 @@ def encode_blocks(quantized: QuantizedWeight, mask: torch.Tensor | None, qtype: 
         parts = [d, offsets.astype(np.int8).view(np.uint8)]
     elif qtype in (QType.Q4_0, QType.Q5_0):
         q = (offsets + (8 if qtype == QType.Q4_0 else 16)).astype(np.uint8)
-        parts = [d, _nibbles(q)] if qtype == QType.Q4_0 else [d, _high_bits(q), _nibbles(q)]
+        parts = [d, pack_nibbles(q & 0x0F)] if qtype == QType.Q4_0 else [d, fifth_bits(q), pack_nibbles(q & 0x0F)]
     else:  # Q4_1, Q5_1: d·q + m with m = −s·z
         block_zero = zero[:, first_column].float()
         m = _half_bytes((-(scale * block_zero)).numpy()[..., None])
         q = codes.numpy().reshape(shape).astype(np.uint8)
-        parts = [d, m, _nibbles(q)] if qtype == QType.Q4_1 else [d, m, _high_bits(q), _nibbles(q)]
+        parts = [d, m, pack_nibbles(q & 0x0F)] if qtype == QType.Q4_1 else [d, m, fifth_bits(q), pack_nibbles(q & 0x0F)]
     data = np.concatenate(parts, axis=-1)
     assert data.shape[-1] == gguf.GGML_QUANT_SIZES[qtype][1]
     return np.ascontiguousarray(data.reshape(out_features, -1))
-
-
-def _high_bits(q: np.ndarray) -> np.ndarray:
-    """The fifth bit of each of 32 values as a little-endian 32-bit word (4 bytes), value j in bit j."""
-    return np.packbits((q >> 4) & 1, axis=-1, bitorder="little")
 
 
 @torch.no_grad()
