@@ -68,7 +68,7 @@ class BudgetGrid:
     """Evenly spaced levels, the units' groups, and the level-index sum each group must keep."""
 
     def __init__(
-        self, units: Sequence[str], levels: Sequence[float], target: float, sizes: Mapping[str, int] | None = None
+        self, units: Sequence[str], levels: Sequence[float], average: float, sizes: Mapping[str, int] | None = None
     ) -> None:
         self.units = list(units)
         self.levels = sorted(levels)
@@ -77,16 +77,16 @@ class BudgetGrid:
         self.step = self.levels[1] - self.levels[0]
         if any(abs(b - a - self.step) > 1e-9 for a, b in zip(self.levels, self.levels[1:], strict=False)):
             raise ValueError(f"a budget needs evenly spaced levels, got {self.levels}")
-        if not self.levels[0] - 1e-9 <= target <= self.levels[-1] + 1e-9:
-            raise ValueError(f"the budget {target} lies outside the levels {self.levels}")
-        self.target = target
+        if not self.levels[0] - 1e-9 <= average <= self.levels[-1] + 1e-9:
+            raise ValueError(f"the budget {average} lies outside the levels {self.levels}")
+        self.average = average
         self.groups = unit_groups(self.units, sizes)
         self.sums = {}
         for group in self.groups:
-            exact = len(group) * (target - self.levels[0]) / self.step
+            exact = len(group) * (average - self.levels[0]) / self.step
             if abs(exact - round(exact)) > 1e-6:
                 raise ValueError(
-                    f"a budget of {target:g} cannot be met exactly by {len(group)} units of levels {self.levels} "
+                    f"a budget of {average:g} cannot be met exactly by {len(group)} units of levels {self.levels} "
                     f"(e.g. {group[0]}); choose a budget on a level or halfway between two"
                 )
             self.sums[group[0]] = round(exact)
@@ -298,7 +298,7 @@ def owl_allocation(
     scaled = (values - values.min()) / width * 2 * spread if width > 0 else torch.zeros_like(values)
     shift = scaled - scaled.mean()
     sign = -1.0 if dimension == "sparsity" else 1.0
-    continuous = {unit: grid.target + sign * float(delta) for unit, delta in zip(grid.units, shift, strict=True)}
+    continuous = {unit: grid.average + sign * float(delta) for unit, delta in zip(grid.units, shift, strict=True)}
     return grid.round(continuous)
 
 
@@ -406,19 +406,19 @@ def baseline_allocations(
     session: CompressionSession,
     space: SearchSpace,
     dimension: str,
-    target: float,
+    average: float,
     names: Sequence[str],
     levels: Sequence[float] | None = None,
     other: float | None = None,
     progress: bool = False,
     on_missing: Callable[[str, str], None] | None = None,
 ) -> dict[str, Allocation]:
-    """The named allocations (uniform, owl, sensitivity) of `dimension` at `target`, on the space's levels."""
+    """The named allocations (uniform, owl, sensitivity) of `dimension` at `average`, on the space's levels."""
     search = session.config.search
     levels = list(
         levels if levels is not None else (space.sparsity_levels if dimension == "sparsity" else space.bit_levels)
     )
-    grid = BudgetGrid(space.units, levels, target, unit_sizes(session.linears, space.config.compression.granularity))
+    grid = BudgetGrid(space.units, levels, average, unit_sizes(session.linears, space.config.compression.granularity))
     allocations: dict[str, Allocation] = {}
     for name in names:
         if name == "uniform":

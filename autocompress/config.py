@@ -282,7 +282,7 @@ class Budget(Section):
         return "sparsity" if self.sparsity is not None else "bits" if self.bits is not None else "size"
 
     @property
-    def target(self) -> float:
+    def average(self) -> float:
         """The average a sparsity or bits budget keeps (a size budget has `max_bytes` instead)."""
         if self.size is not None:
             raise ValueError("a size budget is a ceiling in bytes, not an average")
@@ -506,8 +506,8 @@ class SearchConfig(Section):
             raise ValueError(f"a {dimension} budget needs a single {other} level, got {self.levels(other)}")
         if len(levels) < 2 or not evenly_spaced(levels):
             raise ValueError(f"a {dimension} budget needs two or more evenly spaced {dimension} levels, got {levels}")
-        if not levels[0] <= self.budget.target <= levels[-1]:
-            raise ValueError(f"the budget {self.budget.target} lies outside the {dimension} levels {levels}")
+        if not levels[0] <= self.budget.average <= levels[-1]:
+            raise ValueError(f"the budget {self.budget.average} lies outside the {dimension} levels {levels}")
 
     def levels(self, dimension: str) -> list[float] | list[int]:
         return self.sparsity_levels() if dimension == "sparsity" else self.bit_levels()

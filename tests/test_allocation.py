@@ -175,7 +175,7 @@ def test_owl_on_the_model_keeps_the_average_sparsity_at_the_budget(tmp_path: Pat
 )
 def test_every_trial_of_a_budget_search_keeps_the_budget(tmp_path: Path, budget_config, dimension, search) -> None:
     config = budget_config(**search)
-    target = config.search.budget.target
+    target = config.search.budget.average
     location = StudyLocation.resolve("budget", tmp_path / "results")
     study = run_search(config, location, n_trials=16, progress=False)
     trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))

@@ -153,7 +153,7 @@ def test_the_ray_searcher_asks_seeds_first_and_writes_trials_as_the_objective_re
     space = SearchSpace(config, ["model.layers.0", "model.layers.1"])
     location = StudyLocation.resolve("driver", tmp_path)
     study, _ = open_study(config, location, space, seed=0)
-    searcher = StudySearcher(study, space, target=6, storage_url=location.storage_url)
+    searcher = StudySearcher(study, space, n_trials=6, storage_url=location.storage_url)
 
     asked = {f"t{index}": searcher.suggest(f"t{index}") for index in range(6)}
     assert [asked[f"t{index}"][TRIAL_KEY] for index in range(6)] == list(range(6))

@@ -51,7 +51,7 @@ class BudgetEvolutionSampler(optuna.samplers.BaseSampler):
             if budget is None:
                 raise RuntimeError("the evolution sampler needs a study with a budget")
             levels = record.config.search.levels(budget.dimension)
-            self._layout = budget.dimension, BudgetGrid(record.units, levels, budget.target, record.unit_sizes)
+            self._layout = budget.dimension, BudgetGrid(record.units, levels, budget.average, record.unit_sizes)
         return self._layout
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:

@@ -110,7 +110,7 @@ class GenerationSearch:
             key = self.space.precision_key
         else:
             levels = record.config.search.levels(budget.dimension)
-            grid = BudgetGrid(record.units, levels, budget.target, record.unit_sizes)
+            grid = BudgetGrid(record.units, levels, budget.average, record.unit_sizes)
             self.budget = AverageBudget(grid)
             key = budget.dimension
         self.names = {unit: f"{unit}.{key}" for unit in self.budget.units}
@@ -131,12 +131,12 @@ class GenerationSearch:
         self._seen: set[tuple[int, ...]] = set()
         self._best: TrialRecord | None = None
 
-    def run(self, target: int, deadline: float, on_recorded: Callable[[int], None] = lambda count: None) -> None:
-        """Generations until the study holds `target` finished trials or `deadline` (time.monotonic) passes; after
+    def run(self, n_trials: int, deadline: float, on_recorded: Callable[[int], None] = lambda count: None) -> None:
+        """Generations until the study holds `n_trials` finished trials or `deadline` (time.monotonic) passes; after
         each generation `on_recorded` gets the number of trials it recorded."""
         while time.monotonic() < deadline:
             self.read_study()
-            if self.finished_trials() >= target:
+            if self.finished_trials() >= n_trials:
                 return
             recorded = self.generation(deadline)
             if recorded is None:

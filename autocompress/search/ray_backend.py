@@ -240,7 +240,7 @@ def trial_dirname(trial) -> str:
 class StudySearcher(OptunaSearch):
     """OptunaSearch over the autocompress study itself, recording trials exactly as the local backend does.
 
-    Runs on the driver. Asks stop once the study holds `target` complete trials (counting every process's),
+    Runs on the driver. Asks stop once the study holds `n_trials` complete trials (counting every process's),
     after `deadline`, or after too many failures in a row; stale trials of dead processes are failed and
     re-enqueued before each ask, as `study.optimize` does.
     """
@@ -249,7 +249,7 @@ class StudySearcher(OptunaSearch):
         self,
         study: optuna.Study,
         space: SearchSpace,
-        target: int,
+        n_trials: int,
         deadline: float | None = None,
         bar=None,
         max_bytes: int | None = None,
@@ -265,7 +265,7 @@ class StudySearcher(OptunaSearch):
             storage=study._storage,
         )
         self._ot_study = study  # the one create_study just loaded is the same study; keep ours
-        self.target = target
+        self.n_trials = n_trials
         self.deadline = deadline
         self.bar = bar or (lambda *_: None)
         self.max_bytes = max_bytes
@@ -281,9 +281,9 @@ class StudySearcher(OptunaSearch):
             return Searcher.FINISHED
         optuna.storages.fail_stale_trials(self._ot_study)
         done = complete_count(self._ot_study)
-        if done >= self.target:
+        if done >= self.n_trials:
             return Searcher.FINISHED
-        if done + len(self.in_flight()) >= self.target:
+        if done + len(self.in_flight()) >= self.n_trials:
             return None  # enough are running; ask again when one ends (it may fail)
         with warnings.catch_warnings():  # heartbeats are ours to record here, not study.optimize's
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
@@ -497,7 +497,7 @@ def run_ray_search(
         raise UserError(f"--concurrency must be at least 1, got {concurrency}")
     if cpus_per_trial < 0 or (gpus_per_trial or 0) < 0 or max_failures < 0:
         raise UserError("--cpus-per-trial, --gpus-per-trial and --max-failures cannot be negative")
-    target = config.search.n_trials if n_trials is None else n_trials
+    n_trials = config.search.n_trials if n_trials is None else n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not progress:
         logging.getLogger("ray").setLevel(logging.WARNING)
@@ -518,18 +518,18 @@ def run_ray_search(
         if not created:  # another driver's sampler must not replay this one's suggestions
             study.sampler = sampler_for(config, config.search.seed + os.getpid())
         max_bytes = config.search.max_bytes(described["dense_bytes"], config)
-        bar = ProgressBar(study, target, progress)
+        bar = ProgressBar(study, n_trials, progress)
         deadline = None if timeout is None else time.time() + timeout
-        searcher = StudySearcher(study, space, target, deadline, bar, max_bytes, location.storage_url)
+        searcher = StudySearcher(study, space, n_trials, deadline, bar, max_bytes, location.storage_url)
         try:
-            if complete_count(study) < target:
+            if complete_count(study) < n_trials:
                 scoring = replace(setup, fingerprint=space.fingerprint(), max_bytes=max_bytes)
                 trainable = tune.with_parameters(score_trial, setup=scoring)
                 tuner = tune.Tuner(
                     tune.with_resources(trainable, resources),
                     tune_config=tune.TuneConfig(
                         search_alg=searcher,
-                        num_samples=-1,  # the searcher stops asking at the study's target
+                        num_samples=-1,  # the searcher stops asking at the study's n_trials
                         max_concurrent_trials=concurrency or default_concurrency(resources),
                         reuse_actors=True,  # a worker keeps its session for the next trial
                         trial_dirname_creator=trial_dirname,

@@ -1,4 +1,4 @@
-"""Running a study on this machine: Optuna's optimize loop over the Objective until the study holds its target of
+"""Running a study on this machine: Optuna's optimize loop over the Objective until the study holds its number of
 finished trials, then held-out judging of the frontier and the study's outputs."""
 
 from __future__ import annotations
@@ -29,16 +29,18 @@ def complete_count(study: optuna.Study) -> int:
 
 
 class ProgressBar:
-    """A bar over complete trials toward the target, showing the best objective and the frontier size.
+    """A bar over complete trials toward the number wanted, showing the best objective and the frontier size.
 
     The best objective and the frontier need every stored trial, so they are read again at most every
     `SUMMARY_SECONDS`: read after each trial, they cost more than a fast trial once a study holds thousands."""
 
     SUMMARY_SECONDS = 10.0
 
-    def __init__(self, study: optuna.Study, target: int, enabled: bool) -> None:
-        self.bar = tqdm(total=target, initial=min(complete_count(study), target), desc="trials", disable=not enabled)
-        self.target = target
+    def __init__(self, study: optuna.Study, n_trials: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=n_trials, initial=min(complete_count(study), n_trials), desc="trials", disable=not enabled
+        )
+        self.n_trials = n_trials
         self.finished = self.bar.n
         self.summarized_at = -math.inf
 
@@ -55,7 +57,7 @@ class ProgressBar:
             if records:
                 best = min(record.objective for record in records)
                 self.bar.set_postfix(best=f"{best:.4f}", frontier=len(frontier_of(records)))
-        self.bar.n = min(self.finished, self.target)
+        self.bar.n = min(self.finished, self.n_trials)
         self.bar.refresh()
 
     def close(self) -> None:
@@ -100,7 +102,7 @@ def run_search(
     `write_reports=False` leaves out the study's outputs (trials.csv, plots, report.md: `autocompress report`
     writes them later), so a machine without pandas and matplotlib can search.
     """
-    target = config.search.n_trials if n_trials is None else n_trials
+    n_trials = config.search.n_trials if n_trials is None else n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials; Optuna's lines would bury it
     session, space = study_session(config, location.cache_dir, progress)
     study, created = open_study(config, location, space, config.search.seed)
@@ -110,18 +112,18 @@ def run_search(
     prepare_study(study, session, space, location)
     max_bytes = StudyRecord.of(study).max_bytes()
     objective = Objective(config, session, space, max_bytes)
-    bar = ProgressBar(study, target, progress)
+    bar = ProgressBar(study, n_trials, progress)
     try:
-        if complete_count(study) < target:
+        if complete_count(study) < n_trials:
             if config.search.generations is not None:
-                run_generations(study, objective, target, timeout, seed, bar, callbacks)
+                run_generations(study, objective, n_trials, timeout, seed, bar, callbacks)
             else:
                 study.optimize(
                     objective,
                     timeout=timeout,
                     catch=(Exception,),
                     callbacks=[
-                        optuna.study.MaxTrialsCallback(target, states=FINISHED),
+                        optuna.study.MaxTrialsCallback(n_trials, states=FINISHED),
                         StopAfterFailures(config.search.max_failures),
                         bar,
                         *callbacks,
@@ -140,14 +142,14 @@ def run_search(
 def run_generations(
     study: optuna.Study,
     objective: Objective,
-    target: int,
+    n_trials: int,
     timeout: float | None,
     seed: int,
     bar: ProgressBar,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
 ) -> GenerationSearch:
     """A generations search (`search.generations`): the enqueued seeds (baselines) first, as trials of their own
-    through Optuna's loop (heartbeats and retries included), then generations until the study holds `target`
+    through Optuna's loop (heartbeats and retries included), then generations until the study holds `n_trials`
     finished trials or `timeout` seconds pass."""
     deadline = time.monotonic() + (math.inf if timeout is None else timeout)
 
@@ -173,7 +175,7 @@ def run_generations(
             callbacks=[StopAfterFailures(objective.config.search.max_failures), bar, *callbacks, stop_without_seeds],
         )
     search = GenerationSearch(study, objective, seed)
-    search.run(target, deadline, on_recorded=lambda count: bar.add(study, count))
+    search.run(n_trials, deadline, on_recorded=lambda count: bar.add(study, count))
     if search.evaluations:
         print(
             f"autocompress: this process scored {search.evaluations} candidates in generations and recorded "

@@ -152,9 +152,9 @@ def enqueue_baselines(
     with FileLock(location.out_dir / ".study.lock"):
         if StudyRecord.of(study).baselines:  # another process enqueued them while this one waited
             return
-        targets: list[tuple[str, float, float | None]] = []
+        averages: list[tuple[str, float, float | None]] = []  # (dimension, its average, the other's level)
         if search.budget is not None:
-            targets.append((search.budget.dimension, search.budget.target, None))
+            averages.append((search.budget.dimension, search.budget.average, None))
         else:
             names = [name for name in names if name != "uniform"]  # the uniform seeds are enqueued already
             for dimension in ("sparsity", "bits"):
@@ -162,20 +162,20 @@ def enqueue_baselines(
                 if len(levels) < 3 or not evenly_spaced(levels):
                     continue
                 other = space.bit_levels[-1] if dimension == "sparsity" else space.sparsity_levels[0]
-                targets += [(dimension, level, other) for level in levels[1:-1]]
+                averages += [(dimension, level, other) for level in levels[1:-1]]
         enqueued = []
-        for dimension, target, other in targets:
+        for dimension, average, other in averages:
             allocations = baseline_allocations(
-                session, space, dimension, target, names, other=other, progress=session.progress
+                session, space, dimension, average, names, other=other, progress=session.progress
             )
             distinct: dict[str, tuple[dict, list[str]]] = {}  # baselines that coincide are one trial
             for name, allocation in allocations.items():
                 params = allocation_plan_params(space, dimension, allocation, other)
                 key = json.dumps(params, sort_keys=True)
                 distinct.setdefault(key, (params, []))[1].append(name)
-                enqueued.append(f"{name}@{dimension}={target:g}")
+                enqueued.append(f"{name}@{dimension}={average:g}")
             for params, same in distinct.values():
-                attrs = seed_attrs(same, budget={dimension: target})
+                attrs = seed_attrs(same, budget={dimension: average})
                 study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
         record_baselines(study, enqueued)
 
@@ -304,7 +304,7 @@ def prepare_study(
     elif budget is not None:
         sizes = unit_sizes(session.linears, space.config.compression.granularity)
         try:
-            BudgetGrid(space.units, space.config.search.levels(budget.dimension), budget.target, sizes)
+            BudgetGrid(space.units, space.config.search.levels(budget.dimension), budget.average, sizes)
         except ValueError as error:
             raise UserError(f"search.budget: {error}") from error
         if StudyRecord.of(study).unit_sizes is None:  # the evolution sampler's groups of equal size
