@@ -19,7 +19,7 @@ from autocompress.targets import EXPORT_FORMATS
 
 
 def json_text(value: object) -> str:
-    from autocompress.targets.artifact import json_default
+    from autocompress.provenance import json_default
 
     return json.dumps(value, indent=2, default=json_default)
 

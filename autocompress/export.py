@@ -4,9 +4,7 @@ evaluate what was written against the dense model."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,12 @@ from autocompress.errors import UserError
 from autocompress.frontier import frontier_points
 from autocompress.metrics import evaluate
 from autocompress.plan import CompressionPlan
+from autocompress.provenance import trial_provenance, with_versions
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord, trial_records
 from autocompress.search.space import SearchSpace
 from autocompress.session import CompressionSession
 from autocompress.targets import target_named, target_writing
-from autocompress.targets.artifact import package_versions, prepare_out_dir, write_hf_folder
+from autocompress.targets.artifact import prepare_out_dir, write_hf_folder
 from autocompress.targets.base import ExportInput, Written
 
 
@@ -52,11 +51,6 @@ class ExportResult:
             "fitness_loss": self.fitness_loss,
             "notes": self.notes,
         }
-
-
-def _redacted(url: str) -> str:
-    """A storage URL without its password."""
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
 
 
 def choose_trial(
@@ -127,25 +121,7 @@ def export_trial(
     fitness_loss = metrics.kl if config.search.loss == "kl" else metrics.ce
     accounted = session.weights.export_bytes(model, plan, writer)  # the model written, a student's own if trained
 
-    recorded = ("loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective")
-    heldout = record.heldout.get(chosen.number)
-    provenance = {
-        "base_model": config.model.model_dump(mode="json"),
-        "study": location.name,
-        "storage": _redacted(location.storage_url),
-        "trial": chosen.number,
-        "chosen_by": chosen_by or f"trial {chosen.number}",
-        "data": config.data.model_dump(mode="json"),
-        "compression": config.compression.model_dump(mode="json"),
-        "scoring": {"loss": config.search.loss, "alpha": config.search.alpha, "beta": config.search.beta},
-        "metrics": {key: getattr(chosen, key) for key in recorded if getattr(chosen, key) is not None},
-        "heldout": None if heldout is None else heldout.model_dump(exclude_none=True),
-        "dense_heldout": None if record.dense_heldout is None else record.dense_heldout.model_dump(exclude_none=True),
-        "dense_bytes": record.dense_bytes,
-        "accounted_bytes": accounted,
-        "export_fitness_loss": fitness_loss,
-        "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    provenance = trial_provenance(record, location, chosen, chosen_by, accounted, fitness_loss)
     if writer is None:
         written = _write_dense(model, session.tokenizer, plan, out_dir, provenance)
     else:
@@ -171,7 +147,7 @@ def _write_dense(
 ) -> Written:
     """The escape hatch (`--format hf`): a plain Hugging Face folder of the model computing with the plan, every
     weight dense, with the plan and provenance in autocompress.json."""
-    provenance = provenance | {"plan": json.loads(plan.to_json()), "versions": package_versions()}
+    provenance = with_versions(provenance | {"plan": json.loads(plan.to_json())})
     path = write_hf_folder(model, tokenizer, out_dir, model.dtype, overwrite=True, provenance=provenance)
     note = f"a plain Hugging Face folder stores every weight densely in {str(model.dtype)[6:]}"
     weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))

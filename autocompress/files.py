@@ -1,8 +1,9 @@
-"""Writing a file so that no reader, and no crash, ever sees half of it."""
+"""Writing a file, or a folder, so that no reader, and no crash, ever sees half of it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,3 +25,27 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
 
 def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def staged_write(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(folder)` in a temporary sibling folder, then rename it to `out_dir`: never half an artifact."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        write(staging)
+        staging.chmod(0o755)
+        _replace_folder(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_folder(staging: Path, out_dir: Path) -> None:
+    """Move the finished `staging` folder to `out_dir`, replacing what is there."""
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+        out_dir.rename(trash / out_dir.name)
+        staging.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(out_dir)

@@ -24,8 +24,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,12 +36,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from autocompress.codecs import CompressedLinear, decode_linear, encode_linear, resolve
 from autocompress.errors import UserError
+from autocompress.files import staged_write
 from autocompress.models import compressible_linears, plain_copy, storage_dtype
 from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.provenance import json_default, package_versions
 from autocompress.size import HALF_BYTES, linear_bytes
 from autocompress.targets.base import ExportInput, Written
 from autocompress.targets.linear import LinearTarget
-from autocompress.version import __version__
 
 FORMAT = "autocompress"
 FORMAT_VERSION = 1
@@ -69,28 +68,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def package_versions() -> dict[str, str]:
-    import safetensors
-    import transformers
-
-    return {
-        "autocompress": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
-def json_default(value: object) -> object:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.dtype):
-        return _dtype_name(value)
-    if hasattr(value, "item"):  # torch and numpy scalars
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
 def _plain_config(model: PreTrainedModel):
@@ -155,17 +132,6 @@ def _artifact_tensors(
     return tensors, layers, tied, dense
 
 
-def _replace_folder(staging: Path, out_dir: Path) -> None:
-    """Move the finished `staging` folder to `out_dir`, replacing what is there."""
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
-        out_dir.rename(trash / out_dir.name)
-        staging.rename(out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
-
-
 def written_by_us(folder: Path) -> bool:
     """Whether `folder` holds an earlier export and nothing else of note: our manifest.json (compressed),
     autocompress.json (a Hugging Face folder) or a model.gguf carrying our provenance, and no sub-folder."""
@@ -202,19 +168,6 @@ def prepare_out_dir(out_dir: Path | str, overwrite: bool) -> Path:
                 "--overwrite replaces only those, so choose another folder"
             )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
-def staged_write(out_dir: Path, write) -> Path:
-    """Run `write(folder)` in a temporary sibling folder, then rename it to `out_dir`: never half an artifact."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        write(staging)
-        staging.chmod(0o755)
-        _replace_folder(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -79,11 +79,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from autocompress.errors import UserError
+from autocompress.files import staged_write
 from autocompress.methods import QuantizedWeight
 from autocompress.methods.formats import FORMATS, PER_ROW, PER_TENSOR, scale_codes
 from autocompress.models import compressible_linears, meta_model
 from autocompress.plan import UNQUANTIZED, CompressionPlan, LayerCompression, Level
-from autocompress.targets.artifact import PROVENANCE_FILE, json_default, package_versions, staged_write
+from autocompress.provenance import json_default, with_versions
+from autocompress.targets.artifact import PROVENANCE_FILE
 from autocompress.targets.base import ExportInput, Written
 from autocompress.targets.linear import LinearTarget
 
@@ -578,7 +580,7 @@ class VllmTarget(LinearTarget):
                 write_compressed_tensors(given.model, given.tokenizer, quantized, folder, dtype=self.serve_dtype)
             except ValueError as error:
                 raise UserError(f"export: {error}") from error
-            provenance = {"format": self.export_format, **given.provenance, "versions": package_versions()}
+            provenance = with_versions({"format": self.export_format, **given.provenance})
             (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=json_default) + "\n")
 
         path = staged_write(out_dir, write)

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocompress.errors import UserError
+from autocompress.files import staged_write
 from autocompress.models import CompressibleLinear, meta_model, module_name
+from autocompress.provenance import with_versions
 from autocompress.structure import check_levels, structural_inputs
-from autocompress.targets.artifact import package_versions, staged_write
 from autocompress.targets.base import ExportInput, PresetSeed, Target, Written
 from autocompress.targets.gguf.blocks import fits
 from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_evaluation_lines, gguf_file
@@ -65,7 +66,7 @@ class GgufTarget(Target):
     def export(self, given: ExportInput, out_dir: Path) -> Written:
         """model.gguf: the blocks the search evaluated (a gguf study's), or our artifact's integer grids mapped onto
         GGUF's 32-blocks where they can be (another target's study)."""
-        provenance = given.provenance | {"versions": package_versions()}
+        provenance = with_versions(given.provenance)
         tokenizer_source = tokenizer_gguf(given.config.model)
         reports = []
 
