@@ -647,7 +647,7 @@ class Config(Section):
     def _structure_ships(self) -> Config:
         if self.search.structure is None:
             return self
-        if self.compression.target != "gguf":
+        if not target_named(self.compression.target).runs_structure:
             raise ValueError(
                 "search.structure: structural levels ship as llama.cpp's deci architecture, so far under "
                 f"compression.target gguf only, not {self.compression.target}"

@@ -120,6 +120,7 @@ class Target(ABC):
     name: ClassVar[str]
     export_format: ClassVar[str]  # what `autocompress export` writes of its studies (`--format` names it)
     runtime: ClassVar[str | None] = None  # the runtime that judges its written files, when not transformers
+    runs_structure: ClassVar[bool] = False  # whether its runtime runs structural levels (`search.structure`)
     serve_dtype: torch.dtype | None = None  # what the untouched tensors are stored in; None: the target's own rule
 
     def for_config(self, config: Config) -> Target:

@@ -34,6 +34,7 @@ class GgufTarget(Target):
     name = "gguf"
     export_format = "gguf"
     runtime = "llama.cpp"
+    runs_structure = True  # llama.cpp's deci architecture: per-block FFN widths, KV groups, dropped blocks
     dense_form = "as an F16 GGUF file"
 
     def check_config(self, config: Config) -> None:
