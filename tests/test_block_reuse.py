@@ -22,7 +22,6 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import autocompress.session
 from autocompress.block_reuse import BlockInputCache, bytes_per_kept_block, reusable, spread
 from autocompress.config import Config
 from autocompress.metrics import Metrics, log_probs
@@ -171,7 +170,7 @@ def test_a_failed_stitch_drops_every_kept_input(
         def failing(*args: object, **kwargs: object) -> None:
             raise RuntimeError("simulated failure")
 
-        patch.setattr(autocompress.session, "apply_plan", failing)
+        patch.setattr("autocompress.targets.linear.apply_plan", failing)
         with pytest.raises(RuntimeError):
             session.measure(FROM_BLOCK_3)
     assert session.block_inputs.start_block(WINDOWS) == 0
