@@ -22,7 +22,13 @@ from pydantic import (
 from autocompress.errors import UserError
 from autocompress.methods.formats import FORMATS
 from autocompress.plan import BIT_WIDTHS, MAX_SPARSITY, CompressionPlan, Granularity, parse_level
-from autocompress.targets import DEFAULT_TARGET, TARGET_NAMES, target_named
+from autocompress.targets import (
+    DEFAULT_TARGET,
+    TARGET_NAMES,
+    size_preset_targets,
+    target_named,
+    targets_serving_in_dtype,
+)
 
 
 class Section(BaseModel):
@@ -93,15 +99,16 @@ class CompressionConfig(Section):
         data = handler(self)
         if self.target == DEFAULT_TARGET:
             data.pop("target", None)
-        if self.target != "vllm":
+        if not target_named(self.target).serves_in_dtype:
             data.pop("serve_dtype", None)
         return data
 
     @model_validator(mode="after")
     def _valid_as_plan(self) -> CompressionConfig:
         CompressionPlan(**self.plan_options())
-        if "serve_dtype" in self.model_fields_set and self.target != "vllm":
-            raise ValueError(f"serve_dtype: only target vllm stores tensors in a serving dtype, not {self.target}")
+        if "serve_dtype" in self.model_fields_set and not target_named(self.target).serves_in_dtype:
+            serving = " or ".join(targets_serving_in_dtype())
+            raise ValueError(f"serve_dtype: only target {serving} stores tensors in a serving dtype, not {self.target}")
         return self
 
     def plan_options(self) -> dict:
@@ -556,7 +563,7 @@ SIZE_SPELLINGS = (
 @dataclass(frozen=True)
 class SizeLimit:
     """A parsed size limit: a number of bytes, a fraction of the dense (16-bit) model's bytes, or the file llama.cpp
-    writes of the model with a preset (`targets.gguf.preset_sizes`: the study's config sizes it)."""
+    writes of the model with a preset (`Target.preset_ceiling`: the study's config sizes it)."""
 
     bytes: int | None = None
     fraction: float | None = None
@@ -564,11 +571,9 @@ class SizeLimit:
 
     def max_bytes(self, dense_bytes: int, config: Config | None = None) -> int:
         if self.preset is not None:
-            from autocompress.targets.gguf.preset_sizes import preset_ceiling
-
             if config is None:
                 raise ValueError(f"size {self.preset!r}: a preset's size is the study's model's; no config to size it")
-            return preset_ceiling(config, self.preset)
+            return target_named(config.compression.target).preset_ceiling(config, self.preset)
         return self.bytes if self.bytes is not None else int(self.fraction * dense_bytes)
 
 
@@ -582,11 +587,12 @@ def size_limit(value: float | str) -> SizeLimit:
     if isinstance(value, bool):
         raise ValueError(f"size {value!r} is not a size; give {SIZE_SPELLINGS}")
     name = str(value).strip().lower()
-    if name[:1].isalpha():  # a llama.cpp preset (sized once the model is known), or a misspelt one
-        from autocompress.targets.gguf.preset_sizes import preset_names
-
-        if name not in preset_names():
-            raise ValueError(f"size {value!r} is not a size nor a llama.cpp preset ({', '.join(preset_names())})")
+    if name[:1].isalpha():  # a runtime's preset, llama.cpp's (sized once the model is known), or a misspelt one
+        owners = size_preset_targets()
+        if not any(name in owner.size_presets() for owner in owners):
+            kinds = " or ".join(f"{owner.runtime} preset" for owner in owners)
+            names = ", ".join(preset for owner in owners for preset in owner.size_presets())
+            raise ValueError(f"size {value!r} is not a size nor a {kinds} ({names})")
         return SizeLimit(preset=name)
     text = str(value).strip().lower().replace(" ", "").replace("_", "")
     unit = text.lstrip("+-0123456789.e") if not text.endswith("%") else "%"
@@ -664,8 +670,11 @@ class Config(Section):
         }
         for where, size in sizes.items():
             preset = None if size is None else size_limit(size).preset
-            if preset is not None and self.compression.target != "gguf":
-                raise ValueError(f"{where}: {preset} names a llama.cpp file's size, a budget of target gguf only")
+            if preset is not None and preset not in target_named(self.compression.target).size_presets():
+                owner = next(owner for owner in size_preset_targets() if preset in owner.size_presets())
+                raise ValueError(
+                    f"{where}: {preset} names a {owner.runtime} file's size, a budget of target {owner.name} only"
+                )
         return self
 
     @model_validator(mode="after")

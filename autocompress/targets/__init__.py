@@ -74,3 +74,13 @@ def target_of_result(result: dict[str, Any]) -> Target | None:
         if entry.judges_files and result.get("runtime") == target_named(name).runtime:
             return target_named(name)
     return None
+
+
+def size_preset_targets() -> list[Target]:
+    """The targets whose runtime's presets a size limit may name (`Target.size_presets`)."""
+    return [target for target in map(target_named, TARGETS) if target.size_presets()]
+
+
+def targets_serving_in_dtype() -> list[str]:
+    """The targets that store untouched tensors in `compression.serve_dtype` (`Target.serves_in_dtype`)."""
+    return [name for name in TARGETS if target_named(name).serves_in_dtype]

@@ -121,11 +121,20 @@ class Target(ABC):
     export_format: ClassVar[str]  # what `autocompress export` writes of its studies (`--format` names it)
     runtime: ClassVar[str | None] = None  # the runtime that judges its written files, when not transformers
     runs_structure: ClassVar[bool] = False  # whether its runtime runs structural levels (`search.structure`)
+    serves_in_dtype: ClassVar[bool] = False  # whether `compression.serve_dtype` sets what untouched tensors are in
     serve_dtype: torch.dtype | None = None  # what the untouched tensors are stored in; None: the target's own rule
 
     def for_config(self, config: Config) -> Target:
         """This target with the settings `config` gives it (vLLM's serving dtype)."""
         return self
+
+    def size_presets(self) -> tuple[str, ...]:
+        """The runtime's presets a size limit may name (`budget: {size: q4_k_m}`): the file each writes."""
+        return ()
+
+    def preset_ceiling(self, config: Config, preset: str) -> int:
+        """The bytes a trial of the config's study may count under a size limit named `preset` (`size_presets`)."""
+        raise ValueError(f"size {preset!r}: the {self.name} target names no preset sizes")
 
     def check_config(self, config: Config) -> None:
         """Raise ValueError (one line) for sparsity or levels of the config the runtime cannot run."""

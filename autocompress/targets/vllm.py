@@ -489,6 +489,7 @@ class VllmTarget(LinearTarget):
 
     name = "vllm"
     export_format = "compressed-tensors"
+    serves_in_dtype = True  # vLLM serves the model in bfloat16 or float16, whatever the search loads it in
 
     def __init__(self, serve_dtype: torch.dtype = torch.bfloat16) -> None:
         self.serve_dtype = serve_dtype

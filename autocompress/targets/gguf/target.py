@@ -20,6 +20,7 @@ from autocompress.targets.base import ExportInput, PresetSeed, Target, Written
 from autocompress.targets.gguf.blocks import fits
 from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_evaluation_lines, gguf_file
 from autocompress.targets.gguf.file import GGUF_FILE, gguf_layout, tokenizer_gguf, write_gguf, write_gguf_tensors
+from autocompress.targets.gguf.preset_sizes import preset_ceiling, preset_names
 from autocompress.targets.gguf.weights import GgufWeights, check_config, preset_seeds, space_levels
 
 if TYPE_CHECKING:
@@ -36,6 +37,12 @@ class GgufTarget(Target):
     runtime = "llama.cpp"
     runs_structure = True  # llama.cpp's deci architecture: per-block FFN widths, KV groups, dropped blocks
     dense_form = "as an F16 GGUF file"
+
+    def size_presets(self) -> tuple[str, ...]:
+        return preset_names()
+
+    def preset_ceiling(self, config: Config, preset: str) -> int:
+        return preset_ceiling(config, preset)
 
     def check_config(self, config: Config) -> None:
         check_config(config)
