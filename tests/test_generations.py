@@ -233,7 +233,7 @@ def size_budget_config(folder: Path, model_dir: Path, size: str = "35%", **searc
     [
         ({"generations": None}, "searched in generations"),
         ({"sparsity": [0.0, 0.5]}, "single sparsity level"),
-        ({"baselines": ["owl"]}, "only baseline is uniform"),
+        ({"baselines": ["owl"]}, "baselines are uniform and additive"),
         ({"budget": {"size": "1.5"}}, "ambiguous"),
         ({"budget": {"bits": 3.0}}, "give a size budget"),
         ({"budget": {"size": "40%", "bits": 3.0}}, "exactly one of"),
