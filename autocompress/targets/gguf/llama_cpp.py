@@ -23,6 +23,7 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,21 +65,26 @@ class LlamaCppModel:
 
     `n_ctx` bounds the longest window (and prompt plus generated tokens); llama-cpp-python keeps
     n_ctx × vocab float32 logits, so it is best set to the window length rather than the model's context.
-    `options` go to `llama_cpp.Llama` as they are (`n_gpu_layers=-1` on a GPU build, `flash_attn`...).
+    `logits_all=False` computes the logits of a batch's last token only, as llama.cpp serves a prompt: for
+    `timings`, not for scoring. `options` go to `llama_cpp.Llama` as they are (`n_gpu_layers=-1` on a GPU build,
+    `flash_attn`...).
     """
 
-    def __init__(self, path: Path | str, n_ctx: int, n_threads: int | None = None, **options: Any) -> None:
+    def __init__(
+        self, path: Path | str, n_ctx: int, n_threads: int | None = None, logits_all: bool = True, **options: Any
+    ) -> None:
         from llama_cpp import Llama
 
         threads = n_threads or _threads()
         self.path = Path(path)
         self.n_ctx = n_ctx
+        self.n_threads = threads
         self._llama: Llama = Llama(
             model_path=str(self.path),
             n_ctx=n_ctx,
             n_batch=n_ctx,
             n_ubatch=n_ctx,
-            logits_all=True,
+            logits_all=logits_all,
             n_threads=threads,
             n_threads_batch=threads,
             verbose=False,
@@ -163,6 +169,47 @@ class LlamaCppModel:
         began = time.perf_counter()
         self.generate(prompt, new_tokens)
         return new_tokens / (time.perf_counter() - began)
+
+    def timings(self, prompt: Sequence[int], new_tokens: int) -> Timing:
+        """The compute time of `prompt` fed as one batch from an empty KV cache, then of each of `new_tokens` tokens
+        fed one at a time after it (the prompt's ids again, in turn: which ids does not change the work).
+
+        On one thread, llama.cpp computes in the calling thread, so its CPU time is the time the computation took,
+        whatever else the machine runs (wall-clock time on a shared machine also counts the other processes' turns);
+        on several, llama.cpp's own performance counters (wall-clock, no Python in between). Each token is
+        synchronized, so that llama.cpp counts it as a decode step and not as part of a batch."""
+        import llama_cpp
+
+        if len(prompt) < 2 or len(prompt) + new_tokens > self.n_ctx:
+            raise ValueError(
+                f"a prompt of {len(prompt)} (at least 2) + {new_tokens} tokens must fit n_ctx={self.n_ctx}"
+            )
+        context = self._llama.ctx
+        self._llama.reset()
+        llama_cpp.llama_perf_context_reset(context)
+        began = time.thread_time()
+        self._llama.eval(list(prompt))
+        llama_cpp.llama_synchronize(context)
+        prompt_cpu = time.thread_time() - began
+        began = time.thread_time()
+        for step in range(new_tokens):
+            self._llama.eval([prompt[step % len(prompt)]])
+            llama_cpp.llama_synchronize(context)
+        decode_cpu = time.thread_time() - began
+        counters = llama_cpp.llama_perf_context(context)
+        if counters.n_eval != new_tokens:
+            raise RuntimeError(f"llama.cpp counted {counters.n_eval} decode steps, not {new_tokens}")
+        if self.n_threads == 1:
+            return Timing(prompt_s=prompt_cpu, decode_s=decode_cpu / new_tokens)
+        return Timing(prompt_s=counters.t_p_eval_ms / 1e3, decode_s=counters.t_eval_ms / 1e3 / new_tokens)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds llama.cpp computed (see `LlamaCppModel.timings`): one prompt batch, and one decoded token after it."""
+
+    prompt_s: float
+    decode_s: float
 
 
 def _float32_sums(stats: LayerStatistics) -> np.ndarray:

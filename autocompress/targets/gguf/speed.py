@@ -1,0 +1,539 @@
+"""How fast llama.cpp runs a GGUF file on this machine, predicted from its tensors' types and shapes: a table of
+timings that llama.cpp itself produced, measured once per machine and cached.
+
+llama.cpp's Python bindings time no single operation, so the table is measured through llama.cpp's own loader and
+graph, on synthetic GGUF files (written by `file.write_gguf_tensors`) of the model's architecture (its widths,
+heads and vocabulary), and timed with llama.cpp's performance counters (`LlamaCppModel.timings`):
+- a layer: files of all-F16 layers (the reference type) with `PROBE_LAYERS` = (2, 8) layers and a tiny vocabulary;
+  the difference in time over the difference in layer count is one layer's time (its matrices in F16, attention
+  over the context, norms), what is left at 2 layers the model's fixed part (embedding lookup, final norm, graph);
+- a tensor type at a shape: 8-layer files whose tensors of that shape (attn_q and attn_output, attn_k and attn_v,
+  ffn_gate and ffn_up, ffn_down, as the widths group them) are in that type and the rest F16; the paired difference
+  from the all-F16 file over the count of such tensors is that type's time at that shape, relative to F16;
+- the output matrix: 2-layer files with the model's own vocabulary, the output (or tied embedding) in each type.
+llama.cpp repacks some types at load for the CPU (q4_0, q4_K, iq4_nl and mxfp4 into interleaved layouts on AVX2,
+when the rows come in eights: `ggml-cpu/repack.cpp`); the probes load through the same loader, so the table
+holds the time of what llama.cpp runs, not of what the file stores.
+
+A file's predicted time is then the fixed part + layers × the F16 layer + the F16 output matrix + each matrix's
+difference from F16 at its shape, for one decoded token (after a prompt of `prompt_tokens`, so attention covers
+that context) and for the prompt as one batch. Timings are paired (probe and reference alternately, the median of
+differences), since the machine may be busy; the table is keyed by the llama.cpp build (llama-cpp-python's version
+and a digest of its libraries), the CPU (model and flags) and the thread count, and by the architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gguf
+import numpy as np
+import torch
+
+from autocompress.files import write_text_atomically
+from autocompress.models import cache_dir
+from autocompress.targets.gguf.blocks import GgufBlocks, fits, quantize_rows
+from autocompress.targets.gguf.llama_cpp import LlamaCppModel, Timing, _threads
+
+if TYPE_CHECKING:
+    from autocompress.plan import CompressionPlan
+    from autocompress.targets.gguf.weights import GgufWeights
+
+REFERENCE = "f16"  # every shape takes it; the types' times are differences from it
+PROBE_LAYERS = (2, 8)  # the layer counts whose difference times one layer
+PROBE_VOCAB = 32
+PROMPT_TOKENS = 64  # the prompt batch, and the context each decoded token attends over
+DECODE_TOKENS = 32
+REPEATS = 5
+METHOD = 1  # bumped when the way of measuring changes, so older tables are measured again
+_SAMPLE_ROWS = 8  # rows quantized per probe tensor, repeated to its height (timing does not read the values)
+
+# A llama layer's matrices by role: the state-dict module under model.layers.N, and its [out, in] shape.
+_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MODULES = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What llama.cpp's time per token depends on besides the tensor types: a llama model's widths and vocabulary."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of_config(cls, config) -> Architecture:
+        """From a transformers config of the llama family."""
+        heads = config.num_attention_heads
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab=config.vocab_size,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    def role_shapes(self) -> dict[str, tuple[int, int]]:
+        """Each layer matrix's [out, in], as transformers stores it."""
+        attention = self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        return {
+            "q_proj": (attention, self.hidden),
+            "k_proj": (kv, self.hidden),
+            "v_proj": (kv, self.hidden),
+            "o_proj": (self.hidden, attention),
+            "gate_proj": (self.intermediate, self.hidden),
+            "up_proj": (self.intermediate, self.hidden),
+            "down_proj": (self.hidden, self.intermediate),
+        }
+
+    def shape_groups(self) -> dict[tuple[int, int], list[str]]:
+        """The layer matrices grouped by shape: each group is probed together."""
+        groups: dict[tuple[int, int], list[str]] = {}
+        for role, shape in self.role_shapes().items():
+            groups.setdefault(shape, []).append(role)
+        return groups
+
+    @property
+    def head_shape(self) -> tuple[int, int]:
+        return (self.vocab, self.hidden)
+
+    def probe_config(self, layers: int, vocab: int):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=4096,
+            tie_word_embeddings=self.tied,
+        )
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Predicted (or measured) tokens per second: decoding one token at a time, and a prompt as one batch."""
+
+    decode_tps: float
+    prompt_tps: float
+
+
+def _key(type_name: str, shape: Sequence[int]) -> str:
+    return f"{type_name}:{shape[0]}x{shape[1]}"
+
+
+@dataclass
+class SpeedTable:
+    """llama.cpp's timings on one machine for one architecture, in seconds: `prompt_s` for the whole prompt batch of
+    `prompt_tokens`, `decode_s` for one token decoded after it.
+
+    `fixed`: the time outside the layers and the output matrix; `layer`: one layer with F16 matrices; `head`: the
+    output matrix in F16; `deltas`: per `type:OUTxIN`, one matrix of that type and shape minus the same in F16."""
+
+    machine: dict[str, Any]
+    architecture: Architecture
+    prompt_tokens: int
+    decode_tokens: int
+    fixed: Timing
+    layer: Timing
+    head: Timing
+    deltas: dict[str, Timing] = field(default_factory=dict)
+    reference: str = REFERENCE
+
+    def delta(self, type_name: str, shape: Sequence[int]) -> Timing:
+        if type_name == self.reference:
+            return Timing(0.0, 0.0)
+        key = _key(type_name, shape)
+        if key not in self.deltas:
+            raise ValueError(f"the speed table has no timing of {type_name} at [{shape[0]}, {shape[1]}]")
+        return self.deltas[key]
+
+    def seconds(self, tensors: Iterable[tuple[str, Sequence[int]]], n_layers: int) -> Timing:
+        """Predicted seconds (prompt batch, one decoded token) of a model of `n_layers` layers whose matrices (the
+        layers' and the output's, each once) have these (type, [out, in])."""
+        prompt = self.fixed.prompt_s + n_layers * self.layer.prompt_s + self.head.prompt_s
+        decode = self.fixed.decode_s + n_layers * self.layer.decode_s + self.head.decode_s
+        for type_name, shape in tensors:
+            delta = self.delta(type_name, shape)
+            prompt += delta.prompt_s
+            decode += delta.decode_s
+        return Timing(prompt_s=prompt, decode_s=decode)
+
+    def predict(self, tensors: Iterable[tuple[str, Sequence[int]]], n_layers: int) -> Speed:
+        seconds = self.seconds(tensors, n_layers)
+        return Speed(decode_tps=1.0 / seconds.decode_s, prompt_tps=self.prompt_tokens / seconds.prompt_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "architecture": asdict(self.architecture),
+            "prompt_tokens": self.prompt_tokens,
+            "decode_tokens": self.decode_tokens,
+            "reference": self.reference,
+            "fixed": asdict(self.fixed),
+            "layer": asdict(self.layer),
+            "head": asdict(self.head),
+            "deltas": {key: asdict(value) for key, value in sorted(self.deltas.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SpeedTable:
+        return cls(
+            machine=dict(data["machine"]),
+            architecture=Architecture(**data["architecture"]),
+            prompt_tokens=int(data["prompt_tokens"]),
+            decode_tokens=int(data["decode_tokens"]),
+            reference=data["reference"],
+            fixed=Timing(**data["fixed"]),
+            layer=Timing(**data["layer"]),
+            head=Timing(**data["head"]),
+            deltas={key: Timing(**value) for key, value in data["deltas"].items()},
+        )
+
+
+# ---------------------------------------------------------------- what a model computes
+
+
+def _computed(name: str, names: Iterable[str]) -> bool:
+    """Whether a 2-D tensor is a matrix product of every token: all but an untied token embedding (a row lookup)."""
+    return name != "token_embd.weight" or "output.weight" not in set(names)
+
+
+def _layer_count(names: Iterable[str]) -> int:
+    return 1 + max((int(name.split(".")[1]) for name in names if name.startswith("blk.")), default=-1)
+
+
+def plan_tensors(weights: GgufWeights, plan: CompressionPlan) -> tuple[list[tuple[str, tuple[int, int]]], int]:
+    """The (type, [out, in]) of every matrix a plan's GGUF file computes with, and its layer count, from the GGUF
+    backend's units (a plan sets the type of every decoder-block Linear and of the output matrix)."""
+    levels = weights.levels(plan)
+    names = [tensor.gguf_name for tensor in weights.tensors]
+    tensors = [(levels[tensor.unit], tensor.shape) for tensor in weights.tensors if _computed(tensor.gguf_name, names)]
+    return tensors, _layer_count(names)
+
+
+def file_architecture(path: Path | str) -> tuple[Architecture, list[tuple[str, tuple[int, int]]], int]:
+    """A GGUF file's architecture, the (type, [out, in]) of every matrix it computes with, and its layer count;
+    ValueError (one line) for a file that is not of llama.cpp's `llama` architecture (what the probes are)."""
+    reader = gguf.GGUFReader(path)
+
+    def value(key: str, default: Any = None) -> Any:
+        found = reader.fields.get(key)
+        return default if found is None else found.contents()
+
+    arch = value("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: the speed model probes llama.cpp's llama architecture, not {arch!r}")
+    shapes = {tensor.name: tuple(int(size) for size in reversed(tensor.shape.tolist())) for tensor in reader.tensors}
+    hidden, heads = int(value("llama.embedding_length")), int(value("llama.attention.head_count"))
+    architecture = Architecture(
+        hidden=hidden,
+        intermediate=int(value("llama.feed_forward_length")),
+        heads=heads,
+        kv_heads=int(value("llama.attention.head_count_kv", heads)),
+        head_dim=int(value("llama.attention.key_length", hidden // heads)),
+        vocab=shapes["token_embd.weight"][0],
+        tied="output.weight" not in shapes,
+    )
+    tensors = [
+        (tensor.tensor_type.name.lower(), shapes[tensor.name])
+        for tensor in reader.tensors
+        if len(shapes[tensor.name]) == 2 and _computed(tensor.name, shapes)
+    ]
+    return architecture, tensors, _layer_count(shapes)
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def _library_digest() -> str:
+    """A digest of llama-cpp-python's shared libraries: the llama.cpp build that runs."""
+    import llama_cpp
+
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    digest = hashlib.sha256()
+    for path in sorted({file.resolve() for file in folder.glob("*") if file.is_file()}):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cpu() -> tuple[str, list[str]]:
+    """The CPU's model name and feature flags (Linux /proc/cpuinfo; elsewhere what `platform` says)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): text.strip() for key, text in fields.items()}
+    name = fields.get("model name") or fields.get("Model") or platform.machine()
+    return name, sorted(set((fields.get("flags") or fields.get("Features") or "").split()))
+
+
+def machine(threads: int) -> dict[str, Any]:
+    """What a speed table is valid for: the llama.cpp build, what it was built to use, the CPU, the threads."""
+    import llama_cpp
+
+    name, flags = _cpu()
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "libraries_sha256": _library_digest(),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "cpu": name,
+        "cpu_flags": flags,
+        "threads": threads,
+    }
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def timing_model(path: Path | str, threads: int, prompt_tokens: int, decode_tokens: int) -> LlamaCppModel:
+    """A GGUF file loaded for `measure_timing`: as llama.cpp serves (the last token's logits only), with a context
+    of exactly the prompt and the decoded tokens, as the table's probes are run."""
+    return LlamaCppModel(path, n_ctx=prompt_tokens + decode_tokens, n_threads=threads, logits_all=False)
+
+
+def _prompt(model: LlamaCppModel, prompt_tokens: int) -> list[int]:
+    return [1 + index % (model.n_vocab - 1) for index in range(prompt_tokens)]
+
+
+def measure_timing(model: LlamaCppModel, prompt_tokens: int, decode_tokens: int, repeats: int) -> list[Timing]:
+    """`repeats` timings of one loaded model (after a warm-up run)."""
+    prompt = _prompt(model, prompt_tokens)
+    model.timings(prompt, 2)
+    return [model.timings(prompt, decode_tokens) for _ in range(repeats)]
+
+
+def median_timing(timings: Sequence[Timing]) -> Timing:
+    return Timing(
+        prompt_s=statistics.median(timing.prompt_s for timing in timings),
+        decode_s=statistics.median(timing.decode_s for timing in timings),
+    )
+
+
+def paired_difference(
+    reference: LlamaCppModel, probe: LlamaCppModel, prompt_tokens: int, decode_tokens: int, repeats: int
+) -> tuple[Timing, Timing]:
+    """The median over `repeats` pairs of (probe − reference) timings, each pair run back to back (in alternating
+    order), so that a load on the machine that changes slowly cancels; and the reference's median timing."""
+    differences, references = [], []
+    for model in (reference, probe):
+        model.timings(_prompt(model, prompt_tokens), 2)
+    for repeat in range(repeats):
+        pair = [reference, probe] if repeat % 2 == 0 else [probe, reference]
+        timed = {id(model): model.timings(_prompt(model, prompt_tokens), decode_tokens) for model in pair}
+        first, second = timed[id(reference)], timed[id(probe)]
+        differences.append(Timing(second.prompt_s - first.prompt_s, second.decode_s - first.decode_s))
+        references.append(first)
+    return median_timing(differences), median_timing(references)
+
+
+def _none_tokenizer(folder: Path) -> Path:
+    """A GGUF file holding only `tokenizer.ggml.model = none`: the probes' tokenizer keys (llama.cpp then makes
+    vocab_size dummy tokens, and ids are fed as they are)."""
+    path = folder / "tokenizer.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("none")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+class _ProbeWriter:
+    """Writes the probe files of one architecture into a folder, through the project's GGUF writer."""
+
+    def __init__(self, architecture: Architecture, folder: Path) -> None:
+        self.architecture = architecture
+        self.folder = folder
+        self.tokenizer = _none_tokenizer(folder)
+        self._models: dict[tuple[int, int], Any] = {}
+        self._rows: dict[tuple[str, int], np.ndarray] = {}
+
+    def _model(self, layers: int, vocab: int):
+        from transformers import LlamaForCausalLM
+
+        if (layers, vocab) not in self._models:
+            torch.manual_seed(0)
+            self._models[layers, vocab] = LlamaForCausalLM(self.architecture.probe_config(layers, vocab)).eval()
+        return self._models[layers, vocab]
+
+    def _blocks(self, type_name: str, shape: tuple[int, int]) -> GgufBlocks:
+        """A matrix of `shape` in `type_name`: a few random rows quantized, repeated to the height."""
+        out, columns = shape
+        if (type_name, columns) not in self._rows:
+            generator = torch.Generator().manual_seed(columns)
+            sample = torch.randn(_SAMPLE_ROWS, columns, generator=generator) * 0.02
+            self._rows[type_name, columns] = quantize_rows(sample, type_name)
+        rows = self._rows[type_name, columns]
+        return GgufBlocks(type_name, np.ascontiguousarray(np.resize(rows, (out, rows.shape[1]))))
+
+    def write(self, name: str, layers: int, vocab: int, types: Mapping[str, str]) -> Path:
+        """A probe of `layers` layers and `vocab` tokens whose tensors (by state-dict key) have `types`; the rest
+        F16 (matrices) and F32 (norms), as the converter writes them."""
+        from autocompress.targets.gguf.file import write_gguf_tensors
+
+        model = self._model(layers, vocab)
+        state = model.state_dict()
+        tensors = {key: self._blocks(type_name, tuple(state[key].shape)) for key, type_name in types.items()}
+        path = self.folder / f"{name}.gguf"
+        write_gguf_tensors(model, None, tensors, path, tokenizer_source=self.tokenizer)
+        return path
+
+
+def _layer_types(layers: int, roles: Iterable[str], type_name: str) -> dict[str, str]:
+    return {f"model.layers.{layer}.{_MODULES[role]}.weight": type_name for layer in range(layers) for role in roles}
+
+
+def _head_key(architecture: Architecture) -> str:
+    return "model.embed_tokens.weight" if architecture.tied else "lm_head.weight"
+
+
+def probe_types(architecture: Architecture, types: Iterable[str]) -> dict[tuple[int, int], list[str]]:
+    """The types probed at each shape (layer matrices' and the output's): those of `types` whose blocks split its
+    rows, the reference left out."""
+    shapes = [*architecture.shape_groups(), architecture.head_shape]
+    return {
+        shape: [name for name in dict.fromkeys(types) if name != REFERENCE and fits(name, shape[1])] for shape in shapes
+    }
+
+
+def measure_table(
+    architecture: Architecture,
+    types: Iterable[str],
+    threads: int | None = None,
+    prompt_tokens: int = PROMPT_TOKENS,
+    decode_tokens: int = DECODE_TOKENS,
+    repeats: int = REPEATS,
+    layers: tuple[int, int] = PROBE_LAYERS,
+    progress: Callable[[str], None] | None = None,
+) -> SpeedTable:
+    """Measure the speed table of `architecture` for `types` in llama.cpp on this machine (see the module's
+    description): every probe file written into a temporary folder, loaded and timed against its reference."""
+    threads = threads or _threads()
+    short, long = layers
+    if not 0 < short < long:
+        raise ValueError(f"probe layer counts must be increasing and positive, got {layers}")
+    say = progress or (lambda _text: None)
+    groups = architecture.shape_groups()
+    wanted = probe_types(architecture, types)
+
+    def load(path: Path) -> LlamaCppModel:
+        return timing_model(path, threads, prompt_tokens, decode_tokens)
+
+    with tempfile.TemporaryDirectory(prefix="autocompress-speed-") as folder:
+        writer = _ProbeWriter(architecture, Path(folder))
+        head_vocab = architecture.vocab
+        with (
+            load(writer.write("short", short, PROBE_VOCAB, {})) as short_model,
+            load(writer.write("long", long, PROBE_VOCAB, {})) as long_model,
+            load(writer.write("head", short, head_vocab, {})) as head_model,
+        ):
+            say(f"speed: one layer from {short} and {long} F16 layers")
+            layer_difference, short_timing = paired_difference(
+                short_model, long_model, prompt_tokens, decode_tokens, repeats
+            )
+            layer = Timing(layer_difference.prompt_s / (long - short), layer_difference.decode_s / (long - short))
+            fixed = Timing(
+                short_timing.prompt_s - short * layer.prompt_s, short_timing.decode_s - short * layer.decode_s
+            )
+            head, _ = paired_difference(short_model, head_model, prompt_tokens, decode_tokens, repeats)
+            deltas: dict[str, Timing] = {}
+            for shape, roles in groups.items():
+                for type_name in wanted[shape]:
+                    say(f"speed: {type_name} at [{shape[0]}, {shape[1]}] ({', '.join(roles)})")
+                    path = writer.write(
+                        f"{type_name}-{shape[0]}x{shape[1]}", long, PROBE_VOCAB, _layer_types(long, roles, type_name)
+                    )
+                    with load(path) as probe:
+                        difference, _ = paired_difference(long_model, probe, prompt_tokens, decode_tokens, repeats)
+                    count = long * len(roles)
+                    deltas[_key(type_name, shape)] = Timing(difference.prompt_s / count, difference.decode_s / count)
+                    path.unlink()
+            for type_name in wanted[architecture.head_shape]:
+                say(f"speed: {type_name} output matrix [{head_vocab}, {architecture.hidden}]")
+                path = writer.write(f"{type_name}-head", short, head_vocab, {_head_key(architecture): type_name})
+                with load(path) as probe:
+                    difference, _ = paired_difference(head_model, probe, prompt_tokens, decode_tokens, repeats)
+                deltas[_key(type_name, architecture.head_shape)] = difference
+                path.unlink()
+    return SpeedTable(
+        machine=machine(threads),
+        architecture=architecture,
+        prompt_tokens=prompt_tokens,
+        decode_tokens=decode_tokens,
+        fixed=fixed,
+        layer=layer,
+        head=head,
+        deltas=deltas,
+    )
+
+
+def table_path(
+    architecture: Architecture, types: Iterable[str], threads: int, prompt_tokens: int, decode_tokens: int
+) -> Path:
+    """Where the table for these settings is cached: one file per machine, llama.cpp build, threads, architecture,
+    probed types and token counts."""
+    key = {
+        "method": METHOD,
+        "machine": machine(threads),
+        "architecture": asdict(architecture),
+        "types": sorted(set(types)),
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "speed" / f"{digest}.json"
+
+
+def speed_table(
+    architecture: Architecture,
+    types: Iterable[str],
+    threads: int | None = None,
+    prompt_tokens: int = PROMPT_TOKENS,
+    decode_tokens: int = DECODE_TOKENS,
+    repeats: int = REPEATS,
+    progress: Callable[[str], None] | None = None,
+    remeasure: bool = False,
+) -> SpeedTable:
+    """The cached speed table for these settings, measured (`measure_table`) and stored first if there is none
+    (or `remeasure`). An unreadable cache file is measured again."""
+    threads = threads or _threads()
+    types = list(dict.fromkeys(types))
+    path = table_path(architecture, types, threads, prompt_tokens, decode_tokens)
+    if path.is_file() and not remeasure:
+        try:
+            return SpeedTable.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            pass
+    table = measure_table(architecture, types, threads, prompt_tokens, decode_tokens, repeats, progress=progress)
+    write_text_atomically(path, json.dumps(table.to_json(), indent=1))
+    return table

@@ -1,0 +1,187 @@
+"""The speed model of the gguf target: a table of llama.cpp's timings per tensor type and shape, measured on
+synthetic GGUF files and cached per machine, and the tokens/s it predicts from a plan's or a file's tensors.
+Nothing here checks a wall-clock figure: only the arithmetic, what the probes hold, and the plumbing."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from autocompress.plan import CompressionPlan, LayerCompression
+from autocompress.targets.gguf import speed
+from autocompress.targets.gguf.blocks import GgufBlocks, quantize_rows
+from autocompress.targets.gguf.file import gguf_layout, write_gguf_tensors
+from autocompress.targets.gguf.llama_cpp import Timing, llama_cpp_available
+from autocompress.targets.gguf.speed import Architecture, SpeedTable, file_architecture, plan_tensors
+from autocompress.targets.gguf.weights import GgufWeights
+from tests.conftest import require
+
+TINY = Architecture(hidden=64, intermediate=256, heads=4, kv_heads=2, head_dim=16, vocab=128, tied=True)
+
+
+def tiny_llama(tied: bool = True) -> LlamaForCausalLM:
+    """A 2-layer Llama whose MLP rows (256) take K-types and whose hidden rows (64) take only 32-block types."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def table() -> SpeedTable:
+    return SpeedTable(
+        machine={"threads": 1},
+        architecture=TINY,
+        prompt_tokens=8,
+        decode_tokens=4,
+        fixed=Timing(prompt_s=0.5, decode_s=0.25),
+        layer=Timing(prompt_s=2.0, decode_s=1.0),
+        head=Timing(prompt_s=0.25, decode_s=0.5),
+        deltas={
+            "q4_0:64x64": Timing(prompt_s=-0.125, decode_s=-0.0625),
+            "q4_k:64x256": Timing(prompt_s=0.25, decode_s=-0.125),
+            "q8_0:128x64": Timing(prompt_s=-0.0625, decode_s=-0.25),
+        },
+    )
+
+
+def test_a_prediction_is_the_reference_model_plus_each_matrixs_difference_from_f16() -> None:
+    tensors = [("q4_0", (64, 64)), ("q4_0", (64, 64)), ("q4_k", (64, 256)), ("f16", (32, 64)), ("q8_0", (128, 64))]
+    seconds = table().seconds(tensors, n_layers=3)
+    # fixed + 3 layers + the F16 head, then -2·0.0625 (q4_0) - 0.125 (q4_k) + 0 (f16) - 0.25 (q8_0 head)
+    assert seconds.decode_s == 0.25 + 3 * 1.0 + 0.5 - 0.125 - 0.125 - 0.25
+    assert seconds.prompt_s == 0.5 + 3 * 2.0 + 0.25 - 0.25 + 0.25 - 0.0625
+    predicted = table().predict(tensors, n_layers=3)
+    assert predicted.decode_tps == 1 / seconds.decode_s
+    assert predicted.prompt_tps == 8 / seconds.prompt_s  # a prompt batch of prompt_tokens
+
+
+def test_a_type_the_table_has_not_timed_at_a_shape_is_refused_in_one_line() -> None:
+    with pytest.raises(ValueError, match=r"no timing of q4_k at \[64, 64\]"):
+        table().seconds([("q4_k", (64, 64))], n_layers=1)
+
+
+def test_a_table_round_trips_through_json() -> None:
+    assert SpeedTable.from_json(table().to_json()) == table()
+
+
+def test_the_layer_matrices_are_probed_in_groups_of_one_shape() -> None:
+    assert TINY.shape_groups() == {
+        (64, 64): ["q_proj", "o_proj"],
+        (32, 64): ["k_proj", "v_proj"],
+        (256, 64): ["gate_proj", "up_proj"],
+        (64, 256): ["down_proj"],
+    }
+    probed = speed.probe_types(TINY, ["f16", "q4_k", "q8_0"])
+    assert probed[(64, 256)] == ["q4_k", "q8_0"]  # 256-wide rows take K-types; f16 is the reference
+    assert probed[(64, 64)] == probed[TINY.head_shape] == ["q8_0"]
+
+
+def test_a_plans_matrices_are_its_units_types_and_shapes() -> None:
+    model = tiny_llama(tied=True)
+    weights = GgufWeights(model, "linear", lambda: {}, None, gguf_layout(model))
+    down = "model.layers.1.mlp.down_proj"
+    plan = CompressionPlan(
+        default=LayerCompression(format="q8_0"),
+        layers={down: LayerCompression(format="q4_k"), "model.embed_tokens": LayerCompression(format="q4_0")},
+        granularity="linear",
+    )
+    tensors, layers = plan_tensors(weights, plan)
+    assert layers == 2 and len(tensors) == 2 * 7 + 1  # the tied embedding is the output matrix
+    assert ("q4_k", (64, 256)) in tensors and ("q4_0", (128, 64)) in tensors
+    assert sum(type_name == "q8_0" for type_name, _ in tensors) == 2 * 7 - 1
+
+
+def test_an_untied_embedding_is_a_lookup_and_not_timed() -> None:
+    model = tiny_llama(tied=False)
+    weights = GgufWeights(model, "linear", lambda: {}, None, gguf_layout(model))
+    tensors, _ = plan_tensors(weights, CompressionPlan.uniform(format="q8_0", granularity="linear"))
+    assert len(tensors) == 2 * 7 + 1 and ("q8_0", (128, 64)) in tensors  # the output matrix, once
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_files_architecture_and_matrices_are_read_from_its_gguf(tmp_path: Path, tied: bool) -> None:
+    model = tiny_llama(tied)
+    down = model.model.layers[0].mlp.down_proj.weight
+    blocks = {"model.layers.0.mlp.down_proj.weight": GgufBlocks("q4_k", quantize_rows(down, "q4_k"))}
+    path = write_gguf_tensors(model, None, blocks, tmp_path / "tiny.gguf").path
+    architecture, tensors, layers = file_architecture(path)
+    assert architecture == Architecture.of_config(model.config) == replace(TINY, tied=tied)
+    assert layers == 2 and len(tensors) == 2 * 7 + 1
+    assert ("q4_k", (64, 256)) in tensors and tensors.count(("f16", (128, 64))) == 1
+
+
+def test_a_table_is_cached_per_thread_count_and_architecture(monkeypatch, tmp_path: Path) -> None:
+    require(llama_cpp_available())
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    one = speed.table_path(TINY, ["q8_0"], 1, 8, 4)
+    assert one.parent == tmp_path / "speed"
+    assert one == speed.table_path(TINY, ["q8_0"], 1, 8, 4)
+    assert one != speed.table_path(TINY, ["q8_0"], 2, 8, 4)
+    assert one != speed.table_path(replace(TINY, vocab=256), ["q8_0"], 1, 8, 4)
+    key = speed.machine(1)
+    assert key["threads"] == 1 and key["system_info"] and len(key["libraries_sha256"]) == 16
+
+
+def test_a_probe_holds_its_type_in_every_layer_and_f16_elsewhere(tmp_path: Path) -> None:
+    writer = speed._ProbeWriter(TINY, tmp_path)
+    path = writer.write("probe", 3, speed.PROBE_VOCAB, speed._layer_types(3, ["gate_proj", "up_proj"], "q4_0"))
+    types = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors}
+    assert [types[f"blk.{layer}.ffn_up.weight"] for layer in range(3)] == ["Q4_0"] * 3
+    assert types["blk.2.ffn_gate.weight"] == "Q4_0" and types["blk.2.ffn_down.weight"] == "F16"
+    assert types["token_embd.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+    architecture, _, layers = file_architecture(path)
+    assert layers == 3 and architecture == replace(TINY, vocab=speed.PROBE_VOCAB)
+
+
+def test_measuring_times_every_fitting_type_at_every_shape_and_caches_the_table(monkeypatch, tmp_path: Path) -> None:
+    require(llama_cpp_available())
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
+    measured = []
+
+    def measure(*args, **kwargs):
+        measured.append(args)
+        return real_measure(*args, **kwargs)
+
+    real_measure = speed.measure_table
+    monkeypatch.setattr(speed, "measure_table", measure)
+    options = {"threads": 1, "prompt_tokens": 4, "decode_tokens": 2, "repeats": 1}
+    measured_table = speed.speed_table(TINY, ["q8_0", "q4_k"], **options)
+    shapes = [*TINY.shape_groups(), TINY.head_shape]
+    assert set(measured_table.deltas) == {f"q8_0:{out}x{inp}" for out, inp in shapes} | {"q4_k:64x256"}
+    values = [measured_table.fixed, measured_table.layer, measured_table.head, *measured_table.deltas.values()]
+    assert all(math.isfinite(value.prompt_s) and math.isfinite(value.decode_s) for value in values)
+    assert measured_table.layer.decode_s > 0 and measured_table.machine["threads"] == 1
+    assert speed.speed_table(TINY, ["q4_k", "q8_0"], **options) == measured_table and len(measured) == 1
+    speed.table_path(TINY, ["q8_0", "q4_k"], 1, 4, 2).write_text("{not json")
+    speed.speed_table(TINY, ["q8_0", "q4_k"], **options)  # an unreadable cache is measured again
+    assert len(measured) == 2
+
+
+def test_a_file_is_timed_by_llama_cpp_and_predicted_from_its_tensors(tmp_path: Path) -> None:
+    require(llama_cpp_available())
+    model = tiny_llama()
+    down = model.model.layers[1].mlp.down_proj.weight
+    blocks = {"model.layers.1.mlp.down_proj.weight": GgufBlocks("q4_k", quantize_rows(down, "q4_k"))}
+    tokenizer = speed._none_tokenizer(tmp_path)
+    path = write_gguf_tensors(model, None, blocks, tmp_path / "tiny.gguf", tokenizer_source=tokenizer).path
+    with speed.timing_model(path, 1, 4, 3) as runtime:
+        timings = speed.measure_timing(runtime, 4, 3, repeats=2)
+    assert len(timings) == 2 and all(timing.prompt_s > 0 and timing.decode_s > 0 for timing in timings)
+    architecture, tensors, layers = file_architecture(path)
+    measured_table = speed.measure_table(architecture, ["q4_k"], threads=1, prompt_tokens=4, decode_tokens=3, repeats=1)
+    predicted = measured_table.predict(tensors, layers)
+    assert predicted.decode_tps != 0 and predicted.prompt_tps != 0
