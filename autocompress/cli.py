@@ -222,7 +222,13 @@ def command_evaluate(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     result = evaluate_artifact(
-        args.path, data, args.device, args.new_tokens, dense=not args.no_dense, against=args.against
+        args.path,
+        data,
+        args.device,
+        args.new_tokens,
+        dense=not args.no_dense,
+        against=args.against,
+        threads=args.threads,
     )
     if args.json:
         print(json_text(result))
@@ -375,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="cpu, cuda, ... (default: the device the study's config names)")
     evaluate.add_argument("--new-tokens", type=int, default=32, help="tokens generated to time generate()")
     evaluate.add_argument("--no-dense", action="store_true", help="skip the dense base model")
-    evaluate.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    evaluate.add_argument("--threads", type=int, help="CPU threads for torch and llama.cpp (default: all)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     add_trust_arguments(evaluate)
     evaluate.set_defaults(run=command_evaluate)

@@ -102,18 +102,19 @@ def evaluate_artifact(
     new_tokens: int = NEW_TOKENS,
     dense: bool = True,
     against: Path | str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Held-out perplexity, KL statistics to the dense base, size on disk, load time and generation speed of an
     artifact, and of its dense base. A file another target's runtime judges (a GGUF file, or an export folder holding
-    one: llama.cpp) is run there instead, beside the search's predictions. With `against`, another artifact (or
-    another file of that runtime, beside one) is scored on the same windows, under "against", and "comparison"
-    holds the paired per-window differences."""
+    one: llama.cpp) is run there instead (on `threads`), beside the search's predictions. With `against`, another
+    artifact (or another file of that runtime, beside one) is scored on the same windows, under "against", and
+    "comparison" holds the paired per-window differences."""
     from autocompress.data import token_pools
 
     judge = target_judging(path)  # a target whose own runtime judges its files (llama.cpp for GGUF)
     if judge is not None:
         other = None if against is None else Path(against)
-        return judge.evaluate(Path(path), data, device, new_tokens, dense, against=other)
+        return judge.evaluate(Path(path), data, device, new_tokens, dense, against=other, threads=threads)
     judged = None if against is None else target_judging(against)
     if judged is not None:
         raise UserError(f"--against {against}: a {judged.runtime} file compares with another, not with {path}")

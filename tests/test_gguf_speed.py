@@ -4,6 +4,7 @@ Nothing here checks a wall-clock figure: only the arithmetic, what the probes ho
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -127,11 +128,12 @@ def test_a_files_architecture_and_matrices_are_read_from_its_gguf(tmp_path: Path
 def test_a_table_is_cached_per_thread_count_and_architecture(monkeypatch, tmp_path: Path) -> None:
     require(llama_cpp_available())
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
-    one = speed.table_path(TINY, ["q8_0"], 1, 8, 4)
+    one = speed.table_path(TINY, 1, 8, 4)
     assert one.parent == tmp_path / "speed"
-    assert one == speed.table_path(TINY, ["q8_0"], 1, 8, 4)
-    assert one != speed.table_path(TINY, ["q8_0"], 2, 8, 4)
-    assert one != speed.table_path(replace(TINY, vocab=256), ["q8_0"], 1, 8, 4)
+    assert one == speed.table_path(TINY, 1, 8, 4)
+    assert one != speed.table_path(TINY, 2, 8, 4)
+    assert one != speed.table_path(replace(TINY, vocab=256), 1, 8, 4)
+    assert one != speed.table_path(TINY, 1, 16, 4)
     key = speed.machine(1)
     assert key["threads"] == 1 and key["system_info"] and len(key["libraries_sha256"]) == 16
 
@@ -147,28 +149,35 @@ def test_a_probe_holds_its_type_in_every_layer_and_f16_elsewhere(tmp_path: Path)
     assert layers == 3 and architecture == replace(TINY, vocab=speed.PROBE_VOCAB)
 
 
-def test_measuring_times_every_fitting_type_at_every_shape_and_caches_the_table(monkeypatch, tmp_path: Path) -> None:
+def test_measuring_times_every_fitting_type_at_every_shape_and_caches_what_it_measured(
+    monkeypatch, tmp_path: Path
+) -> None:
     require(llama_cpp_available())
     monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path))
     measured = []
 
-    def measure(*args, **kwargs):
-        measured.append(args)
-        return real_measure(*args, **kwargs)
+    def measure(architecture, types, *args, known=None, **kwargs):
+        measured.append((sorted(types), known is not None))
+        return real_measure(architecture, types, *args, known=known, **kwargs)
 
     real_measure = speed.measure_table
     monkeypatch.setattr(speed, "measure_table", measure)
     options = {"threads": 1, "prompt_tokens": 4, "decode_tokens": 2, "repeats": 1}
-    measured_table = speed.speed_table(TINY, ["q8_0", "q4_k"], **options)
+    first = speed.speed_table(TINY, ["q8_0"], **options)
     shapes = [*TINY.shape_groups(), TINY.head_shape]
-    assert set(measured_table.deltas) == {f"q8_0:{out}x{inp}" for out, inp in shapes} | {"q4_k:64x256"}
-    values = [measured_table.fixed, measured_table.layer, measured_table.head, *measured_table.deltas.values()]
+    assert set(first.deltas) == {f"q8_0:{out}x{inp}" for out, inp in shapes}
+    values = [first.fixed, first.layer, first.head, *first.deltas.values()]
     assert all(math.isfinite(value.prompt_s) and math.isfinite(value.decode_s) for value in values)
-    assert measured_table.layer.decode_s > 0 and measured_table.machine["threads"] == 1
-    assert speed.speed_table(TINY, ["q4_k", "q8_0"], **options) == measured_table and len(measured) == 1
-    speed.table_path(TINY, ["q8_0", "q4_k"], 1, 4, 2).write_text("{not json")
-    speed.speed_table(TINY, ["q8_0", "q4_k"], **options)  # an unreadable cache is measured again
-    assert len(measured) == 2
+    assert first.layer.decode_s > 0 and first.machine["threads"] == 1
+    # a type the cache lacks is measured alone and added; the reference parts are kept
+    both = speed.speed_table(TINY, ["q4_k", "q8_0"], **options)
+    assert set(both.deltas) == set(first.deltas) | {"q4_k:64x256"} and both.layer == first.layer
+    assert {key: both.deltas[key] for key in first.deltas} == first.deltas
+    assert speed.speed_table(TINY, ["q8_0", "q4_k"], **options) == both
+    assert measured == [(["q8_0"], False), (["q4_k", "q8_0"], True)]
+    speed.table_path(TINY, 1, 4, 2).write_text("{not json")
+    speed.speed_table(TINY, ["q8_0"], **options)  # an unreadable cache is measured again
+    assert measured[-1] == (["q8_0"], False)
 
 
 def test_a_file_is_timed_by_llama_cpp_and_predicted_from_its_tensors(tmp_path: Path) -> None:
@@ -185,3 +194,31 @@ def test_a_file_is_timed_by_llama_cpp_and_predicted_from_its_tensors(tmp_path: P
     measured_table = speed.measure_table(architecture, ["q4_k"], threads=1, prompt_tokens=4, decode_tokens=3, repeats=1)
     predicted = measured_table.predict(tensors, layers)
     assert predicted.decode_tps != 0 and predicted.prompt_tps != 0
+
+
+def test_evaluate_measures_prompt_and_decode_speed_beside_the_prediction(
+    tmp_path: Path, monkeypatch, capsys, tiny_model_dir: Path, write_corpus
+) -> None:
+    require(llama_cpp_available())
+    from autocompress.cli import main
+    from autocompress.evaluate import evaluation_lines
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))  # the speed table is measured there
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    up = model.model.layers[0].mlp.up_proj.weight
+    blocks = {"model.layers.0.mlp.up_proj.weight": GgufBlocks("q8_0", quantize_rows(up, "q8_0"))}
+    data = {"source": "files", "files": [str(write_corpus(4000))], "seq_len": 32, "calibration": 1, "fitness": 1}
+    provenance = {"base_model": {"name": str(tiny_model_dir), "device": "cpu"}, "data": data | {"heldout": 2}}
+    tokenizer = speed._none_tokenizer(tmp_path)  # llama.cpp takes the ids the base model's tokenizer gives
+    path = write_gguf_tensors(model, None, blocks, tmp_path / "model.gguf", provenance, tokenizer_source=tokenizer).path
+
+    main(["evaluate", str(path), "--no-dense", "--threads", "1", "--new-tokens", "4", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["threads"] == 1 and result["speed_runs"] == speed.REPEATS
+    assert result["measured_decode_tps"] > 0 and result["measured_prompt_tps"] > 0
+    assert result["predicted_decode_tps"] > 0 and result["predicted_prompt_tps"] > 0
+    assert result["decode_tps_error"] == result["predicted_decode_tps"] / result["measured_decode_tps"] - 1
+    assert result["prompt_tps_error"] == result["predicted_prompt_tps"] / result["measured_prompt_tps"] - 1
+    assert len(list((tmp_path / "cache" / "speed").glob("*.json"))) == 1
+    printed = "\n".join(evaluation_lines(result))
+    assert "decode (tokens/s)" in printed and "median of 5 runs on 1 thread(s)" in printed

@@ -184,9 +184,10 @@ class Target(ABC):
         new_tokens: int,
         dense: bool,
         against: Path | None = None,
+        threads: int | None = None,
     ) -> dict[str, Any]:
-        """`autocompress evaluate` of a file `judges` claims; with `against`, another of its files scored on the same
-        windows."""
+        """`autocompress evaluate` of a file `judges` claims, its runtime on `threads` CPU threads (None: all); with
+        `against`, another of its files scored on the same windows."""
         raise NotImplementedError(f"the {self.name} target's files are evaluated as our artifact")
 
     def evaluation_lines(self, result: dict[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from autocompress.models import check_consent, load_model, resolve_device
 from autocompress.targets.artifact import MANIFEST_FILE
 from autocompress.targets.gguf.file import GGUF_FILE, PROVENANCE_KEY
 from autocompress.targets.gguf.llama_cpp import LlamaCppModel, llama_cpp_available
+from autocompress.targets.gguf.speed import file_speed
 
 PROMPT_TOKENS = 16
 
@@ -129,6 +131,7 @@ def evaluate_gguf(
         "new_tokens": new_tokens,
         **measured,
         **_predicted(provenance),
+        **file_speed(file, n_threads, progress=lambda text: print(text, file=sys.stderr)),
     }
     if other is not None:
         other_measured, other_values = _llama_cpp_figures(other, tokens, reference, prompt, new_tokens, n_threads)
@@ -192,6 +195,8 @@ def gguf_evaluation_lines(result: dict[str, Any]) -> list[str]:
         *((label, key, None, None, form) for label, key, form in DIVERGENCE_ROWS),
         ("size (bytes)", "size_on_disk_bytes", "accounted_bytes", "dense_fp16_bytes", ",d"),
         ("generation (tokens/s)", "tokens_per_s", None, "dense_tokens_per_s", ".1f"),
+        ("prompt (tokens/s)", "measured_prompt_tps", "predicted_prompt_tps", None, ".1f"),
+        ("decode (tokens/s)", "measured_decode_tps", "predicted_decode_tps", None, ".1f"),
         ("load time (s)", "load_s", None, None, ".2f"),
     ]
     other = result.get("against")
@@ -202,6 +207,16 @@ def gguf_evaluation_lines(result: dict[str, Any]) -> list[str]:
         columns += [cell(other, measured, form)] if other else []
         columns += [cell(result, predicted, form), cell(result, dense, form)]
         lines.append(f"{label:24}" + "".join(f"{column:>16}" for column in columns))
+    if "measured_decode_tps" in result:
+        errors = (
+            f"; predicted decode {result['decode_tps_error']:+.1%}, prompt {result['prompt_tps_error']:+.1%} off"
+            if "decode_tps_error" in result
+            else f"; {result.get('speed_note')}"
+        )
+        lines.append(
+            f"(prompt and decode: llama.cpp's median of {result['speed_runs']} runs on {result['threads']} thread(s), "
+            f"a {result['speed_prompt_tokens']}-token prompt then {result['speed_decode_tokens']} tokens{errors})"
+        )
     if result.get("predicted_fitness_kl") is not None:
         lines.append(f"(the search's fitness KL for this plan: {result['predicted_fitness_kl']:.5f})")
     lines.append(

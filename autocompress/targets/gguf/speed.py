@@ -4,13 +4,17 @@ timings that llama.cpp itself produced, measured once per machine and cached.
 llama.cpp's Python bindings time no single operation, so the table is measured through llama.cpp's own loader and
 graph, on synthetic GGUF files (written by `file.write_gguf_tensors`) of the model's architecture (its widths,
 heads and vocabulary), and timed with llama.cpp's performance counters (`LlamaCppModel.timings`):
-- a layer: files of all-F16 layers (the reference type) with `PROBE_LAYERS` = (2, 8) layers and a tiny vocabulary;
-  the difference in time over the difference in layer count is one layer's time (its matrices in F16, attention
-  over the context, norms), what is left at 2 layers the model's fixed part (embedding lookup, final norm, graph);
+- a layer: all-F16 files (the reference type) with `PROBE_LAYERS` = (2, 8) layers; the difference in time over the
+  difference in layer count is one layer's time (its matrices in F16, attention over the context, norms);
+- the output matrix: the 8-layer file against one with a tiny vocabulary; what is left of the 2-layer file's time
+  is the fixed part (embedding lookup, final norm, graph);
 - a tensor type at a shape: 8-layer files whose tensors of that shape (attn_q and attn_output, attn_k and attn_v,
-  ffn_gate and ffn_up, ffn_down, as the widths group them) are in that type and the rest F16; the paired difference
-  from the all-F16 file over the count of such tensors is that type's time at that shape, relative to F16;
-- the output matrix: 2-layer files with the model's own vocabulary, the output (or tied embedding) in each type.
+  ffn_gate and ffn_up, ffn_down, as the widths group them; or the output matrix, or the tied embedding) are in that
+  type and the rest F16; the paired difference from the all-F16 file over the count of such tensors is that type's
+  time at that shape, relative to F16.
+Every probe but one has the model's own vocabulary, so that each token streams the F16 output matrix as well as its
+layers: a probe small enough to stay in the CPU's caches between tokens would time a matrix faster than the model,
+which streams every weight from memory, runs it.
 llama.cpp repacks some types at load for the CPU (q4_0, q4_K, iq4_nl and mxfp4 into interleaved layouts on AVX2,
 when the rows come in eights: `ggml-cpu/repack.cpp`); the probes load through the same loader, so the table
 holds the time of what llama.cpp runs, not of what the file stores.
@@ -435,56 +439,63 @@ def measure_table(
     repeats: int = REPEATS,
     layers: tuple[int, int] = PROBE_LAYERS,
     progress: Callable[[str], None] | None = None,
+    known: SpeedTable | None = None,
 ) -> SpeedTable:
     """Measure the speed table of `architecture` for `types` in llama.cpp on this machine (see the module's
-    description): every probe file written into a temporary folder, loaded and timed against its reference."""
+    description): every probe file written into a temporary folder, loaded and timed against its reference.
+    With `known` (a table of the same settings), only the types at shapes it lacks are measured and added to it."""
     threads = threads or _threads()
     short, long = layers
     if not 0 < short < long:
         raise ValueError(f"probe layer counts must be increasing and positive, got {layers}")
     say = progress or (lambda _text: None)
     groups = architecture.shape_groups()
-    wanted = probe_types(architecture, types)
+    done = set(known.deltas) if known is not None else set()
+    wanted = {
+        shape: [name for name in names if _key(name, shape) not in done]
+        for shape, names in probe_types(architecture, types).items()
+    }
+    head_shape = architecture.head_shape
 
     def load(path: Path) -> LlamaCppModel:
         return timing_model(path, threads, prompt_tokens, decode_tokens)
 
+    def probe(reference: LlamaCppModel, path: Path, count: int) -> Timing:
+        with load(path) as model:
+            difference, _ = paired_difference(reference, model, prompt_tokens, decode_tokens, repeats)
+        path.unlink()
+        return Timing(difference.prompt_s / count, difference.decode_s / count)
+
+    deltas: dict[str, Timing] = dict(known.deltas) if known is not None else {}
+    vocab = architecture.vocab
     with tempfile.TemporaryDirectory(prefix="autocompress-speed-") as folder:
         writer = _ProbeWriter(architecture, Path(folder))
-        head_vocab = architecture.vocab
-        with (
-            load(writer.write("short", short, PROBE_VOCAB, {})) as short_model,
-            load(writer.write("long", long, PROBE_VOCAB, {})) as long_model,
-            load(writer.write("head", short, head_vocab, {})) as head_model,
-        ):
-            say(f"speed: one layer from {short} and {long} F16 layers")
-            layer_difference, short_timing = paired_difference(
-                short_model, long_model, prompt_tokens, decode_tokens, repeats
-            )
-            layer = Timing(layer_difference.prompt_s / (long - short), layer_difference.decode_s / (long - short))
-            fixed = Timing(
-                short_timing.prompt_s - short * layer.prompt_s, short_timing.decode_s - short * layer.decode_s
-            )
-            head, _ = paired_difference(short_model, head_model, prompt_tokens, decode_tokens, repeats)
-            deltas: dict[str, Timing] = {}
+        with load(writer.write("long", long, vocab, {})) as long_model:
+            if known is None:
+                with load(writer.write("short", short, vocab, {})) as short_model:
+                    say(f"speed: one layer from {short} and {long} F16 layers")
+                    difference, at_short = paired_difference(
+                        short_model, long_model, prompt_tokens, decode_tokens, repeats
+                    )
+                layer = Timing(difference.prompt_s / (long - short), difference.decode_s / (long - short))
+                say(f"speed: the F16 output matrix [{head_shape[0]}, {head_shape[1]}]")
+                tiny_head = writer.write("tiny-vocabulary", long, PROBE_VOCAB, {})
+                head = probe(long_model, tiny_head, -1)  # the full output matrix minus a tiny one
+                fixed = Timing(
+                    at_short.prompt_s - short * layer.prompt_s - head.prompt_s,
+                    at_short.decode_s - short * layer.decode_s - head.decode_s,
+                )
+            else:
+                fixed, layer, head = known.fixed, known.layer, known.head
             for shape, roles in groups.items():
                 for type_name in wanted[shape]:
                     say(f"speed: {type_name} at [{shape[0]}, {shape[1]}] ({', '.join(roles)})")
-                    path = writer.write(
-                        f"{type_name}-{shape[0]}x{shape[1]}", long, PROBE_VOCAB, _layer_types(long, roles, type_name)
-                    )
-                    with load(path) as probe:
-                        difference, _ = paired_difference(long_model, probe, prompt_tokens, decode_tokens, repeats)
-                    count = long * len(roles)
-                    deltas[_key(type_name, shape)] = Timing(difference.prompt_s / count, difference.decode_s / count)
-                    path.unlink()
-            for type_name in wanted[architecture.head_shape]:
-                say(f"speed: {type_name} output matrix [{head_vocab}, {architecture.hidden}]")
-                path = writer.write(f"{type_name}-head", short, head_vocab, {_head_key(architecture): type_name})
-                with load(path) as probe:
-                    difference, _ = paired_difference(head_model, probe, prompt_tokens, decode_tokens, repeats)
-                deltas[_key(type_name, architecture.head_shape)] = difference
-                path.unlink()
+                    path = writer.write(f"{type_name}-layers", long, vocab, _layer_types(long, roles, type_name))
+                    deltas[_key(type_name, shape)] = probe(long_model, path, long * len(roles))
+            for type_name in wanted[head_shape]:
+                say(f"speed: {type_name} output matrix [{head_shape[0]}, {head_shape[1]}]")
+                path = writer.write(f"{type_name}-head", long, vocab, {_head_key(architecture): type_name})
+                deltas[_key(type_name, head_shape)] = probe(long_model, path, 1)
     return SpeedTable(
         machine=machine(threads),
         architecture=architecture,
@@ -497,16 +508,13 @@ def measure_table(
     )
 
 
-def table_path(
-    architecture: Architecture, types: Iterable[str], threads: int, prompt_tokens: int, decode_tokens: int
-) -> Path:
-    """Where the table for these settings is cached: one file per machine, llama.cpp build, threads, architecture,
-    probed types and token counts."""
+def table_path(architecture: Architecture, threads: int, prompt_tokens: int, decode_tokens: int) -> Path:
+    """Where the table for these settings is cached: one file per llama.cpp build, CPU, thread count, architecture
+    and token counts."""
     key = {
         "method": METHOD,
         "machine": machine(threads),
         "architecture": asdict(architecture),
-        "types": sorted(set(types)),
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
     }
@@ -524,16 +532,64 @@ def speed_table(
     progress: Callable[[str], None] | None = None,
     remeasure: bool = False,
 ) -> SpeedTable:
-    """The cached speed table for these settings, measured (`measure_table`) and stored first if there is none
-    (or `remeasure`). An unreadable cache file is measured again."""
+    """The cached speed table for these settings, holding at least `types` at every shape they fit: what the cache
+    lacks (all of it, without a readable cache file, or with `remeasure`) is measured (`measure_table`) and stored."""
     threads = threads or _threads()
     types = list(dict.fromkeys(types))
-    path = table_path(architecture, types, threads, prompt_tokens, decode_tokens)
+    path = table_path(architecture, threads, prompt_tokens, decode_tokens)
+    known = None
     if path.is_file() and not remeasure:
         try:
-            return SpeedTable.from_json(json.loads(path.read_text()))
+            known = SpeedTable.from_json(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError):
-            pass
-    table = measure_table(architecture, types, threads, prompt_tokens, decode_tokens, repeats, progress=progress)
+            known = None
+    missing = [
+        _key(name, shape)
+        for shape, names in probe_types(architecture, types).items()
+        for name in names
+        if known is None or _key(name, shape) not in known.deltas
+    ]
+    if known is not None and not missing:
+        return known
+    table = measure_table(
+        architecture, types, threads, prompt_tokens, decode_tokens, repeats, progress=progress, known=known
+    )
     write_text_atomically(path, json.dumps(table.to_json(), indent=1))
     return table
+
+
+def file_speed(
+    path: Path | str,
+    threads: int | None = None,
+    repeats: int = REPEATS,
+    prompt_tokens: int = PROMPT_TOKENS,
+    decode_tokens: int = DECODE_TOKENS,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """A GGUF file's prompt and decode tokens/s as llama.cpp runs it here (the median of `repeats` runs), beside
+    the speed model's prediction (measuring what the cached table lacks first) and its relative error; where the
+    file cannot be predicted (another architecture, a type the probes cannot write), `speed_note` says why."""
+    threads = threads or _threads()
+    with timing_model(path, threads, prompt_tokens, decode_tokens) as model:
+        measured = median_timing(measure_timing(model, prompt_tokens, decode_tokens, repeats))
+    result: dict[str, Any] = {
+        "threads": threads,
+        "speed_runs": repeats,
+        "speed_prompt_tokens": prompt_tokens,
+        "speed_decode_tokens": decode_tokens,
+        "measured_prompt_tps": prompt_tokens / measured.prompt_s,
+        "measured_decode_tps": 1.0 / measured.decode_s,
+    }
+    try:
+        architecture, tensors, layers = file_architecture(path)
+        types = {type_name for type_name, _ in tensors}
+        table = speed_table(architecture, types, threads, prompt_tokens, decode_tokens, repeats, progress)
+        predicted = table.predict(tensors, layers)
+    except ValueError as error:
+        return result | {"speed_note": f"no speed prediction: {error}"}
+    return result | {
+        "predicted_prompt_tps": predicted.prompt_tps,
+        "predicted_decode_tps": predicted.decode_tps,
+        "prompt_tps_error": predicted.prompt_tps / result["measured_prompt_tps"] - 1,
+        "decode_tps_error": predicted.decode_tps / result["measured_decode_tps"] - 1,
+    }

@@ -126,8 +126,9 @@ class GgufTarget(Target):
         new_tokens: int,
         dense: bool,
         against: Path | None = None,
+        threads: int | None = None,
     ) -> dict[str, Any]:
-        return evaluate_gguf(path, data, device, new_tokens, dense, against=against)
+        return evaluate_gguf(path, data, device, new_tokens, dense, n_threads=threads, against=against)
 
     def evaluation_lines(self, result: dict[str, Any]) -> list[str]:
         return gguf_evaluation_lines(result)
