@@ -23,7 +23,7 @@ from autocompress.targets.gguf.speed import Architecture, SpeedTable, file_archi
 from autocompress.targets.gguf.weights import GgufWeights
 from tests.conftest import require
 
-TINY = Architecture(hidden=64, intermediate=256, heads=4, kv_heads=2, head_dim=16, vocab=128, tied=True)
+TINY = Architecture(hidden=64, intermediate=256, heads=4, kv_heads=2, head_dim=16, vocab=128, tied=True, layers=2)
 
 
 def tiny_llama(tied: bool = True) -> LlamaForCausalLM:
@@ -91,6 +91,14 @@ def test_the_layer_matrices_are_probed_in_groups_of_one_shape() -> None:
     assert probed[(64, 64)] == probed[TINY.head_shape] == ["q8_0"]
 
 
+def test_probes_have_the_models_own_layer_count_unless_its_f16_layers_are_too_large() -> None:
+    smollm2 = Architecture(576, 1536, 9, 3, 64, 49152, tied=True, layers=30)
+    assert smollm2.probe_layers() == (7, 30)
+    seven_b = Architecture(4096, 11008, 32, 32, 128, 32000, tied=False, layers=32)  # 405 MB per F16 layer
+    assert seven_b.probe_layers() == (1, 5)
+    assert TINY.probe_layers() == (1, 2)
+
+
 def test_a_plans_matrices_are_its_units_types_and_shapes() -> None:
     model = tiny_llama(tied=True)
     weights = GgufWeights(model, "linear", lambda: {}, None, gguf_layout(model))
@@ -146,7 +154,7 @@ def test_a_probe_holds_its_type_in_every_layer_and_f16_elsewhere(tmp_path: Path)
     assert types["blk.2.ffn_gate.weight"] == "Q4_0" and types["blk.2.ffn_down.weight"] == "F16"
     assert types["token_embd.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
     architecture, _, layers = file_architecture(path)
-    assert layers == 3 and architecture == replace(TINY, vocab=speed.PROBE_VOCAB)
+    assert layers == 3 and architecture == replace(TINY, vocab=speed.PROBE_VOCAB, layers=3)
 
 
 def test_measuring_times_every_fitting_type_at_every_shape_and_caches_what_it_measured(

@@ -4,17 +4,19 @@ timings that llama.cpp itself produced, measured once per machine and cached.
 llama.cpp's Python bindings time no single operation, so the table is measured through llama.cpp's own loader and
 graph, on synthetic GGUF files (written by `file.write_gguf_tensors`) of the model's architecture (its widths,
 heads and vocabulary), and timed with llama.cpp's performance counters (`LlamaCppModel.timings`):
-- a layer: all-F16 files (the reference type) with `PROBE_LAYERS` = (2, 8) layers; the difference in time over the
-  difference in layer count is one layer's time (its matrices in F16, attention over the context, norms);
-- the output matrix: the 8-layer file against one with a tiny vocabulary; what is left of the 2-layer file's time
-  is the fixed part (embedding lookup, final norm, graph);
-- a tensor type at a shape: 8-layer files whose tensors of that shape (attn_q and attn_output, attn_k and attn_v,
+- a layer: all-F16 files (the reference type) with a quarter of the model's layers and with all of them
+  (`probe_layers`); the difference in time over the difference in layer count is one layer's time (its matrices in
+  F16, attention over the context, norms);
+- the output matrix: the long file against one with a tiny vocabulary; what is left of the short file's time is the
+  fixed part (embedding lookup, final norm, graph);
+- a tensor type at a shape: long files whose tensors of that shape (attn_q and attn_output, attn_k and attn_v,
   ffn_gate and ffn_up, ffn_down, as the widths group them; or the output matrix, or the tied embedding) are in that
   type and the rest F16; the paired difference from the all-F16 file over the count of such tensors is that type's
   time at that shape, relative to F16.
-Every probe but one has the model's own vocabulary, so that each token streams the F16 output matrix as well as its
-layers: a probe small enough to stay in the CPU's caches between tokens would time a matrix faster than the model,
-which streams every weight from memory, runs it.
+Every probe but one has the model's own vocabulary and layer count (up to `PROBE_BYTES` of F16 layers), so that
+each token streams as many weights as the model does: on this machine one F16 layer of SmolLM2 took 0.33 ms in a
+2-to-8-layer file, 0.35 ms from 8 to 16 layers and 0.38 ms from 16 to 30, and a probe small enough to stay in the
+CPU's caches between tokens would time a matrix faster than the model runs it.
 llama.cpp repacks some types at load for the CPU (q4_0, q4_K, iq4_nl and mxfp4 into interleaved layouts on AVX2,
 when the rows come in eights: `ggml-cpu/repack.cpp`); the probes load through the same loader, so the table
 holds the time of what llama.cpp runs, not of what the file stores.
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
     from autocompress.targets.gguf.weights import GgufWeights
 
 REFERENCE = "f16"  # every shape takes it; the types' times are differences from it
-PROBE_LAYERS = (2, 8)  # the layer counts whose difference times one layer
+PROBE_BYTES = 2 << 30  # the F16 layers of the longest probe, at most: the model's own layers where they fit
 PROBE_VOCAB = 32
 PROMPT_TOKENS = 64  # the prompt batch, and the context each decoded token attends over
 DECODE_TOKENS = 32
@@ -84,6 +86,7 @@ class Architecture:
     head_dim: int
     vocab: int
     tied: bool
+    layers: int
 
     @classmethod
     def of_config(cls, config) -> Architecture:
@@ -97,6 +100,7 @@ class Architecture:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             vocab=config.vocab_size,
             tied=bool(getattr(config, "tie_word_embeddings", False)),
+            layers=config.num_hidden_layers,
         )
 
     def role_shapes(self) -> dict[str, tuple[int, int]]:
@@ -119,6 +123,13 @@ class Architecture:
         for role, shape in self.role_shapes().items():
             groups.setdefault(shape, []).append(role)
         return groups
+
+    def probe_layers(self) -> tuple[int, int]:
+        """The layer counts of the short and long reference probes: the model's own count, fewer where its F16
+        layers would exceed `PROBE_BYTES`, and a quarter of that."""
+        layer_bytes = 2 * sum(out * columns for out, columns in self.role_shapes().values())
+        long = max(2, min(self.layers, PROBE_BYTES // layer_bytes))
+        return max(1, long // 4), long
 
     @property
     def head_shape(self) -> tuple[int, int]:
@@ -264,6 +275,7 @@ def file_architecture(path: Path | str) -> tuple[Architecture, list[tuple[str, t
         head_dim=int(value("llama.attention.key_length", hidden // heads)),
         vocab=shapes["token_embd.weight"][0],
         tied="output.weight" not in shapes,
+        layers=_layer_count(shapes),
     )
     tensors = [
         (tensor.tensor_type.name.lower(), shapes[tensor.name])
@@ -437,7 +449,7 @@ def measure_table(
     prompt_tokens: int = PROMPT_TOKENS,
     decode_tokens: int = DECODE_TOKENS,
     repeats: int = REPEATS,
-    layers: tuple[int, int] = PROBE_LAYERS,
+    layers: tuple[int, int] | None = None,
     progress: Callable[[str], None] | None = None,
     known: SpeedTable | None = None,
 ) -> SpeedTable:
@@ -445,7 +457,7 @@ def measure_table(
     description): every probe file written into a temporary folder, loaded and timed against its reference.
     With `known` (a table of the same settings), only the types at shapes it lacks are measured and added to it."""
     threads = threads or _threads()
-    short, long = layers
+    short, long = layers or architecture.probe_layers()
     if not 0 < short < long:
         raise ValueError(f"probe layer counts must be increasing and positive, got {layers}")
     say = progress or (lambda _text: None)
