@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 TOOLS_ENV = "AUTOCOMPRESS_LLAMA_CPP_BIN"  # a folder holding llama-quantize & co, before the cache and PATH
 NEW_TOKENS = 32  # generated per throughput measurement, as autocompress.evaluate does with transformers
 IMATRIX_DATASET = "autocompress calibration"
+TYPICAL_QUANTILE = 0.2
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 
 
@@ -177,7 +178,8 @@ class LlamaCppModel:
         On one thread, llama.cpp computes in the calling thread, so its CPU time is the time the computation took,
         whatever else the machine runs (wall-clock time on a shared machine also counts the other processes' turns);
         on several, llama.cpp's own performance counters (wall-clock, no Python in between). Each token is
-        synchronized, so that llama.cpp counts it as a decode step and not as part of a batch."""
+        synchronized, so that llama.cpp counts it as a decode step and not as part of a batch; the decode time is
+        a typical token's (`_typical`), the prompt's the batch's."""
         import llama_cpp
 
         if len(prompt) < 2 or len(prompt) + new_tokens > self.n_ctx:
@@ -191,17 +193,25 @@ class LlamaCppModel:
         self._llama.eval(list(prompt))
         llama_cpp.llama_synchronize(context)
         prompt_cpu = time.thread_time() - began
-        began = time.thread_time()
+        cpu, wall = [], []
         for step in range(new_tokens):
+            began, counted = time.thread_time(), llama_cpp.llama_perf_context(context).t_eval_ms
             self._llama.eval([prompt[step % len(prompt)]])
             llama_cpp.llama_synchronize(context)
-        decode_cpu = time.thread_time() - began
+            cpu.append(time.thread_time() - began)
+            wall.append((llama_cpp.llama_perf_context(context).t_eval_ms - counted) / 1e3)
         counters = llama_cpp.llama_perf_context(context)
         if counters.n_eval != new_tokens:
             raise RuntimeError(f"llama.cpp counted {counters.n_eval} decode steps, not {new_tokens}")
         if self.n_threads == 1:
-            return Timing(prompt_s=prompt_cpu, decode_s=decode_cpu / new_tokens)
-        return Timing(prompt_s=counters.t_p_eval_ms / 1e3, decode_s=counters.t_eval_ms / 1e3 / new_tokens)
+            return Timing(prompt_s=prompt_cpu, decode_s=_typical(cpu))
+        return Timing(prompt_s=counters.t_p_eval_ms / 1e3, decode_s=_typical(wall))
+
+
+def _typical(seconds: Sequence[float]) -> float:
+    """A decoded token's time: the 20th percentile of the tokens' times, since a busy machine's interference (its
+    caches and memory bandwidth taken by other processes) only ever adds time, and in bursts."""
+    return float(np.quantile(np.asarray(seconds), TYPICAL_QUANTILE))
 
 
 @dataclass(frozen=True)

@@ -332,8 +332,9 @@ def machine(threads: int) -> dict[str, Any]:
 
 def timing_model(path: Path | str, threads: int, prompt_tokens: int, decode_tokens: int) -> LlamaCppModel:
     """A GGUF file loaded for `measure_timing`: as llama.cpp serves (the last token's logits only), with a context
-    of exactly the prompt and the decoded tokens, as the table's probes are run."""
-    return LlamaCppModel(path, n_ctx=prompt_tokens + decode_tokens, n_threads=threads, logits_all=False)
+    of exactly the prompt and the decoded tokens, as the table's probes are run. The file is read into memory
+    rather than mapped, so that no timing counts the page faults of a mapping the kernel reclaimed meanwhile."""
+    return LlamaCppModel(path, n_ctx=prompt_tokens + decode_tokens, n_threads=threads, logits_all=False, use_mmap=False)
 
 
 def _prompt(model: LlamaCppModel, prompt_tokens: int) -> list[int]:
