@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -16,6 +17,11 @@ from autocompress.errors import UserError
 from autocompress.methods import PRUNERS, QUANTIZERS
 from autocompress.plan import CompressionPlan
 from autocompress.targets import EXPORT_FORMATS
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autocompress.record import StudyLocation
 
 
 def json_text(value: object) -> str:
@@ -72,15 +78,12 @@ def command_apply(args: argparse.Namespace) -> None:
 
 def parse_duration(text: str) -> float:
     """Seconds from '90', '90s', '30m', '8h' or '1d'."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    from autocompress.config import duration_seconds
+
     try:
-        seconds = float(number) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 90s, 30m, 8h") from None
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
-    return seconds
+        return duration_seconds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def study_location(name: str, args: argparse.Namespace):
@@ -120,6 +123,7 @@ def command_search(args: argparse.Namespace) -> None:
     print(
         f"study {location.name!r}: {len(study.trials)} trials in {location.storage_url}; outputs in {location.out_dir}"
     )
+    print_conclusion(study, location, config)
 
 
 def command_worker(args: argparse.Namespace) -> None:
@@ -185,6 +189,16 @@ def command_report(args: argparse.Namespace) -> None:
     open_session = (lambda: study_session(record.config, location.cache_dir)) if args.sensitivity else None
     html = write_html_report(study, location, study_sensitivity(study, StudyRecord.of(study), open_session))
     print(f"wrote {location.out_dir}/report.md, {html.name}, trials.csv, frontier.csv, pareto.png")
+    print_conclusion(study, location, record.config)
+
+
+def print_conclusion(study: optuna.Study, location: StudyLocation, config: Config) -> None:
+    """What the study's deployment target judges of its result (llama.cpp's verdict under a preset's size)."""
+    from autocompress.targets import target_named
+
+    lines = target_named(config.compression.target).conclude(study, location)
+    if lines:
+        print("\n".join(lines))
 
 
 def command_export(args: argparse.Namespace) -> None:

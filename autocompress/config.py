@@ -332,6 +332,19 @@ class GenerationsConfig(Section):
         return self
 
 
+def duration_seconds(text: str) -> float:
+    """Seconds from '90', '90s', '30m', '8h' or '1d'; ValueError (one line) for anything else."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"invalid duration {text!r}; use e.g. 90s, 30m, 8h") from None
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {text!r}")
+    return seconds
+
+
 def evenly_spaced(levels: list[float]) -> bool:
     steps = [high - low for low, high in itertools.pairwise(levels)]
     return all(abs(step - steps[0]) <= 1e-9 for step in steps)
@@ -360,6 +373,11 @@ class SearchConfig(Section):
     seed: int = 0
     seeds: Literal["levels", "grid", "none"] = "levels"
     n_trials: int = Field(40, ge=0)
+    timeout: float | None = Field(
+        None,
+        description="stop starting trials after this long, set-up excluded: seconds or a duration (90s, 30m, 8h); "
+        "`search --timeout` overrides it",
+    )
     max_failures: int = Field(5, ge=1, description="failed trials in a row after which the search stops")
     heartbeat_interval: int = Field(10, ge=1, description="seconds between heartbeats of a running trial (RDB)")
     grace_period: int = Field(60, ge=1, description="seconds without heartbeat before a trial is re-run (RDB)")
@@ -423,6 +441,11 @@ class SearchConfig(Section):
     structure: StructureConfig | None = Field(
         None, description="per-block FFN widths, key/value groups and removed blocks (llama.cpp's deci architecture)"
     )
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout_seconds(cls, timeout: object) -> object:
+        return duration_seconds(timeout) if isinstance(timeout, str) else timeout
 
     @field_validator("formats")
     @classmethod

@@ -103,6 +103,7 @@ def run_search(
     writes them later), so a machine without pandas and matplotlib can search.
     """
     n_trials = config.search.n_trials if n_trials is None else n_trials
+    timeout = config.search.timeout if timeout is None else timeout
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials; Optuna's lines would bury it
     session, space = study_session(config, location.cache_dir, progress)
     study, created = open_study(config, location, space, config.search.seed)

@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from autocompress.plan import GGUF_METHOD, parse_level
 
 if TYPE_CHECKING:
+    import optuna
     import torch
     from transformers import PreTrainedModel
 
     from autocompress.codecs import CompressedLinear
     from autocompress.config import CompressionConfig, Config, DataConfig
     from autocompress.plan import CompressionPlan
+    from autocompress.record import StudyLocation
     from autocompress.session import CompressionSession
     from autocompress.size import SizeReport
 
@@ -147,6 +149,11 @@ class Target(ABC):
     def check_model(self, config: Config) -> None:
         """Raise UserError (one line) for a level the model's Linears cannot take, reading its config only."""
         return None
+
+    def conclude(self, study: optuna.Study, location: StudyLocation) -> list[str]:
+        """After a search or `report`: write what the target's runtime judges of the study's result beside its
+        outputs, and return the lines to print (none by default)."""
+        return []
 
     @abstractmethod
     def weights(self, session: CompressionSession) -> Weights:

@@ -24,7 +24,10 @@ from autocompress.targets.gguf.preset_sizes import preset_ceiling, preset_names
 from autocompress.targets.gguf.weights import GgufWeights, check_config, preset_seeds, space_levels
 
 if TYPE_CHECKING:
+    import optuna
+
     from autocompress.config import CompressionConfig, Config, DataConfig
+    from autocompress.record import StudyLocation
     from autocompress.session import CompressionSession
 
 
@@ -132,6 +135,12 @@ class GgufTarget(Target):
 
     def evaluation_lines(self, result: dict[str, Any]) -> list[str]:
         return gguf_evaluation_lines(result)
+
+    def conclude(self, study: optuna.Study, location: StudyLocation) -> list[str]:
+        """Under a budget named by preset: the searched file against the preset's, judged by llama.cpp."""
+        from autocompress.targets.gguf.verdict import write_verdict
+
+        return write_verdict(study, location)
 
 
 def check_structure_levels(config: Config) -> None:

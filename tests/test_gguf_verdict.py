@@ -1,0 +1,92 @@
+"""The main job's verdict: a gguf study searched under a preset's size ends with llama.cpp's judgement of the searched
+file against the preset's (`targets.gguf.verdict`), the figures `evaluate --against` reports on the same files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from autocompress.config import Config
+from autocompress.targets.gguf.llama_cpp import llama_cpp_available
+from tests.conftest import CLI, require, tiny_study_config, write_yaml
+from tests.test_gguf_export import SEQ_LEN, bpe_tokenizer, tiny_model
+
+LEVELS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]
+
+
+def test_a_search_time_limit_is_read_from_the_config_in_seconds_or_as_a_duration(tmp_path: Path) -> None:
+    raw = tiny_study_config(tmp_path, tmp_path / "model")
+    assert Config.model_validate(raw | {"search": raw["search"] | {"timeout": "8m"}}).search.timeout == 480
+    assert Config.model_validate(raw | {"search": raw["search"] | {"timeout": 90}}).search.timeout == 90
+    with pytest.raises(ValueError, match="invalid duration '8 minutes'"):
+        Config.model_validate(raw | {"search": raw["search"] | {"timeout": "8 minutes"}})
+
+
+def test_a_search_under_a_preset_size_ends_with_llama_cpps_verdict_against_the_preset(tmp_path: Path) -> None:
+    """`search` writes verdict.md, verdict.csv and verdict.png, and prints the table; the three files are in
+    results/<study>/verdict/, and the searched file's figures equal `evaluate searched --against preset`'s; `report`
+    reprints the verdict without judging again while the searched trial stands."""
+    require(llama_cpp_available())
+    model_dir = tmp_path / "model"
+    tiny_model("mistral").save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
+    search = {"sparsity": [0.0], "bits": [16], "formats": LEVELS, "budget": {"size": "q4_k_m"}, "seeds": "none"}
+    raw = tiny_study_config(
+        tmp_path,
+        model_dir,
+        compression={"target": "gguf", "granularity": "linear"},
+        search=search | {"generations": generations, "loss": "kl", "n_trials": 14, "timeout": "5m"},
+    )
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 4}
+    config = write_yaml(tmp_path / "verdict.yaml", raw)
+    results = tmp_path / "results"
+    ran = subprocess.run([*CLI, "search", str(config), "--results", str(results), "--quiet"], capture_output=True)
+    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+    out = results / "verdict"
+    printed = ran.stdout.decode()
+    assert "| preset | searched | gap closed | 95% CI |" in printed
+    assert (out / "verdict.md").read_text().strip() in printed
+    assert (out / "verdict.png").stat().st_size > 0
+    with (out / "verdict.csv").open() as handle:
+        rows = {row["file"].split(" (")[0].split(",")[0]: row for row in csv.DictReader(handle)}
+    searched, preset, base = rows["searched"], rows["llama.cpp Q4_K_M"], rows["F16 base"]
+    folder = out / "verdict"
+    assert Path(searched["path"]) == folder / "searched" / "model.gguf"
+    assert Path(preset["path"]) == folder / "q4_k_m" / "model.gguf"
+    assert Path(base["path"]) == folder / "base-f16.gguf"
+    assert int(searched["size_bytes"]) <= int(preset["size_bytes"]) < int(base["size_bytes"])
+    assert searched["verdict"] in (
+        "beats the preset",
+        "loses to the preset",
+        "ties with the preset (the 95% interval spans zero)",
+    )
+    assert searched["verdict"].split(" (")[0] in (out / "verdict.md").read_text()
+
+    evaluated = subprocess.run(
+        [*CLI, "evaluate", searched["path"], "--against", preset["path"], "--json"],
+        capture_output=True,
+        check=True,
+    )
+    result = json.loads(evaluated.stdout)
+    compared = result["comparison"]
+    assert float(searched["heldout_ppl"]) == pytest.approx(result["heldout_ppl"], rel=1e-9)
+    assert float(preset["heldout_ppl"]) == pytest.approx(result["against"]["heldout_ppl"], rel=1e-9)
+    assert float(searched["heldout_mean_kld"]) == pytest.approx(result["heldout_mean_kld"], rel=1e-9)
+    assert float(searched["gap_closed"]) == pytest.approx(compared["gap_closed"], rel=1e-9)
+    assert float(searched["gap_closed_ci_low"]) == pytest.approx(compared["gap_closed_ci_low"], rel=1e-9)
+    assert float(searched["delta_nll_per_token"]) == pytest.approx(compared["nll_per_token"]["delta"], rel=1e-9)
+    assert int(searched["windows_better"]) == compared["nll_per_token"]["windows_lower"]
+
+    before = (out / "verdict.csv").stat().st_mtime_ns
+    reported = subprocess.run(
+        [*CLI, "report", "--study", "verdict", "--results", str(results), "--no-sensitivity"],
+        capture_output=True,
+        check=True,
+    )
+    assert "| preset | searched | gap closed | 95% CI |" in reported.stdout.decode()
+    assert (out / "verdict.csv").stat().st_mtime_ns == before
