@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from autocompress.config import Config
+from autocompress.config import Config, load_config
 from autocompress.targets.gguf.llama_cpp import llama_cpp_available
+from autocompress.targets.gguf.verdict import budget_preset
 from tests.conftest import CLI, require, tiny_study_config, write_yaml
 from tests.test_gguf_export import SEQ_LEN, bpe_tokenizer, tiny_model
 
@@ -24,6 +25,13 @@ def test_a_search_time_limit_is_read_from_the_config_in_seconds_or_as_a_duration
     assert Config.model_validate(raw | {"search": raw["search"] | {"timeout": 90}}).search.timeout == 90
     with pytest.raises(ValueError, match="invalid duration '8 minutes'"):
         Config.model_validate(raw | {"search": raw["search"] | {"timeout": "8 minutes"}})
+
+
+def test_the_main_job_searches_at_q4_k_ms_size_for_eight_minutes_without_the_source_grids_types() -> None:
+    config = load_config(Path(__file__).parents[1] / "search_spaces" / "smollm2-q4km.yaml")
+    assert budget_preset(config) == "q4_k_m" and config.search.generations is not None
+    assert config.search.timeout == 480
+    assert not {"q4_0", "q4_1"} & set(config.search.formats)
 
 
 def test_a_search_under_a_preset_size_ends_with_llama_cpps_verdict_against_the_preset(tmp_path: Path) -> None:
