@@ -34,6 +34,7 @@ CSV_FIELDS = (
     "file",
     "path",
     "trial",
+    "seed",
     "size_bytes",
     "heldout_ppl",
     "heldout_mean_kld",
@@ -141,6 +142,7 @@ def _judge(
         _row(f"llama.cpp {name}, our reproduction", judged["against"], reproduction.number),
         _row("searched", judged, chosen.number)
         | {
+            "seed": chosen.baseline or ("uniform" if chosen.seed else ""),
             "delta_nll_per_token": delta["delta"],
             "delta_ci_low": delta["ci_low"],
             "delta_ci_high": delta["ci_high"],
@@ -198,19 +200,29 @@ def verdict_lines(rows: list[dict[str, Any]], preset: str, config) -> list[str]:
     name = preset.upper()
     gap, low, high = (float(searched[key]) for key in ("gap_closed", "gap_closed_ci_low", "gap_closed_ci_high"))
     windows = int(searched["windows"])
+    seed = f" (seed: {searched['seed']})" if searched.get("seed") else ""
     lines = [
         f"# llama.cpp's verdict: the searched file against {name}",
         "",
         "| preset | searched | gap closed | 95% CI |",
         "|---|---|---|---|",
         f"| {name} (our reproduction): {_mb(reproduction)}, ppl {float(reproduction['heldout_ppl']):.3f} "
-        f"| trial {searched['trial']}: {_mb(searched)}, ppl {float(searched['heldout_ppl']):.3f} "
+        f"| trial {searched['trial']}{seed}: {_mb(searched)}, ppl {float(searched['heldout_ppl']):.3f} "
         f"| {gap:+.1%} | [{low:+.1%}, {high:+.1%}] |",
         "",
         f"**The searched file {searched['verdict']}**: held-out NLL per token "
         f"{float(searched['delta_nll_per_token']):+.5f} [{float(searched['delta_ci_low']):+.5f}, "
         f"{float(searched['delta_ci_high']):+.5f}] against {name}'s, lower on {searched['windows_better']} of "
         f"{windows} windows.",
+        *(
+            [
+                "",
+                f"The searched file is a seed the search started from ({searched['seed']}): in the time it had, no "
+                "generation found a plan with a lower fitness loss under the budget.",
+            ]
+            if searched.get("seed")
+            else []
+        ),
         "",
         "| file | size (bytes) | held-out ppl | mean KLD | 99.9% KLD | same top p |",
         "|---|---:|---:|---:|---:|---:|",
