@@ -296,7 +296,6 @@ def _plot(path: Path, rows: list[dict[str, Any]], preset: str) -> None:
         size, ppl = int(row["size_bytes"]) / 1e6, float(row["heldout_ppl"])
         axes.scatter([size], [ppl], s=60, color=colour, label=f"{row['file']}: {ppl:.3f}")
     axes.axhline(float(dense["heldout_ppl"]), color="black", linestyle=":", label="dense base (transformers)")
-    axes.set_xscale("log")
     axes.set_xlabel("file size (MB)")
     axes.set_ylabel("held-out perplexity (llama.cpp)")
     gap, low, high = (float(searched[key]) for key in ("gap_closed", "gap_closed_ci_low", "gap_closed_ci_high"))
