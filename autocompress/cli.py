@@ -338,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--beta", type=float, help="weight of Size (default: the study's)")
     frontier.add_argument("--max-size", help="only plans up to this size: bytes ('80MB') or a fraction ('0.5')")
     frontier.add_argument("--json", action="store_true", help="print JSON")
+    add_trust_arguments(frontier)
     frontier.set_defaults(run=command_frontier)
 
     report = commands.add_parser("report", help="write a study's outputs (trials.csv, frontier.csv, plots, report.md)")
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not measure the per-unit sensitivity profile for report.html (one evaluation per unit; "
         "a profile measured before is still shown)",
     )
+    add_trust_arguments(report)
     report.set_defaults(run=command_report)
 
     export = commands.add_parser(

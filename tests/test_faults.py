@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import autocompress.compress
 import autocompress.session
-from autocompress.cli import main
+from autocompress.cli import build_parser, main
 from autocompress.config import Config, size_limit
 from autocompress.errors import UserError
 from autocompress.models import file_digest, model_fingerprint, unit_names
@@ -505,3 +505,55 @@ def test_every_third_party_package_autocompress_imports_is_declared_with_its_flo
     for needed in ("numpy", "filelock", "optuna"):
         assert needed in names, needed
     assert "optuna>=5.0" in project["dependencies"]  # trial.set_constraint
+
+
+# Issue 23. 1. A study's storage names a model; it runs no code of that model's unless this command line says so.
+
+
+def tampered_study(tmp_path: Path, tiny_model_dir: Path, space_file) -> tuple[str, Path]:
+    """A finished study whose stored config was then edited, as anyone handing over a study.db could, to load a
+    folder whose config maps to its own Python (which leaves a marker file when imported) with remote code on."""
+    import optuna
+
+    out = tmp_path / "results"
+    main(["search", str(space_file()), "--study", "handed", "--results", str(out), "--n-trials", "2", "--quiet"])
+    folder = tmp_path / "remote-code-model"
+    shutil.copytree(tiny_model_dir, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    pass\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+    )
+    model_config = json.loads((folder / "config.json").read_text())
+    model_config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(model_config))
+    study = optuna.load_study(study_name="handed", storage=f"sqlite:///{out / 'handed' / 'study.db'}")
+    stored = study.user_attrs["autocompress:config"]
+    stored["model"] |= {"name": str(folder), "trust_remote_code": True}
+    study.set_user_attr("autocompress:config", stored)
+    return str(out), marker
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["export", "--trial", "0", "--out", "ARTIFACT"], ["report", "--no-sensitivity"], ["frontier"]],
+    ids=["export", "report", "frontier"],
+)
+def test_a_command_reading_a_stored_config_that_asks_for_remote_code_refuses_in_one_line_and_runs_none(
+    tmp_path: Path, tiny_model_dir: Path, space_file, command: list[str], capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AUTOCOMPRESS_TRUST_REMOTE_CODE", raising=False)
+    out, marker = tampered_study(tmp_path, tiny_model_dir, space_file)
+    arguments = [command[0], "--study", "handed", "--results", out] + [
+        str(tmp_path / "artifact") if word == "ARTIFACT" else word for word in command[1:]
+    ]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert "trust_remote_code" in lines[0] and "--trust-remote-code" in lines[0]
+    assert not marker.exists()
+    assert build_parser().parse_args([*arguments, "--trust-remote-code"]).trust_remote_code

@@ -23,6 +23,7 @@ from autocompress.allocation import (
 )
 from autocompress.config import Config, evenly_spaced
 from autocompress.errors import UserError
+from autocompress.models import check_consent
 from autocompress.plan import StudentArchitecture
 from autocompress.record import (
     StudyLocation,
@@ -333,10 +334,16 @@ def prepare_study(
 
 
 def load_existing(location: StudyLocation) -> tuple[optuna.Study, StudyRecord]:
-    """An existing study and its record."""
+    """An existing study and its record, whose config every command that loads the study's model uses.
+
+    The config comes from the study's storage, which anyone who handed you the study.db (or can write to a shared
+    database) may have written: it is refused here, the one door a stored config comes through, when it would switch
+    on remote code or unpickling that this command line did not (`check_consent`)."""
     if location.storage_url.startswith("sqlite:///") and not Path(location.storage_url[10:]).is_file():
         raise UserError(f"no study storage at {location.storage_url[10:]}; run `autocompress search` first")
     study = load_study(location.name, open_storage(location.storage_url))
     if not is_autocompress_study(study):
         raise UserError(f"study {location.name!r} was not created by autocompress")
-    return study, StudyRecord.of(study)
+    record = StudyRecord.of(study)
+    check_consent(record.config.model, f"study {location.name!r}'s storage")
+    return study, record

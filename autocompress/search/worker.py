@@ -18,7 +18,6 @@ import sys
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autocompress.models import check_consent
 from autocompress.record import StudyLocation
 from autocompress.search.runner import complete_count, run_search
 from autocompress.search.study import load_existing
@@ -51,10 +50,9 @@ def run_worker(
     """Join the existing study at `location` and run trials until it holds `n_trials` complete ones.
 
     The study's model config comes from its storage, which anyone with access to it may have written: a worker
-    refuses to switch on remote code or unpickling unless its own command line does (`check_consent`)."""
+    refuses to switch on remote code or unpickling unless its own command line does (`load_existing`)."""
     _study, record = load_existing(location)
     config = record.config
-    check_consent(config.model, f"study {location.name!r}'s storage")
     log = TrialLog()
     study = run_search(config, location, n_trials=n_trials, timeout=timeout, progress=progress, callbacks=[log])
     print(log.summary(study), flush=True)
