@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import gguf
 import torch
+from pydantic import ValidationError
 
-from autocompress.config import DataConfig, ModelConfig
+from autocompress.config import DataConfig, ModelConfig, describe_validation_error
 from autocompress.data import token_pools
 from autocompress.errors import UserError
 from autocompress.evaluate import (
@@ -33,6 +33,7 @@ from autocompress.evaluate import (
     divergence_figures,
     generation_speed,
 )
+from autocompress.gguf_reader import read_gguf
 from autocompress.metrics import TokenValues, dense_reference, evaluate
 from autocompress.models import check_consent, load_model, resolve_device
 from autocompress.targets.artifact import MANIFEST_FILE
@@ -55,11 +56,18 @@ def gguf_file(path: Path | str) -> Path | None:
 
 
 def read_provenance(path: Path) -> dict[str, Any]:
-    """What the exporter recorded in the file (study, trial, data config, base model, predicted figures)."""
-    fields = gguf.GGUFReader(path).fields
-    if PROVENANCE_KEY not in fields:
+    """What the exporter recorded in the file (study, trial, data config, base model, predicted figures), read
+    from a validated header (`read_gguf`); a UserError for a file or a provenance that is malformed."""
+    text = read_gguf(path).fields.get(PROVENANCE_KEY)
+    if text is None:
         return {}
-    return json.loads(fields[PROVENANCE_KEY].contents())
+    try:
+        provenance = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        provenance = None
+    if not isinstance(provenance, dict):
+        raise UserError(f"{path}: its {PROVENANCE_KEY} is not a JSON object")
+    return provenance
 
 
 def _predicted(provenance: dict[str, Any]) -> dict[str, Any]:
@@ -99,20 +107,23 @@ def evaluate_gguf(
     other = None if against is None else gguf_file(against)
     if against is not None and other is None:
         raise UserError(f"--against {against}: not a .gguf file nor a folder holding {GGUF_FILE}")
+    provenance = read_provenance(file)  # the files checked before anything else is
+    recorded = provenance or (read_provenance(other) if other is not None else {})  # a preset file records none
+    source = file if provenance or other is None else other
+    try:
+        if data is None:
+            if "data" not in recorded:
+                raise UserError(f"{source}: no data config in its autocompress.provenance; pass --data CONFIG.yaml")
+            data = DataConfig.model_validate(recorded["data"])
+        if "base_model" not in recorded:
+            raise UserError(f"{source}: no base model in its {PROVENANCE_KEY}, so its windows cannot be tokenized")
+        base = ModelConfig.model_validate(recorded["base_model"])
+    except ValidationError as error:
+        raise UserError(f"{source}: its {PROVENANCE_KEY}: {describe_validation_error(error)}") from error
+    check_consent(base, f"{source}'s {PROVENANCE_KEY}")  # the file names the model to load: it must not run code
     unavailable = llama_cpp_available()
     if unavailable is not None:
         raise UserError(f"evaluate {file}: {unavailable}")
-    provenance = read_provenance(file)
-    recorded = provenance or (read_provenance(other) if other is not None else {})  # a preset file records none
-    source = file if provenance or other is None else other
-    if data is None:
-        if "data" not in recorded:
-            raise UserError(f"{source}: no data config in its autocompress.provenance; pass --data CONFIG.yaml")
-        data = DataConfig.model_validate(recorded["data"])
-    if "base_model" not in recorded:
-        raise UserError(f"{source}: no base model in its autocompress.provenance, so its windows cannot be tokenized")
-    base = ModelConfig.model_validate(recorded["base_model"])
-    check_consent(base, f"{source}'s {PROVENANCE_KEY}")  # the file names the model to load: it must not run code
     target = resolve_device(device or base.device)
     dense_model, tokenizer = load_model(**base.model_copy(update={"device": str(target)}).model_dump())
     tokens = token_pools(data, tokenizer).heldout
