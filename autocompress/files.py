@@ -2,22 +2,62 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how Rust writers (safetensors) report a failed system call
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full: no trial can succeed until space is freed."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL
+
+
+def as_os_error(error: Exception, path: Path) -> Exception:
+    """`error` as the OSError it reports: safetensors raises its own error type for a failed write, naming the
+    system's error code only in its message, so a full disk would not read as one."""
+    found = None if isinstance(error, OSError) else _OS_ERROR_CODE.search(str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def sync_directory(folder: Path) -> None:
+    """Make a rename inside `folder` durable: without it, a power cut can undo the rename after it returned."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
 
 def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Let `write` fill a temporary file beside `path` (given its name), then rename it over `path`."""
+    """Let `write` fill a temporary file beside `path` (given its name), flush it to disk, then rename it over
+    `path`: a reader, a kill or a power cut sees the old file or the new one, never half of one. A full disk is an
+    OSError with ENOSPC whatever library wrote the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(descriptor)
     os.chmod(temporary, 0o644)
     try:
-        write(temporary)
+        try:
+            write(temporary)
+            with open(temporary, "rb+") as written:
+                os.fsync(written.fileno())
+        except Exception as error:
+            translated = as_os_error(error, path)
+            if translated is error:
+                raise
+            raise translated from error
         os.replace(temporary, path)
+        sync_directory(path.parent)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

@@ -51,7 +51,7 @@ StatisticsProvider = Callable[[set[Statistic], str], LayerStatistics]  # (needs,
 
 
 def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file under a temporary name, then rename: readers never see half a file."""
+    """Write a safetensors file as `write_atomically` does: readers never see half a file, a full disk is ENOSPC."""
     contiguous = {key: value.contiguous() for key, value in tensors.items()}
     write_atomically(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
 

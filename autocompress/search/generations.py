@@ -39,6 +39,7 @@ import optuna
 from optuna.trial import TrialState
 
 from autocompress.allocation import BudgetGrid, SizeCeiling, uniform_allocation
+from autocompress.files import is_disk_full
 from autocompress.metrics import Metrics
 from autocompress.plan import CompressionPlan
 from autocompress.record import StudyRecord, TrialRecord, add_scored_trial, planned_params
@@ -124,6 +125,7 @@ class GenerationSearch:
         self.plans = 0  # plans this process scored (on a first stage at least)
         self.recorded = 0  # trials this process recorded
         self.failures_in_a_row = 0
+        self.stopped: str | None = None  # why it stopped after failures in a row, once it has
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._read_up_to = 0  # trials before this position are finished and read
         self._read: set[int] = set()
@@ -249,12 +251,12 @@ class GenerationSearch:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the {self.objective.config.search.loss} loss is not finite ({loss})")
         except Exception as error:  # a plan that cannot be scored drops out of its generation, as a failed trial would
+            if is_disk_full(error):  # but no plan can be scored until space is freed
+                raise
             self.failures_in_a_row += 1
             if self.failures_in_a_row >= self.max_failures:
-                print(
-                    f"autocompress: stopping after {self.max_failures} failed scores in a row; the last: "
-                    f"{failure_reason(error)}",
-                    flush=True,
+                self.stopped = f"stopped after {self.max_failures} failed scores in a row; the last: " + failure_reason(
+                    error
                 )
             return False
         self.failures_in_a_row = 0

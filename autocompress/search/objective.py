@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
 from autocompress.config import Config, DistillationConfig
+from autocompress.files import is_disk_full
 from autocompress.frontier import frontier_of
 from autocompress.metrics import Metrics
 from autocompress.models import student_config
@@ -98,6 +99,12 @@ class Objective:
         self.space = space
         self.max_bytes = max_bytes
         self.stages = stage_windows(len(session.pools.fitness), config.search.stage_fractions())
+        self.disk_full: OSError | None = None  # what failed a trial for want of space: the search stops on it
+
+    def raise_if_disk_full(self) -> None:
+        """Raise the full disk a trial met, once the search loop has stopped and recorded that trial's failure."""
+        if self.disk_full is not None:
+            raise self.disk_full
 
     def loss_of(self, metrics: Metrics) -> float:
         return metrics.kl if self.config.search.loss == "kl" else metrics.ce
@@ -130,6 +137,8 @@ class Objective:
             raise
         except Exception as error:
             context.writer.write(fail_reason=failure_reason(error))
+            if is_disk_full(error):
+                self.disk_full = error
             raise
         outcome = self.outcome(metrics, measured.size, measured.stitch_s, measured.eval_s)
         if len(measured.stages) > 1:
