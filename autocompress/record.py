@@ -178,8 +178,8 @@ def add_scored_trial(
     study.add_trial(trial)
 
 
-def seed_of(trial: optuna.Trial) -> bool:
-    """Whether a running trial is an enqueued seed (a uniform plan or a baseline)."""
+def seed_of(trial: optuna.Trial | FrozenTrial) -> bool:
+    """Whether a trial is an enqueued seed (a uniform plan or a baseline)."""
     return bool(trial.user_attrs.get("seed", False))
 
 
@@ -187,6 +187,20 @@ def planned_params(trial: FrozenTrial) -> Params:
     """A trial's parameters, or, for a seed enqueued and not yet run, those it was enqueued with (which Optuna keeps
     in a system attribute until the trial starts)."""
     return trial.params or trial.system_attrs.get("fixed_params", {})
+
+
+def enqueued_params(trial: FrozenTrial) -> Params:
+    """The parameters a trial was enqueued with (which Optuna keeps in a system attribute), else those it was given:
+    a seed's plan even when it failed before suggesting them."""
+    return trial.system_attrs.get("fixed_params", trial.params)
+
+
+SEED_FIELDS = ("seed", "baseline", "baselines", "budget")
+
+
+def seed_fields(trial: FrozenTrial) -> dict[str, Any]:
+    """The user attributes that make `trial` a seed (see `seed_attrs`), to enqueue it again with."""
+    return {key: trial.user_attrs[key] for key in SEED_FIELDS if key in trial.user_attrs}
 
 
 def seed_attrs(baselines: Iterable[str] = (), budget: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -231,7 +245,7 @@ class StudyRecord(BaseModel):
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:
         attrs = study.user_attrs
-        if _CONFIG not in attrs:
+        if _SPACE not in attrs:
             raise KeyError(f"study {study.study_name!r} was not created by autocompress")
         dense_bytes = attrs.get(_DENSE_BYTES)
         if dense_bytes is None:  # a study made before dense bytes were stored: every scored trial implies them
@@ -264,18 +278,29 @@ class StudyRecord(BaseModel):
 
 
 def is_autocompress_study(study: optuna.Study) -> bool:
-    return _CONFIG in study.user_attrs
+    """Whether autocompress finished creating `study`: its search space is written last (`record_created`)."""
+    return _SPACE in study.user_attrs
+
+
+def creation_interrupted(study: optuna.Study) -> bool:
+    """Whether autocompress began creating `study` and was stopped before it finished."""
+    return _CONFIG in study.user_attrs and _SPACE not in study.user_attrs
 
 
 def stored_fingerprint(study: optuna.Study) -> str | None:
     return study.user_attrs.get(_SPACE)
 
 
-def record_creation(study: optuna.Study, config: Config, fingerprint: str, units: list[str]) -> None:
-    """What a new study is: its search space (which a resume must match), config and units."""
-    study.set_user_attr(_SPACE, fingerprint)
+def record_creation(study: optuna.Study, config: Config, units: list[str]) -> None:
+    """What a new study is: its config and units. The study counts as created only once `record_created` marks
+    it, after its seeds: a creation stopped anywhere before is done again, whole, by the next run."""
     study.set_user_attr(_CONFIG, config.model_dump(mode="json"))
     study.set_user_attr(_UNITS, units)
+
+
+def record_created(study: optuna.Study, fingerprint: str) -> None:
+    """The mark of a study created whole: its search space, which a resume must match, written last."""
+    study.set_user_attr(_SPACE, fingerprint)
 
 
 def record_dense_bytes(study: optuna.Study, dense_bytes: int) -> None:

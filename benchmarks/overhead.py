@@ -88,7 +88,7 @@ from optuna.trial import TrialState
 from autocompress.allocation import BudgetGrid, uniform_allocation
 from autocompress.config import Config, load_config
 from autocompress.metrics import Metrics
-from autocompress.record import StudyRecord, record_creation, record_unit_sizes, seed_attrs
+from autocompress.record import StudyRecord, record_created, record_creation, record_unit_sizes, seed_attrs
 from autocompress.search.evolution import level_switches
 from autocompress.search.generations import GenerationSearch
 from autocompress.search.objective import Objective
@@ -404,9 +404,10 @@ def create_study(kind: str, url: str | None, config, space: SearchSpace, name: s
         sampler=sampler_for(config, search.seed),
         pruner=study_pruner(config),
     )
-    record_creation(study, config, space.fingerprint(), space.units)
+    record_creation(study, config, space.units)
     for params in space.seeds():
         study.enqueue_trial(params, user_attrs=seed_attrs(), skip_if_exists=True)
+    record_created(study, space.fingerprint())
     return study
 
 

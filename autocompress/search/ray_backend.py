@@ -59,7 +59,7 @@ from autocompress.search.objective import Objective, failure_reason
 from autocompress.search.runner import ProgressBar, StopAfterFailures, complete_count
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import MAX_RETRIES
-from autocompress.search.study import open_study, prepare_study, sampler_for, study_session
+from autocompress.search.study import check_before_loading, open_study, prepare_study, sampler_for, study_session
 
 # RAY_AIR_NEW_OUTPUT=0: with verbose=0 Tune prints nothing; our bar shows the study's progress
 RAY_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"}
@@ -499,6 +499,7 @@ def run_ray_search(
         raise UserError("--cpus-per-trial, --gpus-per-trial and --max-failures cannot be negative")
     n_trials = config.search.n_trials if n_trials is None else n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_before_loading(config, location)
     if not progress:
         logging.getLogger("ray").setLevel(logging.WARNING)
     started = connect(address, quiet=not progress)

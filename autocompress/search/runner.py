@@ -3,6 +3,7 @@ finished trials, then held-out judging of the frontier and the study's outputs."
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -13,12 +14,20 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from autocompress.config import Config
+from autocompress.errors import UserError
 from autocompress.frontier import frontier_of
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord, scored_records
 from autocompress.search.generations import GenerationSearch
 from autocompress.search.heldout import heldout_pending, judge_pending
 from autocompress.search.objective import Objective, OptunaTrialContext
-from autocompress.search.study import open_study, prepare_study, sampler_for, study_session
+from autocompress.search.study import (
+    check_before_loading,
+    check_budget,
+    open_study,
+    prepare_study,
+    sampler_for,
+    study_session,
+)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward n_trials: pruned ones too (staged fitness)
 
@@ -71,6 +80,7 @@ class StopAfterFailures:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_a_row = 0
+        self.stopped: str | None = None  # why the search stopped, once it has
 
     def failed(self, record: TrialRecord) -> bool:
         """Count `record`; whether the search must stop now."""
@@ -78,7 +88,7 @@ class StopAfterFailures:
         if self.in_a_row < self.limit:
             return False
         reason = record.fail_reason or "no reason recorded"
-        print(f"autocompress: stopping after {self.limit} failed trials in a row; the last: {reason}", flush=True)
+        self.stopped = f"stopped after {self.limit} failed trials in a row; the last: {reason}"
         return True
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -105,7 +115,9 @@ def run_search(
     n_trials = config.search.n_trials if n_trials is None else n_trials
     timeout = config.search.timeout if timeout is None else timeout
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials; Optuna's lines would bury it
+    check_before_loading(config, location)
     session, space = study_session(config, location.cache_dir, progress)
+    check_budget(session, space)
     study, created = open_study(config, location, space, config.search.seed)
     seed = config.search.seed if created else config.search.seed + os.getpid()
     if not created:  # another process's sampler must not replay this one's suggestions
@@ -119,17 +131,22 @@ def run_search(
             if config.search.generations is not None:
                 run_generations(study, objective, n_trials, timeout, seed, bar, callbacks)
             else:
-                study.optimize(
-                    objective,
-                    timeout=timeout,
-                    catch=(Exception,),
-                    callbacks=[
-                        optuna.study.MaxTrialsCallback(n_trials, states=FINISHED),
-                        StopAfterFailures(config.search.max_failures),
-                        bar,
-                        *callbacks,
-                    ],
-                )
+                failures = StopAfterFailures(config.search.max_failures)
+                with StopOnAFullDisk(objective) as disk_full:
+                    study.optimize(
+                        objective,
+                        timeout=timeout,
+                        catch=(Exception,),
+                        callbacks=[
+                            optuna.study.MaxTrialsCallback(n_trials, states=FINISHED),
+                            failures,
+                            disk_full,
+                            bar,
+                            *callbacks,
+                        ],
+                    )
+                if failures.stopped is not None:  # raised after the outputs of what was scored are written
+                    raise UserError(f"study {study.study_name!r} {failures.stopped}")
     finally:
         bar.close()
         judge_pending(study, session, space, heldout_pending(study, space, max_bytes))
@@ -138,6 +155,32 @@ def run_search(
 
             write_outputs(study, location)
     return study
+
+
+class StopOnAFullDisk:
+    """A callback that stops the study once a trial failed for want of disk space (every later trial would too),
+    used as a context that drops Optuna's own lines on that trial (a traceback): the command says it in one line."""
+
+    LOGGER = "optuna.study._optimize"
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+
+    def filter(self, _record: logging.LogRecord) -> bool:
+        return self.objective.disk_full is None
+
+    def __enter__(self) -> StopOnAFullDisk:
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_exception: object) -> None:
+        logging.getLogger(self.LOGGER).removeFilter(self)
+        if kind is None:
+            self.objective.raise_if_disk_full()
+
+    def __call__(self, study: optuna.Study, _trial: FrozenTrial) -> None:
+        if self.objective.disk_full is not None:
+            study.stop()
 
 
 def run_generations(
@@ -151,7 +194,7 @@ def run_generations(
 ) -> GenerationSearch:
     """A generations search (`search.generations`): the enqueued seeds (baselines) first, as trials of their own
     through Optuna's loop (heartbeats and retries included), then generations until the study holds `n_trials`
-    finished trials or `timeout` seconds pass."""
+    finished trials or `timeout` seconds pass; a UserError when it stops after `max_failures` in a row."""
     deadline = time.monotonic() + (math.inf if timeout is None else timeout)
 
     def seeds_waiting(study: optuna.Study) -> bool:
@@ -168,13 +211,20 @@ def run_generations(
         context.is_seed = True
         return objective.score(objective.space.plan_for(trial), context)
 
+    # A seed whose process was killed stays RUNNING until its heartbeat is found stale, which Optuna checks only
+    # when a trial starts: check now, so that the retry is WAITING before seeds are looked for.
+    optuna.storages.fail_stale_trials(study)
     if seeds_waiting(study):
-        study.optimize(
-            score_to_the_end,
-            timeout=timeout,
-            catch=(Exception,),
-            callbacks=[StopAfterFailures(objective.config.search.max_failures), bar, *callbacks, stop_without_seeds],
-        )
+        failures = StopAfterFailures(objective.config.search.max_failures)
+        with StopOnAFullDisk(objective) as disk_full:
+            study.optimize(
+                score_to_the_end,
+                timeout=timeout,
+                catch=(Exception,),
+                callbacks=[failures, disk_full, bar, *callbacks, stop_without_seeds],
+            )
+        if failures.stopped is not None:
+            raise UserError(f"study {study.study_name!r} {failures.stopped}")
     search = GenerationSearch(study, objective, seed)
     search.run(n_trials, deadline, on_recorded=lambda count: bar.add(study, count))
     if search.evaluations:
@@ -183,4 +233,6 @@ def run_generations(
             f"{search.recorded} of them as trials",
             flush=True,
         )
+    if search.stopped is not None:
+        raise UserError(f"study {study.study_name!r} {search.stopped}")
     return search

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 import warnings
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -14,6 +16,7 @@ import sqlalchemy
 from filelock import FileLock
 from optuna.distributions import distribution_to_json
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -22,6 +25,11 @@ from autocompress.errors import UserError
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 MAX_RETRIES = 3
 TABLE_CREATION_ATTEMPTS = 4
+
+
+def masked_url(url: str) -> str:
+    """`url` with the password of its user (postgresql://user:PASSWORD@host/db) replaced by ***, for printing."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def default_storage_url(study_dir: Path) -> str:
@@ -61,6 +69,27 @@ class StudyStorage(RDBStorage):
             for key, value in template_trial.user_attrs.items()
         )
         return trial
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (running, their last heartbeat older than the grace period), and running trials
+        with no heartbeat at all that started longer than the grace period ago: a process killed before its
+        heartbeat thread's first write leaves such a trial, which Optuna would leave RUNNING forever."""
+        from optuna.storages._rdb import models
+
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = timedelta(seconds=self.grace_period or 2 * self.heartbeat_interval)
+        with _create_scoped_session(self.scoped_session, True) as session:
+            silent = (
+                session.query(models.TrialModel)
+                .filter(models.TrialModel.state == TrialState.RUNNING)
+                .filter(models.TrialModel.study_id == study_id)
+                .filter(~models.TrialModel.heartbeats.any())
+                .all()
+            )
+            # Optuna stamps a trial's start with this machine's local clock, not the database's
+            started = {trial.trial_id: trial.datetime_start for trial in silent}
+        now = datetime.now()
+        return stale + [trial_id for trial_id, start in started.items() if start is not None and now - start > grace]
 
 
 class SQLiteStorage(StudyStorage):
@@ -120,11 +149,17 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             # Workers started together on a new database race to create its tables; the loser's DDL is rolled
             # back, and the tables are there when it looks again.
             if attempt == TABLE_CREATION_ATTEMPTS:
-                raise UserError(f"storage {url!r} cannot be opened: {str(error).splitlines()[0]}") from error
+                raise unopenable(url, error) from error
             time.sleep(0.5 * attempt)
             attempt += 1
         except Exception as error:  # SQLAlchemy raises many types for bad URLs and unreachable servers
-            raise UserError(f"storage {url!r} cannot be opened: {str(error).splitlines()[0]}") from error
+            raise unopenable(url, error) from error
+
+
+def unopenable(url: str, error: BaseException) -> UserError:
+    """The one line for a storage that cannot be opened, its password masked (the driver's message may quote it)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(f"storage {masked_url(url)!r} cannot be opened: {masked_url(reason)}")
 
 
 def load_study(name: str, storage: BaseStorage) -> optuna.Study:

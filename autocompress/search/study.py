@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 from filelock import FileLock
+from optuna.trial import FrozenTrial, TrialState
 
 from autocompress.allocation import (
     BudgetGrid,
@@ -28,13 +29,18 @@ from autocompress.plan import StudentArchitecture
 from autocompress.record import (
     StudyLocation,
     StudyRecord,
+    creation_interrupted,
+    enqueued_params,
     is_autocompress_study,
     record_baselines,
+    record_created,
     record_creation,
     record_database,
     record_dense_bytes,
     record_unit_sizes,
     seed_attrs,
+    seed_fields,
+    seed_of,
     stored_fingerprint,
 )
 from autocompress.search.evolution import BudgetEvolutionSampler
@@ -87,6 +93,44 @@ def study_pruner(config: Config) -> optuna.pruners.BasePruner:
     )
 
 
+CHANGED_SPACE = (
+    "study {name!r} was created with a different search space (model, data, compression, levels or objective); "
+    "resume it with the config it was created with, or use a new --study name"
+)
+
+
+def check_before_loading(config: Config, location: StudyLocation) -> None:
+    """What a search can check before its model loads (which takes minutes for a large one): that its storage
+    opens, and that a study of its name, if there is one, was created with this search space (its units as
+    stored: the model config that determines them is part of the space)."""
+    search = config.search
+    storage = open_storage(location.storage_url, search.heartbeat_interval, search.grace_period)
+    if location.name not in {summary.study_name for summary in optuna.get_all_study_summaries(storage)}:
+        return
+    stored = stored_fingerprint(optuna.load_study(study_name=location.name, storage=storage))
+    if stored is None:
+        return
+    described = json.loads(stored)
+    if SearchSpace(config, described["units"], described.get("unit_levels")).fingerprint() != stored:
+        raise UserError(CHANGED_SPACE.format(name=location.name))
+
+
+def check_budget(session: CompressionSession, space: SearchSpace) -> None:
+    """Refuse a budget that no plan can meet before the study is created: created, its name would hold the
+    impossible budget, and the corrected config would be refused as another search space."""
+    budget = space.config.search.budget
+    if budget is None:
+        return
+    if budget.dimension == "size":
+        study_size_ceiling(session, space)
+        return
+    sizes = unit_sizes(session.linears, space.config.compression.granularity)
+    try:
+        BudgetGrid(space.units, space.config.search.levels(budget.dimension), budget.average, sizes)
+    except ValueError as error:
+        raise UserError(f"search.budget: {error}") from error
+
+
 def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed: int) -> tuple[optuna.Study, bool]:
     """Create the study (seeded with uniform plans) or resume it; refuse a changed search space.
 
@@ -107,16 +151,14 @@ def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed
             pruner=study_pruner(config),
         )
         stored = stored_fingerprint(study)
-        if stored is None:
-            record_creation(study, config, space.fingerprint(), space.units)
+        if stored is None:  # new, or its creation was stopped part-way: done again, each step idempotent
+            record_creation(study, config, space.units)
             for params in space.seeds():
                 study.enqueue_trial(params, user_attrs=seed_attrs(), skip_if_exists=True)
+            record_created(study, space.fingerprint())
             return study, True
     if stored != space.fingerprint():
-        raise UserError(
-            f"study {location.name!r} was created with a different search space (model, data, compression, "
-            "levels or objective); resume it with the config it was created with, or use a new --study name"
-        )
+        raise UserError(CHANGED_SPACE.format(name=location.name))
     if [direction.name.lower() for direction in study.directions] != directions:
         raise UserError(f"study {location.name!r} has other objectives than this config's {search.objective!r}")
     return study, False
@@ -331,6 +373,26 @@ def prepare_study(
     if precomputed is not None:
         print(f"autocompress: {precomputed}", flush=True)
     enqueue_baselines(study, session, space, location, ceiling)
+    requeue_failed_seeds(study, location)
+
+
+def requeue_failed_seeds(study: optuna.Study, location: StudyLocation) -> None:
+    """Enqueue once more each seed whose trial failed (a full disk, an out-of-memory error) and that no other trial
+    runs again: the seeds are a study's reference plans, which no sampler proposes again. A seed that fails for good
+    costs one trial per run."""
+    with FileLock(location.out_dir / ".study.lock"):
+        trials = study.get_trials(deepcopy=False)
+        planned = {plan_key(trial) for trial in trials if trial.state != TrialState.FAIL}
+        for trial in trials:
+            if trial.state != TrialState.FAIL or not seed_of(trial) or plan_key(trial) in planned:
+                continue
+            study.enqueue_trial(enqueued_params(trial), user_attrs=seed_fields(trial))
+            planned.add(plan_key(trial))
+
+
+def plan_key(trial: FrozenTrial) -> str:
+    """A trial's plan as text: the parameters it was enqueued with, else those it was given."""
+    return json.dumps(enqueued_params(trial), sort_keys=True)
 
 
 def load_existing(location: StudyLocation) -> tuple[optuna.Study, StudyRecord]:
@@ -342,6 +404,11 @@ def load_existing(location: StudyLocation) -> tuple[optuna.Study, StudyRecord]:
     if location.storage_url.startswith("sqlite:///") and not Path(location.storage_url[10:]).is_file():
         raise UserError(f"no study storage at {location.storage_url[10:]}; run `autocompress search` first")
     study = load_study(location.name, open_storage(location.storage_url))
+    if creation_interrupted(study):
+        raise UserError(
+            f"study {location.name!r} was stopped while being created; run `autocompress search` with its config "
+            "to finish creating it"
+        )
     if not is_autocompress_study(study):
         raise UserError(f"study {location.name!r} was not created by autocompress")
     record = StudyRecord.of(study)
