@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
@@ -86,6 +86,24 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def trial_count(text: str) -> int:
+    """A number of trials: a whole number, 0 or more."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative, got {text!r}")
+    return count
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument mistakes in one line with exit 2, as every other mistake: the usage is one --help away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"autocompress: error: {message} (see {self.prog} --help)\n")
+
+
 def study_location(name: str, args: argparse.Namespace):
     from autocompress.search import StudyLocation
 
@@ -97,6 +115,7 @@ RAY_FLAGS = ("address", "gpus_per_trial", "cpus_per_trial", "concurrency", "max_
 
 def command_search(args: argparse.Namespace) -> None:
     from autocompress.search import run_search
+    from autocompress.search.storage import masked_url
 
     config = load_config(args.config)
     location = study_location(args.study or Path(args.config).stem, args)
@@ -121,7 +140,8 @@ def command_search(args: argparse.Namespace) -> None:
             raise UserError(f"--{given[0].replace('_', '-')} goes with --backend ray")
         study = run_search(config, location, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet)
     print(
-        f"study {location.name!r}: {len(study.trials)} trials in {location.storage_url}; outputs in {location.out_dir}"
+        f"study {location.name!r}: {len(study.trials)} trials in {masked_url(location.storage_url)}; "
+        f"outputs in {location.out_dir}"
     )
     print_conclusion(study, location, config)
 
@@ -283,7 +303,7 @@ def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autocompress", description=__doc__)
+    parser = OneLineParser(prog="autocompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     apply = commands.add_parser("apply", help="compress with one plan and compare with the dense model")
@@ -303,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="run or resume a study over per-layer compression plans")
     search.add_argument("config", help="search space YAML (model, data, compression, search)")
     add_study_arguments(search, study_required=False)
-    search.add_argument("--n-trials", type=int, help="stop once the study holds this many complete trials")
+    search.add_argument("--n-trials", type=trial_count, help="stop once the study holds this many complete trials")
     search.add_argument("--timeout", type=parse_duration, help="stop starting trials after this long (90s, 30m, 8h)")
     search.add_argument("--quiet", action="store_true", help="no progress bars")
     add_trust_arguments(search)
@@ -326,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_study_arguments(worker, study_required=True)
     worker.add_argument("--n-workers", type=int, default=1, help="worker processes on this machine (default: 1)")
-    worker.add_argument("--n-trials", type=int, help="stop once the study holds this many complete trials")
+    worker.add_argument("--n-trials", type=trial_count, help="stop once the study holds this many complete trials")
     worker.add_argument("--timeout", type=parse_duration, help="stop starting trials after this long (90s, 30m, 8h)")
     worker.add_argument("--quiet", action="store_true", help="no progress bars")
     add_trust_arguments(worker)

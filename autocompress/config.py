@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -340,8 +341,8 @@ def duration_seconds(text: str) -> float:
         seconds = float(number) * units[unit]
     except ValueError:
         raise ValueError(f"invalid duration {text!r}; use e.g. 90s, 30m, 8h") from None
-    if seconds <= 0:
-        raise ValueError(f"duration must be positive, got {text!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"duration must be positive and finite, got {text!r}")
     return seconds
 
 
@@ -741,6 +742,8 @@ def load_config(path: str | Path) -> Config:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise UserError(f"config {path}: cannot read it ({error.strerror or error})") from error
+    except UnicodeDecodeError as error:
+        raise UserError(f"config {path}: not a text file (byte {error.start} is not UTF-8)") from error
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

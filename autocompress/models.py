@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from autocompress.errors import UserError
+from autocompress.gguf_reader import read_gguf
 
 if TYPE_CHECKING:
     from autocompress.config import ModelConfig
@@ -44,12 +45,19 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device `device` names, checked to be usable here (a UserError otherwise, before any model loads)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as error:
         raise UserError(f"model.device: unknown device {device!r}") from error
+    try:
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as error:  # torch built without that backend, or no such device
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model.device: {device!r} cannot be used on this machine ({reason})") from error
+    return resolved
 
 
 def embedded_gguf() -> Path:
@@ -93,6 +101,7 @@ def gguf_model_folder(path: Path) -> Path:
 
 def converted_gguf(gguf: Path, folder: Path, label: str) -> Path:
     """Convert the GGUF file into `folder` (written aside, then renamed into place whole)."""
+    read_gguf(gguf)  # transformers reads GGUF with the `gguf` package, which trusts the header it is given
     print(f"Converting {label} from GGUF into {folder} (once)...", file=sys.stderr)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -149,6 +158,7 @@ def load_model(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise UserError(f"model.dtype: unknown dtype {dtype!r}")
+    target = resolve_device(device)  # before the weights load
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     model_kwargs: dict = {}
     safetensors_only = not pickle_allowed(allow_pickle)
@@ -173,7 +183,7 @@ def load_model(
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hint = " (only safetensors weights are read unless --allow-pickle)" if model_kwargs else ""
         raise UserError(f"model {name!r} cannot be loaded: {first_line}{hint}") from error
-    model.to(resolve_device(device)).eval()
+    model.to(target).eval()
     return model, tokenizer
 
 
