@@ -81,7 +81,13 @@ def staged_write(out_dir: Path, write: Callable[[Path], None]) -> Path:
 
 
 def _replace_folder(staging: Path, out_dir: Path) -> None:
-    """Move the finished `staging` folder to `out_dir`, replacing what is there."""
+    """Move the finished `staging` folder to `out_dir`, replacing what is there; its files are flushed to disk
+    first, so that a power cut after the rename cannot leave the new folder's names with missing contents."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            with path.open("rb+") as written:
+                os.fsync(written.fileno())
+    sync_directory(staging)
     if out_dir.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
         out_dir.rename(trash / out_dir.name)
@@ -89,3 +95,4 @@ def _replace_folder(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         staging.rename(out_dir)
+    sync_directory(out_dir.parent)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -32,11 +33,23 @@ from autocompress.distillation import (
     distill,
 )
 from autocompress.errors import UserError
+from autocompress.files import write_atomically
 from autocompress.models import compressible_linears, student_config, unit_names
 from autocompress.plan import CompressionPlan, StudentArchitecture
 
+log = logging.getLogger(__name__)
+
 # (training step, KL to the teacher on the fitness pool); may raise to stop the training (a pruner's verdict)
 ReportCallback = Callable[[int, float], None]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A SHA-256 of a model's parameters and buffers (names and bytes), to tell a cached model from a changed one."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def teacher_shape(config) -> dict[str, int]:
@@ -125,12 +138,9 @@ class StudentTrainer:
     ) -> tuple[PreTrainedModel, list[tuple[int, float]]]:
         """The dense student of `shape`, distilled to the end (from the disk cache when it was before)."""
         path = self._cache_path(shape)
-        if path is not None and path.is_file():
-            dtype = next(self.teacher.parameters()).dtype
-            student = AutoModelForCausalLM.from_config(student_config(self.teacher.config, shape), dtype=dtype)
-            load_model(student, path, device=str(next(self.teacher.parameters()).device))
-            curve = json.loads(path.with_suffix(".json").read_text())["curve"]
-            return student.eval(), [tuple(point) for point in curve]
+        cached = None if path is None else self._cached(path, shape)
+        if cached is not None:
+            return cached
         architecture = StudentArchitecture(**shape)
         student = build_student(self.teacher, architecture, self.importance())
         curve: list[tuple[int, float]] = []
@@ -144,12 +154,29 @@ class StudentTrainer:
         options = distillation_options(self.settings, self.seq_len)
         distill(student, self.teacher, self.calibration, options, eval_tokens=self.fitness, on_eval=report)
         if path is not None:  # only a student trained to the end is kept: a stopped one is not this shape's best
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may train one shape at once
-            save_model(student, str(temporary))
-            path.with_suffix(".json").write_text(json.dumps({"shape": shape, "curve": curve}))
-            temporary.replace(path)
+            metadata = {"curve": json.dumps(curve), "sha256": weights_digest(student)}  # one file, written whole
+            write_atomically(path, lambda temporary: save_model(student, temporary, metadata=metadata))
         return student, curve
+
+    def _cached(self, path: Path, shape: dict[str, int]) -> tuple[PreTrainedModel, list[tuple[int, float]]] | None:
+        """The student of `shape` distilled before and its KD curve, or None when none is stored, or the stored one
+        is unreadable or changed since it was written (its weights' digest differs): then it is trained again."""
+        if not path.is_file():
+            return None
+        dtype = next(self.teacher.parameters()).dtype
+        student = AutoModelForCausalLM.from_config(student_config(self.teacher.config, shape), dtype=dtype)
+        try:
+            with safe_open(path, "pt") as stored:
+                metadata = stored.metadata() or {}
+            load_model(student, path, device=str(next(self.teacher.parameters()).device))
+            curve = [tuple(point) for point in json.loads(metadata["curve"])]
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            log.warning("student cache %s is unreadable (%s); distilling it again", path, error)
+            return None
+        if metadata.get("sha256") != weights_digest(student):
+            log.warning("student cache %s changed since it was written; distilling it again", path)
+            return None
+        return student.eval(), curve
 
     def realize(self, plan: CompressionPlan, on_report: ReportCallback | None = None) -> TrainedModel:
         """Apply a plan that trains: distil (or copy the teacher) → prune → recover → quantize."""

@@ -132,6 +132,20 @@ def _artifact_tensors(
     return tensors, layers, tied, dense
 
 
+def is_our_provenance(record: object) -> bool:
+    """Whether `record` (an autocompress.json) is what `export` writes beside a Hugging Face or compressed-tensors
+    folder (its format, the base model and the versions that wrote it), not any JSON object of that name."""
+    if not isinstance(record, dict):
+        return False
+    versions = record.get("versions")
+    return (
+        record.get("format") in ("hf", "compressed-tensors")
+        and isinstance(record.get("base_model"), dict)
+        and isinstance(versions, dict)
+        and isinstance(versions.get("autocompress"), str)
+    )
+
+
 def written_by_us(folder: Path) -> bool:
     """Whether `folder` holds an earlier export and nothing else of note: our manifest.json (compressed),
     autocompress.json (a Hugging Face folder) or a model.gguf carrying our provenance, and no sub-folder."""
@@ -143,12 +157,12 @@ def written_by_us(folder: Path) -> bool:
         if (folder / MANIFEST_FILE).is_file():
             return json.loads((folder / MANIFEST_FILE).read_text()).get("format") == FORMAT
         if (folder / PROVENANCE_FILE).is_file():
-            return isinstance(json.loads((folder / PROVENANCE_FILE).read_text()), dict)
+            return is_our_provenance(json.loads((folder / PROVENANCE_FILE).read_text()))
         if (folder / GGUF_FILE).is_file():
-            import gguf
+            from autocompress.gguf_reader import read_gguf
 
-            return "autocompress.provenance" in gguf.GGUFReader(folder / GGUF_FILE).fields
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a JSON object, not GGUF
+            return "autocompress.provenance" in read_gguf(folder / GGUF_FILE).fields
+    except (OSError, ValueError, AttributeError, UserError):  # unreadable, not JSON, not a JSON object, not GGUF
         return False
     return False
 

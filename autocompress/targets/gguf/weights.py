@@ -44,6 +44,7 @@ from autocompress.plan import GGUF_LEVELS
 from autocompress.size import SizeReport
 from autocompress.targets.base import PresetSeed, Weights
 from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fits, tensor_bytes
+from autocompress.targets.gguf.file import FAMILIES
 from autocompress.targets.gguf.presets import preset_types
 from autocompress.targets.gguf.quantize import quantize_rows
 
@@ -97,7 +98,11 @@ def gguf_tensors(model: nn.Module, granularity: str) -> list[UnitTensor]:
     The model may live on the meta device: only names and shapes are read, so the space can be checked before
     any weight is loaded."""
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    family = FAMILIES.get(type(model).__name__)
+    if family is None:
+        known = ", ".join(sorted(FAMILIES))
+        raise UserError(f"target gguf: llama.cpp's converter writes {known}, not {type(model).__name__}")
+    names = gguf.get_tensor_name_map(family.arch, config.num_hidden_layers)
     found = []
     for linear in compressible_linears(model):
         gguf_name = names.get_name(f"{linear.name}.weight", try_suffixes=(".weight",))
