@@ -7,7 +7,12 @@ file that does not read back whole). `tests/test_faults.py` runs them small; thi
 (a 30-trial study killed 10 times, on SQLite and, when a server is there, PostgreSQL) and writes
 `results/benchmarks/faults.csv`.
 
-    python benchmarks/faults.py [--n-trials 30] [--kills 10] [--storage postgresql+psycopg2://...]
+    python benchmarks/faults.py [--n-trials 30] [--kills 10] [--storage postgresql+psycopg2://...] [--kinds ...]
+
+Besides, kills at exact lines (between the writes that create a study, between its seed enqueues, during a
+generations search's seed), a full disk under the study's caches (a small tmpfs where this process may mount one),
+and a fuzz pass of malformed GGUF files given to `evaluate` and as a model, each to end in one line and exit 2
+within a memory bound.
 """
 
 from __future__ import annotations
@@ -287,6 +292,315 @@ def lock_the_study_database(space: Path, out: Path, n_trials: int, hold_s: float
     return FaultRun(f"locked-study-database-{hold_s:g}s", 1, int(survived), lost, time.perf_counter() - began)
 
 
+KILLER = """
+import importlib, os, signal, sys
+target, k = sys.argv[1], int(sys.argv[2])
+module, _, attribute = target.partition(":")
+owner_path, _, name = attribute.rpartition(".")
+owner = importlib.import_module(module)
+for part in filter(None, owner_path.split(".")):
+    owner = getattr(owner, part)
+real, calls = getattr(owner, name), [0]
+def killed_at_the_kth_call(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(owner, name, killed_at_the_kth_call)
+from autocompress.cli import main
+main(sys.argv[3:])
+"""
+
+
+def killed_at(target: str, k: int, arguments: list[str]) -> bool:
+    """Run the CLI with `arguments`, SIGKILLed just before the k-th call of `target` ('module:Class.method');
+    whether the kill happened (the command did not reach that call otherwise)."""
+    process = subprocess.run(
+        [sys.executable, "-c", KILLER, target, str(k), *arguments], capture_output=True, text=True, timeout=600
+    )
+    if process.returncode != -signal.SIGKILL:
+        print(f"{target} was not called {k} times: exit {process.returncode}; {process.stderr[-500:]}")
+    return process.returncode == -signal.SIGKILL
+
+
+def seed_plans_not_complete(url: str, study: str) -> int:
+    """Seed plans (uniform or baseline) of the study with no complete trial."""
+    trials = optuna.load_study(study_name=study, storage=url).get_trials()
+    seeds = {seed_plan(trial) for trial in trials if trial.user_attrs.get("seed")}
+    return len(seeds - {seed_plan(trial) for trial in trials if trial.state == TrialState.COMPLETE})
+
+
+def seed_plan(trial: optuna.trial.FrozenTrial) -> str:
+    """A trial's plan as text: the parameters it was enqueued with, else those it was given."""
+    return json.dumps(trial.system_attrs.get("fixed_params", trial.params), sort_keys=True)
+
+
+def kill_at_exact_lines(
+    kind: str, space: Path, out: Path, n_trials: int, points: list[tuple[str, int]], seeds: int
+) -> FaultRun:
+    """SIGKILL `autocompress search` just before the k-th call of each (target, k) in `points`, each on a fresh
+    study, then run it again: the study must be completed with all of its `seeds` seed plans scored once, nothing
+    duplicated, every stored file whole, and `frontier` must read it."""
+    began = time.perf_counter()
+    injected = survived = lost = 0
+    for target, k in points:
+        study = f"line-{uuid.uuid4().hex[:8]}"
+        url = storage_url(out, study, None)
+        command = search_command(space, out, study, n_trials, None)
+        if not killed_at(target, k, command[len(CLI) :]):
+            continue
+        injected += 1
+        before = completed(url, study)
+        time.sleep(2.5)  # past the tiny study's grace period: a killed trial is stale and re-run
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        frontier = subprocess.run(
+            [*CLI, "frontier", "--study", study, "--results", str(out)], capture_output=True, text=True
+        )
+        after = completed(url, study)
+        missing = seed_plans_not_complete(url, study) if finished.returncode == 0 else seeds
+        trials = optuna.load_study(study_name=study, storage=url).get_trials()
+        seeded = len({seed_plan(trial) for trial in trials if trial.user_attrs.get("seed")})
+        damage = lost_trials(before, after) + duplicated_trials(url, study) + broken_files(out / study) + missing
+        ok = finished.returncode == 0 and frontier.returncode == 0 and len(after) >= n_trials and seeded >= seeds
+        lost += damage
+        survived += ok and damage == 0
+    return FaultRun(kind, injected, survived, lost, time.perf_counter() - began)
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size: str = "4k") -> Iterator[bool]:
+    """A tmpfs of `size` mounted on `folder` while the context lasts, grown to 256 MiB by `grow_filesystem`;
+    yields False (mounting nothing) where this process may not mount one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]).returncode == 0
+    )
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def grow_filesystem(folder: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,size=256m", str(folder)], check=True)
+
+
+@contextlib.contextmanager
+def safetensors_writes_fail_for_want_of_space() -> Iterator[None]:
+    """Every safetensors write of the caches fails as safetensors reports a full disk, a file begun."""
+    import autocompress.variants
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with mock.patch.object(autocompress.variants, "save_file", save_file):
+        yield
+
+
+def fill_the_disk_while_caching(space: Path, out: Path, n_trials: int) -> FaultRun:
+    """The study's cache folder sits on a full disk (a 4 KiB tmpfs where this process can mount one, else every
+    safetensors write fails as on a full disk) while trials compute and cache what they need: the command stops at
+    the first such trial with one line and exit 2, and once space is freed the next run completes the study with
+    every seed plan scored (the failed seeds re-run)."""
+    from autocompress.cli import main
+
+    began = time.perf_counter()
+    study = f"full-cache-{uuid.uuid4().hex[:8]}"
+    url = storage_url(out, study, None)
+    arguments = ["search", str(space), "--study", study, "--results", str(out), "--n-trials", str(n_trials), "--quiet"]
+    cache = out / study / "cache"
+    with small_filesystem(cache) as mounted:
+        if mounted:
+            full = subprocess.run([*CLI, *arguments], capture_output=True, text=True, timeout=600)
+            code, text = full.returncode, full.stderr
+        else:
+            code = None
+            with safetensors_writes_fail_for_want_of_space(), contextlib.redirect_stderr(_Capture()) as stderr:
+                try:
+                    main(arguments)
+                except SystemExit as exit_info:
+                    code = exit_info.code
+            text = stderr.text
+        lines = text.strip().splitlines()
+        refused = code == 2 and len(lines) == 1 and "no space left" in lines[0]
+        lost = broken_files(out / study)
+        if mounted:
+            grow_filesystem(cache)
+        finished = subprocess.run([*CLI, *arguments], capture_output=True, text=True, timeout=600)
+        lost += broken_files(out / study)
+    if finished.returncode != 0 or len(completed(url, study)) < n_trials or seed_plans_not_complete(url, study):
+        lost += 1
+    kind = "disk-full-cache-" + ("tmpfs" if mounted else "injected")
+    return FaultRun(kind, 1, int(refused and lost == 0), lost, time.perf_counter() - began)
+
+
+HUGE_COUNTS = (2**62, 2**63 - 1, 2**64 - 1, 2**32 + 1, 2**40)
+FUZZ_PROVENANCE = "autocompress.provenance"
+
+
+def fuzz_base_gguf(path: Path, provenance: str | None = None, provenance_as_int: bool = False) -> bytes:
+    """A small, valid GGUF file the way an export writes one (metadata, a vocabulary array, our provenance, two
+    tensors), whose base model is a folder that does not exist: a file that survives every check ends in that
+    one-line error, or in llama.cpp's absence."""
+    import gguf
+    import numpy as np
+
+    if provenance is None:
+        data = {"source": "embedded", "seq_len": 32, "calibration": 2, "fitness": 2, "heldout": 2}
+        provenance = json.dumps(
+            {"study": "fuzz", "trial": 0, "data": data, "base_model": {"name": "/nonexistent/base-model"}}
+        )
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("fuzz")
+    writer.add_uint32("fuzz.count", 7)
+    writer.add_float32("fuzz.scale", 0.5)
+    writer.add_array("fuzz.tokens", ["<s>", "</s>", "a", "bc", "def"])
+    writer.add_array("fuzz.ids", [1, 2, 3, 4, 5, 6, 7])
+    if provenance_as_int:
+        writer.add_uint32(FUZZ_PROVENANCE, 12)
+    else:
+        writer.add_string(FUZZ_PROVENANCE, provenance)
+    writer.add_tensor("fuzz.weight", np.arange(128, dtype=np.float32).reshape(4, 32))
+    writer.add_tensor("fuzz.bias", np.ones(32, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def mutated_ggufs(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` malformed GGUF files: cut short, counts and lengths made huge, value, element and tensor types
+    made wrong, dimensions and offsets out of range, bytes of the header flipped, and provenance that is not JSON,
+    not an object, of the wrong type or with fields of the wrong type; besides a text file and an empty file."""
+    import struct
+
+    chance = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = fuzz_base_gguf(folder / "base.gguf")
+    header_end = base.index(b"fuzz.bias") + 64  # the tensor infos end soon after the last name
+
+    def after(name: bytes) -> int:
+        return base.index(name) + len(name)
+
+    counts = [8, 16]  # the tensor count, the key-value count
+    counts += [base.index(key) - 8 for key in (b"fuzz.count", b"fuzz.tokens", b"fuzz.ids", FUZZ_PROVENANCE.encode())]
+    counts += [after(b"fuzz.tokens") + 8, after(b"fuzz.ids") + 8]  # array lengths
+    counts += [after(FUZZ_PROVENANCE.encode()) + 4, after(b"fuzz.weight") + 4]  # a string's length, a dimension
+    types = [after(key) for key in (b"fuzz.count", b"fuzz.scale", b"fuzz.tokens", b"fuzz.ids")]
+    types += [after(b"fuzz.tokens") + 4, after(b"fuzz.ids") + 4]  # element types
+    tensor_fields = [after(b"fuzz.weight"), after(b"fuzz.weight") + 4 + 16, after(b"fuzz.bias") + 4 + 8]
+    tensor_fields += [after(b"fuzz.bias") + 4 + 8 + 4]  # n_dims, the weight's and bias's type, the bias's offset
+    bad_provenance = [
+        "not json {",
+        "[1, 2, 3]",
+        '"a string"',
+        "",
+        json.dumps({"data": {"seq_len": "long"}, "base_model": {"name": "/nonexistent/base-model"}}),
+        json.dumps({"data": {"source": "embedded", "seq_len": 32}, "base_model": "not an object"}),
+        json.dumps({"data": {"source": "embedded", "seq_len": 32}}),
+        json.dumps({"data": 7, "base_model": {"name": 3}}),
+        json.dumps({"data": {"source": "embedded"}, "base_model": {"name": "/x", "trust_remote_code": True}}),
+    ]
+    files: list[bytes] = [b"this is a text file, not a model\n", b""]
+    for index, text in enumerate(bad_provenance):
+        files.append(fuzz_base_gguf(folder / f"provenance-{index}.gguf", text))
+    files.append(fuzz_base_gguf(folder / "provenance-int.gguf", provenance_as_int=True))
+    utf8 = bytearray(base)
+    utf8[after(FUZZ_PROVENANCE.encode()) + 4 + 8 + 2] = 0xFF  # invalid UTF-8 inside the provenance string
+    files.append(bytes(utf8))
+    kinds = ["truncate", "count", "type", "tensor", "flip"]
+    while len(files) < count:
+        kind = kinds[len(files) % len(kinds)]
+        data = bytearray(base)
+        if kind == "truncate":
+            data = data[: chance.randrange(0, len(base))]
+        elif kind == "count":
+            struct.pack_into("<Q", data, chance.choice(counts), chance.choice(HUGE_COUNTS))
+        elif kind == "type":
+            struct.pack_into("<I", data, chance.choice(types), chance.choice([9, 8, 12, 13, 255, 2**31, 7]))
+        elif kind == "tensor":
+            struct.pack_into("<I", data, chance.choice(tensor_fields), chance.choice([5, 99, 2**31, 2**32 - 1, 40]))
+        else:
+            for _ in range(chance.randint(1, 4)):
+                data[chance.randrange(0, header_end)] = chance.randrange(256)
+        if bytes(data) != base:
+            files.append(bytes(data))
+    paths = []
+    for index, data in enumerate(files[:count]):
+        path = folder / f"mutated-{index:03d}.gguf"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+FUZZ_RUNNER = """
+import contextlib, io, json, resource, sys
+from autocompress.cli import main
+import autocompress.runtimes.gguf_evaluation, autocompress.evaluate  # everything imported before the bound
+with open("/proc/self/status") as status:
+    virtual = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+bound = virtual + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (bound, bound))
+command, config = sys.argv[2], json.loads(sys.argv[3])
+for path in sys.argv[4:]:
+    stderr, code = io.StringIO(), None
+    arguments = ["evaluate", path, "--no-dense"]
+    if command == "apply":  # the file as the model a config names
+        with open(path + ".yaml", "w") as written:
+            json.dump(config | {"model": {"name": path, "device": "cpu"}}, written)
+        arguments = ["apply", path + ".yaml"]
+    try:
+        with contextlib.redirect_stderr(stderr):
+            main(arguments)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    except BaseException as error:
+        stderr.write(f"uncaught {type(error).__name__}: {error}\\nmore\\n")
+        code = -1
+    print(json.dumps({"path": path, "code": code, "stderr": stderr.getvalue()}), flush=True)
+"""
+
+
+def fuzz_gguf_headers(
+    folder: Path, count: int = 200, seed: int = 0, memory_bound: int = 2**30, config: dict | None = None
+) -> FaultRun:
+    """`count` malformed GGUF files (`mutated_ggufs`) each given to `autocompress evaluate` (or, with a study
+    `config`, to `autocompress apply` as its model), in one process whose address space may grow by only
+    `memory_bound` bytes past what its imports take: each must end in one line and exit 2. What does not is
+    written to stdout."""
+    began = time.perf_counter()
+    paths = mutated_ggufs(folder, count, seed)
+    command = "evaluate" if config is None else "apply"
+    process = subprocess.run(
+        [sys.executable, "-c", FUZZ_RUNNER, str(memory_bound), command, json.dumps(config or {}), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    results = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
+    survived = 0
+    for result in results:
+        lines = result["stderr"].strip().splitlines()
+        if result["code"] == 2 and len(lines) == 1 and lines[0].startswith("autocompress: error:"):
+            survived += 1
+        else:
+            print(f"not one line and exit 2: {result['path']}: {result['code']}: {result['stderr'][-300:]}")
+    if len(results) < len(paths):
+        print(f"the fuzzing process stopped after {len(results)} files: {process.stderr[-500:]}")
+    return FaultRun(f"gguf-header-fuzz-{command}", len(paths), survived, 0, time.perf_counter() - began)
+
+
+EARLIER_KINDS = ("sigkill", "disk-full-variants", "corrupted-cache", "locked-study-database", "truncated-artifact")
+LINE_KINDS = ("kill-between-creation-writes", "kill-between-seed-enqueues", "kill-during-generation-seed")
+NEW_KINDS = (*LINE_KINDS, "disk-full-cache", "gguf-header-fuzz")
+UNIFORM_SEEDS = 5  # the tiny space's sparsity levels at 16 bits and bit-widths unpruned, (0, 16) once
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-trials", type=int, default=30)
@@ -294,7 +608,16 @@ def main() -> None:
     parser.add_argument(
         "--storage", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test", help="'' to skip PostgreSQL"
     )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=[*EARLIER_KINDS, *NEW_KINDS],
+        default=[*EARLIER_KINDS, *NEW_KINDS],
+        help="fault kinds to run; their rows replace those of the same kinds in the CSV, the others are kept",
+    )
+    parser.add_argument("--fuzz-files", type=int, default=200, help="mutated GGUF files per fuzz pass")
     args = parser.parse_args()
+    kinds = set(args.kinds)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
@@ -315,22 +638,77 @@ def main() -> None:
         space = write_yaml(work / "space.yaml", study_config)
         database = study_config | {"search": study_config["search"] | {"database": "on"}}
         variant_space = write_yaml(work / "variants.yaml", database)
-        runs.append(kill_at_random_moments(space, work / "sqlite", args.n_trials, args.kills, seed=0))
-        if args.storage and postgres_available():
-            runs.append(kill_at_random_moments(space, work / "pg", args.n_trials, args.kills, 1, args.storage))
-        runs.append(fill_the_disk_while_building_variants(variant_space, work / "full", 6))
-        runs.append(corrupt_caches(space, work / "corrupt", 6))
-        runs.append(lock_the_study_database(space, work / "locked", 6, hold_s=5))
-        runs.append(lock_the_study_database(space, work / "locked-long", 6, hold_s=90))
-        artifact = work / "artifact"
-        subprocess.run(search_command(space, work / "export", "e", 3, None), check=True, capture_output=True)
-        subprocess.run(
-            [*CLI, "export", "--study", "e", "--results", str(work / "export"), "--trial", "0", "--out", str(artifact)],
-            check=True,
-            capture_output=True,
-        )
-        runs.append(truncate_an_artifact(artifact, space))
+        if "sigkill" in kinds:
+            runs.append(kill_at_random_moments(space, work / "sqlite", args.n_trials, args.kills, seed=0))
+            if args.storage and postgres_available():
+                runs.append(kill_at_random_moments(space, work / "pg", args.n_trials, args.kills, 1, args.storage))
+        if "disk-full-variants" in kinds:
+            runs.append(fill_the_disk_while_building_variants(variant_space, work / "full", 6))
+        if "corrupted-cache" in kinds:
+            runs.append(corrupt_caches(space, work / "corrupt", 6))
+        if "locked-study-database" in kinds:
+            runs.append(lock_the_study_database(space, work / "locked", 6, hold_s=5))
+            runs.append(lock_the_study_database(space, work / "locked-long", 6, hold_s=90))
+        if "truncated-artifact" in kinds:
+            artifact = work / "artifact"
+            subprocess.run(search_command(space, work / "export", "e", 3, None), check=True, capture_output=True)
+            subprocess.run(
+                [
+                    *CLI,
+                    "export",
+                    "--study",
+                    "e",
+                    "--results",
+                    str(work / "export"),
+                    "--trial",
+                    "0",
+                    "--out",
+                    str(artifact),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            runs.append(truncate_an_artifact(artifact, space))
+        generations = study_config | {
+            "search": study_config["search"]
+            | {
+                "sparsity": [0.1, 0.2, 0.3, 0.4, 0.5],
+                "bits": [16],
+                "budget": {"sparsity": 0.3},
+                "generations": {"offspring": 2, "stages": [0.5, 1.0], "survivors": [2, 1]},
+            }
+        }
+        points = {
+            "kill-between-creation-writes": (
+                space,
+                8,
+                [("optuna.study.study:Study.set_user_attr", k) for k in (1, 2, 3)],
+            ),
+            "kill-between-seed-enqueues": (
+                space,
+                8,
+                [("optuna.study.study:Study.enqueue_trial", k) for k in (2, 3, 4, 5)],
+            ),
+            "kill-during-generation-seed": (
+                write_yaml(work / "generations.yaml", generations),
+                6,
+                [("autocompress.search.objective:Objective.score", k) for k in (1, 2, 3)],
+            ),
+        }
+        for kind in LINE_KINDS:
+            if kind in kinds:
+                kind_space, n_trials, kills = points[kind]
+                seeds = UNIFORM_SEEDS if kind_space == space else 2
+                runs.append(kill_at_exact_lines(kind, kind_space, work / kind, n_trials, kills, seeds))
+        if "disk-full-cache" in kinds:
+            runs.append(fill_the_disk_while_caching(space, work / "full-cache", 8))
+        if "gguf-header-fuzz" in kinds:
+            runs.append(fuzz_gguf_headers(work / "fuzz-evaluate", args.fuzz_files))
+            runs.append(fuzz_gguf_headers(work / "fuzz-apply", args.fuzz_files, seed=1, config=study_config))
     frame = pd.DataFrame([asdict(run) for run in runs])
+    if RESULTS.is_file():  # the rows of kinds not run now are kept
+        earlier = pd.read_csv(RESULTS)
+        frame = pd.concat([earlier[~earlier["kind"].isin(frame["kind"])], frame], ignore_index=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(RESULTS, index=False, float_format="%.1f")
     print(frame.to_string(index=False))

@@ -13,11 +13,13 @@ import json
 import os
 import random
 import shutil
+import struct
 import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import autocompress.compress
@@ -29,12 +31,23 @@ from autocompress.models import file_digest, model_fingerprint, unit_names
 from autocompress.plan import CompressionPlan, LayerCompression
 from autocompress.search import StudyLocation, run_search
 from autocompress.search.space import SearchSpace
+from autocompress.search.study import load_existing
 from autocompress.session import CompressionSession
-from autocompress.targets.artifact import MANIFEST_FILE, export_compressed, load, prepare_out_dir
+from autocompress.targets.artifact import (
+    MANIFEST_FILE,
+    export_compressed,
+    load,
+    package_versions,
+    prepare_out_dir,
+    write_hf_folder,
+)
 from autocompress.variants import VariantDatabase
 from benchmarks.faults import (
     corrupt_caches,
     fill_the_disk_while_building_variants,
+    fill_the_disk_while_caching,
+    fuzz_gguf_headers,
+    kill_at_exact_lines,
     kill_at_random_moments,
     lock_the_study_database,
     truncate_an_artifact,
@@ -185,24 +198,27 @@ def test_a_stitch_failing_at_the_kth_linear_in_a_ray_worker_leaves_its_later_tri
         assert trial.user_attrs["loss"] == fresh.measure(space.plan_from_params(trial.params)).metrics.kl
 
 
-def test_a_study_whose_trials_keep_failing_stops_after_max_failures_in_a_row_saying_why(
+def test_a_study_whose_trials_keep_failing_stops_after_max_failures_in_a_row_and_exits_2_saying_why_in_one_line(
     tmp_path: Path, space_file, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    config, location = load_config(space_file(max_failures=3)), StudyLocation.resolve("failing", tmp_path)
-
     def not_positive_definite(*args, **kwargs):
         raise RuntimeError("Hessian not positive definite (simulated)")
 
     monkeypatch.setattr(autocompress.compress, "compress_weight", not_positive_definite)
-    study = run_search(config, location, n_trials=50, progress=False)
+    arguments = ["search", str(space_file(max_failures=3)), "--study", "failing", "--results", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--n-trials", "50", "--quiet"])
 
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "autocompress: error: study 'failing' stopped after 3 failed trials in a row; the last: RuntimeError: "
+        "Hessian not positive definite (simulated)"
+    ]
+    study = load_existing(StudyLocation.resolve("failing", tmp_path))[0]
     states = [trial.state.name for trial in study.trials if trial.state.is_finished()]  # seeds may still wait
     assert states[-3:] == ["FAIL"] * 3 and "FAIL" not in states[:-3][-1:]  # the third failure in a row stopped it
     assert len(states) < 50
-    assert (
-        "stopping after 3 failed trials in a row; the last: RuntimeError: Hessian not positive definite (simulated)"
-        in capsys.readouterr().out
-    )
 
 
 # The fault-injection suite (benchmarks/faults.py at full size).
@@ -557,3 +573,240 @@ def test_a_command_reading_a_stored_config_that_asks_for_remote_code_refuses_in_
     assert "trust_remote_code" in lines[0] and "--trust-remote-code" in lines[0]
     assert not marker.exists()
     assert build_parser().parse_args([*arguments, "--trust-remote-code"]).trust_remote_code
+
+
+# 2. A full disk is one line and exit 2, and the next run re-runs what it failed.
+
+
+def test_a_full_disk_while_trials_cache_what_they_compute_is_one_line_and_the_next_run_scores_every_seed(
+    tmp_path: Path, kill_space: Path
+) -> None:
+    run = fill_the_disk_while_caching(kill_space, tmp_path / "results", n_trials=6)
+    assert (run.survived, run.data_lost) == (1, 0)
+
+
+# 3. A study is created whole or not at all, and a rerun completes its seeding.
+
+UNIFORM_SEEDS = 5  # the tiny space's sparsity levels at 16 bits and bit-widths unpruned, (0, 16) once
+
+
+def test_a_kill_between_the_writes_that_create_a_study_is_finished_by_the_next_run(
+    tmp_path: Path, kill_space: Path
+) -> None:
+    points = [("optuna.study.study:Study.set_user_attr", k) for k in (2, 3)]
+    run = kill_at_exact_lines("kill", kill_space, tmp_path / "results", 6, points, seeds=UNIFORM_SEEDS)
+    assert (run.injected, run.survived, run.data_lost) == (2, 2, 0)
+
+
+def test_a_kill_between_seed_enqueues_leaves_a_study_whose_next_run_enqueues_the_rest(
+    tmp_path: Path, kill_space: Path
+) -> None:
+    points = [("optuna.study.study:Study.enqueue_trial", 3)]
+    run = kill_at_exact_lines("kill", kill_space, tmp_path / "results", 6, points, seeds=UNIFORM_SEEDS)
+    assert (run.injected, run.survived, run.data_lost) == (1, 1, 0)
+
+
+# 4. A generations search re-runs a seed whose process was killed.
+
+
+def test_a_seed_killed_in_a_generations_search_is_scored_by_the_next_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    search = {
+        "sparsity": [0.1, 0.2, 0.3, 0.4, 0.5],
+        "bits": [16],
+        "budget": {"sparsity": 0.3},
+        "generations": {"offspring": 2, "stages": [0.5, 1.0], "survivors": [2, 1]},
+        "heartbeat_interval": 1,
+        "grace_period": 2,
+    }
+    config = tiny_study_config(tmp_path, tiny_model_dir, search=search)
+    space = write_yaml(tmp_path / "generations.yaml", config)
+    points = [("autocompress.search.objective:Objective.score", 2)]
+    run = kill_at_exact_lines("kill", space, tmp_path / "results", 5, points, seeds=2)
+    assert (run.injected, run.survived, run.data_lost) == (1, 1, 0)
+
+
+# 5. A GGUF file is read by one validating reader: whatever is wrong with it is one line, in bounded memory.
+
+
+def test_every_malformed_gguf_file_to_evaluate_or_to_load_as_a_model_is_one_line_and_exit_2_in_bounded_memory(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    run = fuzz_gguf_headers(tmp_path / "evaluated", count=200)
+    assert run.survived == run.injected == 200
+    study = tiny_study_config(tmp_path, tiny_model_dir)
+    run = fuzz_gguf_headers(tmp_path / "models", count=60, seed=1, config=study)
+    assert run.survived == run.injected == 60
+
+
+def test_a_gguf_declaring_an_array_of_2_62_elements_is_refused_before_anything_is_allocated(tmp_path: Path) -> None:
+    from autocompress.gguf_reader import read_gguf
+
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", 9, 0, 2**62)
+    assert len(header) == 49
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(header)
+    with pytest.raises(UserError, match="more than the 0 bytes left in the file can hold"):
+        read_gguf(folder / "model.gguf")
+    with pytest.raises(UserError, match="not an earlier export"):  # written_by_us reads it with the same reader
+        prepare_out_dir(folder, overwrite=True)
+    assert (folder / "model.gguf").read_bytes() == header
+
+
+# 6. --overwrite removes only a folder whose autocompress.json an export wrote.
+
+
+def test_overwrite_keeps_a_folder_whose_autocompress_json_is_not_an_export_s_record(tmp_path: Path) -> None:
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "autocompress.json").write_text(json.dumps({"editor": "vim"}))
+    (folder / "thesis.txt").write_text("four years of work")
+    with pytest.raises(UserError, match="not an earlier export"):
+        prepare_out_dir(folder, overwrite=True)
+    assert (folder / "thesis.txt").read_text() == "four years of work"
+
+
+def test_overwrite_replaces_a_hugging_face_folder_an_export_wrote(tmp_path: Path, tiny_model, tokenizer) -> None:
+    provenance = {"base_model": {"name": "tiny"}, "study": "s", "versions": package_versions()}
+    folder = write_hf_folder(tiny_model, tokenizer, tmp_path / "hf", provenance=provenance)
+    assert prepare_out_dir(folder, overwrite=True) == folder
+
+
+# 7-10. Plausible mistakes are one line, before any model loads, with no secret printed.
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["search", "SPACE", "--timeout", "nan"], "--timeout"),
+        (["search", "SPACE", "--timeout", "abc"], "--timeout"),
+        (["search", "SPACE", "--timeout", "-5"], "--timeout"),
+        (["search", "SPACE", "--n-trials", "-3"], "--n-trials"),
+        (["export", "--study", "s", "--pick", "worst", "--out", "x"], "--pick"),
+    ],
+)
+def test_a_bad_command_line_argument_is_one_line_naming_it_and_exit_2(
+    tmp_path: Path, arguments: list[str], named: str, capsys
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing.yaml") if word == "SPACE" else word for word in arguments])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("autocompress: error:") and named in lines[0]
+
+
+def test_a_device_this_machine_lacks_and_a_binary_config_are_one_line_errors(
+    tmp_path: Path, tiny_model_dir: Path, capsys
+) -> None:
+    config = tiny_study_config(tmp_path, tiny_model_dir)
+    config["model"]["device"] = "cuda:63"
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for path, named in ((write_yaml(tmp_path / "cuda.yaml", config), "model.device"), (binary, "not a text file")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["apply", str(path)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and named in lines[0]
+
+
+def test_a_storage_url_s_password_is_never_printed(capsys) -> None:
+    from autocompress.search.storage import masked_url
+
+    url = "postgresql+psycopg2://autocompress:s3cret-pw@127.0.0.1:1/none"
+    assert masked_url(url) == "postgresql+psycopg2://autocompress:***@127.0.0.1:1/none"
+    assert masked_url("sqlite:///results/demo/study.db") == "sqlite:///results/demo/study.db"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frontier", "--study", "demo", "--storage", url])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "s3cret-pw" not in error and "autocompress:***@" in error
+
+
+def test_an_impossible_size_budget_creates_no_study_so_the_corrected_config_runs_under_its_name(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from tests.test_generations import size_budget_config
+
+    location = StudyLocation.resolve("budget", tmp_path / "results")
+    impossible = Config.model_validate(size_budget_config(tmp_path, tiny_model_dir, size="1kB"))
+    with pytest.raises(UserError, match="below the smallest plan"):
+        run_search(impossible, location, n_trials=1, progress=False)
+    corrected = Config.model_validate(size_budget_config(tmp_path, tiny_model_dir, size="35%"))
+    assert complete_trials(run_search(corrected, location, n_trials=1, progress=False))
+
+
+def test_a_changed_search_space_and_a_bad_storage_are_refused_before_the_model_loads(
+    tmp_path: Path, space_file, capsys
+) -> None:
+    out = str(tmp_path / "results")
+    main(["search", str(space_file()), "--study", "s", "--results", out, "--n-trials", "1", "--quiet"])
+    unloadable = load_config(space_file()).model_dump(mode="json")
+    unloadable["model"]["name"] = str(tmp_path / "no-such-model")  # a search that reached the model would say so
+    space = write_yaml(tmp_path / "changed.yaml", unloadable)
+    storage = "postgresql+psycopg2://autocompress:pw@127.0.0.1:1/none"
+    for arguments, named in ((["--results", out], "different search space"), (["--storage", storage], "storage")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["search", str(space), "--study", "s", *arguments, "--n-trials", "2", "--quiet"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0], lines
+
+
+# 11. Caches are checked against what was written, not trusted.
+
+
+def test_a_cached_student_changed_on_disk_or_cut_short_is_distilled_again_to_the_same_weights(
+    tmp_path: Path, tiny_model
+) -> None:
+    from autocompress.config import DistillationConfig
+    from autocompress.distillation import measure_importance
+    from autocompress.students import StudentTrainer, weights_digest
+
+    torch.manual_seed(0)
+    calibration, fitness = torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (2, 16))
+    settings = DistillationConfig(steps=2, batch_size=2, report_every=1)
+
+    def trainer() -> StudentTrainer:
+        importance = lambda: measure_importance(tiny_model, calibration)  # noqa: E731
+        return StudentTrainer(tiny_model, importance, calibration, fitness, settings, 2, tmp_path, "key")
+
+    shape = {**trainer().shape_of(CompressionPlan.uniform()), "intermediate_size": 32}
+    torch.manual_seed(1)
+    student, curve = trainer().distilled(shape, None)
+    digest = weights_digest(student)
+    (path,) = (tmp_path / "students").glob("*.safetensors")
+    assert [(step, kl) for step, kl in trainer().distilled(shape, None)[1]] == curve  # read back from the cache
+    original = path.read_bytes()
+    for damaged in (original[:-9], original[:-64] + bytes(b ^ 0xFF for b in original[-64:])):
+        path.write_bytes(damaged)
+        torch.manual_seed(1)
+        again, again_curve = trainer().distilled(shape, None)
+        assert weights_digest(again) == digest and again_curve == curve
+        with safe_open(path, "pt") as stored:  # and stored whole again
+            assert stored.metadata()["sha256"] == digest
+
+
+def test_a_phi3_model_under_the_gguf_target_takes_llama_cpp_s_phi3_tensor_names_and_presets(tmp_path: Path) -> None:
+    from transformers import Phi3Config
+
+    from autocompress.codecs.gguf import gguf_tensors, preset_seeds, space_levels
+    from autocompress.models import meta_model
+
+    folder = tmp_path / "phi3"
+    Phi3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ).save_pretrained(folder)
+    raw = tiny_study_config(tmp_path, folder, compression={"target": "gguf", "granularity": "linear"})
+    raw["search"] |= {"sparsity": [0.0], "bits": [16], "formats": ["q4_0", "q8_0", "f16"], "seeds": "none"}
+    config = Config.model_validate(raw)
+    levels = space_levels(config)  # before any weight loads
+    tensors = gguf_tensors(meta_model(config.model), "linear")
+    assert {tensor.gguf_name for tensor in tensors} >= {"blk.0.attn_qkv.weight", "blk.1.ffn_up.weight"}
+    model_config = meta_model(config.model).config
+    assert any(seed.params for seed in preset_seeds(tensors, model_config, levels))
