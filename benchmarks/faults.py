@@ -689,10 +689,10 @@ def main() -> None:
                 8,
                 [("optuna.study.study:Study.enqueue_trial", k) for k in (2, 3, 4, 5)],
             ),
-            "kill-during-generation-seed": (
+            "kill-during-generation-seed": (  # a generation records only a plan better than its parent: few trials
                 write_yaml(work / "generations.yaml", generations),
-                6,
-                [("autocompress.search.objective:Objective.score", k) for k in (1, 2, 3)],
+                3,
+                [("autocompress.search.objective:Objective.score", k) for k in (1, 2)],  # its 2 seeds
             ),
         }
         for kind in LINE_KINDS:
@@ -700,18 +700,24 @@ def main() -> None:
                 kind_space, n_trials, kills = points[kind]
                 seeds = UNIFORM_SEEDS if kind_space == space else 2
                 runs.append(kill_at_exact_lines(kind, kind_space, work / kind, n_trials, kills, seeds))
+                write_runs(runs)  # each kind's row as soon as it is measured
         if "disk-full-cache" in kinds:
             runs.append(fill_the_disk_while_caching(space, work / "full-cache", 8))
         if "gguf-header-fuzz" in kinds:
             runs.append(fuzz_gguf_headers(work / "fuzz-evaluate", args.fuzz_files))
             runs.append(fuzz_gguf_headers(work / "fuzz-apply", args.fuzz_files, seed=1, config=study_config))
+    print(write_runs(runs).to_string(index=False))
+
+
+def write_runs(runs: list[FaultRun]) -> pd.DataFrame:
+    """Write `runs` into the CSV, replacing the rows of their kinds and keeping the others."""
     frame = pd.DataFrame([asdict(run) for run in runs])
-    if RESULTS.is_file():  # the rows of kinds not run now are kept
+    if RESULTS.is_file():
         earlier = pd.read_csv(RESULTS)
         frame = pd.concat([earlier[~earlier["kind"].isin(frame["kind"])], frame], ignore_index=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(RESULTS, index=False, float_format="%.1f")
-    print(frame.to_string(index=False))
+    return frame
 
 
 if __name__ == "__main__":

@@ -621,7 +621,7 @@ def test_a_seed_killed_in_a_generations_search_is_scored_by_the_next_run(tmp_pat
     config = tiny_study_config(tmp_path, tiny_model_dir, search=search)
     space = write_yaml(tmp_path / "generations.yaml", config)
     points = [("autocompress.search.objective:Objective.score", 2)]
-    run = kill_at_exact_lines("kill", space, tmp_path / "results", 5, points, seeds=2)
+    run = kill_at_exact_lines("kill", space, tmp_path / "results", 3, points, seeds=2)
     assert (run.injected, run.survived, run.data_lost) == (1, 1, 0)
 
 
