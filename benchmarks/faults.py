@@ -540,7 +540,7 @@ def mutated_ggufs(folder: Path, count: int, seed: int = 0) -> list[Path]:
 FUZZ_RUNNER = """
 import contextlib, io, json, resource, sys
 from autocompress.cli import main
-import autocompress.runtimes.gguf_evaluation, autocompress.evaluate  # everything imported before the bound
+import autocompress.targets.gguf.evaluation, autocompress.evaluate  # everything imported before the bound
 with open("/proc/self/status") as status:
     virtual = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
 bound = virtual + int(sys.argv[1])

@@ -788,8 +788,8 @@ def test_a_cached_student_changed_on_disk_or_cut_short_is_distilled_again_to_the
 def test_a_phi3_model_under_the_gguf_target_takes_llama_cpp_s_phi3_tensor_names_and_presets(tmp_path: Path) -> None:
     from transformers import Phi3Config
 
-    from autocompress.codecs.gguf import gguf_tensors, preset_seeds, space_levels
     from autocompress.models import meta_model
+    from autocompress.targets.gguf.weights import gguf_tensors, preset_seeds, space_levels
 
     folder = tmp_path / "phi3"
     Phi3Config(
