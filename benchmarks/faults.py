@@ -75,6 +75,8 @@ def storage_url(out: Path, study: str, storage: str | None) -> str:
 
 def completed(url: str, study: str) -> dict[int, tuple[float, ...]]:
     """Trial number -> objective values of every complete trial (empty while the study does not exist yet)."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return {}  # killed before it created its storage (a loaded machine may take seconds to import)
     try:
         loaded = optuna.load_study(study_name=study, storage=url)
     except KeyError:
