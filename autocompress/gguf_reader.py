@@ -188,6 +188,25 @@ def read_gguf(path: Path | str) -> GGUFHeader:
         raise UserError(f"{path}: cannot be read ({error.strerror or error})") from error
 
 
+def check_model_gguf(path: Path | str, header: GGUFHeader) -> None:
+    """Refuse, before a model is built from it, a GGUF file whose hyperparameters its tensors do not bear out:
+    transformers sizes the model from the metadata (defaulting what is missing to a 7B Llama's), so a file without
+    them, or with a width or depth its tensors do not have, would allocate a model of another size."""
+    fields = header.fields
+    arch = fields.get("general.architecture")
+    width, depth = fields.get(f"{arch}.embedding_length"), fields.get(f"{arch}.block_count")
+    if not isinstance(arch, str) or not isinstance(width, int) or not isinstance(depth, int):
+        raise UserError(f"{path}: not a GGUF model: it lacks general.architecture or its width and depth")
+    shapes = {tensor.name: tensor.shape for tensor in header.tensors}
+    embedding = shapes.get("token_embd.weight")
+    blocks = {int(name.split(".")[1]) for name in shapes if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    if embedding is None or embedding[0] != width or blocks != set(range(depth)):
+        raise UserError(
+            f"{path}: not a GGUF model its metadata describes ({arch}.embedding_length {width}, "
+            f"{arch}.block_count {depth}; its tensors differ)"
+        )
+
+
 def open_gguf(path: Path | str):
     """The `gguf` package's reader of a file that `read_gguf` validated (so it allocates only what the file holds)."""
     import gguf

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from autocompress.errors import UserError
-from autocompress.gguf_reader import read_gguf
+from autocompress.gguf_reader import check_model_gguf, read_gguf
 
 if TYPE_CHECKING:
     from autocompress.config import ModelConfig
@@ -101,7 +101,8 @@ def gguf_model_folder(path: Path) -> Path:
 
 def converted_gguf(gguf: Path, folder: Path, label: str) -> Path:
     """Convert the GGUF file into `folder` (written aside, then renamed into place whole)."""
-    read_gguf(gguf)  # transformers reads GGUF with the `gguf` package, which trusts the header it is given
+    # transformers reads GGUF with the `gguf` package, which trusts the header it is given
+    check_model_gguf(gguf, read_gguf(gguf))
     print(f"Converting {label} from GGUF into {folder} (once)...", file=sys.stderr)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
