@@ -102,14 +102,14 @@ def searched_trial(record, records: list[TrialRecord]) -> TrialRecord:
 
 def preset_trial(study: optuna.Study, preset: str) -> TrialRecord:
     """The study's seed trial of llama.cpp's `preset`, its plan read even before it ran."""
-    from autocompress.record import TrialRecord
+    from autocompress.record import TrialRecord, planned_params
     from autocompress.targets.gguf.weights import PRESET_BASELINE
 
     name = PRESET_BASELINE.format(preset=preset)
     for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get("baseline") == name:
-            params = trial.params or trial.system_attrs.get("fixed_params", {})
-            return TrialRecord.of(trial).model_copy(update={"params": params})
+        record = TrialRecord.of(trial)
+        if record.baseline == name:
+            return record.model_copy(update={"params": planned_params(trial)})
     raise UserError(
         f"study: {name} is not among its seeds (its levels cannot hold the preset's types), so the verdict has no "
         "preset file to judge against; add the preset's types to search.formats"
