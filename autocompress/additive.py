@@ -9,17 +9,13 @@ total error whose bytes fit under the ceiling is solved exactly as a knapsack ov
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from autocompress.files import write_text_atomically
-from autocompress.sensitivity import measure_sensitivity, variant_label
+from autocompress.sensitivity import cached_profile, measure_sensitivity, variant_label
 
 if TYPE_CHECKING:
     from autocompress.allocation import SizeCeiling
@@ -81,15 +77,7 @@ def unit_errors(
         "loss": session.config.search.loss,
         "compression": session.config.compression.model_dump(mode="json"),
     }
-    digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    path = None if session.cache_dir is None else Path(session.cache_dir) / "profiles" / f"additive-{digest}.json"
-    stored: dict = {"key": key_fields, "base": None, "values": {}}
-    if path is not None and path.is_file():
-        stored = json.loads(path.read_text())
-
-    def save(profile: dict) -> None:
-        if path is not None:
-            write_text_atomically(path, json.dumps(profile))
+    stored, save = cached_profile(session.cache_dir, "additive", key_fields)
 
     def variants(unit: str) -> list[dict[str, str | int]]:
         return [{key: level} for level in space.levels_of(unit)[:-1]]  # the widest is the base: 0

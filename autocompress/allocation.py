@@ -19,21 +19,17 @@ Without the sizes, units whose names differ only in the block index are grouped 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from autocompress.files import write_text_atomically
 from autocompress.methods import LayerStatistics
 from autocompress.models import CompressibleLinear
 from autocompress.plan import CompressionPlan, parse_level
-from autocompress.sensitivity import measure_sensitivity, variant_label
+from autocompress.sensitivity import cached_profile, measure_sensitivity, variant_label
 
 if TYPE_CHECKING:
     from autocompress.search.space import SearchSpace
@@ -380,15 +376,7 @@ def measure_profile(
         "compression": session.config.compression.model_dump(mode="json"),
         "units": list(space.units),
     }
-    digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    path = None if session.cache_dir is None else Path(session.cache_dir) / "profiles" / f"{dimension}-{digest}.json"
-    stored: dict = {"key": key_fields, "base": None, "values": {}}
-    if path is not None and path.is_file():
-        stored = json.loads(path.read_text())
-
-    def save(profile: dict) -> None:
-        if path is not None:
-            write_text_atomically(path, json.dumps(profile))
+    stored, save = cached_profile(session.cache_dir, dimension, key_fields)
 
     identity = IDENTITY[dimension]
     compressed = {variant_label({dimension: _as_level(dimension, level)}): float(level) for level in levels}

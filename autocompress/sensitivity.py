@@ -4,11 +4,15 @@ report's sensitivity plot (each unit alone at the space's most aggressive level)
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from autocompress.files import write_text_atomically
 from autocompress.record import record_sensitivity
 
 if TYPE_CHECKING:
@@ -24,6 +28,24 @@ Variant = Mapping[str, float | int | str]  # the fields a unit takes, e.g. {"spa
 
 def variant_label(variant: Variant) -> str:
     return ",".join(f"{field}={value!r}" for field, value in sorted(variant.items()))
+
+
+def cached_profile(
+    cache_dir: Path | str | None, kind: str, key_fields: Mapping[str, Any]
+) -> tuple[dict, Callable[[dict], None]]:
+    """A profile measured before, read from `profiles/<kind>-<digest of key_fields>.json` under `cache_dir` (a new,
+    empty one otherwise), and the function that saves it there as it grows; without a cache nothing is kept."""
+    digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    path = None if cache_dir is None else Path(cache_dir) / "profiles" / f"{kind}-{digest}.json"
+    stored: dict = {"key": dict(key_fields), "base": None, "values": {}}
+    if path is not None and path.is_file():
+        stored = json.loads(path.read_text())
+
+    def save(profile: dict) -> None:
+        if path is not None:
+            write_text_atomically(path, json.dumps(profile))
+
+    return stored, save
 
 
 def measure_sensitivity(
