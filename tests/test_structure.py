@@ -152,7 +152,7 @@ def test_a_level_the_models_shapes_break_exits_2_in_one_line_before_the_model_lo
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("w " * 100)
     path = write_yaml(tmp_path / "space.yaml", gguf_study(folder, corpus, **structure))
-    code, _, err = run_main(["search", str(path), "--storage", str(tmp_path / "study.db")], capsys)
+    code, _, err = run_main(["search", str(path), "--storage", f"sqlite:///{tmp_path / 'study.db'}"], capsys)
     assert error_line(code, err).endswith(f"search.structure: {message}")
 
 
@@ -161,7 +161,7 @@ def test_removing_blocks_of_a_two_block_model_is_refused(tmp_path: Path, capsys)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("w " * 100)
     path = write_yaml(tmp_path / "space.yaml", gguf_study(folder, corpus, drop_blocks=True))
-    code, _, err = run_main(["search", str(path), "--storage", str(tmp_path / "study.db")], capsys)
+    code, _, err = run_main(["search", str(path), "--storage", f"sqlite:///{tmp_path / 'study.db'}"], capsys)
     assert "drop_blocks: llama.cpp removes neither the first nor the last block" in error_line(code, err)
 
 
@@ -174,7 +174,7 @@ def test_a_family_deci_does_not_run_is_refused_naming_those_it_does(tmp_path: Pa
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("w " * 100)
     path = write_yaml(tmp_path / "space.yaml", gguf_study(folder, corpus, ffn=[1, 0.5]))
-    code, _, err = run_main(["search", str(path), "--storage", str(tmp_path / "study.db")], capsys)
+    code, _, err = run_main(["search", str(path), "--storage", f"sqlite:///{tmp_path / 'study.db'}"], capsys)
     assert "which runs LlamaForCausalLM, MistralForCausalLM blocks, not Qwen2ForCausalLM's" in error_line(code, err)
 
 
@@ -296,7 +296,7 @@ def test_a_width_no_configured_type_can_store_is_refused_before_the_model_loads(
     config = gguf_study(folder, corpus, ffn=[1, 0.75])  # 384 channels: no K-type splits ffn_down's rows
     config["search"]["formats"] = ["q4_k", "q6_k"]
     path = write_yaml(tmp_path / "space.yaml", config)
-    code, _, err = run_main(["search", str(path), "--storage", str(tmp_path / "study.db")], capsys)
+    code, _, err = run_main(["search", str(path), "--storage", f"sqlite:///{tmp_path / 'study.db'}"], capsys)
     assert "an FFN width of 0.75 gives ffn_down rows of 384 weights, which no type" in error_line(code, err)
 
 
