@@ -31,6 +31,23 @@ from tests.test_gguf_export import (
 LEVELS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]
 
 
+def size_budget_config(folder: Path, size: str, compression: dict | None = None, **search: object) -> dict:
+    """A tiny Mistral saved into `folder` as a gguf study in generations under the size budget `size`."""
+    model_dir = folder / "model"
+    tiny_model("mistral").save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
+    levels = {"sparsity": [0.0], "bits": [16], "formats": LEVELS, "budget": {"size": size}}
+    raw = tiny_study_config(
+        folder,
+        model_dir,
+        compression={"target": "gguf"} | (compression or {}),
+        search=levels | {"generations": generations, "loss": "kl"} | search,
+    )
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    return raw
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 12-trial gguf study (the 9 presets, 3 sampled mixes) of a tiny Mistral (rows of 256 and 512: every K-type
@@ -141,18 +158,7 @@ def test_a_size_budget_searches_gguf_types_under_a_byte_ceiling(tmp_path: Path) 
     from autocompress.record import TrialRecord
     from autocompress.search import run_search
 
-    model_dir = tmp_path / "model"
-    tiny_model("mistral").save_pretrained(model_dir)
-    bpe_tokenizer().save_pretrained(model_dir)
-    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
-    search = {"sparsity": [0.0], "bits": [16], "formats": LEVELS, "budget": {"size": "30%"}}
-    raw = tiny_study_config(
-        tmp_path,
-        model_dir,
-        compression={"target": "gguf", "granularity": "linear"},
-        search=search | {"generations": generations, "loss": "kl"},
-    )
-    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    raw = size_budget_config(tmp_path, "30%", compression={"granularity": "linear"})
     study = run_search(
         Config.model_validate(raw), StudyLocation.resolve("size", tmp_path / "results"), n_trials=16, progress=False
     )
@@ -185,19 +191,9 @@ def test_a_budget_named_by_preset_is_the_preset_file_with_the_export_metadata_in
     from autocompress.targets.gguf.preset_sizes import preset_ceiling, preset_file_bytes
     from autocompress.targets.gguf.presets import preset_types
 
+    raw = size_budget_config(tmp_path, "q4_k_m", compression={"granularity": "linear"})
     model_dir = tmp_path / "model"
-    model = tiny_model("mistral")
-    model.save_pretrained(model_dir)
-    bpe_tokenizer().save_pretrained(model_dir)
-    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
-    search = {"sparsity": [0.0], "bits": [16], "formats": LEVELS, "budget": {"size": "q4_k_m"}}
-    raw = tiny_study_config(
-        tmp_path,
-        model_dir,
-        compression={"target": "gguf", "granularity": "linear"},
-        search=search | {"generations": generations, "loss": "kl"},
-    )
-    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    model = tiny_model("mistral")  # the saved model: tiny_model is seeded
     config = Config.model_validate(raw)
     results = tmp_path / "results"
     study = run_search(config, StudyLocation.resolve("preset", results), n_trials=16, progress=False)
@@ -251,14 +247,7 @@ def test_a_size_budget_seeds_the_additive_allocation_from_each_units_error_alone
     from autocompress.search import run_search
     from autocompress.search.study import study_session
 
-    model_dir = tmp_path / "model"
-    tiny_model("mistral").save_pretrained(model_dir)
-    bpe_tokenizer().save_pretrained(model_dir)
-    search = {"sparsity": [0.0], "bits": [16], "formats": LEVELS, "budget": {"size": "30%"}}
-    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
-    search |= {"generations": generations, "baselines": ["uniform", "additive"], "loss": "kl"}
-    raw = tiny_study_config(tmp_path, model_dir, compression={"target": "gguf"}, search=search)
-    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    raw = size_budget_config(tmp_path, "30%", baselines=["uniform", "additive"])
     config = Config.model_validate(raw)
     location = StudyLocation.resolve("additive", tmp_path / "results")
     study = run_search(config, location, n_trials=10, progress=False)
