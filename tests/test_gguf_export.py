@@ -360,6 +360,25 @@ def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path: Path) -> 
         write_gguf_tensors(model, None, both, tmp_path / "tied.gguf")
 
 
+def evaluated_pair(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, Path, dict, PreTrainedModel, dict]:
+    """What `evaluate` tests judge: a dense tiny Mistral saved with its tokenizer as `folder/base`, a data config of
+    6 held-out windows of this file's text, and a copy of the model at a mixed plan's decoded weights with the plan's
+    tensors: (dense, tokenizer, base folder, data, compressed, tensors)."""
+    dense = tiny_model("mistral")
+    tokenizer = bpe_tokenizer()
+    base = folder / "base"
+    dense.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    corpus = folder / "corpus.txt"
+    corpus.write_text(Path(__file__).read_text())
+    data = {"source": "files", "files": [str(corpus)], "seq_len": SEQ_LEN, "calibration": 2, "fitness": 2}
+    data |= {"heldout": 6, "batch_size": 2}
+    compressed = tiny_model("mistral")
+    tensors = mixed_plan(compressed)
+    dequantized(compressed, tensors)
+    return dense, tokenizer, base, data, compressed, tensors
+
+
 def test_evaluate_runs_the_file_in_llama_cpp_beside_the_prediction(tmp_path: Path, capsys) -> None:
     """`autocompress evaluate model.gguf`: llama.cpp's held-out perplexity and KL to the dense base on the study's
     own held-out windows (the base model's tokenizer, the data config the file records) match transformers on the
@@ -371,18 +390,7 @@ def test_evaluate_runs_the_file_in_llama_cpp_beside_the_prediction(tmp_path: Pat
     from autocompress.evaluate import evaluate_artifact, evaluation_lines
     from autocompress.metrics import evaluate
 
-    dense = tiny_model("mistral")
-    tokenizer = bpe_tokenizer()
-    base = tmp_path / "base"
-    dense.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(Path(__file__).read_text())
-    data = {"source": "files", "files": [str(corpus)], "seq_len": SEQ_LEN, "calibration": 2, "fitness": 2}
-    data |= {"heldout": 6, "batch_size": 2}
-    compressed = tiny_model("mistral")
-    tensors = mixed_plan(compressed)
-    dequantized(compressed, tensors)
+    dense, tokenizer, base, data, compressed, tensors = evaluated_pair(tmp_path)
     tokens = token_pools(DataConfig.model_validate(data), tokenizer).heldout
     ours = evaluate(compressed, tokens, reference=dense, batch_size=2)
     layout = gguf_layout(compressed, tokenizer)
@@ -429,18 +437,7 @@ def test_evaluate_against_another_gguf_gives_kld_statistics_and_paired_differenc
     from autocompress.data import token_pools
     from autocompress.metrics import TokenValues, evaluate
 
-    dense = tiny_model("mistral")
-    tokenizer = bpe_tokenizer()
-    base = tmp_path / "base"
-    dense.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(Path(__file__).read_text())
-    data = {"source": "files", "files": [str(corpus)], "seq_len": SEQ_LEN, "calibration": 2, "fitness": 2}
-    data |= {"heldout": 6, "batch_size": 2}
-    compressed = tiny_model("mistral")
-    tensors = mixed_plan(compressed)
-    dequantized(compressed, tensors)
+    dense, tokenizer, base, data, compressed, tensors = evaluated_pair(tmp_path)
     provenance = {"base_model": {"name": str(base), "device": "cpu"}, "data": data}
     quantized = write_gguf_tensors(compressed, tokenizer, tensors, tmp_path / "quantized.gguf", provenance).path
     plain = write_gguf_tensors(dense, tokenizer, {}, tmp_path / "f16.gguf").path  # no provenance
