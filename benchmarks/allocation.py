@@ -42,8 +42,9 @@ from optuna.trial import TrialState
 from autocompress.config import Config
 from autocompress.models import compressible_linears, unit_names
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord
+from autocompress.search.driver import FINISHED, ProgressBar
 from autocompress.search.objective import Objective
-from autocompress.search.runner import FINISHED, ProgressBar, run_generations
+from autocompress.search.runner import run_generations
 from autocompress.search.space import SearchSpace
 from autocompress.search.study import open_study, prepare_study
 from autocompress.session import CompressionSession

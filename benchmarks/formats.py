@@ -35,8 +35,8 @@ from autocompress.models import unit_names
 from autocompress.plan import CompressionPlan
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord
 from autocompress.report import allocation_summary
+from autocompress.search.driver import FINISHED
 from autocompress.search.objective import Objective
-from autocompress.search.runner import FINISHED
 from autocompress.search.space import SearchSpace
 from autocompress.search.study import open_study, prepare_study
 from autocompress.session import CompressionSession

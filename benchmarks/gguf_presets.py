@@ -449,8 +449,8 @@ def phase_search(
     from autocompress.export import export_trial
     from autocompress.frontier import frontier_of
     from autocompress.record import StudyLocation, StudyRecord, seed_attrs, trial_records
+    from autocompress.search.driver import FINISHED, StopAfterFailures
     from autocompress.search.objective import Objective
-    from autocompress.search.runner import FINISHED, StopAfterFailures
     from autocompress.search.study import open_study, prepare_study, study_session
 
     config = study_config(settings)  # a config validation error until the gguf target is wired
@@ -545,8 +545,9 @@ def phase_budget(
     from autocompress.export import export_trial
     from autocompress.frontier import frontier_of
     from autocompress.record import StudyLocation, StudyRecord, seed_attrs, trial_records
+    from autocompress.search.driver import ProgressBar
     from autocompress.search.objective import Objective
-    from autocompress.search.runner import ProgressBar, run_generations
+    from autocompress.search.runner import run_generations
     from autocompress.search.study import (
         fitted_under_ceiling,
         open_study,

@@ -89,10 +89,10 @@ from autocompress.allocation import BudgetGrid, uniform_allocation
 from autocompress.config import Config, load_config
 from autocompress.metrics import Metrics
 from autocompress.record import StudyRecord, record_created, record_creation, record_unit_sizes, seed_attrs
+from autocompress.search.driver import FINISHED, ProgressBar, StopAfterFailures
 from autocompress.search.evolution import level_switches
 from autocompress.search.generations import GenerationSearch
 from autocompress.search.objective import Objective
-from autocompress.search.runner import FINISHED, ProgressBar, StopAfterFailures
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import open_storage
 from autocompress.search.study import sampler_for, study_pruner

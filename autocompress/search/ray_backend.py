@@ -1,6 +1,7 @@
 """The Ray Tune backend: Ray schedules trials over a cluster, Optuna samples them into the study's own storage.
 
-The driver owns the study. `StudySearcher` is Ray Tune's `OptunaSearch` bound to the very `optuna.Study` that
+`RayEngine` is its `driver.Engine`: `run_study` drives the study's flow as for the local backend. The driver owns
+the study. `StudySearcher` is Ray Tune's `OptunaSearch` bound to the very `optuna.Study` that
 `open_study` created (same storage, same name, the configured sampler), so the uniform seeds enqueued there are
 asked first, and every trial Tune runs is an ordinary trial of that study: `frontier`, `report`, `export`, a
 local `search` or an Optuna `worker` see no difference. Ray workers never open the storage. Each scores the
@@ -36,6 +37,7 @@ from typing import Any
 
 import optuna
 from filelock import FileLock
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from autocompress.config import Config
@@ -53,13 +55,12 @@ from autocompress.record import (
     trial_records,
     write_fields,
 )
-from autocompress.report import write_outputs
-from autocompress.search.heldout import Pending, heldout_figures, heldout_pending
+from autocompress.search.driver import Engine, ProgressBar, StopAfterFailures, complete_count, run_study
+from autocompress.search.heldout import Pending, heldout_figures
 from autocompress.search.objective import Objective, failure_reason
-from autocompress.search.runner import ProgressBar, StopAfterFailures, complete_count
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import MAX_RETRIES
-from autocompress.search.study import check_before_loading, open_study, prepare_study, sampler_for, study_session
+from autocompress.search.study import check_budget, prepare_study, study_session
 
 # RAY_AIR_NEW_OUTPUT=0: with verbose=0 Tune prints nothing; our bar shows the study's progress
 RAY_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"}
@@ -80,7 +81,11 @@ LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # the backend passes only small configs 
 TRIAL_KEY = "optuna_trial"  # the config entry that carries the Optuna trial number to the worker
 CONTEXT_KEY = "optuna_context"  # and the one (JSON) with the trial's user attributes and the study's frontier
 RESULT_KEY = "autocompress"  # the reported entry that carries the recorded trial (JSON)
-VALUE_KEYS = ("value_0", "value_1")
+
+
+def value_keys(count: int) -> list[str]:
+    """The reported entries that carry a trial's `count` objective values, one per direction of the study."""
+    return [f"value_{index}" for index in range(count)]
 
 
 def peer_snapshot(study: optuna.Study, max_bytes: int | None) -> list[dict]:
@@ -130,6 +135,7 @@ class WorkerSetup:
     cache_dir: str
     fingerprint: str | None = None  # the study's search space; a worker whose model differs refuses to score
     max_bytes: int | None = None  # the study's size limit
+    directions: int = 1  # how many objective values a trial reports: the study's directions
 
     @property
     def key(self) -> str:
@@ -172,7 +178,8 @@ def score_trial(config: dict, setup: WorkerSetup) -> None:
         if "fail_reason" not in context.writer.fields:
             context.writer.write(fail_reason=failure_reason(error))
         state = "FAIL"
-    metrics = {key: math.nan for key in VALUE_KEYS} | dict(zip(VALUE_KEYS, values or [], strict=False))
+    keys = value_keys(setup.directions)  # all of them, NaN for a trial without values: Tune checks they are there
+    metrics = dict.fromkeys(keys, math.nan) | dict(zip(keys, values or [], strict=False))
     tune.report(metrics | {RESULT_KEY: json.dumps(context.payload(state, values)), "node": os.uname().nodename})
 
 
@@ -185,13 +192,15 @@ class StudyPreparer:
         self.space: SearchSpace | None = None
 
     def describe(self) -> dict:
-        """Load the model and data (proving a worker can), fill the cache folder, and name the model's units."""
+        """Load the model and data (proving a worker can), refuse a budget no plan can meet, fill the cache folder,
+        and name the model's units."""
         config = Config.model_validate(self.setup.config)
         self.session, self.space = study_session(config, Path(self.setup.cache_dir))
         space = self.space
+        check_budget(self.session, space)  # before the driver creates the study under a name that would keep it
         self.session.weights.prepare()  # what every stitch needs (a database is built by `prepare`, block by block)
         self.session.reference("fitness")
-        return {"units": space.units, "unit_levels": space.unit_levels, "dense_bytes": self.session.dense_bytes}
+        return {"units": space.units, "unit_levels": space.unit_levels}
 
     def prepare(self, name: str, directions: list[str], user_attrs: dict[str, Any]) -> dict:
         """Run the local backend's `prepare_study` against a copy of the study's attributes; return what it
@@ -255,11 +264,13 @@ class StudySearcher(OptunaSearch):
         max_bytes: int | None = None,
         storage_url: str | None = None,
     ) -> None:
-        pareto = len(study.directions) == 2
+        metric = value_keys(len(study.directions))
+        mode = ["min" if direction == StudyDirection.MINIMIZE else "max" for direction in study.directions]
+        several = len(metric) > 1
         super().__init__(
             space=DefineSpace(space),
-            metric=list(VALUE_KEYS) if pareto else VALUE_KEYS[0],
-            mode=["min", "min"] if pareto else "min",
+            metric=metric if several else metric[0],
+            mode=mode if several else mode[0],
             sampler=study.sampler,
             study_name=study.study_name,
             storage=study._storage,
@@ -468,6 +479,103 @@ def write_prepared(study: optuna.Study, location: StudyLocation, prepared: dict)
             study.set_user_attr(key, value)
 
 
+class RayEngine(Engine):
+    """Trials on a Ray cluster (joined at `address`, or started here and stopped on `close`): the model is loaded by
+    the workers alone, a `StudyPreparer` prepares the study, Tune runs the trials through a `StudySearcher`, and a
+    worker judges the frontier."""
+
+    def __init__(
+        self,
+        address: str | None,
+        cpus_per_trial: float,
+        gpus_per_trial: float | None,
+        concurrency: int | None,
+        max_failures: int,
+    ) -> None:
+        self.address = address
+        self.cpus_per_trial = cpus_per_trial
+        self.gpus_per_trial = gpus_per_trial
+        self.concurrency = concurrency
+        self.max_failures = max_failures  # Tune's retries of a trial whose worker died
+        self.started = False
+        self.preparer = None
+
+    def load(self, config: Config, location: StudyLocation, progress: bool) -> SearchSpace:
+        if not progress:
+            logging.getLogger("ray").setLevel(logging.WARNING)
+        self.started = connect(self.address, quiet=not progress)
+        self.location = location
+        resources = self.resources = resources_per_trial(self.cpus_per_trial, self.gpus_per_trial)
+        self.setup = WorkerSetup(config.model_dump(mode="json"), str(location.cache_dir.resolve()))
+        self.preparer = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(StudyPreparer).remote(
+            self.setup
+        )
+        described = remote_result(self.preparer.describe.remote())
+        self.space = SearchSpace(config, described["units"], described["unit_levels"])
+        return self.space
+
+    def prepare(self, study: optuna.Study, location: StudyLocation) -> None:
+        directions = [direction.name.lower() for direction in study.directions]
+        try:
+            prepared = remote_result(self.preparer.prepare.remote(location.name, directions, study.user_attrs))
+        finally:
+            self.release_preparer()  # frees its GPU for the trials
+        write_prepared(study, location, prepared)
+
+    def release_preparer(self) -> None:
+        if self.preparer is not None:
+            ray.kill(self.preparer)
+            self.preparer = None
+
+    def run(
+        self,
+        study: optuna.Study,
+        n_trials: int,
+        timeout: float | None,
+        seed: int,
+        bar: ProgressBar,
+        max_bytes: int | None,
+    ) -> None:
+        # the sampler seeded with `seed` is the study's own, which the searcher asks
+        deadline = None if timeout is None else time.time() + timeout
+        location, space = self.location, self.space
+        searcher = StudySearcher(study, space, n_trials, deadline, bar, max_bytes, location.storage_url)
+        try:
+            scoring = replace(
+                self.setup, fingerprint=space.fingerprint(), max_bytes=max_bytes, directions=len(study.directions)
+            )
+            trainable = tune.with_parameters(score_trial, setup=scoring)
+            tuner = tune.Tuner(
+                tune.with_resources(trainable, self.resources),
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=-1,  # the searcher stops asking at the study's n_trials
+                    max_concurrent_trials=self.concurrency or default_concurrency(self.resources),
+                    reuse_actors=True,  # a worker keeps its session for the next trial
+                    trial_dirname_creator=trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"{location.name}-{datetime.now():%Y%m%d-%H%M%S}",
+                    storage_path=str((location.out_dir / "ray").resolve()),
+                    failure_config=tune.FailureConfig(max_failures=self.max_failures),
+                    verbose=0,
+                ),
+            )
+            tuner.fit()
+        finally:
+            searcher.close("the Ray driver stopped before the trial was scored")
+        searcher.failures.raise_if_stopped(study)
+
+    def judge(self, study: optuna.Study, pending: Pending) -> None:
+        for number, figures in remote_call(judge, self.resources, self.setup, pending).items():
+            record_heldout(study, number, figures)
+
+    def close(self) -> None:
+        self.release_preparer()  # when the study could not be opened, or the driver was stopped while preparing
+        if self.started:
+            ray.shutdown()
+
+
 def run_ray_search(
     config: Config,
     location: StudyLocation,
@@ -481,7 +589,8 @@ def run_ray_search(
     concurrency: int | None = None,
     max_failures: int = MAX_RETRIES,
 ) -> optuna.Study:
-    """Run (or continue) the study on Ray Tune until it holds `n_trials` complete trials or `timeout` passes."""
+    """Run (or continue) the study on Ray Tune until it holds `n_trials` complete trials or `timeout` passes
+    (`driver.run_study`)."""
     if ray is None:
         raise UserError("--backend ray needs Ray Tune: pip install -e '.[ray]'")
     if config.search.generations is not None:
@@ -497,61 +606,5 @@ def run_ray_search(
         raise UserError(f"--concurrency must be at least 1, got {concurrency}")
     if cpus_per_trial < 0 or (gpus_per_trial or 0) < 0 or max_failures < 0:
         raise UserError("--cpus-per-trial, --gpus-per-trial and --max-failures cannot be negative")
-    n_trials = config.search.n_trials if n_trials is None else n_trials
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    check_before_loading(config, location)
-    if not progress:
-        logging.getLogger("ray").setLevel(logging.WARNING)
-    started = connect(address, quiet=not progress)
-    try:
-        resources = resources_per_trial(cpus_per_trial, gpus_per_trial)
-        setup = WorkerSetup(config.model_dump(mode="json"), str(location.cache_dir.resolve()))
-        preparer = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"])(StudyPreparer).remote(setup)
-        try:
-            described = remote_result(preparer.describe.remote())
-            space = SearchSpace(config, described["units"], described["unit_levels"])
-            study, created = open_study(config, location, space, config.search.seed)
-            directions = [direction.name.lower() for direction in study.directions]
-            prepared = remote_result(preparer.prepare.remote(location.name, directions, study.user_attrs))
-        finally:
-            ray.kill(preparer)  # frees its GPU for the trials
-        write_prepared(study, location, prepared)
-        if not created:  # another driver's sampler must not replay this one's suggestions
-            study.sampler = sampler_for(config, config.search.seed + os.getpid())
-        max_bytes = config.search.max_bytes(described["dense_bytes"], config)
-        bar = ProgressBar(study, n_trials, progress)
-        deadline = None if timeout is None else time.time() + timeout
-        searcher = StudySearcher(study, space, n_trials, deadline, bar, max_bytes, location.storage_url)
-        try:
-            if complete_count(study) < n_trials:
-                scoring = replace(setup, fingerprint=space.fingerprint(), max_bytes=max_bytes)
-                trainable = tune.with_parameters(score_trial, setup=scoring)
-                tuner = tune.Tuner(
-                    tune.with_resources(trainable, resources),
-                    tune_config=tune.TuneConfig(
-                        search_alg=searcher,
-                        num_samples=-1,  # the searcher stops asking at the study's n_trials
-                        max_concurrent_trials=concurrency or default_concurrency(resources),
-                        reuse_actors=True,  # a worker keeps its session for the next trial
-                        trial_dirname_creator=trial_dirname,
-                    ),
-                    run_config=tune.RunConfig(
-                        name=f"{location.name}-{datetime.now():%Y%m%d-%H%M%S}",
-                        storage_path=str((location.out_dir / "ray").resolve()),
-                        failure_config=tune.FailureConfig(max_failures=max_failures),
-                        verbose=0,
-                    ),
-                )
-                tuner.fit()
-        finally:
-            searcher.close("the Ray driver stopped before the trial was scored")
-            bar.close()
-            pending = heldout_pending(study, space, max_bytes)
-            if pending:
-                for number, figures in remote_call(judge, resources, setup, pending).items():
-                    record_heldout(study, number, figures)
-            write_outputs(study, location)
-        return study
-    finally:
-        if started:
-            ray.shutdown()
+    engine = RayEngine(address, cpus_per_trial, gpus_per_trial, concurrency, max_failures)
+    return run_study(config, location, engine, n_trials, timeout, progress)

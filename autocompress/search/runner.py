@@ -1,99 +1,75 @@
-"""Running a study on this machine: Optuna's optimize loop over the Objective until the study holds its number of
-finished trials, then held-out judging of the frontier and the study's outputs."""
+"""The local engine: a study's trials run in this process, on the model loaded here, by Optuna's optimize loop over
+the Objective (or a generations search) until the study holds its number of finished trials; `driver.run_study`
+does the rest."""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from tqdm.auto import tqdm
 
 from autocompress.config import Config
 from autocompress.errors import UserError
-from autocompress.frontier import frontier_of
-from autocompress.record import StudyLocation, StudyRecord, TrialRecord, scored_records
+from autocompress.record import StudyLocation
+from autocompress.search.driver import FINISHED, Engine, ProgressBar, StopAfterFailures, run_study
 from autocompress.search.generations import GenerationSearch
-from autocompress.search.heldout import heldout_pending, judge_pending
+from autocompress.search.heldout import Pending, judge_pending
 from autocompress.search.objective import Objective, OptunaTrialContext
-from autocompress.search.study import (
-    check_before_loading,
-    check_budget,
-    open_study,
-    prepare_study,
-    sampler_for,
-    study_session,
-)
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward n_trials: pruned ones too (staged fitness)
+from autocompress.search.space import SearchSpace
+from autocompress.search.study import check_budget, prepare_study, study_session
 
 
-def complete_count(study: optuna.Study) -> int:
-    """Trials finished: complete, or pruned by staged fitness (failed ones are re-run, so they do not count)."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+class LocalEngine(Engine):
+    """Trials in this process, on the model loaded here: Optuna's optimize loop over the Objective, or a generations
+    search (`search.generations`). `callbacks` run after each of this process's trials, beside the ones that stop and
+    report the search."""
 
+    def __init__(self, callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> None:
+        self.callbacks = callbacks
 
-class ProgressBar:
-    """A bar over complete trials toward the number wanted, showing the best objective and the frontier size.
+    def load(self, config: Config, location: StudyLocation, progress: bool) -> SearchSpace:
+        self.session, self.space = study_session(config, location.cache_dir, progress)
+        check_budget(self.session, self.space)
+        return self.space
 
-    The best objective and the frontier need every stored trial, so they are read again at most every
-    `SUMMARY_SECONDS`: read after each trial, they cost more than a fast trial once a study holds thousands."""
+    def prepare(self, study: optuna.Study, location: StudyLocation) -> None:
+        prepare_study(study, self.session, self.space, location)
 
-    SUMMARY_SECONDS = 10.0
+    def run(
+        self,
+        study: optuna.Study,
+        n_trials: int,
+        timeout: float | None,
+        seed: int,
+        bar: ProgressBar,
+        max_bytes: int | None,
+    ) -> None:
+        objective = Objective(self.space.config, self.session, self.space, max_bytes)
+        if objective.config.search.generations is not None:
+            run_generations(study, objective, n_trials, timeout, seed, bar, self.callbacks)
+            return
+        failures = StopAfterFailures(objective.config.search.max_failures)
+        with StopOnAFullDisk(objective) as disk_full:
+            study.optimize(
+                objective,
+                timeout=timeout,
+                catch=(Exception,),
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(n_trials, states=FINISHED),
+                    failures,
+                    disk_full,
+                    bar,
+                    *self.callbacks,
+                ],
+            )
+        failures.raise_if_stopped(study)
 
-    def __init__(self, study: optuna.Study, n_trials: int, enabled: bool) -> None:
-        self.bar = tqdm(
-            total=n_trials, initial=min(complete_count(study), n_trials), desc="trials", disable=not enabled
-        )
-        self.n_trials = n_trials
-        self.finished = self.bar.n
-        self.summarized_at = -math.inf
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.add(study, int(trial.state in FINISHED))
-
-    def add(self, study: optuna.Study, finished: int) -> None:
-        """Count `finished` more trials of this process (a summary counts every process's)."""
-        self.finished += finished
-        if not self.bar.disable and time.monotonic() - self.summarized_at >= self.SUMMARY_SECONDS:
-            self.summarized_at = time.monotonic()
-            self.finished = complete_count(study)
-            records = scored_records(study)
-            if records:
-                best = min(record.objective for record in records)
-                self.bar.set_postfix(best=f"{best:.4f}", frontier=len(frontier_of(records)))
-        self.bar.n = min(self.finished, self.n_trials)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-class StopAfterFailures:
-    """Stop the search when `limit` trials fail in a row, saying why the last one failed: a plan that cannot be
-    scored once will not be scored 500 times."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_a_row = 0
-        self.stopped: str | None = None  # why the search stopped, once it has
-
-    def failed(self, record: TrialRecord) -> bool:
-        """Count `record`; whether the search must stop now."""
-        self.in_a_row = self.in_a_row + 1 if record.state == TrialState.FAIL else 0
-        if self.in_a_row < self.limit:
-            return False
-        reason = record.fail_reason or "no reason recorded"
-        self.stopped = f"stopped after {self.limit} failed trials in a row; the last: {reason}"
-        return True
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.failed(TrialRecord.of(trial)):
-            study.stop()
+    def judge(self, study: optuna.Study, pending: Pending) -> None:
+        judge_pending(study, self.session, self.space, pending)
 
 
 def run_search(
@@ -105,56 +81,14 @@ def run_search(
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     write_reports: bool = True,
 ) -> optuna.Study:
-    """Run (or continue) the study until it holds `n_trials` finished (complete or pruned) trials or `timeout`
-    seconds pass.
+    """Run (or continue) the study in this process until it holds `n_trials` finished (complete or pruned) trials
+    or `timeout` seconds pass (`driver.run_study`).
 
     `callbacks` run after each of this process's trials, beside the ones that stop and report the search.
     `write_reports=False` leaves out the study's outputs (trials.csv, plots, report.md: `autocompress report`
     writes them later), so a machine without pandas and matplotlib can search.
     """
-    n_trials = config.search.n_trials if n_trials is None else n_trials
-    timeout = config.search.timeout if timeout is None else timeout
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our bar reports trials; Optuna's lines would bury it
-    check_before_loading(config, location)
-    session, space = study_session(config, location.cache_dir, progress)
-    check_budget(session, space)
-    study, created = open_study(config, location, space, config.search.seed)
-    seed = config.search.seed if created else config.search.seed + os.getpid()
-    if not created:  # another process's sampler must not replay this one's suggestions
-        study.sampler = sampler_for(config, seed)
-    prepare_study(study, session, space, location)
-    max_bytes = StudyRecord.of(study).max_bytes()
-    objective = Objective(config, session, space, max_bytes)
-    bar = ProgressBar(study, n_trials, progress)
-    try:
-        if complete_count(study) < n_trials:
-            if config.search.generations is not None:
-                run_generations(study, objective, n_trials, timeout, seed, bar, callbacks)
-            else:
-                failures = StopAfterFailures(config.search.max_failures)
-                with StopOnAFullDisk(objective) as disk_full:
-                    study.optimize(
-                        objective,
-                        timeout=timeout,
-                        catch=(Exception,),
-                        callbacks=[
-                            optuna.study.MaxTrialsCallback(n_trials, states=FINISHED),
-                            failures,
-                            disk_full,
-                            bar,
-                            *callbacks,
-                        ],
-                    )
-                if failures.stopped is not None:  # raised after the outputs of what was scored are written
-                    raise UserError(f"study {study.study_name!r} {failures.stopped}")
-    finally:
-        bar.close()
-        judge_pending(study, session, space, heldout_pending(study, space, max_bytes))
-        if write_reports:
-            from autocompress.report import write_outputs  # pandas and matplotlib: for the outputs alone
-
-            write_outputs(study, location)
-    return study
+    return run_study(config, location, LocalEngine(callbacks), n_trials, timeout, progress, write_reports)
 
 
 class StopOnAFullDisk:
@@ -223,8 +157,7 @@ def run_generations(
                 catch=(Exception,),
                 callbacks=[failures, disk_full, bar, *callbacks, stop_without_seeds],
             )
-        if failures.stopped is not None:
-            raise UserError(f"study {study.study_name!r} {failures.stopped}")
+        failures.raise_if_stopped(study)
     search = GenerationSearch(study, objective, seed)
     search.run(n_trials, deadline, on_recorded=lambda count: bar.add(study, count))
     if search.evaluations:

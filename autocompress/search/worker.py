@@ -19,7 +19,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autocompress.record import StudyLocation
-from autocompress.search.runner import complete_count, run_search
+from autocompress.search.driver import complete_count
+from autocompress.search.runner import run_search
 from autocompress.search.study import load_existing
 
 CLI = [sys.executable, "-c", "from autocompress.cli import main; main()"]
