@@ -684,6 +684,11 @@ class Config(Section):
             )
         if self.search.student is not None:
             raise ValueError("search.structure: a smaller architecture is made one way; drop search.student")
+        if self.search.budget is not None:
+            raise ValueError(
+                "search.structure: a size budget's generations allocate types only, so far; bound the size with "
+                "search.max_size instead of search.budget"
+            )
         return self
 
     @model_validator(mode="after")

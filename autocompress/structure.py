@@ -144,18 +144,6 @@ def check_levels(config, family: str, ffn: Iterable[float], kv_groups: Iterable[
         raise ValueError("kv_groups 0: the first block keeps its attention, and the model has only one block")
 
 
-def structural_inputs(config, ffn: Iterable[float], kv_groups: Iterable[int] | None) -> list[tuple[str, str, int]]:
-    """(matrix, level, input width) for each matrix whose input width a structural level changes: `ffn_down` takes
-    the FFN width, `attn_output` the kept query heads' outputs; quantized types must split those rows into blocks."""
-    teacher = teacher_shape(config)
-    per_group = teacher.num_attention_heads // teacher.num_key_value_heads
-    inputs = [("ffn_down", f"an FFN width of {fraction:g}", ffn_width(fraction, config)) for fraction in ffn]
-    for groups in kv_groups or ():
-        if groups:
-            inputs.append(("attn_output", f"{groups} key/value groups", groups * per_group * head_dim(config)))
-    return inputs
-
-
 def structure_choices(
     ffn: Iterable[float],
     kv_groups: Iterable[int] | None,

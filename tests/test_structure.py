@@ -186,6 +186,10 @@ def test_a_family_deci_does_not_run_is_refused_naming_those_it_does(tmp_path: Pa
         ({"search": {"structure": {"ffn": [1.5]}}}, "fractions of the teacher's in (0, 1]"),
         ({"search": {"structure": {"kv_groups": [-1]}}}, "0 or more"),
         ({"search": {"structure": {"kv_groups": [0]}}}, "offer a count above 0 too"),
+        (
+            {"search": {"budget": {"size": "50%"}, "generations": {}}},
+            "bound the size with search.max_size instead of search.budget",
+        ),
     ],
 )
 def test_a_structure_section_that_cannot_ship_is_one_line(tmp_path: Path, section: dict, message: str) -> None:
@@ -287,17 +291,6 @@ def test_a_structure_the_model_cannot_take_changes_nothing() -> None:
     with pytest.raises(ValueError, match="removes blocks 1 to 2 only"):
         stitcher.stitch(CompressionPlan(structure={"model.layers.3": BlockStructure(removed=True)}))
     assert block_shapes(teacher)[1].intermediate_size == 64
-
-
-def test_a_width_no_configured_type_can_store_is_refused_before_the_model_loads(tmp_path: Path, capsys) -> None:
-    folder = config_only_folder(tmp_path / "model", four_block_config(hidden_size=256, intermediate_size=512))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("w " * 100)
-    config = gguf_study(folder, corpus, ffn=[1, 0.75])  # 384 channels: no K-type splits ffn_down's rows
-    config["search"]["formats"] = ["q4_k", "q6_k"]
-    path = write_yaml(tmp_path / "space.yaml", config)
-    code, _, err = run_main(["search", str(path), "--storage", f"sqlite:///{tmp_path / 'study.db'}"], capsys)
-    assert "an FFN width of 0.75 gives ffn_down rows of 384 weights, which no type" in error_line(code, err)
 
 
 def test_a_plan_file_with_shapes_is_refused_where_they_would_be_ignored(tmp_path: Path, capsys) -> None:

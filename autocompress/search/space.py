@@ -4,15 +4,17 @@ architecture), the trial → plan mapping, and the uniform seeds."""
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from itertools import product
 
 import optuna
 from optuna.distributions import CategoricalDistribution
 
 from autocompress.config import Config
-from autocompress.errors import UserError
+from autocompress.models import meta_model
 from autocompress.plan import STUDENT_PREFIX, UNQUANTIZED, CompressionPlan, parse_level
 from autocompress.record import StudyRecord
+from autocompress.structure import structure_choices
 
 Params = dict[str, float | int | str]
 
@@ -20,6 +22,18 @@ Params = dict[str, float | int | str]
 def block_index(unit: str) -> int:
     """The decoder block a unit belongs to: the first number in its name (`model.layers.3.mlp.up_proj` → 3)."""
     return next(int(part) for part in unit.split(".") if part.isdigit())
+
+
+def decoder_block_names(units: list[str]) -> list[str]:
+    """The decoder blocks the units lie in, in model order: each unit's name up to its first number
+    (`model.layers.3.mlp.up_proj` → `model.layers.3`); units outside the blocks (the embedding) have none."""
+    blocks: dict[int, str] = {}
+    for unit in units:
+        parts = unit.split(".")
+        position = next((index for index, part in enumerate(parts) if part.isdigit()), None)
+        if position is not None:
+            blocks[int(parts[position])] = ".".join(parts[: position + 1])
+    return [blocks[index] for index in sorted(blocks)]
 
 
 def nearest_level(levels: list, precision: int | str) -> int | str:
@@ -40,11 +54,13 @@ class SearchSpace:
     The precision is a bit-width (`{unit}.bits`, from `search.bits`) or a named level (`{unit}.format`, from
     `search.formats`: int4-g128, nf4, mxfp4, nvfp4, fp8-e4m3, or under the gguf target q4_k, q6_k...), whichever
     the config lists. `unit_levels` narrows each unit's levels where the target's blocks do not split its rows.
+
+    With `search.structure`, each decoder block also takes a shape (`autocompress.structure.structure_choices`):
+    `{block}.ffn`, `{block}.kv_groups` and `{block}.removed`, categorical like the levels, asked before them. Every
+    seed keeps the teacher's shape (`teacher_structure_params`), so the seeds are the plans of quantization alone.
     """
 
     def __init__(self, config: Config, units: list[str], unit_levels: dict[str, list[str]] | None = None) -> None:
-        if config.search.structure is not None:  # validated, built and exported, but not yet stitched into trials
-            raise UserError("search.structure: structural levels are not searched yet; drop search.structure")
         self.config = config
         self.units = units
         self.unit_levels = unit_levels
@@ -54,6 +70,39 @@ class SearchSpace:
         self.precision_key = "bits" if config.search.formats is None else "format"
         student = config.search.student
         self.student_choices = {} if student is None else student.dimensions()
+        structure = config.search.structure
+        self.structure_choices: dict[str, list] = {}
+        if structure is not None:
+            blocks = decoder_block_names(units)
+            blocks_name = blocks[0].rpartition(".")[0] if blocks else "model.layers"
+            choices = structure_choices(
+                structure.ffn, structure.kv_groups, structure.drop_blocks, len(blocks), blocks_name
+            )
+            self.structure_choices = {key: values for key, values in choices.items() if len(values) > 1}
+
+    @cached_property
+    def teacher_kv_groups(self) -> int:
+        """The teacher's key/value heads, read from its config alone (no weights load)."""
+        config = meta_model(self.config.model).config
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def teacher_structure_params(self) -> Params:
+        """Every structural parameter at the teacher's shape (or the largest offered): what each seed keeps."""
+        params: Params = {}
+        for key, values in self.structure_choices.items():
+            params[key] = False if key.endswith(".removed") else values[-1]
+        return params
+
+    def structure_params(self, trial: optuna.Trial) -> Params:
+        """The block shapes the trial chooses."""
+        return {key: trial.suggest_categorical(key, values) for key, values in self.structure_choices.items()}
+
+    def _teachers_shape(self, key: str, value: float | int | bool) -> bool:
+        """Whether a structural parameter's value is the teacher's own, which a plan does not name."""
+        field = key.rpartition(".")[2]
+        if field == "kv_groups":
+            return value == self.teacher_kv_groups
+        return value == (1.0 if field == "ffn" else False)
 
     @classmethod
     def of_record(cls, record: StudyRecord) -> SearchSpace:
@@ -90,7 +139,7 @@ class SearchSpace:
     def plan_for(self, trial: optuna.Trial) -> CompressionPlan:
         """Ask the trial for its architecture, then every unit's sparsity and precision; the only place that
         reads trials."""
-        params: Params = dict(self.student_params(trial))
+        params: Params = dict(self.student_params(trial)) | self.structure_params(trial)
         for unit in self.units_of(params):
             if len(self.sparsity_levels) > 1:
                 params[f"{unit}.sparsity"] = trial.suggest_categorical(f"{unit}.sparsity", self.sparsity_levels)
@@ -101,6 +150,8 @@ class SearchSpace:
 
     def distribution_of(self, key: str) -> CategoricalDistribution:
         """The distribution `plan_for` suggests a unit's parameter `{unit}.sparsity` or `{unit}.{precision}` from."""
+        if key in self.structure_choices:
+            return CategoricalDistribution(self.structure_choices[key])
         unit, _, dimension = key.rpartition(".")
         return CategoricalDistribution(self.sparsity_levels if dimension == "sparsity" else self.levels_of(unit))
 
@@ -111,6 +162,10 @@ class SearchSpace:
         for dimension, values in self.student_choices.items():
             key = f"{STUDENT_PREFIX}{dimension}"
             complete[key] = params.get(key, values[-1])
+        for key, default in self.teacher_structure_params().items():
+            value = params.get(key, default)
+            if not self._teachers_shape(key, value):
+                complete[key] = value
         for unit in self.units_of(params):
             precision = f"{unit}.{self.precision_key}"
             complete[f"{unit}.sparsity"] = params.get(f"{unit}.sparsity", self.sparsity_levels[0])
@@ -127,7 +182,7 @@ class SearchSpace:
     def uniform_params(self, sparsity: float, precision: int | str) -> Params:
         """Every unit at one level, in the largest architecture offered; a unit that cannot take the level takes
         the nearest one it can with as many bits or more (as llama.cpp falls back), else its widest."""
-        params: Params = dict(self.largest_student())
+        params: Params = dict(self.largest_student()) | self.teacher_structure_params()
         for unit in self.units_of(params):
             if len(self.sparsity_levels) > 1:
                 params[f"{unit}.sparsity"] = sparsity
@@ -187,4 +242,6 @@ class SearchSpace:
             space["student"] = search.student.model_dump(mode="json")
         if self.unit_levels is not None:  # likewise
             space["unit_levels"] = self.unit_levels
+        if search.structure is not None:  # likewise
+            space["structure"] = search.structure.model_dump(mode="json")
         return json.dumps(space, sort_keys=True)

@@ -244,9 +244,10 @@ def enqueue_presets(
             if seed.params is None:
                 print(f"autocompress: {seed.baseline} is not a seed: {seed.reason}", flush=True)
                 continue
-            study.enqueue_trial(seed.params, user_attrs=seed_attrs([seed.baseline]), skip_if_exists=True)
+            params = space.teacher_structure_params() | seed.params  # a preset keeps the teacher's shape
+            study.enqueue_trial(params, user_attrs=seed_attrs([seed.baseline]), skip_if_exists=True)
             enqueued.append(seed.baseline)
-            seeds.append((seed.baseline, seed.params))
+            seeds.append((seed.baseline, params))
         if ceiling is not None:
             enqueued.append(enqueue_uniform_at_ceiling(study, space, ceiling))
             fitted = enqueue_fitted_under_ceiling(study, space, ceiling, seeds)

@@ -509,6 +509,27 @@ def gguf_layout(
     return GgufLayout(family, writer, slots, overhead, alignment, notes)
 
 
+def reshaped_layout(layout: GgufLayout, model: PreTrainedModel, kv_bytes: int | None = None) -> GgufLayout:
+    """The layout of `model`, which has `layout`'s config, architecture and metadata keys but other block shapes
+    (`autocompress.structure`): the deci architecture's per-layer arrays hold one number per block whatever it is,
+    so the key-value section keeps its size (`kv_bytes`, `_kv_bytes(layout.metadata)` if not given) and only the
+    tensor infos and data change. `gguf_layout` copies the tokenizer anew, which takes seconds for a large
+    vocabulary; this takes milliseconds."""
+    family = family_of(model)
+    if family.arch != layout.family.arch:
+        raise ValueError(f"a {family.arch.name} model does not reshape a {layout.family.arch.name} file's layout")
+    slots = _slots(model, family)
+    kv_bytes = _kv_bytes(layout.metadata) if kv_bytes is None else kv_bytes
+    infos = sum(_TENSOR_INFO_BYTES + len(slot.name.encode()) + 8 * len(slot.shape) for slot in slots.values())
+    overhead = -(-(_HEADER_BYTES + kv_bytes + infos) // layout.alignment) * layout.alignment
+    return GgufLayout(family, layout.metadata, slots, overhead, layout.alignment, layout.notes)
+
+
+def layout_kv_bytes(layout: GgufLayout) -> int:
+    """The bytes of a layout's key-value section."""
+    return _kv_bytes(layout.metadata)
+
+
 # ---------------------------------------------------------------- writing
 
 

@@ -15,9 +15,8 @@ from autocompress.errors import UserError
 from autocompress.files import staged_write
 from autocompress.models import CompressibleLinear, meta_model, module_name
 from autocompress.provenance import with_versions
-from autocompress.structure import check_levels, structural_inputs
+from autocompress.structure import check_levels
 from autocompress.targets.base import ExportInput, PresetSeed, Target, Written
-from autocompress.targets.gguf.blocks import fits
 from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_evaluation_lines, gguf_file
 from autocompress.targets.gguf.file import GGUF_FILE, gguf_layout, tokenizer_gguf, write_gguf, write_gguf_tensors
 from autocompress.targets.gguf.preset_sizes import preset_ceiling, preset_names
@@ -63,7 +62,24 @@ class GgufTarget(Target):
         layout = gguf_layout(model, session.tokenizer, tokenizer_gguf(session.config.model))
         cache = None if session.cache_dir is None else session.cache_dir / "gguf"
         granularity = session.config.compression.granularity
-        return GgufWeights(model, granularity, lambda: session.statistics({"input_sq_norms"}), cache, layout)
+        statistics = lambda: session.statistics({"input_sq_norms"})  # noqa: E731
+        structure = session.config.search.structure
+        if structure is None:
+            return GgufWeights(model, granularity, statistics, cache, layout)
+        from autocompress.targets.gguf.structured import StructuredGgufWeights
+
+        tokenizer_source = tokenizer_gguf(session.config.model)
+        return StructuredGgufWeights(
+            model,
+            granularity,
+            statistics,
+            cache,
+            layout,
+            structure,
+            session.pools.calibration,
+            session.batch_size,
+            lambda skeleton: gguf_layout(skeleton, session.tokenizer, tokenizer_source),
+        )
 
     def seeds(self, session: CompressionSession, unit_levels: Mapping[str, Sequence[str]]) -> list[PresetSeed]:
         """llama.cpp's k-quant presets, as llama.cpp assigns their types per tensor role (with its fallbacks)."""
@@ -145,20 +161,14 @@ class GgufTarget(Target):
 
 def check_structure_levels(config: Config) -> None:
     """A UserError (one line) for structural levels the config's model cannot take or llama.cpp's deci cannot run,
-    from its config alone (on the meta device, before any weight is loaded)."""
+    from its config alone (on the meta device, before any weight is loaded). A type whose blocks do not split the
+    rows a shape gives a tensor is not refused: the tensor stores llama.cpp's fallback (`structured.storable_level`)."""
     model = meta_model(config.model)
     structure = config.search.structure
     try:
         check_levels(model.config, type(model).__name__, structure.ffn, structure.kv_groups, structure.drop_blocks)
     except ValueError as error:
         raise UserError(f"search.structure: {error}") from error
-    formats = config.search.precision_levels()
-    for matrix, level, inputs in structural_inputs(model.config, structure.ffn, structure.kv_groups):
-        if not any(fits(kind, inputs) for kind in formats):
-            raise UserError(
-                f"search.structure: {level} gives {matrix} rows of {inputs} weights, which no type of search.formats "
-                f"splits into whole blocks (K-types need a multiple of 256); add a 32-block type such as q8_0"
-            )
 
 
 TARGET = GgufTarget()

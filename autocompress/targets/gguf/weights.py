@@ -305,6 +305,10 @@ class GgufWeights(Weights):
             return False
         return data.shape == (tensor.shape[0], tensor_bytes(level, *tensor.shape) // tensor.shape[0])
 
+    def stored_forms(self, unit_levels: Mapping[str, Sequence[str]]) -> list[tuple[UnitTensor, str]]:
+        """Every (tensor, level) a trial may stitch at `unit_levels`."""
+        return [(tensor, level) for tensor in self.tensors for level in unit_levels[tensor.unit]]
+
     def build(self, unit_levels: Mapping[str, Sequence[str]], progress: bool = False) -> BlocksBuilt:
         """Quantize and store every tensor in every level its unit may take (`unit_levels`), before any trial
         needs them. Resumable: blocks stored whole are kept, missing or truncated ones quantized. A tensor another
@@ -313,7 +317,7 @@ class GgufWeights(Weights):
         if self.cache is None:
             raise ValueError("GGUF blocks are built up front only into a cache folder")
         began = time.perf_counter()
-        wanted = [(tensor, level) for tensor in self.tensors for level in unit_levels[tensor.unit]]
+        wanted = self.stored_forms(unit_levels)
         pending = [(tensor, level) for tensor, level in wanted if not self._complete(tensor, level)]
         if any(tensor.statistics_of and BLOCK_TYPES[level].uses_importance for tensor, level in pending):
             self.statistics()  # collecting them may run the dense model: before anything is quantized

@@ -1,0 +1,206 @@
+"""Structural levels searched under `target: gguf`: each block's shape a trial parameter beside the GGUF types, its
+alternatives trained once by block-local distillation before the trials, stitched in and rolled back, counted as
+the deci file stores them, and exported as a deci GGUF that llama.cpp runs as we measured it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import gguf
+import optuna
+import pytest
+import torch
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FixedTrial
+
+from autocompress.config import load_config
+from autocompress.metrics import log_probs
+from autocompress.plan import BlockStructure
+from autocompress.record import StudyLocation, StudyRecord, scored_records
+from autocompress.search.space import SearchSpace
+from autocompress.session import CompressionSession
+from autocompress.structure import block_shapes, is_structured
+from autocompress.targets.gguf.file import write_gguf_tensors
+from autocompress.targets.gguf.llama_cpp import llama_cpp_available
+from autocompress.targets.gguf.structured import AlternativeTensor, storable_level
+from tests.conftest import CLI, require, tiny_study_config, write_yaml
+from tests.test_gguf_export import SEQ_LEN, activation_rounding, bpe_tokenizer, kl, llama_cpp_log_probs
+from tests.test_structure import config_only_folder, four_block_config, gguf_study
+from tests.test_structure_gguf import teacher
+
+STRUCTURE = {"ffn": [1, 0.75, 0.5], "kv_groups": [2, 1, 0], "drop_blocks": True, "distillation": {"steps": 3}}
+FORMATS = ["q4_k", "q6_k", "q8_0"]
+
+
+# --- the search space -------------------------------------------------------------------------------------------
+
+
+def test_each_blocks_shape_is_a_trial_parameter_and_every_seed_keeps_the_teachers(tmp_path: Path) -> None:
+    folder = config_only_folder(tmp_path / "model", four_block_config())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("w " * 100)
+    config = load_config(
+        write_yaml(
+            tmp_path / "space.yaml", gguf_study(folder, corpus, ffn=[1, 0.5], kv_groups=[2, 1, 0], drop_blocks=True)
+        )
+    )
+    units = [f"model.layers.{index}" for index in range(4)] + ["model.embed_tokens", "lm_head"]
+    space = SearchSpace(config, units)
+    assert space.structure_choices["model.layers.0.kv_groups"] == [1, 2]  # the first block keeps its attention
+    assert "model.layers.3.removed" not in space.structure_choices  # nor is the last block removed
+    assert space.distribution_of("model.layers.2.ffn") == CategoricalDistribution([0.5, 1.0])
+
+    chosen = {"model.layers.1.removed": True, "model.layers.2.kv_groups": 0, "model.layers.2.ffn": 0.5}
+    params = space.teacher_structure_params() | chosen | {f"{unit}.format": "q8_0" for unit in units}
+    plan = space.plan_for(FixedTrial(params))
+    assert plan.structure == {
+        "model.layers.1": BlockStructure(removed=True),
+        "model.layers.2": BlockStructure(ffn=0.5, kv_groups=0),
+    }  # the teacher's 2 groups and full width are not named
+    assert space.plan_from_params(plan.to_params()) == plan
+
+    for seed in space.seeds():
+        assert space.plan_from_params(seed).structure == {}
+        assert all(key in seed for key in space.structure_choices)  # fixed: a sampler never draws a seed's shape
+    assert json.loads(space.fingerprint())["structure"]["drop_blocks"] is True
+
+
+def test_a_type_a_shapes_rows_cannot_take_is_stored_as_llama_cpp_falls_back() -> None:
+    """SmolLM2's FFN widths: ½ (768) takes K-types on ffn_down, ¾ (1152) and ¼ (384) only 32-block types."""
+    assert storable_level("q4_k", 768) == "q4_k"
+    assert storable_level("q4_k", 1152) == "q5_0"
+    assert storable_level("q6_k", 384) == "q8_0"
+    assert storable_level("iq4_xs", 384) == "iq4_nl"
+    assert storable_level("q8_0", 384) == "q8_0"
+    assert storable_level("q4_k", 100) == "f16"
+
+
+# --- a study from the command line ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A gguf study with structure of a random four-block Llama (FFN 512: ¾ is 384 channels, which K-types do not
+    split) run by the CLI; returns its config file and results folder."""
+    folder = tmp_path_factory.mktemp("structure-study")
+    model_dir = folder / "model"
+    teacher().save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    search = {"sparsity": [0.0], "bits": [16], "formats": FORMATS, "n_trials": 12, "loss": "kl", "structure": STRUCTURE}
+    raw = tiny_study_config(folder, model_dir, compression={"target": "gguf"}, search=search)
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    config = write_yaml(folder / "structure.yaml", raw)
+    results = folder / "results"
+    subprocess.run([*CLI, "search", str(config), "--results", str(results), "--quiet"], check=True)
+    return config, results
+
+
+def study_record(results: Path) -> tuple[optuna.Study, StudyRecord, StudyLocation]:
+    location = StudyLocation.resolve("structure", results, None)
+    study = optuna.load_study(study_name="structure", storage=location.storage_url)
+    return study, StudyRecord.of(study), location
+
+
+def structural_trials(results: Path) -> list:
+    optuna_study, record, _ = study_record(results)
+    space = SearchSpace.of_record(record)
+    return [trial for trial in scored_records(optuna_study) if space.plan_from_params(trial.params).structure]
+
+
+def test_the_study_searches_shapes_beside_types_from_alternatives_trained_once(study: tuple[Path, Path]) -> None:
+    _config, results = study
+    optuna_study, record, location = study_record(results)
+    space = SearchSpace.of_record(record)
+    seeds = [trial for trial in scored_records(optuna_study) if trial.seed]
+    assert seeds and all(not space.plan_from_params(trial.params).structure for trial in seeds)
+    assert structural_trials(results), "no sampled trial changed a block's shape"
+    (summary_path,) = location.cache_dir.glob("*/structure/*/alternatives.json")
+    summary = json.loads(summary_path.read_text())
+    trained = [entry for entry in summary["alternatives"] if entry["steps"]]
+    assert trained and all(entry["seconds"] > 0 for entry in trained)
+    assert summary["store_bytes"] == sum(path.stat().st_size for path in summary_path.parent.glob("*.safetensors"))
+    kinds = {(entry["block"], entry["kind"], entry["level"]) for entry in summary["alternatives"]}
+    assert (1, "ffn", 0) in kinds and (0, "attention", 0) not in kinds  # block 1 may go; block 0 keeps attention
+
+
+@pytest.fixture(scope="module")
+def session_and_plan(study: tuple[Path, Path]):
+    """A session of the study (its alternatives read back from the store) and its smallest structural plan."""
+    config_path, results = study
+    _, record, location = study_record(results)
+    smallest = min(structural_trials(results), key=lambda trial: trial.size_bytes)
+    plan = SearchSpace.of_record(record).plan_from_params(smallest.params)
+    session = CompressionSession(load_config(config_path), cache_dir=location.cache_dir)
+    return session, plan, smallest
+
+
+def test_a_stitched_structural_plan_is_the_plan_built_afresh_and_rolls_back(session_and_plan, study) -> None:
+    session, plan, trial = session_and_plan
+    tokens = session.pools.fitness
+    dense = log_probs(session.model, tokens)
+    other = plan.model_copy(update={"structure": {"model.layers.2": BlockStructure(removed=True)}})
+    session.stitch(other)  # another plan first: stitching replaces its shapes and types
+    size = session.stitch(plan)
+    stitched = log_probs(session.model, tokens)
+    assert size.total_bytes == trial.size_bytes
+    assert session.measure(plan).metrics.kl == pytest.approx(trial.loss, rel=1e-5)
+
+    config_path, _ = study
+    fresh = CompressionSession(load_config(config_path), cache_dir=session.cache_dir.parent)
+    fresh.stitch(plan)
+    assert block_shapes(fresh.model) == block_shapes(session.model)
+    assert torch.equal(log_probs(fresh.model, tokens), stitched)
+
+    session.restore_dense()
+    assert not is_structured(session.model)
+    assert torch.equal(log_probs(session.model, tokens), dense)
+
+
+def test_the_deci_file_holds_the_bytes_accounted_and_llama_cpp_computes_what_was_scored(
+    session_and_plan, tmp_path: Path
+) -> None:
+    session, plan, _trial = session_and_plan
+    size = session.stitch(plan)
+    blocks = session.weights.blocks_of(plan)
+    path = tmp_path / "model.gguf"
+    write_gguf_tensors(session.model, session.tokenizer, blocks, path)
+    assert path.stat().st_size == size.total_bytes
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "deci"
+    widths = reader.fields["deci.feed_forward_length"].contents()
+    assert widths == [shape.intermediate_size for shape in block_shapes(session.model)]
+    stored = {tensor.name: tensor.tensor_type.name.lower() for tensor in reader.tensors}
+    for tensor in session.weights.active(plan):
+        level = session.weights.levels(plan)[tensor.unit]
+        assert stored[tensor.gguf_name] == storable_level(level, tensor.shape[1])
+    assert any(isinstance(tensor, AlternativeTensor) for tensor in session.weights.active(plan))
+
+    require(llama_cpp_available())
+    tokens = session.pools.fitness
+    ours = log_probs(session.model, tokens)
+    hooks = activation_rounding(session.model, {key: tensor.type for key, tensor in blocks.items()})
+    floor = kl(log_probs(session.model, tokens), ours)
+    for hook in hooks:
+        hook.remove()
+    theirs = llama_cpp_log_probs(path, tokens)
+    print(f"llama.cpp vs the search's structural model: KL {kl(theirs, ours):.1e}, floor {floor:.1e}")
+    assert kl(theirs, ours) <= max(1e-3, 1.25 * floor)
+
+
+@pytest.mark.slow  # two more processes load torch, the model and llama.cpp
+def test_export_writes_the_trial_as_a_deci_gguf_that_evaluate_runs(study: tuple[Path, Path], tmp_path: Path) -> None:
+    _config, results = study
+    trial = min(structural_trials(results), key=lambda trial: trial.size_bytes)
+    out = tmp_path / "out"
+    command = [*CLI, "export", "--study", "structure", "--results", str(results), "--trial", str(trial.number)]
+    exported = subprocess.run([*command, "--out", str(out), "--json"], check=True, capture_output=True, text=True)
+    assert json.loads(exported.stdout)["accounted_bytes"] == trial.size_bytes
+    path = out / "model.gguf"
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "deci"
+    require(llama_cpp_available())
+    evaluated = subprocess.run([*CLI, "evaluate", str(path), "--json"], check=True, capture_output=True, text=True)
+    result = json.loads(evaluated.stdout)
+    assert result["runtime"] == "llama.cpp" and result["trial"] == trial.number
+    assert result["heldout_kl"] == pytest.approx(result["predicted_heldout_kl"], rel=0.05, abs=2e-3)
