@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import gguf
 import optuna
 import pytest
 import torch
+from filelock import FileLock
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FixedTrial
 
+from autocompress.block_distillation import AlternativeStore
 from autocompress.config import load_config
 from autocompress.metrics import log_probs
 from autocompress.plan import BlockStructure
@@ -24,6 +28,7 @@ from autocompress.session import CompressionSession
 from autocompress.structure import block_shapes, is_structured
 from autocompress.targets.gguf.file import write_gguf_tensors
 from autocompress.targets.gguf.llama_cpp import llama_cpp_available
+from autocompress.targets.gguf.speed import plan_tensors
 from autocompress.targets.gguf.structured import AlternativeTensor, storable_level
 from tests.conftest import CLI, require, tiny_study_config, write_yaml
 from tests.test_gguf_export import SEQ_LEN, activation_rounding, bpe_tokenizer, kl, llama_cpp_log_probs
@@ -176,6 +181,11 @@ def test_the_deci_file_holds_the_bytes_accounted_and_llama_cpp_computes_what_was
         level = session.weights.levels(plan)[tensor.unit]
         assert stored[tensor.gguf_name] == storable_level(level, tensor.shape[1])
     assert any(isinstance(tensor, AlternativeTensor) for tensor in session.weights.active(plan))
+    matrices, _layers = plan_tensors(session.weights, plan)  # what the speed model sees: the file's own matrices
+    computed = [tensor for tensor in reader.tensors if len(tensor.shape) == 2 and tensor.name != "token_embd.weight"]
+    assert sorted(shape for _, shape in matrices) == sorted(
+        tuple(reversed(tensor.shape.tolist())) for tensor in computed
+    )
 
     require(llama_cpp_available())
     tokens = session.pools.fitness
@@ -204,3 +214,39 @@ def test_export_writes_the_trial_as_a_deci_gguf_that_evaluate_runs(study: tuple[
     result = json.loads(evaluated.stdout)
     assert result["runtime"] == "llama.cpp" and result["trial"] == trial.number
     assert result["heldout_kl"] == pytest.approx(result["predicted_heldout_kl"], rel=0.05, abs=2e-3)
+
+
+def test_workers_on_one_cache_train_different_blocks_and_read_back_the_rest(tmp_path: Path) -> None:
+    """A block whose lock another worker holds is skipped, the others trained first, and it is waited for: here the
+    holder lets go only once every other block is stored, so this process trains that block last."""
+    model_dir = tmp_path / "model"
+    teacher().save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    structure = {"ffn": [1, 0.5], "distillation": {"steps": 1}}
+    search = {"sparsity": [0.0], "bits": [16], "formats": FORMATS, "structure": structure}
+    raw = tiny_study_config(tmp_path, model_dir, compression={"target": "gguf"}, search=search)
+    raw["data"] |= {"seq_len": SEQ_LEN}
+    session = CompressionSession(load_config(write_yaml(tmp_path / "space.yaml", raw)), cache_dir=tmp_path / "cache")
+    weights = session.weights
+    folder = weights.store_folder
+    folder.mkdir(parents=True)
+    others = [AlternativeStore(folder).path((index, "ffn", 256)) for index in (0, 2, 3)]
+    holding = threading.Event()
+
+    def hold_until_the_others_are_stored() -> None:  # another worker, training block 1
+        with FileLock(folder / ".block1.lock"):
+            holding.set()
+            deadline = time.monotonic() + 300  # never hangs the suite: a failure shows in the order asserted below
+            while not all(path.is_file() for path in others) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    holder = threading.Thread(target=hold_until_the_others_are_stored)
+    holder.start()
+    holding.wait()
+    weights.build_alternatives()
+    holder.join()
+    last = AlternativeStore(folder).path((1, "ffn", 256))
+    assert all(path.stat().st_mtime_ns <= last.stat().st_mtime_ns for path in others)
+    assert sorted(key[0] for key in weights.built_now) == [0, 1, 2, 3]
+    summary = json.loads((folder / "alternatives.json").read_text())
+    assert len(summary["alternatives"]) == 4

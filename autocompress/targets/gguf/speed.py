@@ -247,10 +247,10 @@ def _layer_count(names: Iterable[str]) -> int:
 def plan_tensors(weights: GgufWeights, plan: CompressionPlan) -> tuple[list[tuple[str, tuple[int, int]]], int]:
     """The (type, [out, in]) of every matrix a plan's GGUF file computes with, and its layer count, from the GGUF
     backend's units (a plan sets the type of every decoder-block Linear and of the output matrix)."""
-    levels = weights.levels(plan)
-    names = [tensor.gguf_name for tensor in weights.tensors]
-    tensors = [(levels[tensor.unit], tensor.shape) for tensor in weights.tensors if _computed(tensor.gguf_name, names)]
-    return tensors, _layer_count(names)
+    stored = weights.stored_tensors(plan)
+    names = [tensor.gguf_name for tensor, _ in stored]
+    tensors = [(level, tensor.shape) for tensor, level in stored if _computed(tensor.gguf_name, names)]
+    return tensors, _layer_count(tensor.gguf_name for tensor in weights.tensors)
 
 
 def file_architecture(path: Path | str) -> tuple[Architecture, list[tuple[str, tuple[int, int]]], int]:

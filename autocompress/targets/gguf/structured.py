@@ -5,7 +5,8 @@ makes the resident model compute with both:
 - the shapes: each block's attention and FFN alternatives (`structure.StructureStitcher`), cut from the teacher by
   importance and trained by block-local distillation (`block_distillation.distill_alternatives`), once per study,
   before the first trial (`precompute`), kept on disk beside the GGUF blocks (`AlternativeStore`, in a folder keyed by
-  the distillation options and the levels) and read back by every later process;
+  the distillation options and the levels) and read back by every later process; workers on one cache train
+  different blocks, each under its own lock;
 - the types: the Linears of an alternative take their unit's type as the teacher's Linears do, quantized into GGUF
   blocks from the alternative's own trained weights (cached per alternative, under a name holding a digest of its
   weights, so a retrained alternative never reuses stale blocks). Their importance matrix is the teacher Linear's,
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -153,6 +154,7 @@ class StructuredGgufWeights(GgufWeights):
         self.stitcher: StructureStitcher | None = None
         self.alternative_tensors: dict[SubBlockLevel, list[AlternativeTensor]] = {}
         self.distilled: dict[SubBlockLevel, Alternative] = {}
+        self.built_now: dict[SubBlockLevel, Alternative] = {}  # of `distilled`, those this process trained
         self._layouts: dict[str, GgufLayout] = {}
         self._deci: GgufLayout | None = None
         self._deci_kv_bytes = 0
@@ -190,20 +192,21 @@ class StructuredGgufWeights(GgufWeights):
 
     def build_alternatives(self, progress: bool = False) -> StructureStitcher:
         """Every structural alternative, trained now or read back from the store, and the stitcher holding them.
-        Processes sharing the cache take turns: the one that trains holds the store's lock, the others then read."""
+        Processes sharing the cache (workers) share the work block by block: each trains the blocks no other holds
+        the lock of, then waits for the others' and reads them back."""
         if self.stitcher is not None:
             return self.stitcher
         self.restore_dense()  # cut and captured from the teacher's dense weights
         importance = self.importance()
         folder = self.store_folder
-        store = None if folder is None else AlternativeStore(folder)
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            with FileLock(folder / ".lock"):
-                alternatives = self._distill(importance, store, progress)
-                self._write_summary(folder, alternatives)
+        if folder is None:
+            alternatives = self._distill(self.levels_per_block, importance, None, progress)
+            self.built_now = dict(alternatives)
         else:
-            alternatives = self._distill(importance, store, progress)
+            store = AlternativeStore(folder)
+            self.built_now = self._distill_shared(importance, store, progress)
+            alternatives = self._distill(self.levels_per_block, importance, store, False)  # every one stored now
+            self._write_summary(folder, alternatives)
         self.distilled = alternatives
         modules = {key: alternative.modules for key, alternative in alternatives.items()}
         self.stitcher = StructureStitcher(self.model, importance, modules)
@@ -211,10 +214,40 @@ class StructuredGgufWeights(GgufWeights):
             self._register(key, alternative.modules, importance)
         return self.stitcher
 
-    def _distill(self, importance: Importance, store: AlternativeStore | None, progress: bool) -> dict:
-        return distill_alternatives(
-            self.model, self.calibration, importance, self.levels_per_block, self.options, store, progress
-        )
+    def _distill(
+        self, levels: Mapping[int, Mapping[str, list[int]]], importance: Importance, store, progress: bool
+    ) -> dict[SubBlockLevel, Alternative]:
+        model, calibration = self.model, self.calibration
+        return distill_alternatives(model, calibration, importance, dict(levels), self.options, store, progress)
+
+    def _distill_shared(
+        self, importance: Importance, store: AlternativeStore, progress: bool
+    ) -> dict[SubBlockLevel, Alternative]:
+        """Train the blocks whose alternatives the store lacks, each under its own lock: a block another process
+        holds is skipped at first and waited for at the end. Returns the alternatives this process trained."""
+        store.folder.mkdir(parents=True, exist_ok=True)
+        pending = [
+            index
+            for index, per_kind in self.levels_per_block.items()
+            if any(not store.path((index, kind, level)).is_file() for kind in per_kind for level in per_kind[kind])
+        ]
+        built: dict[SubBlockLevel, Alternative] = {}
+        for blocking in (False, True):
+            deferred = []
+            for index in pending:
+                lock = FileLock(store.folder / f".block{index}.lock", timeout=-1 if blocking else 0)
+                try:
+                    lock.acquire()
+                except Timeout:
+                    deferred.append(index)
+                    continue
+                try:
+                    trained = self._distill({index: self.levels_per_block[index]}, importance, store, progress)
+                finally:
+                    lock.release()
+                built |= {key: alternative for key, alternative in trained.items() if not alternative.from_store}
+            pending = deferred
+        return built
 
     def _write_summary(self, folder: Path, alternatives: Mapping[SubBlockLevel, Alternative]) -> None:
         """alternatives.json: each alternative's training result and the store's bytes, for reports and benchmarks."""
@@ -320,10 +353,17 @@ class StructuredGgufWeights(GgufWeights):
                 wanted += [(tensor, level) for level in levels]
         return wanted
 
+    def stored_tensors(self, plan: CompressionPlan) -> list[tuple[UnitTensor, str]]:
+        """The tensors of the plan's shapes (its alternatives', built if need be), each with the type it stores."""
+        levels = self.levels(plan)
+        if plan.structure:
+            self.build_alternatives()
+        return [(tensor, self.stored_level(tensor, levels)) for tensor in self.active(plan)]
+
     def precompute(self, unit_levels: Mapping[str, Sequence[str]] | None, progress: bool) -> str | None:
         began = time.perf_counter()
         self.build_alternatives(progress)
-        trained = [alternative.result for alternative in self.distilled.values() if not alternative.from_store]
+        trained = [alternative.result for alternative in self.built_now.values()]
         seconds = sum(result.seconds for result in trained)
         steps = sum(result.steps > 0 for result in trained)
         folder = self.store_folder
@@ -405,11 +445,8 @@ class StructuredGgufWeights(GgufWeights):
         return SizeReport(layout.file_bytes(types), self.dense_bytes, per_layer)
 
     def blocks_of(self, plan: CompressionPlan) -> dict[str, GgufBlocks]:
-        levels = self.levels(plan)
-        if plan.structure:
-            self.build_alternatives()
         blocks = {}
-        for tensor in self.active(plan):
+        for tensor, level in self.stored_tensors(plan):
             name = tensor.name if isinstance(tensor, AlternativeTensor) else tensor.module
-            blocks[f"{name}.weight"] = self.blocks(tensor, self.stored_level(tensor, levels))
+            blocks[f"{name}.weight"] = self.blocks(tensor, level)
         return blocks

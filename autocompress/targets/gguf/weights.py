@@ -264,6 +264,11 @@ class GgufWeights(Weights):
         check_plan_levels(self.tensors, levels)
         return levels
 
+    def stored_tensors(self, plan: CompressionPlan) -> list[tuple[UnitTensor, str]]:
+        """Every tensor of the plan's file that a unit sets the type of, with the type it stores."""
+        levels = self.levels(plan)
+        return [(tensor, levels[tensor.unit]) for tensor in self.tensors]
+
     def _path(self, module: str, level: str) -> Path:
         return self.cache / module / f"{level}.npy"
 
