@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -227,12 +227,113 @@ class SizeCeiling:
     def _bits(level) -> float:
         return parse_level(level).bits if isinstance(level, str) else level
 
+    def param(self, unit: str, key: str) -> str:
+        """The trial parameter holding `unit`'s level (`key`: the space's precision key)."""
+        return f"{unit}.{key}"
+
+    def params_of(self, allocation: Mapping[str, int], key: str) -> dict[str, Any]:
+        """The trial parameters of an allocation (each unit's level index)."""
+        return {self.param(unit, key): self.levels[unit][index] for unit, index in allocation.items()}
+
+
+def smallest_first(key: str, values: Sequence) -> list:
+    """A structural parameter's values, the one that stores fewest bytes first (a removed block, the narrowest FFN,
+    the fewest key/value groups) and the teacher's last."""
+    return [True, False] if key.endswith(".removed") else sorted(values)
+
+
+class StructuredCeiling(SizeCeiling):
+    """A size budget over the units' levels and the blocks' shapes (`search.structure`) together: each structural
+    parameter (`{block}.ffn`, `.kv_groups`, `.removed`) is a unit of its own whose levels run from the smallest shape
+    to the teacher's. A block's bytes depend on its shape and its units' types at once, so a total is the plan's
+    exact size (`total_of`, memoized) rather than a sum of per-unit bytes; the additive seed, which needs that sum,
+    is not offered."""
+
+    def __init__(
+        self,
+        unit_levels: Mapping[str, Sequence],
+        structure_choices: Mapping[str, Sequence],
+        total_of: Callable[[Mapping[str, Any]], int],
+        ceiling: int,
+    ) -> None:
+        self.units = [*unit_levels, *structure_choices]
+        self.levels = {unit: list(levels) for unit, levels in unit_levels.items()}
+        self.levels |= {key: smallest_first(key, values) for key, values in structure_choices.items()}
+        self.shapes = list(structure_choices)
+        self.ceiling = ceiling
+        self._total_of = total_of
+        self._totals: dict[tuple[int, ...], int] = {}
+        smallest = self.total(dict.fromkeys(self.units, 0))
+        if smallest > ceiling:
+            raise ValueError(f"the size budget of {ceiling:,} bytes is below the smallest plan's {smallest:,} bytes")
+
+    def param(self, unit: str, key: str) -> str:
+        return unit if unit in self.shapes else f"{unit}.{key}"
+
+    def total(self, allocation: Mapping[str, int]) -> int:
+        key = tuple(allocation[unit] for unit in self.units)
+        if key not in self._totals:
+            self._totals[key] = self._total_of({unit: self.levels[unit][allocation[unit]] for unit in self.units})
+        return self._totals[key]
+
+    def _step_down(self, allocation: dict[str, int], units: Sequence[str]) -> bool:
+        """Move `allocation` one level down in the unit of `units` whose step saves the most bytes, preferring a step
+        that brings it under the ceiling with the fewest bytes saved (as `SizeCeiling.fitted` does); False when none
+        can go lower."""
+        current = self.total(allocation)
+        savings = {}
+        for unit in units:
+            if allocation[unit] > 0:
+                savings[unit] = current - self.total(allocation | {unit: allocation[unit] - 1})
+        if not savings:
+            return False
+        excess = current - self.ceiling
+        enough = [unit for unit, saved in savings.items() if saved >= excess]
+        unit = min(enough, key=savings.get) if enough else max(savings, key=savings.get)
+        allocation[unit] -= 1
+        return True
+
+    def initial(self) -> dict[str, int]:
+        """The teacher's shapes with every unit at its first level, shapes then stepped down (most bytes saved first)
+        until the plan fits, then units raised one level at a time in model order while it still fits."""
+        shapes = {key: len(self.levels[key]) - 1 for key in self.shapes}
+        allocation = dict.fromkeys(self.units, 0) | shapes
+        while not self.fits(allocation) and self._step_down(allocation, self.shapes):
+            pass
+        raised = True
+        while raised:
+            raised = False
+            for unit in self.units:
+                if unit in self.shapes or allocation[unit] + 1 >= len(self.levels[unit]):
+                    continue
+                allocation[unit] += 1
+                if self.fits(allocation):
+                    raised = True
+                else:
+                    allocation[unit] -= 1
+        return allocation
+
+    def fitted(self, allocation: Mapping[str, int]) -> dict[str, int]:
+        fitted = dict(allocation)
+        while not self.fits(fitted) and self._step_down(fitted, self.units):
+            pass
+        return fitted
+
 
 def size_ceiling(session: CompressionSession, space: SearchSpace, ceiling: int) -> SizeCeiling:
     """The size budget's levels and bytes per unit, from the session's own size accounting (the study's target):
     each unit's bytes at each level are the plan's bytes with that unit there and every other unit at its first
-    level, less the bytes of that all-first plan."""
+    level, less the bytes of that all-first plan. With block shapes in the space, a `StructuredCeiling`."""
     key = space.precision_key
+    if space.structure_choices:
+        unit_levels = {unit: space.levels_of(unit) for unit in space.units}
+
+        def total_of(levels: Mapping[str, Any]) -> int:
+            shapes = space.structure_choices
+            params = {(unit if unit in shapes else f"{unit}.{key}"): level for unit, level in levels.items()}
+            return session.size(space.plan_from_params(params)).total_bytes
+
+        return StructuredCeiling(unit_levels, space.structure_choices, total_of, ceiling)
     base = {f"{unit}.{key}": space.levels_of(unit)[0] for unit in space.units}
 
     def total(params: dict) -> int:

@@ -187,8 +187,8 @@ def test_a_family_deci_does_not_run_is_refused_naming_those_it_does(tmp_path: Pa
         ({"search": {"structure": {"kv_groups": [-1]}}}, "0 or more"),
         ({"search": {"structure": {"kv_groups": [0]}}}, "offer a count above 0 too"),
         (
-            {"search": {"budget": {"size": "50%"}, "generations": {}}},
-            "bound the size with search.max_size instead of search.budget",
+            {"search": {"budget": {"size": "50%"}, "generations": {}, "baselines": ["additive"]}},
+            "the additive seed sums per-unit bytes",
         ),
     ],
 )

@@ -250,3 +250,41 @@ def test_workers_on_one_cache_train_different_blocks_and_read_back_the_rest(tmp_
     assert sorted(key[0] for key in weights.built_now) == [0, 1, 2, 3]
     summary = json.loads((folder / "alternatives.json").read_text())
     assert len(summary["alternatives"]) == 4
+
+
+@pytest.mark.slow  # a study of generations, its alternatives trained first
+def test_a_size_budget_below_what_types_alone_reach_is_met_by_searching_shapes(tmp_path: Path) -> None:
+    """Generations under a ceiling no plan of the teacher's shapes fits: the uniform seed narrows blocks until it
+    fits, and every plan the generations record is under the ceiling, its size the exact size of its file."""
+    from autocompress.config import Config
+    from autocompress.search import run_search
+
+    model_dir = tmp_path / "model"
+    teacher().save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    structure = {"ffn": [1, 0.5], "kv_groups": [2, 1], "drop_blocks": True, "distillation": {"steps": 1}}
+    generations = {"offspring": 4, "stages": [0.5, 1.0], "survivors": [2, 1]}
+    search = {
+        "sparsity": [0.0],
+        "bits": [16],
+        "formats": ["q4_k", "q8_0"],
+        "budget": {"size": "20%"},  # below q4_k everywhere (4.5 bits of 16)
+        "generations": generations,
+        "loss": "kl",
+        "structure": structure,
+    }
+    raw = tiny_study_config(tmp_path, model_dir, compression={"target": "gguf"}, search=search)
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    location = StudyLocation.resolve("budget", tmp_path / "results")
+    study = run_search(Config.model_validate(raw), location, n_trials=8, progress=False)
+    record = StudyRecord.of(study)
+    ceiling = int(0.2 * record.dense_bytes)
+    space = SearchSpace.of_record(record)
+    records = scored_records(study)
+    uniform = next(trial for trial in records if trial.baseline == "uniform")
+    assert space.plan_from_params(uniform.params).structure and uniform.size_bytes <= ceiling
+    generated = [trial for trial in records if trial.generation_evaluations is not None]
+    assert generated and all(trial.size_bytes <= ceiling for trial in generated)
+    session = CompressionSession(Config.model_validate(raw), cache_dir=location.cache_dir)
+    best = min(generated, key=lambda trial: trial.loss)
+    assert session.size(space.plan_from_params(best.params)).total_bytes == best.size_bytes

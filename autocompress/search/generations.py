@@ -93,6 +93,9 @@ class AverageBudget:
     def mutate(self, parent: dict[str, int], rng: random.Random, max_mutations: int) -> dict[str, int]:
         return level_switches(parent, self.grid, rng, max_mutations)
 
+    def param(self, unit: str, key: str) -> str:
+        return f"{unit}.{key}"
+
 
 class GenerationSearch:
     """Runs generations on one study until it holds a number of finished trials (see the module docstring)."""
@@ -114,7 +117,7 @@ class GenerationSearch:
             grid = BudgetGrid(record.units, levels, budget.average, record.unit_sizes)
             self.budget = AverageBudget(grid)
             key = budget.dimension
-        self.names = {unit: f"{unit}.{key}" for unit in self.budget.units}
+        self.names = {unit: self.budget.param(unit, key) for unit in self.budget.units}
         self.distributions = {name: self.space.distribution_of(name) for name in self.names.values()}
         pool = len(objective.session.pools.fitness)
         self.stages = selection_stages(pool, self.settings.stages, self.settings.survivors)

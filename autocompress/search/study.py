@@ -279,14 +279,16 @@ def enqueue_fitted_under_ceiling(
 def seed_allocation(space: SearchSpace, ceiling: SizeCeiling, params: Mapping[str, Any]) -> dict[str, int]:
     """A seed's trial parameters as the index of each unit's level (a unit without its parameter has one level)."""
     key = space.precision_key
-    return {unit: levels.index(params.get(f"{unit}.{key}", levels[0])) for unit, levels in ceiling.levels.items()}
+    return {
+        unit: levels.index(params.get(ceiling.param(unit, key), levels[0])) for unit, levels in ceiling.levels.items()
+    }
 
 
 def fitted_under_ceiling(space: SearchSpace, ceiling: SizeCeiling, params: Mapping[str, Any]) -> dict[str, Any]:
     """A seed's trial parameters moved under the size budget's ceiling by the smallest steps down
     (`SizeCeiling.fitted`); parameters that fit come back with the same levels."""
     fitted = ceiling.fitted(seed_allocation(space, ceiling, params))
-    return {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in fitted.items()}
+    return ceiling.params_of(fitted, space.precision_key)
 
 
 def study_size_ceiling(session: CompressionSession, space: SearchSpace) -> SizeCeiling:
@@ -301,7 +303,7 @@ def study_size_ceiling(session: CompressionSession, space: SearchSpace) -> SizeC
 def enqueue_uniform_at_ceiling(study: optuna.Study, space: SearchSpace, ceiling: SizeCeiling) -> str:
     """Enqueue the uniform allocation at a size budget's ceiling (`SizeCeiling.initial`) as a seed; its name."""
     allocation = ceiling.initial()
-    params = {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in allocation.items()}
+    params = ceiling.params_of(allocation, space.precision_key)
     study.enqueue_trial(params, user_attrs=seed_attrs(["uniform"]), skip_if_exists=True)
     return "uniform@size"
 
@@ -312,7 +314,7 @@ def enqueue_additive(study: optuna.Study, session: CompressionSession, space: Se
     from autocompress.additive import additive_allocation
 
     allocation = additive_allocation(session, space, ceiling, progress=session.progress)
-    params = {f"{unit}.{space.precision_key}": ceiling.levels[unit][index] for unit, index in allocation.items()}
+    params = ceiling.params_of(allocation, space.precision_key)
     study.enqueue_trial(params, user_attrs=seed_attrs(["additive"]), skip_if_exists=True)
     return "additive@size"
 
