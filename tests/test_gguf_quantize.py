@@ -12,6 +12,7 @@ import pytest
 import torch
 from filelock import FileLock
 
+from autocompress.plan import CompressionPlan
 from autocompress.targets.gguf import blocks as gguf_blocks
 from autocompress.targets.gguf import quantize as gguf_quantize
 from autocompress.targets.gguf.blocks import BLOCK_TYPES
@@ -142,6 +143,37 @@ def test_a_build_resumes_keeping_whole_blocks_and_requantizing_broken_ones(tmp_p
     assert {path: path.read_bytes() for path in stored} == originals
     assert {path: path.stat().st_mtime_ns for path in stored[4:]} == kept
     assert not list(stored[1].parent.glob(f".{stored[1].name}.*"))
+
+
+def test_a_block_file_that_does_not_match_its_digest_is_quantized_again_never_used(tmp_path: Path) -> None:
+    model = wide_llama()
+    stats = calibration(model)
+    weights = study_weights(model, tmp_path, lambda: stats)
+    allowed = check_levels(weights.tensors, ["q4_k", "q8_0"])
+    weights.build(allowed)
+    plan = CompressionPlan.uniform(format="q8_0", granularity="linear")
+    weights.stitch(plan)
+    expected = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    stored = sorted(tmp_path.rglob("q8_0.npy"))
+    originals = {path: path.read_bytes() for path in stored}
+    stored[0].write_bytes(flipped(originals[stored[0]]))  # one quant flipped, the length and header kept
+    Path(f"{stored[1]}.blake2b").unlink()  # a writer killed between the blocks and their digest
+    Path(f"{stored[2]}.blake2b").write_text("0" * 32)  # a digest of other bytes
+    # a trial stitching these blocks quantizes them again rather than decode what the files hold
+    healed = wide_llama()
+    study_weights(healed, tmp_path, lambda: stats).stitch(plan)
+    assert all(torch.equal(parameter, expected[name]) for name, parameter in healed.named_parameters())
+    assert {path: path.read_bytes() for path in stored} == originals
+    # and a build finds them whole again, as it finds a file corrupted in place broken
+    stored[3].write_bytes(flipped(originals[stored[3]]))
+    assert study_weights(wide_llama(), tmp_path, lambda: stats).build(allowed).computed == 1
+
+
+def flipped(data: bytes) -> bytes:
+    """`data` with its last byte's bits flipped: a block file corrupted in place, its size unchanged."""
+    changed = bytearray(data)
+    changed[-1] ^= 0xFF
+    return bytes(changed)
 
 
 def test_a_block_another_worker_is_quantizing_is_waited_for_not_quantized_again(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ under this target: GGUF stores zeros densely, so pruning would cost loss and sav
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autocompress.errors import UserError
-from autocompress.files import write_atomically
+from autocompress.files import write_atomically, write_text_atomically
 from autocompress.methods import LayerStatistics
 from autocompress.models import compressible_linears, meta_model, module_name
 from autocompress.plan import GGUF_LEVELS
@@ -191,6 +192,17 @@ def preset_levels(
     return levels, None
 
 
+def digest_path(path: Path) -> Path:
+    """Where the content digest of the block file `path` is kept: beside it (q4_k.npy.blake2b)."""
+    return path.with_name(f"{path.name}.blake2b")
+
+
+def content_digest(data: np.ndarray) -> str:
+    """A digest of the blocks' bytes, which a block file must match to be used: its length alone would let
+    corruption that keeps the size through."""
+    return hashlib.blake2b(np.ascontiguousarray(data).data, digest_size=16).hexdigest()
+
+
 @dataclass(frozen=True)
 class BlocksBuilt:
     blocks: int  # (tensor, level) pairs the build was asked for
@@ -299,16 +311,14 @@ class GgufWeights(Weights):
         for stale in path.parent.glob(f".{path.name}.*"):  # left by a killed writer; nobody else writes it now
             stale.unlink(missing_ok=True)
         blocks = self._quantize(tensor, level)
+        # The digest is written last: blocks without their digest (a kill between the two writes) are not whole.
         write_atomically(path, lambda temporary: np.save(temporary, blocks.data))
+        write_text_atomically(digest_path(path), content_digest(blocks.data))
         return blocks
 
     def _complete(self, tensor: UnitTensor, level: str) -> bool:
-        """Whether the tensor's blocks in `level` are stored whole, from the file's header and length alone."""
-        try:
-            data = np.load(self._path(tensor.module, level), mmap_mode="r")
-        except (OSError, ValueError, EOFError):
-            return False
-        return data.shape == (tensor.shape[0], tensor_bytes(level, *tensor.shape) // tensor.shape[0])
+        """Whether the tensor's blocks in `level` are stored whole: the shape and the content digest check."""
+        return self._read(self._path(tensor.module, level), tensor, level, quiet=True) is not None
 
     def stored_forms(self, unit_levels: Mapping[str, Sequence[str]]) -> list[tuple[UnitTensor, str]]:
         """Every (tensor, level) a trial may stitch at `unit_levels`."""
@@ -363,24 +373,31 @@ class GgufWeights(Weights):
         return BlocksBuilt(len(wanted), computed, time.perf_counter() - began)
 
     @staticmethod
-    def _read(path: Path, tensor: UnitTensor, level: str) -> GgufBlocks | None:
-        """The stored blocks, or None when missing or unreadable (corrupted, truncated): then quantized again."""
+    def _read(path: Path, tensor: UnitTensor, level: str, quiet: bool = False) -> GgufBlocks | None:
+        """The stored blocks, or None when missing, unreadable, of another shape or not what their digest says
+        (truncated, corrupted in place, or written without it by a killed process): then quantized again."""
         if not path.is_file():
             return None
+        warn = (lambda *args: None) if quiet else log.warning
         try:
             data = np.load(path)
-        except (OSError, ValueError, EOFError) as error:
-            log.warning("cache file %s is unreadable (%s); quantizing it again", path, error)
+            recorded = digest_path(path).read_text(encoding="utf-8").strip()
+        except (OSError, ValueError, EOFError, UnicodeDecodeError) as error:
+            warn("cache file %s or its digest is unreadable (%s); quantizing it again", path, error)
             return None
-        if data.nbytes != tensor_bytes(level, *tensor.shape):
-            log.warning("cache file %s holds %d bytes, not %s's; quantizing it again", path, data.nbytes, level)
+        if data.shape != (tensor.shape[0], tensor_bytes(level, *tensor.shape) // tensor.shape[0]):
+            warn("cache file %s holds blocks of shape %s, not %s's; quantizing it again", path, data.shape, level)
+            return None
+        if content_digest(data) != recorded:
+            warn("cache file %s does not match its digest; quantizing it again", path)
             return None
         return GgufBlocks(level, data)
 
     def _stored(self, tensor: UnitTensor, level: str) -> bool:
         if self.cache is None:
             return (tensor.module, level) in self._memory
-        return self._path(tensor.module, level).is_file()
+        path = self._path(tensor.module, level)
+        return path.is_file() and digest_path(path).is_file()
 
     def _quantize(self, tensor: UnitTensor, level: str) -> GgufBlocks:
         stats = None
