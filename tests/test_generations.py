@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
 import sqlite3
 import subprocess
+import threading
+import time
 import uuid
 from contextlib import closing
 from pathlib import Path
@@ -21,9 +24,11 @@ from autocompress.config import Config, GenerationsConfig, SearchConfig
 from autocompress.errors import UserError
 from autocompress.frontier import frontier_of
 from autocompress.record import StudyLocation, StudyRecord, TrialRecord, scored_records
-from autocompress.search import SearchSpace, run_search
-from autocompress.search.generations import selection_stages
+from autocompress.search import SearchSpace, generations, run_search
+from autocompress.search.generations import GenerationSearch, selection_stages
+from autocompress.search.objective import Objective
 from autocompress.search.ray_backend import run_ray_search
+from autocompress.search.study import study_session
 from autocompress.session import CompressionSession
 from tests.conftest import CLI, POSTGRES_URL, needs_postgres, run_together, tiny_study_config, wait_for, write_yaml
 
@@ -200,9 +205,8 @@ def test_two_workers_run_generations_on_one_study_sharing_their_best(
         generated = recorded_by_generations(study)
         workers = {record.worker for record in generated}
         assert len(workers) == 2, "both workers ran generations"
-        for worker in workers:  # across workers, a plan can be recorded twice (see search/generations.py)
-            own = [json.dumps(record.params, sort_keys=True) for record in generated if record.worker == worker]
-            assert len(set(own)) == len(own)
+        plans = [json.dumps(record.params, sort_keys=True) for record in generated]
+        assert len(set(plans)) == len(plans), "workers on one machine record each plan once"
         seeds = [record for record in records if record.seed]
         assert len(seeds) == len({json.dumps(record.params, sort_keys=True) for record in seeds}) <= 3
         numbers = {record.number for record in records}
@@ -211,6 +215,48 @@ def test_two_workers_run_generations_on_one_study_sharing_their_best(
     finally:
         if storage:
             optuna.delete_study(study_name=study_name, storage=url)
+
+
+def test_two_workers_that_scored_the_same_plan_record_it_once(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = generations_config(tmp_path, tiny_model_dir)
+    raw["search"]["baselines"] = ["uniform"]
+    config = Config.model_validate(raw)
+    location = StudyLocation.resolve("once", tmp_path / "results")
+    study = run_search(config, location, n_trials=1, progress=False, write_reports=False)  # its seed
+    session, space = study_session(config, location.cache_dir)
+    objective = Objective(config, session, space, StudyRecord.of(study).max_bytes())
+    lock = location.out_dir / ".record.lock"
+    workers = [GenerationSearch(study, objective, seed=0, recording_lock=lock) for _ in range(2)]
+    for worker in workers:
+        worker.read_study()
+    plan = workers[0].offspring(workers[0].parent())[0]
+    for windows, _ in workers[0].stages:
+        assert workers[0].score(plan, windows)
+    # Each worker holds the plan scored and finds it missing from the study; the write that records it is slowed,
+    # so that without the lock the second worker would check the study while the first one is writing.
+    real_add = generations.add_scored_trial
+
+    def slow_add(*args: object, **kwargs: object) -> None:
+        time.sleep(0.5)
+        real_add(*args, **kwargs)
+
+    monkeypatch.setattr(generations, "add_scored_trial", slow_add)
+    start = threading.Barrier(2)
+
+    def record(worker: GenerationSearch) -> None:
+        start.wait()
+        worker.record_new([copy.deepcopy(plan)], parent=None, evaluations=1)
+
+    threads = [threading.Thread(target=record, args=(worker,)) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    key = workers[0].key(plan.params)
+    recorded = [trial for trial in study.get_trials(deepcopy=False) if workers[0].key(trial.params) == key]
+    assert len(recorded) == 1 and sum(worker.recorded for worker in workers) == 1
 
 
 FORMATS = ["int2-g32", "int3-g32", "int4-g32", "int8", "fp16"]

@@ -15,8 +15,10 @@ A generation, with `search.generations` (offspring λ, stages, survivors):
    (`add_scored_trial`), with their parent and the number of scores the generation made. The best of them, if it
    beats the parent, is the study's best trial and so the next parent.
 
-Two workers on one storage can still both record a plan: each checks the study for it just before recording, but
-not atomically with the write (the record names its `worker`; each worker's own trials never repeat a plan).
+Workers on one machine record a plan once: each checks the study for it and records it under one lock beside the
+study (`recording_lock`), so of two workers that scored the same plan the second finds it recorded and drops its
+copy. Workers on several machines sharing a PostgreSQL study hold no common lock: there the check just before
+recording leaves a window of one storage write in which both may record it (the record names its `worker`).
 
 Only those trials are stored: no running trial, heartbeat or per-parameter write exists for the plans that lose a
 stage. That is what keeps bookkeeping per evaluation small (benchmarks/overhead.py). A kill loses only the
@@ -33,9 +35,12 @@ import random
 import socket
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import optuna
+from filelock import FileLock
 from optuna.trial import TrialState
 
 from autocompress.allocation import BudgetGrid, SizeCeiling, uniform_allocation
@@ -100,8 +105,11 @@ class AverageBudget:
 class GenerationSearch:
     """Runs generations on one study until it holds a number of finished trials (see the module docstring)."""
 
-    def __init__(self, study: optuna.Study, objective: Objective, seed: int) -> None:
+    def __init__(
+        self, study: optuna.Study, objective: Objective, seed: int, recording_lock: Path | None = None
+    ) -> None:
         self.study = study
+        self.recording_lock = recording_lock  # shared by the processes on this machine that search the study
         self.objective = objective
         self.space = objective.space
         self.settings = objective.config.search.generations
@@ -236,11 +244,20 @@ class GenerationSearch:
             order = sorted(range(len(scored)), key=lambda index: (scored[index].losses[windows], index))
             candidates = [scored[index] for index in order[:kept]] if windows < self.stages[-1][0] else scored
         self.evaluations += evaluations
-        self.read_study()  # a plan another worker recorded meanwhile is not recorded twice
-        new = [c for c in candidates if c.number is None and tuple(c.levels.values()) not in self._seen]
-        for candidate in new:
-            self.record(candidate, parent.number, evaluations)
+        return self.record_new(candidates, parent.number, evaluations)
+
+    def record_new(self, candidates: Sequence[Candidate], parent: int | None, evaluations: int) -> int:
+        """Record the candidates that are plans the study does not hold yet; how many. The study is read again, and
+        the plans recorded, under the recording lock: a plan another worker recorded meanwhile is dropped here."""
+        with self._locked():
+            self.read_study()
+            new = [c for c in candidates if c.number is None and tuple(c.levels.values()) not in self._seen]
+            for candidate in new:
+                self.record(candidate, parent, evaluations)
         return len(new)
+
+    def _locked(self) -> AbstractContextManager:
+        return nullcontext() if self.recording_lock is None else FileLock(self.recording_lock)
 
     def score(self, candidate: Candidate, windows: int) -> bool:
         """Score `candidate` on the windows it lacks up to `windows`; whether it could be scored."""

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -38,6 +39,7 @@ class LocalEngine(Engine):
 
     def prepare(self, study: optuna.Study, location: StudyLocation) -> None:
         prepare_study(study, self.session, self.space, location)
+        self.recording_lock = location.out_dir / ".record.lock"  # generation workers on this machine share it
 
     def run(
         self,
@@ -50,7 +52,7 @@ class LocalEngine(Engine):
     ) -> None:
         objective = Objective(self.space.config, self.session, self.space, max_bytes)
         if objective.config.search.generations is not None:
-            run_generations(study, objective, n_trials, timeout, seed, bar, self.callbacks)
+            run_generations(study, objective, n_trials, timeout, seed, bar, self.callbacks, self.recording_lock)
             return
         failures = StopAfterFailures(objective.config.search.max_failures)
         with StopOnAFullDisk(objective) as disk_full:
@@ -125,10 +127,12 @@ def run_generations(
     seed: int,
     bar: ProgressBar,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    recording_lock: Path | None = None,
 ) -> GenerationSearch:
     """A generations search (`search.generations`): the enqueued seeds (baselines) first, as trials of their own
     through Optuna's loop (heartbeats and retries included), then generations until the study holds `n_trials`
-    finished trials or `timeout` seconds pass; a UserError when it stops after `max_failures` in a row."""
+    finished trials or `timeout` seconds pass; a UserError when it stops after `max_failures` in a row. The processes
+    sharing `recording_lock` record each plan once (`GenerationSearch.record_new`)."""
     deadline = time.monotonic() + (math.inf if timeout is None else timeout)
 
     def seeds_waiting(study: optuna.Study) -> bool:
@@ -158,7 +162,7 @@ def run_generations(
                 callbacks=[failures, disk_full, bar, *callbacks, stop_without_seeds],
             )
         failures.raise_if_stopped(study)
-    search = GenerationSearch(study, objective, seed)
+    search = GenerationSearch(study, objective, seed, recording_lock)
     search.run(n_trials, deadline, on_recorded=lambda count: bar.add(study, count))
     if search.evaluations:
         print(
