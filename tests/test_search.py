@@ -21,6 +21,7 @@ from autocompress.cli import main
 from autocompress.frontier import frontier_of
 from autocompress.record import TrialRecord, scored_records
 from autocompress.search import StudyLocation, run_search
+from autocompress.search.driver import ProgressBar
 from autocompress.search.storage import open_storage
 from tests.conftest import CLI, POSTGRES_URL, complete_trials, load_config, needs_postgres, run_together, wait_for
 
@@ -247,3 +248,25 @@ def test_two_concurrent_searches_on_one_study_lose_and_duplicate_no_trial(
     finally:
         if storage:
             optuna.delete_study(study_name=study_name, storage=url)
+
+
+def test_the_progress_bar_of_a_search_with_a_time_limit_counts_its_seconds_and_shows_its_trials() -> None:
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    bar = ProgressBar(study, n_trials=1000, enabled=True, timeout=480)
+    try:
+        assert (bar.bar.n, bar.bar.total) == (0, 480)  # not 0 of 1000 trials: the time limit ends this search
+        bar.began -= 120  # two minutes into the search, three trials finished
+        for _ in range(3):
+            study.add_trial(optuna.trial.create_trial(values=[0.1, 0.5]))
+        bar.add(study, 3)
+        assert bar.bar.n == 120 and "trials=3" in bar.bar.postfix
+        bar.began -= 600  # past the limit, scoring the last plan it started
+        bar.add(study, 1)
+        assert bar.bar.n == 480
+    finally:
+        bar.close()
+    untimed = ProgressBar(study, n_trials=40, enabled=True)
+    try:
+        assert (untimed.bar.n, untimed.bar.total) == (3, 40)  # without a time limit, the trials wanted
+    finally:
+        untimed.close()

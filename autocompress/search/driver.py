@@ -32,19 +32,30 @@ def complete_count(study: optuna.Study) -> int:
 
 
 class ProgressBar:
-    """A bar over complete trials toward the number wanted, showing the best objective and the frontier size.
+    """A bar toward the end of the search: its time limit when it has one (a search that runs until its time is
+    up, as the main job's does, would show a bar stuck near 0 of its 1000 trials), else the number of finished
+    trials wanted; beside it the trials finished, the best objective and the frontier size.
 
     The best objective and the frontier need every stored trial, so they are read again at most every
     `SUMMARY_SECONDS`: read after each trial, they cost more than a fast trial once a study holds thousands."""
 
     SUMMARY_SECONDS = 10.0
 
-    def __init__(self, study: optuna.Study, n_trials: int, enabled: bool) -> None:
-        self.bar = tqdm(
-            total=n_trials, initial=min(complete_count(study), n_trials), desc="trials", disable=not enabled
-        )
+    def __init__(self, study: optuna.Study, n_trials: int, enabled: bool, timeout: float | None = None) -> None:
         self.n_trials = n_trials
-        self.finished = self.bar.n
+        self.timeout = timeout
+        self.began = time.monotonic()
+        self.finished = min(complete_count(study), n_trials)
+        if timeout is None:
+            self.bar = tqdm(total=n_trials, initial=self.finished, desc="trials", disable=not enabled)
+        else:
+            self.bar = tqdm(
+                total=math.ceil(timeout),
+                desc="search",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s{postfix}",
+                disable=not enabled,
+            )
+        self.summary: dict[str, str | int] = {}
         self.summarized_at = -math.inf
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -59,8 +70,13 @@ class ProgressBar:
             records = scored_records(study)
             if records:
                 best = min(record.objective for record in records)
-                self.bar.set_postfix(best=f"{best:.4f}", frontier=len(frontier_of(records)))
-        self.bar.n = min(self.finished, self.n_trials)
+                self.summary = {"best": f"{best:.4f}", "frontier": len(frontier_of(records))}
+        if self.timeout is None:
+            self.bar.n = min(self.finished, self.n_trials)
+            self.bar.set_postfix(self.summary, refresh=False)
+        else:
+            self.bar.n = min(math.floor(time.monotonic() - self.began), self.bar.total)
+            self.bar.set_postfix({"trials": self.finished, **self.summary}, refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
@@ -155,7 +171,7 @@ def run_study(
             study.sampler = sampler_for(config, seed)
         engine.prepare(study, location)
         max_bytes = StudyRecord.of(study).max_bytes()
-        bar = ProgressBar(study, n_trials, progress)
+        bar = ProgressBar(study, n_trials, progress, timeout)
         try:
             if complete_count(study) < n_trials:
                 engine.run(study, n_trials, timeout, seed, bar, max_bytes)
