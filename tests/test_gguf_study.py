@@ -169,6 +169,14 @@ def test_a_size_budget_searches_gguf_types_under_a_byte_ceiling(tmp_path: Path) 
     assert any((record.baseline or "").startswith("llama.cpp") for record in records)
     fitted = [record for record in records if (record.baseline or "").endswith("fitted under the budget")]
     assert len(fitted) == 1 and fitted[0].size_bytes <= ceiling  # the smallest preset over 30%, a few units lower
+    # Seeds run in the order they help: the plans at the ceiling, the presets under it largest first (possible
+    # parents), then the one preset over it that the fitted seed comes from; larger presets are not scored at all.
+    seeds = sorted((record for record in records if record.seed), key=lambda record: record.number)
+    assert [record.baseline for record in seeds[:2]] == [fitted[0].baseline, "uniform"]
+    presets = seeds[2:]
+    under = [record.size_bytes for record in presets if record.size_bytes <= ceiling]
+    assert under and [record.size_bytes for record in presets[: len(under)]] == sorted(under, reverse=True)
+    assert [record.baseline for record in presets[len(under) :]] == [fitted[0].baseline.split(" fitted")[0]]
     generated = [record for record in records if record.generation_evaluations is not None]
     assert generated and all(record.size_bytes <= ceiling for record in generated)
     assert all(

@@ -233,28 +233,55 @@ def enqueue_presets(
 ) -> None:
     """Enqueue the target runtime's own presets (llama.cpp's k-quant presets for gguf: `Target.seeds`) as seed
     trials, once, whatever `search.seeds` says of the uniform ones; a preset the space cannot hold is left out,
-    saying why."""
+    saying why.
+
+    Under a size budget, seeds run in the order enqueued, before any generation, and only a plan under the ceiling
+    can be a parent: first the plans at the ceiling (the smallest preset over it fitted under it, the uniform plan,
+    the additive allocation), then the presets under it, largest first, then that smallest preset over it, the
+    reference the fitted seed is measured against. The presets larger still are left out, saying why: scoring
+    them would take the time of a generation and could never change the search."""
     if StudyRecord.of(study).baselines:
         return
     with FileLock(location.out_dir / ".study.lock"):
         if StudyRecord.of(study).baselines:
             return
-        enqueued, seeds = [], []
+        seeds = []
         for seed in presets:
             if seed.params is None:
                 print(f"autocompress: {seed.baseline} is not a seed: {seed.reason}", flush=True)
                 continue
-            params = space.teacher_structure_params() | seed.params  # a preset keeps the teacher's shape
-            study.enqueue_trial(params, user_attrs=seed_attrs([seed.baseline]), skip_if_exists=True)
-            enqueued.append(seed.baseline)
-            seeds.append((seed.baseline, params))
+            seeds.append((seed.baseline, space.teacher_structure_params() | seed.params))  # the teacher's shape
+        enqueued = []
         if ceiling is not None:
-            enqueued.append(enqueue_uniform_at_ceiling(study, space, ceiling))
             fitted = enqueue_fitted_under_ceiling(study, space, ceiling, seeds)
             enqueued += [fitted] if fitted else []
+            enqueued.append(enqueue_uniform_at_ceiling(study, space, ceiling))
             if "additive" in space.config.search.baseline_names():
                 enqueued.append(enqueue_additive(study, session, space, ceiling))
+            seeds = seeds_by_use(space, ceiling, seeds)
+        for baseline, params in seeds:
+            study.enqueue_trial(params, user_attrs=seed_attrs([baseline]), skip_if_exists=True)
+            enqueued.append(baseline)
         record_baselines(study, enqueued)
+
+
+def seeds_by_use(space: SearchSpace, ceiling: SizeCeiling, seeds: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The preset seeds worth scoring under a size budget, in the order they help the search: those under the
+    ceiling (possible parents) largest first, then the smallest over it (the fitted seed's own preset); the others
+    over it are left out, saying so."""
+    sized = sorted(
+        ((ceiling.total(seed_allocation(space, ceiling, params)), baseline, params) for baseline, params in seeds),
+        key=lambda item: item[:2],
+    )
+    under = [item for item in sized if item[0] <= ceiling.ceiling]
+    over = [item for item in sized if item[0] > ceiling.ceiling]
+    for size, baseline, _ in over[1:]:
+        print(
+            f"autocompress: {baseline} is not a seed: its {size:,} bytes exceed the size budget's {ceiling.ceiling:,}, "
+            "so it could never be a parent",
+            flush=True,
+        )
+    return [(baseline, params) for _, baseline, params in [*reversed(under), *over[:1]]]
 
 
 def enqueue_fitted_under_ceiling(
