@@ -89,9 +89,13 @@ def export_trial(
     format: str | None = None,
     overwrite: bool = False,
     chosen_by: str = "",
+    session: CompressionSession | None = None,
 ) -> ExportResult:
     """Compress a fresh dense model with the trial's plan (the study's cached calibration statistics) and write it,
-    in `format`: the study's deployment target's own by default, another target's, or `hf` (a dense folder)."""
+    in `format`: the study's deployment target's own by default, another target's, or `hf` (a dense folder).
+
+    `session`, a session of the study's config, compresses instead of a fresh one: its resident model takes the
+    plan as a trial's would, so that several plans export with one model load (the gguf verdict's files)."""
     config = record.config
     plan = SearchSpace.of_record(record).plan_from_params(chosen.params)  # the plan, before any model loads
     target = target_named(config.compression.target)
@@ -106,7 +110,7 @@ def export_trial(
     if refusal is not None:
         raise UserError(f"--format: {refusal}")
     out_dir = prepare_out_dir(out_dir, overwrite)  # fail before the model loads
-    session = CompressionSession(config, cache_dir=location.cache_dir)
+    session = session or CompressionSession(config, cache_dir=location.cache_dir)
     model = session.model
     reference = session.reference("fitness")  # before compressing: it may need the dense model
     if session.trains(plan):  # a student (or a recovered plan): built and distilled again, or from the cache

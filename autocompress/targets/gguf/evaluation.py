@@ -130,7 +130,7 @@ def evaluate_gguf(
     reference = dense_reference(dense_model, tokens, data.batch_size) if dense or other is not None else None
     prompt = tokens[0, : min(PROMPT_TOKENS, tokens.shape[1] // 2)].tolist()
 
-    measured, values = _llama_cpp_figures(file, tokens, reference, prompt, new_tokens, n_threads)
+    measured, values = llama_cpp_figures(file, tokens, reference, n_threads, prompt, new_tokens)
     result: dict[str, Any] = {
         "path": str(file),
         "runtime": "llama.cpp",
@@ -145,7 +145,7 @@ def evaluate_gguf(
         **file_speed(file, n_threads, progress=lambda text: print(text, file=sys.stderr)),
     }
     if other is not None:
-        other_measured, other_values = _llama_cpp_figures(other, tokens, reference, prompt, new_tokens, n_threads)
+        other_measured, other_values = llama_cpp_figures(other, tokens, reference, n_threads, prompt, new_tokens)
         result["against"] = {"path": str(other), **other_measured}
         result["comparison"] = comparison(values, other_values)
     if dense:
@@ -161,17 +161,17 @@ def evaluate_gguf(
     return result
 
 
-def _llama_cpp_figures(
+def llama_cpp_figures(
     file: Path,
     tokens: torch.Tensor,
     reference: torch.Tensor | None,
-    prompt: list[int],
-    new_tokens: int,
-    n_threads: int | None,
+    n_threads: int | None = None,
+    prompt: list[int] | None = None,
+    new_tokens: int = 0,
 ) -> tuple[dict[str, Any], TokenValues]:
-    """One GGUF file run in llama.cpp on the windows: its size, load time, perplexity, KL statistics to the
-    reference and generation speed, and its per-token values."""
-
+    """One GGUF file run in llama.cpp on the windows: its size, load time, perplexity and KL statistics to the
+    reference, and its per-token values; with a `prompt`, its speed generating `new_tokens` after it too."""
+    prompt = prompt or []
     began = time.perf_counter()
     runtime = LlamaCppModel(file, n_ctx=max(tokens.shape[1], len(prompt) + new_tokens), n_threads=n_threads)
     load_s = time.perf_counter() - began
@@ -183,7 +183,7 @@ def _llama_cpp_figures(
                 "files compare only on the same tokens"
             )
         metrics = runtime.evaluate(tokens, reference, values)
-        speed = runtime.generation_speed(prompt, new_tokens)
+        speed = {"tokens_per_s": runtime.generation_speed(prompt, new_tokens)} if prompt else {}
     finally:
         runtime.close()
     figures = {
@@ -192,7 +192,7 @@ def _llama_cpp_figures(
         "heldout_ppl": math.exp(metrics.ce),
         "heldout_kl": metrics.kl,
         **divergence_figures(values),
-        "tokens_per_s": speed,
+        **speed,
     }
     return figures, values
 

@@ -119,28 +119,43 @@ def preset_trial(study: optuna.Study, preset: str) -> TrialRecord:
 def _judge(
     study: optuna.Study, record, location: StudyLocation, preset: str, chosen: TrialRecord, folder: Path
 ) -> list[dict[str, Any]]:
-    """Write the three files and score them in llama.cpp: rows for the F16 base, the preset, the searched file."""
+    """Write the three files and score them in llama.cpp: rows for the F16 base, the preset, the searched file.
+
+    One session of the study writes them all (one model load, the study's cached blocks) and holds the dense model's
+    log-probabilities on the held-out windows, computed once; each file is then run in llama.cpp on those windows,
+    the figures `evaluate searched --against preset` reports, without its speed measurements (the verdict is
+    about quality; `evaluate` times a file)."""
+    from autocompress.evaluate import comparison
     from autocompress.export import export_trial
-    from autocompress.targets.gguf.evaluation import evaluate_gguf
+    from autocompress.metrics import evaluate
+    from autocompress.session import CompressionSession
+    from autocompress.targets.gguf.evaluation import llama_cpp_figures
     from autocompress.targets.gguf.file import GGUF_FILE
 
     name = preset.upper()
     reproduction = preset_trial(study, preset)
+    session = CompressionSession(record.config, cache_dir=location.cache_dir)
     how = f"our reproduction of llama-quantize --imatrix {name} (llama.cpp's type per tensor, the study's imatrix)"
-    export_trial(record, location, reproduction, folder / preset, format="gguf", overwrite=True, chosen_by=how)
+    export_trial(record, location, reproduction, folder / preset, "gguf", True, how, session)
     how = f"lowest fitness loss under the size budget of llama.cpp {name}'s file"
-    export_trial(record, location, chosen, folder / "searched", format="gguf", overwrite=True, chosen_by=how)
+    export_trial(record, location, chosen, folder / "searched", "gguf", True, how, session)
     base = folder / F16_FILE
-    _write_f16(record.config, location, base)
+    _write_f16(session, record.config, location, base)
+    tokens, reference = session.pools.heldout, session.reference("heldout")
     searched, preset_file = folder / "searched" / GGUF_FILE, folder / preset / GGUF_FILE
-    judged = evaluate_gguf(searched, against=preset_file)  # the figures `evaluate --against` prints
-    dense = evaluate_gguf(base, data=record.config.data)
-    compared = judged["comparison"]
+    figures = {file: llama_cpp_figures(file, tokens, reference) for file in (base, preset_file, searched)}
+    compared = comparison(figures[searched][1], figures[preset_file][1])
+    dense_ppl = (
+        record.dense_heldout.ppl  # the search judged the dense model on these windows
+        if record.dense_heldout is not None
+        else evaluate(session.model, tokens, batch_size=record.config.data.batch_size).ppl
+    )
     delta = compared["nll_per_token"]
-    rows = [
-        _row(f"F16 base ({base.name})", dense, None),
-        _row(f"llama.cpp {name}, our reproduction", judged["against"], reproduction.number),
-        _row("searched", judged, chosen.number)
+    return [
+        {"file": "dense base (transformers)", "path": "", "heldout_ppl": dense_ppl},
+        _row(f"F16 base ({base.name})", base, figures[base][0], None),
+        _row(f"llama.cpp {name}, our reproduction", preset_file, figures[preset_file][0], reproduction.number),
+        _row("searched", searched, figures[searched][0], chosen.number)
         | {
             "seed": chosen.baseline or ("uniform" if chosen.seed else ""),
             "delta_nll_per_token": delta["delta"],
@@ -154,31 +169,31 @@ def _judge(
             "verdict": outcome(delta["ci_low"], delta["ci_high"]),
         },
     ]
-    rows.insert(0, {"file": "dense base (transformers)", "path": "", "heldout_ppl": judged["dense_heldout_ppl"]})
-    return rows
 
 
-def _write_f16(config, location: StudyLocation, path: Path) -> None:
+def _write_f16(session, config, location: StudyLocation, path: Path) -> None:
     """The base model as an F16 GGUF (every matrix in F16, the rest in F32, as llama.cpp's converter stores it),
-    naming the base model and the data so that `evaluate` can score it alone."""
-    from autocompress.models import load_model
+    naming the base model and the data so that `evaluate` can score it alone; written from the session's model,
+    its dense weights restored."""
     from autocompress.targets.gguf.file import tokenizer_gguf, write_gguf_tensors
 
-    model, tokenizer = load_model(**config.model.model_copy(update={"device": "cpu"}).model_dump())
+    session.restore_dense()
     metadata = {
         "base_model": config.model.model_dump(mode="json"),
         "data": config.data.model_dump(mode="json"),
         "study": location.name,
         "file": "the base model in F16",
     }
-    write_gguf_tensors(model, tokenizer, {}, path, metadata, tokenizer_source=tokenizer_gguf(config.model))
+    write_gguf_tensors(
+        session.model, session.tokenizer, {}, path, metadata, tokenizer_source=tokenizer_gguf(config.model)
+    )
 
 
-def _row(name: str, figures: dict[str, Any], trial: int | None) -> dict[str, Any]:
+def _row(name: str, path: Path, figures: dict[str, Any], trial: int | None) -> dict[str, Any]:
     keys = [key for key in CSV_FIELDS if key.startswith("heldout_")]
     return {
         "file": name,
-        "path": figures["path"],
+        "path": str(path),
         "trial": trial,
         "size_bytes": figures["size_on_disk_bytes"],
         **{key: figures.get(key) for key in keys},
