@@ -25,6 +25,7 @@ from autocompress.errors import UserError
 
 if TYPE_CHECKING:
     import optuna
+    import torch
 
     from autocompress.record import StudyLocation, TrialRecord
 
@@ -121,8 +122,8 @@ def _judge(
 ) -> list[dict[str, Any]]:
     """Write the three files and score them in llama.cpp: rows for the F16 base, the preset, the searched file.
 
-    One session of the study writes them all (one model load, the study's cached blocks) and holds the dense model's
-    log-probabilities on the held-out windows, computed once; each file is then run in llama.cpp on those windows,
+    One session of the study writes them all (one model load, the study's cached blocks); the dense model's
+    log-probabilities on the held-out windows are computed once; each file is then run in llama.cpp on those windows,
     the figures `evaluate searched --against preset` reports, without its speed measurements (the verdict is
     about quality; `evaluate` times a file)."""
     from autocompress.evaluate import comparison
@@ -141,7 +142,8 @@ def _judge(
     export_trial(record, location, chosen, folder / "searched", "gguf", True, how, session)
     base = folder / F16_FILE
     _write_f16(session, record.config, location, base)
-    tokens, reference = session.pools.heldout, session.reference("heldout")
+    tokens = session.pools.heldout
+    reference = _dense_reference(record.config, tokens)
     searched, preset_file = folder / "searched" / GGUF_FILE, folder / preset / GGUF_FILE
     figures = {file: llama_cpp_figures(file, tokens, reference) for file in (base, preset_file, searched)}
     compared = comparison(figures[searched][1], figures[preset_file][1])
@@ -169,6 +171,17 @@ def _judge(
             "verdict": outcome(delta["ci_low"], delta["ci_high"]),
         },
     ]
+
+
+def _dense_reference(config, tokens: torch.Tensor) -> torch.Tensor:
+    """The dense model's log-probabilities on the held-out windows, from the model as `evaluate` loads it (the
+    session's resident model computes figures that differ from `evaluate --against`'s in the last digits)."""
+    from autocompress.metrics import dense_reference
+    from autocompress.models import load_model, resolve_device
+
+    device = str(resolve_device(config.model.device))
+    model, _ = load_model(**config.model.model_copy(update={"device": device}).model_dump())
+    return dense_reference(model, tokens, config.data.batch_size)
 
 
 def _write_f16(session, config, location: StudyLocation, path: Path) -> None:
