@@ -40,7 +40,9 @@ def collect_statistics(
     Sums are kept in float32 on the model's device; nothing is collected when nothing is needed. Linears fed the
     very same input tensor (q/k/v, gate/up) share one LayerStatistics: their sums are equal, and a Hessian is
     the largest thing a study keeps in memory. Each forward stops after the last block holding one of `linears`,
-    so the statistics of a few blocks (`CompressionSession.linear_statistics`) cost only the blocks up to them.
+    so the statistics of a few blocks (`CompressionSession.linear_statistics`) cost only the blocks up to them; with
+    the output head among them (GGUF's importance matrix of the output), each forward stops at the head's input,
+    before its matmul, which over a large vocabulary costs more than every block together.
     """
     linears = list(linears)
     statistics = {linear.name: LayerStatistics() for linear in linears}
@@ -51,7 +53,7 @@ def collect_statistics(
     previous: dict[str, object] = {"input": None, "owner": ""}  # the last input summed, and whose sums hold it
 
     def accumulate(name: str):
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             same_input = inputs[0] is previous["input"]
             if name not in first_called:
                 first_called.add(name)
@@ -74,13 +76,17 @@ def collect_statistics(
 
         return hook
 
-    def stop(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], _output: object) -> None:
+    def stop(_module: nn.Module, *_: object) -> None:
         raise _Collected
 
-    handles = [linear.module.register_forward_hook(accumulate(linear.name)) for linear in linears]
+    # Pre-hooks, so that a stop registered after them on the same module (the head) runs once they have summed.
+    handles = [linear.module.register_forward_pre_hook(accumulate(linear.name)) for linear in linears]
     last_block = last_block_needed(model, linears)
+    head = model.get_output_embeddings()
     if last_block is not None:
         handles.append(last_block.register_forward_hook(stop))
+    elif head is not None and any(linear.module is head for linear in linears):
+        handles.append(head.register_forward_pre_hook(stop))  # the last module of the forward: nothing after it
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(tokens), batch_size), desc="calibration", disable=not progress, leave=False):

@@ -11,7 +11,7 @@ from autocompress.errors import UserError
 from autocompress.methods import PRUNERS, QUANTIZERS, LayerStatistics, QuantSpec, SparsityPattern
 from autocompress.methods.pruning import magnitude, pruned_per_row, wanda
 from autocompress.methods.quantization import quantize_rtn
-from autocompress.models import compressible_linears
+from autocompress.models import CompressibleLinear, compressible_linears
 from autocompress.plan import CompressionPlan, LayerCompression
 
 UNSTRUCTURED = SparsityPattern()
@@ -374,6 +374,23 @@ def test_calibrating_the_first_block_alone_gives_its_sums_of_a_full_pass_and_run
         assert torch.equal(stats.hessian, everything[name].hessian), name
         assert stats.n_tokens == everything[name].n_tokens == 30
     assert not later_blocks_run
+
+
+def test_calibrating_the_output_head_sums_its_inputs_without_running_its_matmul(tiny_model):
+    tokens = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(2))
+    head = tiny_model.get_output_embeddings()
+    linears = [*compressible_linears(tiny_model), CompressibleLinear("lm_head", "", head)]
+    seen, head_outputs = [], []
+    probe = tiny_model.model.norm.register_forward_hook(lambda _m, _i, output: seen.append(output.reshape(-1, 64)))
+    head_probe = head.register_forward_hook(lambda *_: head_outputs.append(1))
+    try:
+        statistics = collect_statistics(tiny_model, linears, tokens, {"input_sq_norms"}, batch_size=2)
+    finally:
+        probe.remove()
+        head_probe.remove()
+    assert statistics["lm_head"].n_tokens == 30
+    assert torch.allclose(statistics["lm_head"].input_sq_norms, torch.cat(seen).square().sum(0), rtol=1e-5)
+    assert not head_outputs
 
 
 def test_calibration_collects_nothing_when_no_method_asks(tiny_model):
