@@ -4,7 +4,8 @@ A search scores plan after plan on one resident model, and consecutive plans oft
 The input of decoder block k on the fitness windows is the same as long as the embeddings and blocks 0..k-1 hold
 the same weights, so `BlockInputCache` keeps the inputs of some blocks from earlier evaluations (a forward
 pre-hook records them) and runs each batch from the last kept block whose input is still current: that block,
-the ones after it, the final norm and the output head. The metrics are computed by `metrics.evaluate` as always.
+the ones after it and the final norm. The metrics are computed by `metrics.evaluate` as always, which runs the output
+head itself, a few tokens at a time (a large vocabulary's head is most of a forward's memory).
 
 The bookkeeping follows writes, not plans: the session reports every block whose weights it is about to change
 (`block_changed`) and drops everything on a change it cannot attribute to a block (dense weights restored, a
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.metrics import log_probs, log_probs_of_logits
+from autocompress.metrics import Predictions, predictions
 from autocompress.models import decoder_blocks
 
 # Families whose base model feeds `inputs_embeds` to the first block as it is and passes nothing but the hidden
@@ -36,7 +37,7 @@ from autocompress.models import decoder_blocks
 # is only safe when every block has the same type (`reusable` checks).
 REUSABLE_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 
-LogProbsOf = Callable[[int, torch.Tensor], torch.Tensor]  # (first window of the batch, its tokens) -> log-probs
+PredictionsOf = Callable[[int, torch.Tensor], Predictions]  # (first window of the batch, its tokens) -> predictions
 
 
 def reusable(model: nn.Module) -> bool:
@@ -60,7 +61,7 @@ def spread(count: int, n_blocks: int) -> tuple[int, ...]:
 
 class BlockInputCache:
     """The inputs of some decoder blocks on the first windows of one token pool, current for the weights the model
-    holds now. `log_probs_from` plugs it into `metrics.evaluate`."""
+    holds now. `predictions_from` plugs it into `metrics.evaluate`."""
 
     def __init__(self, model: nn.Module, windows: int, seq_len: int, memory_bytes: int) -> None:
         self.model = model
@@ -98,14 +99,14 @@ class BlockInputCache:
         """The block a batch of windows up to `end_window` starts from: the last kept one current for all of them."""
         return max((block for block in self.kept_blocks if self._current[block] >= end_window), default=0)
 
-    def log_probs_from(self, offset: int) -> LogProbsOf:
-        """`metrics.evaluate`'s `log_probs_of` for the pool's windows from `offset` on."""
-        return lambda start, tokens: self.log_probs(tokens, offset + start)
+    def predictions_from(self, offset: int) -> PredictionsOf:
+        """`metrics.evaluate`'s `predictions_of` for the pool's windows from `offset` on."""
+        return lambda start, tokens: self.predictions(tokens, offset + start)
 
     @torch.no_grad()
-    def log_probs(self, tokens: torch.Tensor, first_window: int) -> torch.Tensor:
-        """The model's next-token log-probabilities on windows [first_window, first_window + len(tokens)) of the
-        pool, run from the last kept block current for them, recording the inputs of the kept blocks after it."""
+    def predictions(self, tokens: torch.Tensor, first_window: int) -> Predictions:
+        """The model's next-token predictions on windows [first_window, first_window + len(tokens)) of the pool,
+        run from the last kept block current for them, recording the inputs of the kept blocks after it."""
         end_window = first_window + len(tokens)
         if end_window > self.windows:
             raise ValueError(f"windows up to {end_window} asked of a cache of {self.windows}")
@@ -120,7 +121,7 @@ class BlockInputCache:
         ]
         try:
             if start == 0:
-                result = log_probs(self.model, tokens)
+                result = predictions(self.model, tokens)
             else:
                 # A copy, so that a block changing its input in place could not change the kept one.
                 result = self._run_from(start, self._inputs[start][first_window:end_window].clone())
@@ -139,13 +140,12 @@ class BlockInputCache:
             self._inputs[block] = hidden.new_empty((self.windows, *hidden.shape[1:]))
         self._inputs[block][first_window : first_window + len(hidden)].copy_(hidden)
 
-    def _run_from(self, start: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _run_from(self, start: int, hidden: torch.Tensor) -> Predictions:
         """The full forward's tail: the base model with its blocks from `start` on, fed the kept input of `start`
         as its embeddings (positions and the causal mask depend only on the sequence length)."""
         every_block = getattr(self._blocks_parent, self._blocks_attribute)
         setattr(self._blocks_parent, self._blocks_attribute, every_block[start:])
         try:
-            logits = self.model(inputs_embeds=hidden, use_cache=False).logits
+            return predictions(self.model, inputs_embeds=hidden)
         finally:
             setattr(self._blocks_parent, self._blocks_attribute, every_block)
-        return log_probs_of_logits(logits)

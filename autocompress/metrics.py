@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,10 +35,86 @@ def log_probs_of_logits(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
+# Log-probabilities take tokens × vocabulary × 4 bytes: a batch of 4 windows of 256 tokens over Gemma 3's 262,144
+# entries is 1.1 GB, and every intermediate (softmax, the reference in float32, the KL terms) as much again. The
+# head is applied to the final hidden states of at most this many (token, vocabulary entry) pairs at a time (64 MB
+# in float32), so memory stays flat whatever the vocabulary: 64 tokens of Gemma 3, a whole window of SmolLM2.
+HEAD_CHUNK_ELEMENTS = 2**24
+
+# Families whose causal-LM forward is the output head on the base model's last hidden state, then (Gemma 2, 3)
+# `final_logit_softcapping`: their head can run a few tokens at a time after the blocks. Others (Granite scales its
+# logits, Cohere too) give their full logits, which are then read a few tokens at a time.
+PLAIN_HEAD_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"})
+
+
+class _HeadReached(Exception):
+    """Raised at the output head's input: the blocks have run, the head runs later, a few tokens at a time."""
+
+
+class Predictions:
+    """A batch's next-token predictions [windows, seq_len, vocab], computed a piece at a time: from the final hidden
+    states, the output head runs on the few tokens asked for (`log_probs`); from full logits, those tokens are read."""
+
+    def __init__(self, model: nn.Module, hidden: torch.Tensor | None = None, logits: torch.Tensor | None = None):
+        if (hidden is None) == (logits is None):
+            raise ValueError("predictions come from hidden states or from logits, one of them")
+        self.model = model
+        self.hidden = hidden
+        self.logits = logits
+        self.shape = (*(hidden if logits is None else logits).shape[:2], model.config.vocab_size)
+
+    def log_probs(self, window: int, start: int, end: int) -> torch.Tensor:
+        """Float32 log-probabilities [end - start, vocab] of positions start..end-1 of one window of the batch."""
+        if self.logits is not None:
+            return log_probs_of_logits(self.logits[window, start:end])
+        logits = self.model.get_output_embeddings()(self.hidden[window, start:end])
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return log_probs_of_logits(logits)
+
+    def all(self) -> torch.Tensor:
+        """Every log-probability of the batch at once [windows, seq_len, vocab] (small vocabularies, tests)."""
+        windows, seq_len, _ = self.shape
+        return torch.stack([self.log_probs(window, 0, seq_len) for window in range(windows)])
+
+    def pieces(self) -> Iterator[tuple[int, int, int]]:
+        """(window, start, end): the batch cut into pieces of at most HEAD_CHUNK_ELEMENTS log-probabilities."""
+        windows, seq_len, vocab = self.shape
+        length = max(1, min(seq_len, HEAD_CHUNK_ELEMENTS // vocab))
+        for window in range(windows):
+            for start in range(0, seq_len, length):
+                yield window, start, min(start + length, seq_len)
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, tokens: torch.Tensor | None = None, **inputs: torch.Tensor) -> Predictions:
+    """The model's predictions on `tokens` (or on other forward inputs: `inputs_embeds=...`), the output head held
+    back for the families where that is exact (PLAIN_HEAD_FAMILIES)."""
+    if tokens is not None:
+        inputs["input_ids"] = tokens.to(_device(model))
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_FAMILIES:
+        return Predictions(model, logits=model(**inputs, use_cache=False).logits)
+    captured: list[torch.Tensor] = []
+
+    def stop(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured.append(args[0])
+        raise _HeadReached
+
+    hook = model.get_output_embeddings().register_forward_pre_hook(stop)
+    try:
+        model(**inputs, use_cache=False)
+    except _HeadReached:
+        pass
+    finally:
+        hook.remove()
+    return Predictions(model, hidden=captured[0])
+
+
 @torch.no_grad()
 def log_probs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities [batch, seq_len, vocab] in float32."""
-    return log_probs_of_logits(model(tokens.to(_device(model)), use_cache=False).logits)
+    return predictions(model, tokens).all()
 
 
 # A reference holds tokens × vocabulary log-probabilities (4 GB in float32 for 8K tokens of Llama 3's 128K
@@ -46,49 +123,94 @@ def log_probs(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 REFERENCE_DTYPE = torch.float16
 
 
+class WindowLogProbs(Protocol):
+    """Reference log-probabilities [windows, seq_len, vocab] kept elsewhere than in one tensor (on disk: the
+    session's references), read a piece at a time."""
+
+    shape: tuple[int, int, int]
+
+    def rows(self, window: int, start: int, end: int) -> torch.Tensor:
+        """Positions start..end-1 of one window [end - start, vocab], in the stored dtype."""
+        ...
+
+
+Reference = torch.Tensor | nn.Module | WindowLogProbs
+
+
 @torch.no_grad()
+def reference_batches(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """The dense model's log-probabilities a batch at a time, in REFERENCE_DTYPE on CPU, each window computed a
+    piece at a time (only the stored form of a batch is ever held whole)."""
+    for first in range(0, len(tokens), batch_size):
+        predicted = predictions(model, tokens[first : first + batch_size])
+        batch = torch.empty(predicted.shape, dtype=REFERENCE_DTYPE)
+        for window, start, end in predicted.pieces():
+            batch[window, start:end] = predicted.log_probs(window, start, end).to(REFERENCE_DTYPE).cpu()
+        yield batch
+
+
 def dense_reference(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The dense model's log-probabilities on a pool, computed once and reused by every trial (on CPU)."""
-    return torch.cat(
-        [
-            log_probs(model, tokens[i : i + batch_size]).to(REFERENCE_DTYPE).cpu()
-            for i in range(0, len(tokens), batch_size)
-        ]
-    )
+    return torch.cat(list(reference_batches(model, tokens, batch_size)))
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     tokens: torch.Tensor,
-    reference: torch.Tensor | nn.Module | None = None,
+    reference: Reference | None = None,
     batch_size: int = 4,
-    log_probs_of: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    predictions_of: Callable[[int, torch.Tensor], Predictions] | None = None,
     values: TokenValues | None = None,
 ) -> Metrics:
-    """Score `model` on `tokens`. `reference` is the dense model itself, or its cached log-probabilities.
+    """Score `model` on `tokens`. `reference` is the dense model itself, or its cached log-probabilities (a tensor
+    or `WindowLogProbs`), window i of it for window i of `tokens`.
 
-    `log_probs_of(start, batch)`, if given, computes the model's log-probabilities of the batch that starts at
-    window `start` of `tokens` in place of a plain forward (`block_reuse.BlockInputCache` runs only the blocks a
-    change reaches). `values`, if given, gathers the per-token values (`TokenValues`) on the way."""
+    `predictions_of(start, batch)`, if given, computes the model's predictions of the batch that starts at window
+    `start` of `tokens` in place of a plain forward (`block_reuse.BlockInputCache` runs only the blocks a change
+    reaches). `values`, if given, gathers the per-token values (`TokenValues`) on the way. Each window is scored a
+    piece at a time (`Predictions.pieces`), so no batch's distributions over a large vocabulary are held at once."""
     ce_sum = kl_sum = 0.0
     seconds = 0.0
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size]
+    for first in range(0, len(tokens), batch_size):
+        batch = tokens[first : first + batch_size]
         began = time.perf_counter()
-        predicted = log_probs(model, batch) if log_probs_of is None else log_probs_of(start, batch)
+        predicted = predictions(model, batch) if predictions_of is None else predictions_of(first, batch)
         seconds += time.perf_counter() - began
-        targets = batch[:, 1:].to(predicted.device)
-        ce_sum += -predicted[:, :-1].gather(-1, targets.unsqueeze(-1)).sum().item()
-        dense = None
-        if isinstance(reference, nn.Module):
-            dense = log_probs(reference, batch).to(predicted.device)
-        elif reference is not None:
-            dense = reference[start : start + batch_size].to(predicted.device, torch.float32)
-        if dense is not None:
-            kl_sum += F.kl_div(predicted, dense, log_target=True, reduction="sum").item()
-        if values is not None:
-            values.add(predicted, batch, dense)
+        dense = predictions(reference, batch) if isinstance(reference, nn.Module) else None
+        window_values: dict[int, list[dict[str, np.ndarray]]] = {}
+        for window, start, end in predicted.pieces():
+            began = time.perf_counter()
+            log_p = predicted.log_probs(window, start, end)
+            seconds += time.perf_counter() - began
+            log_q = kld = None
+            if dense is not None:
+                log_q = dense.log_probs(window, start, end).to(log_p.device)
+            elif isinstance(reference, torch.Tensor):
+                log_q = reference[first + window, start:end].to(log_p.device, torch.float32)
+            elif reference is not None:
+                log_q = reference.rows(first + window, start, end).to(log_p.device, torch.float32)
+            if log_q is not None:
+                kld = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+                kl_sum += kld.sum().item()
+            predicting = min(end, batch.shape[1] - 1) - start  # the window's last position has no next token
+            if predicting <= 0:
+                continue
+            targets = batch[window, start + 1 : start + 1 + predicting].to(log_p.device)
+            nll = -log_p[:predicting].gather(-1, targets[:, None])[:, 0]
+            ce_sum += nll.sum().item()
+            if values is not None:
+                window_values.setdefault(window, []).append(
+                    token_values(
+                        log_p[:predicting],
+                        targets,
+                        nll,
+                        None if log_q is None else log_q[:predicting],
+                        None if kld is None else kld[:predicting],
+                    )
+                )
+        for parts in window_values.values():
+            values.add_window({key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
     n_predicted = tokens.shape[0] * (tokens.shape[1] - 1)
     return Metrics(
         ce=ce_sum / n_predicted,
@@ -102,6 +224,28 @@ def evaluate(
 
 # Windows resampled by the paired bootstrap of two models' per-window figures.
 BOOTSTRAP_DRAWS = 10_000
+
+
+def token_values(
+    log_p: torch.Tensor,
+    targets: torch.Tensor,
+    nll: torch.Tensor,
+    log_q: torch.Tensor | None = None,
+    kld: torch.Tensor | None = None,
+) -> dict[str, np.ndarray]:
+    """`TokenValues`' figures of some predicted tokens of one window, from the model's log-probabilities
+    [tokens, vocab] of them, the actual next tokens, their negative log-likelihoods and, against the dense base,
+    its log-probabilities and the KL of each token."""
+    values = {"nll": nll.double().cpu().numpy()}
+    if log_q is None or kld is None:
+        return values
+    dense_nll = -log_q.gather(-1, targets[:, None])[:, 0]
+    return values | {
+        "dense_nll": dense_nll.double().cpu().numpy(),
+        "kld": kld.double().cpu().numpy(),
+        "same_top": (log_p.argmax(-1) == log_q.argmax(-1)).cpu().numpy(),
+        "p_diff": (torch.exp(-nll.double()) - torch.exp(-dense_nll.double())).cpu().numpy(),
+    }
 
 
 @dataclass
@@ -124,19 +268,21 @@ class TokenValues:
         """Record windows [batch, seq_len] (or one [seq_len]) from their next-token log-probabilities
         [..., seq_len, vocab] and, when given, the dense base's on the same windows."""
         predicted, tokens = predicted.float().reshape(-1, *predicted.shape[-2:]), tokens.reshape(-1, tokens.shape[-1])
-        targets = tokens[:, 1:, None].to(predicted.device)
-        log_p = predicted[:, :-1]
-        nll = -log_p.gather(-1, targets)[..., 0]
-        self.nll += list(nll.double().cpu().numpy())
-        if dense is None:
-            return
-        log_q = dense.reshape(predicted.shape).to(predicted.device, torch.float32)[:, :-1]
-        dense_nll = -log_q.gather(-1, targets)[..., 0]
-        kld = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
-        self.dense_nll += list(dense_nll.double().cpu().numpy())
-        self.kld += list(kld.double().cpu().numpy())
-        self.same_top += list((log_p.argmax(-1) == log_q.argmax(-1)).cpu().numpy())
-        self.p_diff += list((torch.exp(-nll.double()) - torch.exp(-dense_nll.double())).cpu().numpy())
+        if dense is not None:
+            dense = dense.reshape(predicted.shape).to(predicted.device, torch.float32)
+        for window, log_p in enumerate(predicted[:, :-1]):
+            targets = tokens[window, 1:].to(predicted.device)
+            nll = -log_p.gather(-1, targets[:, None])[:, 0]
+            log_q = kld = None
+            if dense is not None:
+                log_q = dense[window, :-1]
+                kld = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+            self.add_window(token_values(log_p, targets, nll, log_q, kld))
+
+    def add_window(self, values: dict[str, np.ndarray]) -> None:
+        """Record one window's per-token values (`token_values`, its pieces concatenated)."""
+        for key, array in values.items():
+            getattr(self, key).append(array)
 
     @property
     def against_dense(self) -> bool:

@@ -1,7 +1,8 @@
 """A model with everything a study computes once: token pools, calibration statistics, dense references.
 
-One session serves every plan a process scores. Statistics and the fitness reference are cached on disk
-(beside the study's storage) so a resumed or parallel process reuses them instead of recomputing.
+One session serves every plan a process scores. Statistics and the dense references are cached on disk
+(beside the study's storage) so a resumed or parallel process reuses them instead of recomputing. Measuring a plan
+against the references is `measurement.Measurer`'s; the session orchestrates: model, pools, statistics, stitching.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ import functools
 import hashlib
 import json
 import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,8 +24,8 @@ from autocompress.compress import CompressedLinear
 from autocompress.config import Config
 from autocompress.data import TokenPools, token_pools
 from autocompress.errors import UserError
+from autocompress.measurement import Measurement, Measurer, Reference, StageCallback
 from autocompress.methods import LayerStatistics, Statistic
-from autocompress.metrics import Metrics, dense_reference, evaluate
 from autocompress.models import (
     CompressibleLinear,
     compressible_linears,
@@ -35,19 +34,16 @@ from autocompress.models import (
     round_model_to_storage,
 )
 from autocompress.plan import CompressionPlan
-from autocompress.size import SizeReport, model_size
+from autocompress.size import SizeReport
 from autocompress.targets import target_named
 from autocompress.variants import BuildReport, VariantDatabase, save_atomically
 
 if TYPE_CHECKING:
     from autocompress.students import ReportCallback, StudentTrainer, TrainedModel
 
-__all__ = ["CompressionSession", "Measurement", "combine_metrics", "save_atomically"]
+__all__ = ["CompressionSession", "save_atomically"]
 
 log = logging.getLogger(__name__)
-
-# (stage index, windows scored so far, metrics on them, size of the plan)
-StageCallback = Callable[[int, int, Metrics, SizeReport], None]
 
 
 def inputs_fingerprint(config: Config, model_content: str, pools: TokenPools) -> str:
@@ -93,33 +89,6 @@ def read_cache(path: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
-@dataclass(frozen=True)
-class Measurement:
-    size: SizeReport
-    metrics: Metrics  # on every window scored (the whole pool unless `stages` stopped short of it)
-    stitch_s: float
-    eval_s: float
-    stages: tuple[tuple[int, Metrics], ...] = ()  # (windows scored so far, metrics on them) after each stage
-    curve: tuple[tuple[int, float], ...] = ()  # a student's (training step, KL on the fitness pool)
-    shape: dict[str, int] | None = None  # the architecture of the model measured (student or teacher)
-
-
-def combine_metrics(parts: Sequence[Metrics], seq_len: int) -> Metrics:
-    """The metrics of consecutive slices of one pool as if the pool had been scored at once."""
-    tokens = sum(part.n_tokens for part in parts)
-    predicted = [part.n_tokens // seq_len * (seq_len - 1) for part in parts]
-    kl = None
-    if all(part.kl is not None for part in parts):
-        kl = sum(part.kl * part.n_tokens for part in parts) / tokens
-    seconds = sum(part.n_tokens / part.tokens_per_s for part in parts if part.tokens_per_s not in (0, float("inf")))
-    return Metrics(
-        ce=sum(part.ce * count for part, count in zip(parts, predicted, strict=True)) / sum(predicted),
-        kl=kl,
-        tokens_per_s=tokens / seconds if seconds else float("inf"),
-        n_tokens=tokens,
-    )
-
-
 def hessian_groups(linears: list[CompressibleLinear], memory_bytes: int) -> list[list[CompressibleLinear]]:
     """The Linears by consecutive blocks whose float32 Hessians (in_features² × 4 bytes each, counted without
     the sharing of q/k/v and gate/up, so an upper bound) fit `memory_bytes`; every group holds one block at
@@ -163,8 +132,7 @@ class CompressionSession:
         self.hessian_groups = hessian_groups(self.linears, int(config.search.hessian_memory_mb * 10**6))
         self._held_hessians: dict[str, LayerStatistics] = {}  # of one group of blocks (linear_statistics)
         self.hessian_passes = 0  # calibration passes linear_statistics ran, one per group of blocks
-        self._references: dict[str, torch.Tensor] = {}
-        self.last_stitch_s = 0.0  # of the latest measure(), for a trial that staged fitness stops
+        self.measurer = Measurer(self)  # the dense references, and plans scored against them
         self.restores = 0  # times the resident model went back to dense (collecting statistics does)
         self._trainer: StudentTrainer | None = None
 
@@ -289,22 +257,14 @@ class CompressionSession:
         held = self._held_hessians[name]
         return LayerStatistics(held.n_tokens, input_sq_norms=cheap.input_sq_norms, hessian=held.hessian)
 
-    def reference(self, pool: str) -> torch.Tensor:
-        """The dense model's log-probabilities on a pool ('fitness' is cached on disk, 'heldout' in memory)."""
-        if pool in self._references:
-            return self._references[pool]
-        path = self.cache_dir / "reference-fitness.safetensors" if self.cache_dir and pool == "fitness" else None
-        cached = None if path is None else read_cache(path)
-        tokens = getattr(self.pools, pool)
-        if cached is not None and tuple(cached.get("log_probs", torch.empty(0)).shape[:2]) == tuple(tokens.shape):
-            reference = cached["log_probs"]
-        else:
-            self.restore_dense()
-            reference = dense_reference(self.model, tokens, self.batch_size)
-            if path is not None:
-                save_atomically({"log_probs": reference}, path)
-        self._references[pool] = reference
-        return reference
+    def reference(self, pool: str) -> Reference:
+        """The dense model's log-probabilities on a pool, computed once (`Measurer.reference`)."""
+        return self.measurer.reference(pool)
+
+    @property
+    def last_stitch_s(self) -> float:
+        """The stitch time of the latest `measure`, for a trial that staged fitness stops."""
+        return self.measurer.last_stitch_s
 
     def restore_dense(self) -> None:
         self.restores += 1
@@ -360,59 +320,4 @@ class CompressionSession:
         On the fitness pool, each batch runs from the last block whose kept input (`block_inputs`, within
         `search.reuse_memory_mb`) no weight change since reaches; the metrics are those of a full evaluation.
         """
-        reference = self.reference(pool)  # first: computing it restores the dense weights
-        if self.trains(plan):
-            return self._measure_trained(plan, pool, reference, on_report)
-        if plan.student is not None:  # a "student" of the teacher's own shape is the teacher
-            plan = plan.model_copy(update={"student": None})
-        tokens = getattr(self.pools, pool)
-        stages = [len(tokens)] if stages is None else [min(count, len(tokens)) for count in stages]
-        reuse = self.block_inputs if pool == "fitness" else None
-        began = time.perf_counter()
-        size = self.stitch(plan)
-        stitched = time.perf_counter()
-        self.last_stitch_s = stitched - began
-        parts: list[Metrics] = []
-        done: list[tuple[int, Metrics]] = []
-        for index, end in enumerate(stages):
-            if end > start:
-                batch = tokens[start:end]
-                log_probs_of = None if reuse is None else reuse.log_probs_from(start)
-                parts.append(
-                    evaluate(
-                        self.model,
-                        batch,
-                        reference=reference[start:end],
-                        batch_size=self.batch_size,
-                        log_probs_of=log_probs_of,
-                    )
-                )
-                start = end
-            done.append((start, combine_metrics(parts, tokens.shape[1])))
-            if on_stage is not None and index < len(stages) - 1:
-                on_stage(index, start, done[-1][1], size)
-        return Measurement(
-            size, done[-1][1], stitch_s=stitched - began, eval_s=time.perf_counter() - stitched, stages=tuple(done)
-        )
-
-    def _measure_trained(
-        self, plan: CompressionPlan, pool: str, reference: torch.Tensor, on_report: ReportCallback | None
-    ) -> Measurement:
-        from autocompress.students import without_training
-
-        began = time.perf_counter()
-        trained = self.realize(plan, on_report)
-        built = time.perf_counter()
-        self.last_stitch_s = built - began
-        own = model_size(trained.model, without_training(plan), self.target)
-        size = SizeReport(own.total_bytes, self.dense_bytes, own.per_layer)  # a fraction of the teacher
-        tokens = getattr(self.pools, pool)
-        metrics = evaluate(trained.model, tokens, reference=reference, batch_size=self.batch_size)
-        return Measurement(
-            size,
-            metrics,
-            stitch_s=built - began,
-            eval_s=time.perf_counter() - built,
-            curve=tuple(trained.curve),
-            shape=trained.shape,
-        )
+        return self.measurer.measure(plan, pool, stages, on_stage, on_report, start)

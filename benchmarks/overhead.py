@@ -87,6 +87,7 @@ from optuna.trial import TrialState
 
 from autocompress.allocation import BudgetGrid, uniform_allocation
 from autocompress.config import Config, load_config
+from autocompress.measurement import Measurement
 from autocompress.metrics import Metrics
 from autocompress.record import StudyRecord, record_created, record_creation, record_unit_sizes, seed_attrs
 from autocompress.search.driver import FINISHED, ProgressBar, StopAfterFailures
@@ -96,7 +97,6 @@ from autocompress.search.objective import Objective
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import open_storage
 from autocompress.search.study import sampler_for, study_pruner
-from autocompress.session import Measurement
 from autocompress.size import SizeReport
 
 ROOT = Path(__file__).resolve().parents[1]

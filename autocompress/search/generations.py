@@ -45,6 +45,7 @@ from optuna.trial import TrialState
 
 from autocompress.allocation import BudgetGrid, SizeCeiling, uniform_allocation
 from autocompress.files import is_disk_full
+from autocompress.measurement import combine_metrics
 from autocompress.metrics import Metrics
 from autocompress.plan import CompressionPlan
 from autocompress.record import StudyRecord, TrialRecord, add_scored_trial, planned_params
@@ -52,7 +53,6 @@ from autocompress.search.evolution import level_switches
 from autocompress.search.objective import Objective, failure_reason, stage_window
 from autocompress.search.space import Params
 from autocompress.search.study import study_size_ceiling
-from autocompress.session import combine_metrics
 from autocompress.size import SizeReport
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -17,12 +17,13 @@ from transformers import AutoModelForCausalLM
 from autocompress.config import Config, DistillationConfig
 from autocompress.files import is_disk_full
 from autocompress.frontier import frontier_of
+from autocompress.measurement import StageCallback
 from autocompress.metrics import Metrics
 from autocompress.models import student_config
 from autocompress.plan import CompressionPlan
 from autocompress.record import TrialRecord, TrialWriter, seed_of, trial_records
 from autocompress.search.space import SearchSpace
-from autocompress.session import CompressionSession, StageCallback
+from autocompress.session import CompressionSession
 from autocompress.size import HALF_BYTES, SizeReport
 from autocompress.students import ReportCallback, teacher_shape
 
