@@ -93,10 +93,15 @@ def embedded_model_folder() -> Path:
 def gguf_model_folder(path: Path) -> Path:
     """A GGUF model file as a plain Hugging Face folder (its tokenizer, its tensors dequantized to float32),
     converted once and cached by the file's content (`file_digest`), so a second load reads safetensors."""
-    folder = cache_dir() / "models" / "gguf" / file_digest(path)[:32]
+    folder = gguf_conversion_folder(path)
     if (folder / "config.json").is_file():
         return folder
     return converted_gguf(path, folder, str(path))
+
+
+def gguf_conversion_folder(path: Path) -> Path:
+    """Where `gguf_model_folder` keeps a GGUF file's conversion, by the file's content."""
+    return cache_dir() / "models" / "gguf" / file_digest(path)[:32]
 
 
 def converted_gguf(gguf: Path, folder: Path, label: str) -> Path:
@@ -363,7 +368,11 @@ def meta_model(model_config) -> nn.Module:
             source, kwargs["gguf_file"] = path.parent, path.name
     elif name.endswith(".gguf"):
         path = Path(name).expanduser()
-        source, kwargs["gguf_file"] = path.parent, path.name
+        converted = gguf_conversion_folder(path) if path.is_file() else None
+        if converted is not None and (converted / "config.json").is_file():
+            source = converted  # reading the GGUF's metadata parses its whole vocabulary: minutes for 262k tokens
+        else:
+            source, kwargs["gguf_file"] = path.parent, path.name
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:

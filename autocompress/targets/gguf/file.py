@@ -47,6 +47,7 @@ scales do not map onto; the `target: gguf` levels quantize into those blocks dir
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -65,10 +66,12 @@ from autocompress.compress import CompressedLinear
 from autocompress.errors import UserError
 from autocompress.files import write_atomically
 from autocompress.methods import QuantizedWeight
-from autocompress.models import EMBEDDED_MODEL, embedded_gguf
+from autocompress.models import EMBEDDED_MODEL, cache_dir, embedded_gguf, file_digest
 from autocompress.plan import CompressionPlan
 from autocompress.structure import DECI_FAMILIES, BlockShape, block_shapes, check_shapes, is_structured
 from autocompress.targets.gguf.blocks import BLOCK_TYPES, GgufBlocks, fifth_bits, fits, pack_nibbles, tensor_bytes
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from autocompress.config import ModelConfig
@@ -290,20 +293,37 @@ def family_of(model: PreTrainedModel) -> Family:
 # ---------------------------------------------------------------- tokenizer
 
 
+def tokenizer_fields(source: Path) -> list[dict[str, Any]]:
+    """The tokenizer.* keys of a GGUF file: key, value type, item type of an array, contents. `gguf.GGUFReader`
+    takes minutes over a vocabulary of 262k tokens (a memory-mapped view per string), so they are read once per
+    file content and kept as JSON in the model cache."""
+    path = cache_dir() / "models" / "gguf-tokenizers" / f"{file_digest(source)[:32]}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            log.warning("%s is unreadable (%s); reading the tokenizer again", path, error)
+    fields = []
+    for key, reader_field in gguf.GGUFReader(source).fields.items():
+        if key.startswith("tokenizer."):
+            types = [int(value_type) for value_type in reader_field.types]
+            fields.append({"key": key, "type": types[0], "item_type": types[-1], "contents": reader_field.contents()})
+    write_atomically(path, lambda temporary: Path(temporary).write_text(json.dumps(fields)))
+    return fields
+
+
 def _copy_tokenizer_fields(writer: gguf.GGUFWriter, source: Path) -> int:
     """The tokenizer.* keys of the GGUF file the base model came from, as they are; returns the token count."""
-    reader = gguf.GGUFReader(source)
     tokens = 0
-    for key, reader_field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        value_type = reader_field.types[0]
+    for entry in tokenizer_fields(source):
+        value_type = gguf.GGUFValueType(entry["type"])
         if value_type == gguf.GGUFValueType.ARRAY:
-            contents = reader_field.contents()
-            writer.add_key_value(key, contents, value_type, sub_type=reader_field.types[-1])
-            tokens = len(contents) if key == gguf.Keys.Tokenizer.LIST else tokens
+            contents = entry["contents"]
+            item_type = gguf.GGUFValueType(entry["item_type"])
+            writer.add_key_value(entry["key"], contents, value_type, sub_type=item_type)
+            tokens = len(contents) if entry["key"] == gguf.Keys.Tokenizer.LIST else tokens
         else:
-            writer.add_key_value(key, reader_field.contents(), value_type)
+            writer.add_key_value(entry["key"], entry["contents"], value_type)
     return tokens
 
 
