@@ -2,7 +2,7 @@
 log-probabilities computed once per pool and kept on disk in float16, read a piece at a time.
 
 A pool's reference holds windows × seq_len × vocabulary log-probabilities: 1 GB in float16 for 8 windows of 256
-tokens of Gemma 3 (262,144 entries). It is written batch by batch as the dense model computes it and read back a few
+tokens of Gemma 3 (262,144 entries). It is written a piece at a time as the dense model computes it and read back a few
 tokens at a time while a plan is scored (`metrics.evaluate` scores each window a piece at a time), so no process
 ever holds a pool's distributions whole. `CompressionSession` owns one `Measurer`; this module holds what measuring
 does, the session what it measures with (the model, the pools, the stitching).
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from autocompress.files import write_atomically
-from autocompress.metrics import REFERENCE_DTYPE, Metrics, evaluate, reference_batches
+from autocompress.metrics import REFERENCE_DTYPE, Metrics, dense_reference, evaluate, reference_pieces
 from autocompress.size import SizeReport, model_size
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def _count(shape: Sequence[int]) -> int:
 
 
 def store_reference(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, path: Path) -> StoredLogProbs:
-    """The dense model's log-probabilities on `tokens` written to a safetensors file batch by batch as they are
+    """The dense model's log-probabilities on `tokens` written to a safetensors file piece by piece as they are
     computed (atomically: a reader sees the whole file or none), and opened for reading."""
     shape = (*tokens.shape, model.config.vocab_size)
     element = torch.empty((), dtype=REFERENCE_DTYPE).element_size()
@@ -154,8 +154,8 @@ def store_reference(model: torch.nn.Module, tokens: torch.Tensor, batch_size: in
         with open(temporary, "wb") as file:
             file.write(struct.pack("<Q", len(header)))
             file.write(header)
-            for batch in reference_batches(model, tokens, batch_size):
-                file.write(batch.contiguous().numpy().tobytes())
+            for piece in reference_pieces(model, tokens, batch_size):
+                file.write(piece.numpy().data)  # no copy: a piece is 64 MB over Gemma 3's vocabulary
 
     write_atomically(path, write)
     stored = StoredLogProbs.open(path, shape)
@@ -193,7 +193,7 @@ class Measurer:
         if reference is None:
             session.restore_dense()
             if path is None:
-                reference = torch.cat(list(reference_batches(session.model, tokens, session.batch_size)))
+                reference = dense_reference(session.model, tokens, session.batch_size)
             else:
                 reference = store_reference(session.model, tokens, session.batch_size, path)
         self._references[pool] = reference

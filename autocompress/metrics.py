@@ -138,20 +138,18 @@ Reference = torch.Tensor | nn.Module | WindowLogProbs
 
 
 @torch.no_grad()
-def reference_batches(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """The dense model's log-probabilities a batch at a time, in REFERENCE_DTYPE on CPU, each window computed a
-    piece at a time (only the stored form of a batch is ever held whole)."""
+def reference_pieces(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """The dense model's log-probabilities on `tokens` [windows, seq_len], in REFERENCE_DTYPE on CPU, a piece of
+    one window at a time ([tokens, vocab], `Predictions.pieces`), in the order of the flattened tensor."""
     for first in range(0, len(tokens), batch_size):
         predicted = predictions(model, tokens[first : first + batch_size])
-        batch = torch.empty(predicted.shape, dtype=REFERENCE_DTYPE)
         for window, start, end in predicted.pieces():
-            batch[window, start:end] = predicted.log_probs(window, start, end).to(REFERENCE_DTYPE).cpu()
-        yield batch
+            yield predicted.log_probs(window, start, end).to(REFERENCE_DTYPE).cpu()
 
 
 def dense_reference(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The dense model's log-probabilities on a pool, computed once and reused by every trial (on CPU)."""
-    return torch.cat(list(reference_batches(model, tokens, batch_size)))
+    return torch.cat(list(reference_pieces(model, tokens, batch_size))).view(*tokens.shape, -1)
 
 
 @torch.no_grad()
