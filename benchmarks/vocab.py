@@ -55,21 +55,24 @@ COLUMNS = [  # (CSV column, figure of a run, decimals)
     ("peak_rss_mb", "peak_rss_mb", 0),
     ("cpu_seconds", "cpu_seconds", 2),
     ("load", "load_average", 1),
+    ("stitch_seconds", "stitch_seconds", 2),  # of a trial: swapping the plan's weights in
+    ("eval_seconds", "eval_seconds", 2),  # of a trial: scoring the fitness windows
 ]
 AIM = 3.0  # a Gemma trial costs at most this many SmolLM2 trials on the same windows
 
 
-def study_config(model: str) -> Config:
-    """The main job's data (search_spaces/smollm2-q4km.yaml) and target, on `model`."""
+def study_config(model: str, calibration: int = 32, heldout: int = 16) -> Config:
+    """The main job's data (search_spaces/smollm2-q4km.yaml) and target, on `model`; fewer calibration or held-out
+    windows make those phases shorter on a loaded host (the fitness windows, which a trial scores, stay 8)."""
     return Config.model_validate(
         {
             "model": {"name": model, "dtype": "float32", "device": "cpu"},
             "data": {
                 "source": "pydoc",
                 "seq_len": 256,
-                "calibration": 32,
+                "calibration": calibration,
                 "fitness": 8,
-                "heldout": 16,
+                "heldout": heldout,
                 "batch_size": 4,
                 "seed": 0,
             },
@@ -123,11 +126,16 @@ def neighbour(space: SearchSpace, params: dict[str, Any], share: float, seed: in
     return changed
 
 
-def run(model: str, label: str, cache: Path, out: Path) -> None:
+def run(config: Config, label: str, cache: Path, out: Path) -> None:
     """Measure every phase of one model, writing the figures to `out` after each."""
-    config = study_config(model)
     phases: dict[str, dict[str, float]] = {}
-    figures: dict[str, Any] = {"model": Path(model).name, "label": label, "phases": phases}
+    data = config.data
+    figures: dict[str, Any] = {
+        "model": Path(config.model.name).name,
+        "label": label,
+        "windows": f"{data.calibration}/{data.fitness}/{data.heldout}",
+        "phases": phases,
+    }
 
     def save() -> None:
         out.write_text(json.dumps(figures, indent=1))
@@ -141,8 +149,10 @@ def run(model: str, label: str, cache: Path, out: Path) -> None:
     timed("reference", lambda: session.reference("fitness"))
     first = space.uniform_params(0.0, "q5_0")
     second = neighbour(space, first, 0.1, seed=0)
-    timed("first trial", lambda: session.measure(space.plan_from_params(first)))
-    timed("trial", lambda: session.measure(space.plan_from_params(second)))
+    for name, params in (("first trial", first), ("trial", second)):
+        measured = timed(name, lambda params=params: session.measure(space.plan_from_params(params)))
+        phases[name] |= {"stitch_seconds": measured.stitch_s, "eval_seconds": measured.eval_s}
+        save()
     timed("heldout dense", lambda: heldout_figures(session, space, None))
     timed("heldout member", lambda: heldout_figures(session, space, second))
 
@@ -155,7 +165,8 @@ def table(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> pd.DataF
         early, late = (runs.get((model, label), {"phases": {}}) for label in ("before", "after"))
         vocab = early.get("vocab", late.get("vocab"))
         for phase in dict.fromkeys([*early["phases"], *late["phases"]]):
-            row = {"model": model, "vocab": vocab, "phase": phase}
+            windows = early.get("windows", late.get("windows"))
+            row = {"model": model, "vocab": vocab, "windows": windows, "phase": phase}
             for column, key, digits in COLUMNS:
                 for label, figures in (("before", early), ("after", late)):
                     value = figures["phases"].get(phase, {}).get(key)
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     measure.add_argument("--json", type=Path, required=True, help="where the figures go")
     measure.add_argument("--cache", type=Path, help="the study caches (default: a fresh temporary folder)")
     measure.add_argument("--threads", type=int, default=1)
+    measure.add_argument("--calibration", type=int, default=32, help="calibration windows (default 32)")
+    measure.add_argument("--heldout", type=int, default=16, help="held-out windows (default 16)")
     tabulate = commands.add_parser("table", help="write results/benchmarks/vocab.csv from runs' figures")
     tabulate.add_argument("--before", type=Path, nargs="+", required=True)
     tabulate.add_argument("--after", type=Path, nargs="+", required=True)
@@ -191,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--model: no file {args.model}")
         torch.set_num_threads(args.threads)
         with tempfile.TemporaryDirectory(prefix="vocab-") as scratch:
-            run(args.model, args.label, args.cache or Path(scratch), args.json)
+            config = study_config(args.model, args.calibration, args.heldout)
+            run(config, args.label, args.cache or Path(scratch), args.json)
         return 0
     for path in [*args.before, *args.after]:
         if not path.is_file():
