@@ -155,7 +155,7 @@ def store_reference(model: torch.nn.Module, tokens: torch.Tensor, batch_size: in
             file.write(struct.pack("<Q", len(header)))
             file.write(header)
             for piece in reference_pieces(model, tokens, batch_size):
-                file.write(piece.numpy().data)  # no copy: a piece is 64 MB over Gemma 3's vocabulary
+                file.write(piece.numpy().data)  # no copy: a piece of Gemma 3 is 64 MB in float16
 
     write_atomically(path, write)
     stored = StoredLogProbs.open(path, shape)
