@@ -174,25 +174,43 @@ def command_frontier(args: argparse.Namespace) -> None:
 
     location = study_location(args.study, args)
     study, record = load_existing(location)
-    alpha = record.config.search.alpha if args.alpha is None else args.alpha
-    beta = record.config.search.beta if args.beta is None else args.beta
+    search = record.config.search
+    if args.gamma is not None and not search.speed_objective:
+        raise UserError(f"--gamma weighs speed, which is not among study {record.name!r}'s objectives")
+    alpha = search.alpha if args.alpha is None else args.alpha
+    beta = search.beta if args.beta is None else args.beta
     max_bytes = record.max_bytes(args.max_size)
-    judge_frontier(study, location, max_bytes)
-    points = frontier_points(StudyRecord.of(study), trial_records(study), max_bytes, alpha, beta)
+    min_tps = record.min_tps(args.min_speed)
+    judge_frontier(study, location, max_bytes, min_tps)
+    points = frontier_points(StudyRecord.of(study), trial_records(study), max_bytes, alpha, beta, args.gamma, min_tps)
     if args.json:
         print(json.dumps([{**vars(point), "objective": point.objective} for point in points], indent=2))
         return
+    speed = record.speed is not None
     print(
-        f"{'rank':>4} {'trial':>5} {'loss':>9} {'size_bytes':>12} {'size':>7} {'objective':>9} "
-        f"{'heldout_ppl':>11} {'heldout_kl':>10}"
+        f"{'rank':>4} {'trial':>5} {'loss':>9} {'size_bytes':>12} {'size':>7} "
+        + (f"{'tokens/s':>9} {'speed':>6} " if speed else "")
+        + f"{'objective':>9} {'heldout_ppl':>11} {'heldout_kl':>10}"
     )
     for rank, point in enumerate(points, start=1):
         ppl = "" if point.heldout_ppl is None else f"{point.heldout_ppl:.3f}"
         kl = "" if point.heldout_kl is None else f"{point.heldout_kl:.4f}"
+        tps = f"{point.predicted_decode_tps:>9.1f} {point.speed_ratio:>5.2f}x " if speed else ""
         print(
-            f"{rank:>4} {point.trial:>5} {point.loss:>9.4f} {point.size_bytes:>12,d} {point.size_ratio:>7.1%} "
+            f"{rank:>4} {point.trial:>5} {point.loss:>9.4f} {point.size_bytes:>12,d} {point.size_ratio:>7.1%} {tps}"
             f"{point.objective:>9.4f} {ppl:>11} {kl:>10}{'  (uniform seed)' if point.is_seed else ''}"
         )
+    if speed:
+        print(
+            f"tokens/s: predicted decode tokens/s in {target_runtime(record.config)} on {record.speed.threads} "
+            f"thread(s); speed: as a multiple of the dense model's {record.speed.dense_decode_tps:,.1f}"
+        )
+
+
+def target_runtime(config: Config) -> str:
+    from autocompress.targets import target_named
+
+    return target_named(config.compression.target).runtime or "transformers"
 
 
 def command_report(args: argparse.Namespace) -> None:
@@ -227,9 +245,22 @@ def command_export(args: argparse.Namespace) -> None:
 
     location = study_location(args.study, args)
     study, record = load_existing(location)
-    if args.trial is not None and (args.alpha is not None or args.beta is not None or args.max_size is not None):
-        raise UserError("--alpha, --beta and --max-size choose among the frontier; they go with --pick best")
-    chosen, chosen_by = choose_trial(study, record, args.trial, args.alpha, args.beta, args.max_size)
+    choosing = (args.alpha, args.beta, args.gamma, args.max_size, args.min_speed)
+    if args.trial is not None and any(option is not None for option in choosing):
+        raise UserError(
+            "--alpha, --beta, --gamma, --max-size and --min-speed choose among the frontier; they go with --pick"
+        )
+    chosen, chosen_by = choose_trial(
+        study,
+        record,
+        args.trial,
+        args.alpha,
+        args.beta,
+        args.max_size,
+        pick=args.pick or "best",
+        gamma=args.gamma,
+        min_speed=args.min_speed,
+    )
     result = export_trial(record, location, chosen, args.out_dir, args.format, args.overwrite, chosen_by)
     if result.warning is not None:
         print(f"autocompress: warning: {result.warning}", file=sys.stderr)
@@ -356,7 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(frontier, study_required=True)
     frontier.add_argument("--alpha", type=float, help="weight of Loss (default: the study's)")
     frontier.add_argument("--beta", type=float, help="weight of Size (default: the study's)")
+    frontier.add_argument("--gamma", type=float, help="weight of Speed, an objective (default: the study's)")
     frontier.add_argument("--max-size", help="only plans up to this size: bytes ('80MB') or a fraction ('0.5')")
+    frontier.add_argument(
+        "--min-speed",
+        help="only plans at least this fast (predicted decode): tokens/s (150), '1.2x' the dense model or "
+        "'1.3x q4_k_m'",
+    )
     frontier.add_argument("--json", action="store_true", help="print JSON")
     add_trust_arguments(frontier)
     frontier.set_defaults(run=command_frontier)
@@ -379,10 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(export, study_required=True)
     chosen = export.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--trial", type=int, help="the trial number to export")
-    chosen.add_argument("--pick", choices=["best"], help="best: the frontier member with the lowest objective")
+    chosen.add_argument(
+        "--pick",
+        choices=["best", "fastest"],
+        help="best: the frontier member with the lowest objective; fastest: the one with the highest predicted "
+        "decode tokens/s (a study that predicts speed)",
+    )
     export.add_argument("--alpha", type=float, help="weight of Loss for --pick best (default: the study's)")
     export.add_argument("--beta", type=float, help="weight of Size for --pick best (default: the study's)")
-    export.add_argument("--max-size", help="--pick best among plans up to this size: bytes ('80MB') or a fraction")
+    export.add_argument("--gamma", type=float, help="weight of Speed for --pick best (default: the study's)")
+    export.add_argument("--max-size", help="--pick among plans up to this size: bytes ('80MB') or a fraction")
+    export.add_argument(
+        "--min-speed", help="--pick among plans at least this fast: tokens/s, '1.2x' the dense model or '1.3x q4_k_m'"
+    )
     export.add_argument("--out", dest="out_dir", metavar="DIR", required=True, help="the folder to write")
     export.add_argument(
         "--format",

@@ -27,6 +27,7 @@ from autocompress.targets import (
     DEFAULT_TARGET,
     TARGET_NAMES,
     size_preset_targets,
+    speed_targets,
     target_named,
     targets_serving_in_dtype,
 )
@@ -351,6 +352,9 @@ def evenly_spaced(levels: list[float]) -> bool:
     return all(abs(step - steps[0]) <= 1e-9 for step in steps)
 
 
+OBJECTIVES = ("loss", "size")  # a study's objectives by default; speed may join them
+
+
 class SearchConfig(Section):
     """What a search may choose per unit, and how it scores and samples plans."""
 
@@ -361,10 +365,33 @@ class SearchConfig(Section):
         description="named precision levels each unit may take instead of `bits`, e.g. [int4-g128, nf4, mxfp4, "
         "nvfp4, fp8-e4m3, int8, fp16]; see autocompress.plan.parse_level",
     )
-    objective: Literal["pareto", "scalar"] = "pareto"
+    objective: Literal["pareto", "scalar"] = Field(
+        "pareto",
+        description="pareto: each of `objectives` is a direction of the study (a frontier); scalar: one value, "
+        "alpha*Loss + beta*Size (- gamma*Speed with speed among the objectives)",
+    )
+    objectives: list[Literal["loss", "size", "speed"]] = Field(
+        default_factory=lambda: list(OBJECTIVES),
+        description="[loss, size] (the default), or [loss, size, speed]: speed is the predicted decode tokens/s "
+        "of the target's runtime (gguf: llama.cpp's speed table), maximized; fixed when the study is created",
+    )
     loss: Literal["kl", "ce"] = "kl"
     alpha: float = Field(1.0, ge=0, description="weight of Loss in alpha*Loss + beta*Size")
     beta: float = Field(1.0, ge=0, description="weight of Size (fraction of the dense fp16 bytes)")
+    gamma: float = Field(
+        1.0,
+        ge=0,
+        description="weight of Speed in the scalar objective and the frontier's ranking (with speed among the "
+        "objectives): the predicted decode tokens/s as a multiple of the dense model's",
+    )
+    min_speed: float | str | None = Field(
+        None,
+        description="a floor on the predicted decode speed: tokens/s (150), a multiple of the dense model's ('1.2x') "
+        "or of a llama.cpp preset's ('1.3x q4_k_m'); plans under it are infeasible, as plans over max_size are",
+    )
+    speed_threads: int | None = Field(
+        None, ge=1, description="CPU threads the runtime's speed is predicted for (default: all this process may use)"
+    )
     max_size: int | float | str | None = Field(
         None, description="bytes (80000000, '80MB') or a fraction of dense ('50%', 0.5); see `size_limit`"
     )
@@ -496,6 +523,13 @@ class SearchConfig(Section):
                 raise ValueError("a generations search is staged by generations.stages; drop search.stages")
         if self.student is not None and self.budget is not None:
             raise ValueError("a budget search keeps the teacher's shape; drop search.student or search.budget")
+        if self.speed_objective and self.generations is not None:
+            raise ValueError(
+                "objectives: generations select the lowest loss under a budget, one objective; keep [loss, size] and "
+                "give the speed as a floor, search.min_speed"
+            )
+        if self.uses_speed and self.structure is not None:
+            raise ValueError("structure: the speed model predicts llama's architecture, not deci's; drop the speed")
         return self
 
     def _formats_are_valid(self) -> None:
@@ -539,6 +573,36 @@ class SearchConfig(Section):
             raise ValueError(f"a {dimension} budget needs two or more evenly spaced {dimension} levels, got {levels}")
         if not levels[0] <= self.budget.average <= levels[-1]:
             raise ValueError(f"the budget {self.budget.average} lies outside the {dimension} levels {levels}")
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, objectives: list[str]) -> list[str]:
+        if len(set(objectives)) != len(objectives) or not {"loss", "size"} <= set(objectives):
+            raise ValueError(f"give [loss, size] or [loss, size, speed], got {objectives}")
+        return [name for name in (*OBJECTIVES, "speed") if name in objectives]  # one order: the study's directions
+
+    @field_validator("min_speed")
+    @classmethod
+    def _speed_floor(cls, min_speed: float | str | None) -> float | str | None:
+        if min_speed is not None:
+            speed_floor(min_speed)
+        return min_speed
+
+    @property
+    def speed_objective(self) -> bool:
+        """Whether speed is one of the study's objectives."""
+        return "speed" in self.objectives
+
+    @property
+    def uses_speed(self) -> bool:
+        """Whether trials predict their speed: as an objective, or against a floor."""
+        return self.speed_objective or self.min_speed is not None
+
+    def directions(self) -> list[str]:
+        """The study's Optuna directions: one per objective (speed maximized), or the scalar objective's one."""
+        if self.objective == "scalar":
+            return ["minimize"]
+        return ["maximize" if name == "speed" else "minimize" for name in self.objectives]
 
     def levels(self, dimension: str) -> list[float] | list[int]:
         return self.sparsity_levels() if dimension == "sparsity" else self.bit_levels()
@@ -640,6 +704,58 @@ def size_limit(value: float | str) -> SizeLimit:
     raise ValueError(f"size {value!r} is ambiguous (bytes, or a multiple of dense?); give {SIZE_SPELLINGS}")
 
 
+SPEED_SPELLINGS = (
+    "tokens/s (150), a multiple of the dense model's predicted speed ('1.2x') or of a llama.cpp preset's "
+    "('1.3x q4_k_m')"
+)
+
+
+@dataclass(frozen=True)
+class SpeedFloor:
+    """A parsed speed floor: decode tokens/s, or a multiple of the dense model's (`preset` None) or a preset's
+    predicted decode tokens/s."""
+
+    tokens_per_s: float | None = None
+    multiple: float | None = None
+    preset: str | None = None
+
+    def tokens(self, dense_tps: float, preset_tps: float | None = None) -> float:
+        """The floor in tokens/s, given the dense model's predicted speed and, for a preset's multiple, the
+        preset's."""
+        if self.tokens_per_s is not None:
+            return self.tokens_per_s
+        return self.multiple * (dense_tps if self.preset is None else preset_tps)
+
+    def __str__(self) -> str:
+        if self.tokens_per_s is not None:
+            return f"{self.tokens_per_s:g} tokens/s"
+        return f"{self.multiple:g}x {'the dense model' if self.preset is None else self.preset}"
+
+
+def speed_floor(value: float | str) -> SpeedFloor:
+    """Parse a speed floor (`search.min_speed`, `--min-speed`): a positive number of decode tokens/s, 'Nx' (N times
+    the dense model's predicted tokens/s) or 'Nx PRESET' (N times a llama.cpp preset's); ValueError (one line)
+    for anything else."""
+    if isinstance(value, bool):
+        raise ValueError(f"speed {value!r} is not a speed; give {SPEED_SPELLINGS}")
+    text = str(value).strip().lower()
+    number_text, _, rest = text.partition("x") if "x" in text else (text, "", "")
+    try:
+        number = float(number_text)
+    except ValueError:
+        raise ValueError(f"speed {value!r} is not a speed; give {SPEED_SPELLINGS}") from None
+    if not number > 0 or not math.isfinite(number):
+        raise ValueError(f"speed {value!r} must be positive and finite")
+    if "x" not in text:
+        return SpeedFloor(tokens_per_s=number)
+    preset = rest.strip() or None
+    if preset is not None:
+        names = [name for owner in size_preset_targets() for name in owner.size_presets()]
+        if preset not in names:
+            raise ValueError(f"speed {value!r}: {preset!r} is not a llama.cpp preset ({', '.join(names)})")
+    return SpeedFloor(multiple=number, preset=preset)
+
+
 def max_bytes_for(given: str | None, config: Config, dense_bytes: int | None) -> int | None:
     """The size limit in bytes: the command line's `--max-size` if given, else the config's `search.max_size`;
     None without either, or without the dense size to resolve a fraction against."""
@@ -705,6 +821,18 @@ class Config(Section):
                     f"{where}: {preset} names a {owner.runtime} file's size, a budget of target {owner.name} only"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _target_predicts_speed(self) -> Config:
+        search = self.search
+        if not search.uses_speed or target_named(self.compression.target).predicts_speed:
+            return self
+        where = "search.objectives" if search.speed_objective else "search.min_speed"
+        names = ", ".join(speed_targets())
+        raise ValueError(
+            f"{where}: speed is predicted by a speed model of the target's runtime, which compression.target "
+            f"{names} has and {self.compression.target} has not"
+        )
 
     @model_validator(mode="after")
     def _target_runs_the_levels(self) -> Config:

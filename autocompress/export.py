@@ -60,8 +60,13 @@ def choose_trial(
     alpha: float | None = None,
     beta: float | None = None,
     max_size: str | None = None,
+    pick: str = "best",
+    gamma: float | None = None,
+    min_speed: str | None = None,
 ) -> tuple[TrialRecord, str]:
-    """Trial `trial`, or the frontier member with the lowest alpha·Loss + beta·Size; and how it was chosen."""
+    """Trial `trial`; or, among the frontier within `max_size` and no slower than `min_speed`, the member with the
+    lowest α·Loss + β·Size (− γ·Speed where speed is an objective) (`pick` best) or the highest predicted decode
+    tokens/s (`pick` fastest); and how it was chosen."""
     records = trial_records(study)
     if trial is not None:
         if not 0 <= trial < len(records):
@@ -70,15 +75,28 @@ def choose_trial(
         if not chosen.scored:
             raise UserError(f"trial {trial} is {chosen.state.name.lower()}, not a complete scored trial")
         return chosen, f"trial {trial}"
-    alpha = record.config.search.alpha if alpha is None else alpha
-    beta = record.config.search.beta if beta is None else beta
+    search = record.config.search
+    if gamma is not None and not search.speed_objective:
+        raise UserError(f"--gamma weighs speed, which is not among study {record.name!r}'s objectives")
+    if pick == "fastest" and record.speed is None:
+        raise UserError(f"--pick fastest: study {record.name!r} predicts no speed (its objectives are loss and size)")
+    alpha = search.alpha if alpha is None else alpha
+    beta = search.beta if beta is None else beta
+    gamma = search.gamma if gamma is None else gamma
     max_bytes = record.max_bytes(max_size)
-    points = frontier_points(record, records, max_bytes, alpha, beta)
+    min_tps = record.min_tps(min_speed)
+    points = frontier_points(record, records, max_bytes, alpha, beta, gamma, min_tps)
+    within = "" if max_bytes is None else f" within {max_bytes:,} bytes"
+    within += "" if min_tps is None else f" at {min_tps:,.1f} tokens/s or more"
     if not points:
-        within = "" if max_bytes is None else f" within {max_bytes:,} bytes"
         raise UserError(f"study {record.name!r} has no complete trial on its frontier{within}")
+    if pick == "fastest":
+        fastest = min(points, key=lambda point: (-point.predicted_decode_tps, point.objective, point.trial))
+        how = f"fastest on the frontier: {fastest.predicted_decode_tps:,.1f} predicted decode tokens/s"
+        return records[fastest.trial], how + within
     how = f"best on the frontier by {alpha:g}·Loss + {beta:g}·Size"
-    return records[points[0].trial], how + ("" if max_bytes is None else f" within {max_bytes:,} bytes")
+    how += f" − {gamma:g}·Speed" if search.speed_objective else ""
+    return records[points[0].trial], how + within
 
 
 def export_trial(

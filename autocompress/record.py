@@ -18,7 +18,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict
 
-from autocompress.config import Config, max_bytes_for
+from autocompress.config import Config, max_bytes_for, speed_floor
+from autocompress.errors import UserError
 
 _SPACE = "autocompress:space"
 _CONFIG = "autocompress:config"
@@ -28,6 +29,7 @@ _UNIT_SIZES = "autocompress:unit_sizes"
 _BASELINES = "autocompress:baselines"
 _DATABASE = "autocompress:database"
 _SENSITIVITY = "autocompress:sensitivity"
+_SPEED = "autocompress:speed"
 _HELDOUT = "heldout:{number}"
 _DENSE_HELDOUT = "heldout:dense"
 
@@ -61,6 +63,18 @@ class HeldoutFigures(BaseModel):
     kl: float | None = None
 
 
+class SpeedReference(BaseModel):
+    """The predicted speeds a study's speed floors are multiples of: the dense model's, and the llama.cpp presets'
+    its config names (decode tokens/s), on `threads` CPU threads."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dense_decode_tps: float
+    dense_prompt_tps: float
+    threads: int
+    presets: dict[str, float] = {}
+
+
 class TrialRecord(BaseModel):
     """What one trial is and measured. Complete trials carry the figures of the whole fitness pool; a trial pruned
     by staged fitness or by a student pruner carries its partial figures; a failed one its reason."""
@@ -83,6 +97,11 @@ class TrialRecord(BaseModel):
     eval_s: float | None = None
     forward_s: float | None = None  # the model's forward passes alone
     size_over_limit: float | None = None  # Optuna's constraint convention: feasible when <= 0
+    # the target runtime's predicted speed (search.objectives with speed, or search.min_speed)
+    predicted_decode_tps: float | None = None
+    predicted_prompt_tps: float | None = None
+    speed_ratio: float | None = None  # predicted decode tokens/s over the dense model's
+    speed_under_floor: float | None = None  # min_speed minus the predicted decode tokens/s: feasible when <= 0
     # staged fitness: [windows, loss] after each stage; where and why a trial stopped early
     stage_losses: list[tuple[int, float]] = []
     partial_loss: float | None = None
@@ -148,8 +167,11 @@ def write_fields(trial: optuna.Trial, fields: Mapping[str, Any]) -> None:
     limit is also the trial's Optuna constraint, which every sampler honours."""
     for key, value in fields.items():
         trial.set_user_attr(key, _stored(key, value))
-        if key == "size_over_limit":
+        if key in CONSTRAINTS:
             trial.set_constraint(key, value)
+
+
+CONSTRAINTS = ("size_over_limit", "speed_under_floor")  # record fields that are Optuna constraints too
 
 
 def _stored(key: str, value: Any) -> Any:
@@ -173,7 +195,7 @@ def add_scored_trial(
         distributions=dict(distributions),
         values=[values] if isinstance(values, float | int) else list(values),
         user_attrs={key: _stored(key, value) for key, value in fields.items()},
-        constraints={key: float(fields[key]) for key in ("size_over_limit",) if key in fields},
+        constraints={key: float(fields[key]) for key in CONSTRAINTS if key in fields},
     )
     study.add_trial(trial)
 
@@ -241,6 +263,7 @@ class StudyRecord(BaseModel):
     sensitivity: dict[str, Any] | None = None
     dense_heldout: HeldoutFigures | None = None
     heldout: dict[int, HeldoutFigures] = {}
+    speed: SpeedReference | None = None  # where trials predict their speed
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:
@@ -269,12 +292,35 @@ class StudyRecord(BaseModel):
             sensitivity=attrs.get(_SENSITIVITY),
             dense_heldout=HeldoutFigures(**attrs[_DENSE_HELDOUT]) if _DENSE_HELDOUT in attrs else None,
             heldout=heldout,
+            speed=SpeedReference(**attrs[_SPEED]) if _SPEED in attrs else None,
         )
 
     def max_bytes(self, given: str | None = None) -> int | None:
         """The size limit in bytes: the command line's `given` limit, else the config's; None without one (or
         before any dense bytes are known)."""
         return max_bytes_for(given, self.config, self.dense_bytes)
+
+    def min_tps(self, given: str | None = None) -> float | None:
+        """The speed floor in decode tokens/s: the command line's `given` floor, else the config's; None without
+        one. A UserError for a floor of a study that predicts no speed, or a multiple of a preset it did not
+        predict."""
+        text = self.config.search.min_speed if given is None else given
+        if text is None:
+            return None
+        where = "search.min_speed" if given is None else "--min-speed"
+        if self.speed is None:
+            raise UserError(
+                f"{where}: study {self.name!r} predicts no speed; create it with search.objectives [loss, size, "
+                "speed] or a search.min_speed"
+            )
+        try:
+            floor = speed_floor(text)
+        except ValueError as error:
+            raise UserError(f"{where}: {error}") from error
+        if floor.preset is not None and floor.preset not in self.speed.presets:
+            known = f"only {', '.join(self.speed.presets)}'s" if self.speed.presets else "no preset's"
+            raise UserError(f"{where}: study {self.name!r} predicted {known} speed, not {floor.preset}'s")
+        return floor.tokens(self.speed.dense_decode_tps, self.speed.presets.get(floor.preset))
 
 
 def is_autocompress_study(study: optuna.Study) -> bool:
@@ -322,6 +368,11 @@ def record_database(study: optuna.Study, usage: Mapping[str, Any]) -> None:
 
 def record_sensitivity(study: optuna.Study, profile: Mapping[str, Any]) -> None:
     study.set_user_attr(_SENSITIVITY, dict(profile))
+
+
+def record_speed(study: optuna.Study, reference: SpeedReference) -> None:
+    if study.user_attrs.get(_SPEED) != reference.model_dump():
+        study.set_user_attr(_SPEED, reference.model_dump())
 
 
 def record_heldout(study: optuna.Study, number: int | None, figures: HeldoutFigures) -> None:

@@ -23,14 +23,17 @@ from autocompress.students import ARCHITECTURE_COLUMNS, architecture_columns
 from autocompress.targets import DEFAULT_TARGET, target_named
 
 TRIAL_COLUMNS = ["loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective", "stitch_s", "eval_s"]
+SPEED_COLUMNS = ["predicted_decode_tps", "predicted_prompt_tps", "speed_ratio"]  # where the study predicts speed
 
 
 def trials_frame(records: list[TrialRecord]) -> pd.DataFrame:
-    """Every trial: number, state, seconds, per-unit values, and what evaluation measured."""
+    """Every trial: number, state, seconds, per-unit values, and what evaluation measured (and predicted speed,
+    where the study predicts it)."""
+    columns = TRIAL_COLUMNS + (SPEED_COLUMNS if any(record.predicted_decode_tps for record in records) else [])
     rows = []
     for record in records:
         row = {"number": record.number, "state": record.state.name, "seconds": record.duration_s}
-        row |= {column: getattr(record, column) for column in TRIAL_COLUMNS}
+        row |= {column: getattr(record, column) for column in columns}
         row |= {"seed": record.seed, "baseline": record.baseline, "fail_reason": record.fail_reason}
         if record.architecture is not None:  # a study with students: every trial's shape, the teacher's too
             row["student"] = record.student
@@ -80,13 +83,22 @@ def dense_form(config: Config) -> str:
     return target_named(config.compression.target).dense_form
 
 
+def ranking_text(search, symbols: bool = False) -> str:
+    """The frontier's ranking: α·Loss + β·Size, − γ·Speed where speed is an objective (with the weights, or their
+    symbols)."""
+    weights = ("α", "β", "γ") if symbols else (f"{search.alpha:g}", f"{search.beta:g}", f"{search.gamma:g}")
+    text = f"{weights[0]}·Loss + {weights[1]}·Size"
+    return text + (f" − {weights[2]}·Speed" if search.speed_objective else "")
+
+
 def frontier_frame(
     points: list[FrontierPoint], params_of: Mapping[int, Mapping], per_unit: bool = True
 ) -> pd.DataFrame:
     """The frontier's figures, each member's allocation in brief, architecture columns when its study has
     students and, with `per_unit`, every unit's level."""
-    columns = ["trial", "loss", "size_bytes", "size_ratio", "objective", "heldout_ppl", "heldout_kl", "is_seed"]
-    columns += ["baseline"]
+    columns = ["trial", "loss", "size_bytes", "size_ratio"]
+    columns += ["predicted_decode_tps", "speed_ratio"] if any(point.predicted_decode_tps for point in points) else []
+    columns += ["objective", "heldout_ppl", "heldout_kl", "is_seed", "baseline"]
     with_students = any(point.architecture for point in points)
     rows = []
     for point in points:
@@ -100,17 +112,30 @@ def frontier_frame(
 
 
 def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, loss_name: str, dense: str) -> None:
+    """Loss against size, the frontier in red; beside it, where the study predicts speed, loss against the predicted
+    decode tokens/s (the frontier's projections)."""
     complete = trials[trials["state"] == "COMPLETE"]
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
+    speed = "predicted_decode_tps" in complete and complete["predicted_decode_tps"].notna().any()
+    figure = Figure(figsize=(12.5, 4.5) if speed else (7, 4.5))
+    axes = figure.subplots(1, 2 if speed else 1)
+    panels = [("size_ratio", f"size (fraction of the dense bytes {dense})")]
+    panels += [("predicted_decode_tps", "predicted decode tokens/s")] if speed else []
+    for axis, (column, label) in zip(axes if speed else [axes], panels, strict=True):
+        _pareto_panel(axis, complete, points, column, label, loss_name)
+    figure.tight_layout()
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+
+
+def _pareto_panel(axes, complete: pd.DataFrame, points: list[FrontierPoint], column: str, label: str, loss_name: str):
+    """One projection: every complete trial's loss against `column`, seeds marked, the frontier in red."""
     no_students = pd.Series(False, index=complete.index)
     students = complete["student"].fillna(False).astype(bool) if "student" in complete else no_students
     sampled = complete[~complete["seed"] & ~students]
     seeds = complete[complete["seed"] & ~students]
-    axes.scatter(sampled["size_ratio"], sampled["loss"], s=14, color="tab:gray", alpha=0.6, label="trials")
+    axes.scatter(sampled[column], sampled["loss"], s=14, color="tab:gray", alpha=0.6, label="trials")
     if students.any():
         axes.scatter(
-            complete[students]["size_ratio"],
+            complete[students][column],
             complete[students]["loss"],
             s=22,
             marker="^",
@@ -119,7 +144,7 @@ def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, l
             label="distilled students",
         )
     axes.scatter(
-        seeds["size_ratio"],
+        seeds[column],
         seeds["loss"],
         s=40,
         marker="s",
@@ -129,19 +154,20 @@ def plot_pareto(trials: pd.DataFrame, points: list[FrontierPoint], path: Path, l
     )
     for _, seed in seeds[seeds["baseline"].notna()].iterrows():
         axes.annotate(
-            seed["baseline"], (seed["size_ratio"], seed["loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            seed["baseline"], (seed[column], seed["loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
         )
-    front = sorted(points, key=lambda point: point.size_ratio)
-    axes.step([p.size_ratio for p in front], [p.loss for p in front], where="post", color="tab:red", linewidth=1)
-    axes.scatter([p.size_ratio for p in front], [p.loss for p in front], s=24, color="tab:red", label="frontier")
-    axes.set_xlabel(f"size (fraction of the dense bytes {dense})")
+    field = "size_ratio" if column == "size_ratio" else "predicted_decode_tps"
+    front = sorted(points, key=lambda point: getattr(point, field))
+    xs, ys = [getattr(point, field) for point in front], [point.loss for point in front]
+    if field == "size_ratio":  # on size alone the frontier is a staircase; its speed projection is a scatter
+        axes.step(xs, ys, where="post", color="tab:red", linewidth=1)
+    axes.scatter(xs, ys, s=24, color="tab:red", label="frontier")
+    axes.set_xlabel(label)
     axes.set_ylabel(f"loss ({loss_name} to dense, fitness tokens)")
     if (complete["loss"] > 0).all() and len(complete) and complete["loss"].max() / complete["loss"].min() > 50:
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
 
 
 def allocation_frame(params_of: Mapping[int, Mapping], trial_numbers: list[int], field: str) -> pd.DataFrame:
@@ -232,7 +258,10 @@ class StudyOutputs:
         self.params_of = {record.number: record.params for record in self.records}
         search = self.config.search
         self.max_bytes = self.study.max_bytes()
-        self.points = frontier_points(self.study, self.records, self.max_bytes, search.alpha, search.beta)
+        self.min_tps = self.study.min_tps()
+        self.points = frontier_points(
+            self.study, self.records, self.max_bytes, search.alpha, search.beta, min_tps=self.min_tps
+        )
         self.trials = trials_frame(self.records)
         self.dense_ppl = None if self.study.dense_heldout is None else self.study.dense_heldout.ppl
 
@@ -272,22 +301,35 @@ def write_outputs(study: optuna.Study, location: StudyLocation) -> None:
         f"{config.data.fitness} fitness, {config.data.heldout} held-out)",
         f"- methods: {methods_text(config, '`')}",
         "- trials: " + ", ".join(f"{count} {state.lower()}" for state, count in sorted(counts.items())),
-        f"- objective: {search.objective}; loss: {search.loss} to the dense model on fitness tokens; "
-        f"ranking by {search.alpha:g}·Loss + {search.beta:g}·Size "
-        f"(Size as a fraction of the dense bytes {dense_form(config)})",
+        f"- objective: {search.objective} over [{', '.join(search.objectives)}]; loss: {search.loss} to the dense "
+        f"model on fitness tokens; ranking by {ranking_text(search)} "
+        f"(Size as a fraction of the dense bytes {dense_form(config)}"
+        + ("; Speed as a multiple of the dense model's predicted decode tokens/s)" if search.speed_objective else ")"),
         f"- dense model: {dense_bytes:,} bytes {dense_form(config)}"
         + (f", held-out perplexity {dense_ppl:.3f}" if dense_ppl else ""),
     ]
     if max_bytes is not None:
         lines.append(f"- size limit: {max_bytes:,} bytes; trials above it are not on the frontier")
+    speed = outputs.study.speed
+    if speed is not None:
+        lines.append(
+            f"- speed: decode tokens/s predicted by {target_named(config.compression.target).runtime}'s speed table on "
+            f"{speed.threads} thread(s) (the dense model: {speed.dense_decode_tps:,.1f})"
+            + (
+                ""
+                if outputs.min_tps is None
+                else f"; floor {outputs.min_tps:,.1f} ({search.min_speed}), slower trials are not on the frontier"
+            )
+        )
     if best is not None:
         plan_params = outputs.params_of[best.trial]
         lines += [
             "",
-            "## Best plan by α·Loss + β·Size",
+            f"## Best plan by {ranking_text(search, symbols=True)}",
             "",
             f"Trial {best.trial}: loss {best.loss:.4f}, {best.size_bytes:,} bytes ({best.size_ratio:.1%} of dense), "
-            f"objective {best.objective:.4f}"
+            + ("" if best.predicted_decode_tps is None else f"{best.predicted_decode_tps:,.1f} tokens/s predicted, ")
+            + f"objective {best.objective:.4f}"
             + (f", held-out perplexity {best.heldout_ppl:.3f}" if best.heldout_ppl else "")
             + (f" (the seed {best.baseline})" if best.baseline else " (a uniform seed)" if best.is_seed else ""),
             "",

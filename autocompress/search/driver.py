@@ -170,14 +170,15 @@ def run_study(
         if not created:  # another process's sampler must not replay this one's suggestions
             study.sampler = sampler_for(config, seed)
         engine.prepare(study, location)
-        max_bytes = StudyRecord.of(study).max_bytes()
+        record = StudyRecord.of(study)
+        max_bytes, min_tps = record.max_bytes(), record.min_tps()
         bar = ProgressBar(study, n_trials, progress, timeout)
         try:
             if complete_count(study) < n_trials:
                 engine.run(study, n_trials, timeout, seed, bar, max_bytes)
         finally:
             bar.close()
-            pending = heldout_pending(study, space, max_bytes)
+            pending = heldout_pending(study, space, max_bytes, min_tps)
             if pending:
                 engine.judge(study, pending)
             if write_reports:

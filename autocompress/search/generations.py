@@ -2,12 +2,15 @@
 
 A generation, with `search.generations` (offspring λ, stages, survivors):
 1. Its parent is the best complete trial of the study at the budget (lowest loss; under a size budget, the best
-   no larger than its ceiling), or the uniform allocation at the budget before there is one. The study's trials
-   are read incrementally, so workers on one storage share their best.
+   no larger than its ceiling; under a speed floor, `search.min_speed`, the best no slower than it, or while none
+   is, the fastest), or the uniform allocation at the budget before there is one. The study's trials are read
+   incrementally, so workers on one storage share their best.
 2. λ offspring: level switches of the parent, one unit a level up and another one down: within groups of
    same-sized units for an average budget (`level_switches`), so each keeps it; anywhere for a size budget, kept
    when the plan stays under the ceiling (`SizeCeiling.mutate`). None is a plan the study holds or another
-   offspring of this generation is.
+   offspring of this generation is. Under a speed floor an offspring's predicted speed (arithmetic on the
+   runtime's speed table) must meet the floor, or, while the parent does not, beat the parent's.
+   Speed as an objective is refused here (`search.objectives`): a generation selects by one value, the loss.
 3. Selection in stages: the offspring and the parent are scored on the first windows of the fitness pool, the
    best `survivors[0]` go on to the next stage's windows (scored on the windows they lack only), and so on to the
    whole pool. The parent's losses on those windows come from its record (`stage_losses`), not a new score.
@@ -54,6 +57,7 @@ from autocompress.search.objective import Objective, failure_reason, stage_windo
 from autocompress.search.space import Params
 from autocompress.search.study import study_size_ceiling
 from autocompress.size import SizeReport
+from autocompress.targets.base import Speed
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -81,6 +85,7 @@ class Candidate:
     size: SizeReport | None = None
     stitch_s: float = 0.0
     eval_s: float = 0.0
+    speed: Speed | None = None  # predicted, where the study has a speed floor
 
 
 class AverageBudget:
@@ -143,6 +148,8 @@ class GenerationSearch:
         self._finished: set[int] = set()
         self._seen: set[tuple[int, ...]] = set()
         self._best: TrialRecord | None = None
+        self.min_tps = objective.min_tps  # a speed floor (search.min_speed), which a parent must also meet
+        self._fastest: TrialRecord | None = None  # the parent while no trial meets the speed floor
 
     def run(self, n_trials: int, deadline: float, on_recorded: Callable[[int], None] = lambda count: None) -> None:
         """Generations until the study holds `n_trials` finished trials or `deadline` (time.monotonic) passes; after
@@ -182,6 +189,14 @@ class GenerationSearch:
             record = TrialRecord.of(trial)
             if not record.scored or (self.ceiling is not None and record.size_bytes > self.ceiling):
                 continue
+            if self.min_tps is not None and record.predicted_decode_tps < self.min_tps:
+                fastest = self._fastest
+                if fastest is None or (-record.predicted_decode_tps, record.loss) < (
+                    -fastest.predicted_decode_tps,
+                    fastest.loss,
+                ):
+                    self._fastest = record
+                continue
             if self._best is None or (record.loss, record.number) < (self._best.loss, self._best.number):
                 self._best = record
 
@@ -192,11 +207,12 @@ class GenerationSearch:
         return tuple(self.levels_of(params).values())
 
     def parent(self) -> Candidate:
-        """The best complete trial within the budget, with its losses on the stages' windows as recorded; else the
-        uniform plan at the budget."""
-        if self._best is None:
+        """The best complete trial within the budget (and the speed floor), with its losses on the stages' windows
+        as recorded; while no trial meets the floor, the fastest within the budget; else the uniform plan at the
+        budget."""
+        best = self._best or self._fastest
+        if best is None:
             return self.candidate(self.budget.initial())
-        best = self._best
         parent = self.candidate(self.levels_of(best.params))
         parent.number = best.number
         parent.losses = dict(best.stage_loss) | {len(self.objective.session.pools.fitness): best.loss}
@@ -204,18 +220,32 @@ class GenerationSearch:
 
     def candidate(self, levels: dict[str, int]) -> Candidate:
         params = {self.names[unit]: self.budget.levels[unit][index] for unit, index in levels.items()}
-        return Candidate(levels, params)
+        candidate = Candidate(levels, params)
+        if self.objective.speed is not None:
+            candidate.speed = self.objective.predicted_speed(self.space.plan_from_params(params))
+        return candidate
+
+    def fast_enough(self, child: Candidate, parent: Candidate) -> bool:
+        """Under a speed floor, an offspring meets it, or (while the parent does not) is faster than the parent."""
+        if self.min_tps is None:
+            return True
+        tps = child.speed.decode_tps
+        return tps >= self.min_tps or tps > parent.speed.decode_tps
 
     def offspring(self, parent: Candidate) -> list[Candidate]:
-        """λ level-switch mutations of the parent, each a plan neither the study nor this generation holds yet."""
+        """λ level-switch mutations of the parent, each a plan neither the study nor this generation holds yet, and
+        fast enough (`fast_enough`) under a speed floor."""
         children: list[Candidate] = []
         taken = set(self._seen) | {tuple(parent.levels.values())}
         for _ in range(self.settings.offspring):
             for _attempt in range(200):
                 levels = self.budget.mutate(parent.levels, self.rng, self.max_mutations)
-                if tuple(levels.values()) not in taken:
-                    taken.add(tuple(levels.values()))
-                    children.append(self.candidate(levels))
+                if tuple(levels.values()) in taken:
+                    continue
+                taken.add(tuple(levels.values()))
+                child = self.candidate(levels)
+                if self.fast_enough(child, parent):
+                    children.append(child)
                     break
         return children
 
@@ -289,7 +319,9 @@ class GenerationSearch:
         return True
 
     def record(self, candidate: Candidate, parent: int | None, evaluations: int) -> None:
-        fields = self.objective.outcome(candidate.metrics, candidate.size, candidate.stitch_s, candidate.eval_s)
+        fields = self.objective.outcome(
+            candidate.metrics, candidate.size, candidate.stitch_s, candidate.eval_s, candidate.speed
+        )
         fields |= {
             "stage_losses": sorted(candidate.losses.items()),
             "parent": parent,

@@ -14,11 +14,14 @@ from autocompress.session import CompressionSession
 Pending = dict[int | None, Params]  # trial number (None: the dense model) -> the parameters of its plan
 
 
-def heldout_pending(study: optuna.Study, space: SearchSpace, max_bytes: int | None = None) -> Pending:
+def heldout_pending(
+    study: optuna.Study, space: SearchSpace, max_bytes: int | None = None, min_tps: float | None = None
+) -> Pending:
     """The plans whose held-out figures the study lacks, the dense model first."""
     known = StudyRecord.of(study)
     pending: Pending = {} if known.dense_heldout is not None else {None: space.dense_params()}
-    for member in frontier_of(scored_records(study), max_bytes):
+    speed = space.config.search.speed_objective
+    for member in frontier_of(scored_records(study), max_bytes, min_tps, speed):
         if member.number not in known.heldout:
             pending[member.number] = member.params
     return pending
@@ -38,10 +41,12 @@ def judge_pending(study: optuna.Study, session: CompressionSession, space: Searc
         record_heldout(study, number, heldout_figures(session, space, None if number is None else params))
 
 
-def judge_frontier(study: optuna.Study, location: StudyLocation, max_bytes: int | None) -> None:
+def judge_frontier(
+    study: optuna.Study, location: StudyLocation, max_bytes: int | None, min_tps: float | None = None
+) -> None:
     """Held-out figures for frontier members that lack them; loads the model only when some are missing."""
     record = StudyRecord.of(study)
     space = SearchSpace.of_record(record)
-    pending = heldout_pending(study, space, max_bytes)
+    pending = heldout_pending(study, space, max_bytes, min_tps)
     if pending:
         judge_pending(study, CompressionSession(record.config, cache_dir=location.cache_dir), space, pending)

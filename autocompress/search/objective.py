@@ -14,7 +14,8 @@ import torch
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
-from autocompress.config import Config, DistillationConfig
+from autocompress.config import Config, DistillationConfig, speed_floor
+from autocompress.errors import UserError
 from autocompress.files import is_disk_full
 from autocompress.frontier import frontier_of
 from autocompress.measurement import StageCallback
@@ -26,6 +27,7 @@ from autocompress.search.space import SearchSpace
 from autocompress.session import CompressionSession
 from autocompress.size import HALF_BYTES, SizeReport
 from autocompress.students import ReportCallback, teacher_shape
+from autocompress.targets.base import Speed, SpeedModel
 
 SIZE_SLACK = 1e-3  # plans within 0.1% of a size count as no larger (rounding of per-row pruned counts)
 
@@ -81,6 +83,28 @@ def stage_windows(pool: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
+def study_speed_model(session: CompressionSession) -> SpeedModel | None:
+    """The target runtime's speed model of the session's plans where the study predicts speed (an objective, or a
+    floor), holding the preset its floor names; measured now where the machine's cache lacks it. None otherwise."""
+    search = session.config.search
+    if not search.uses_speed:
+        return None
+    preset = None if search.min_speed is None else speed_floor(search.min_speed).preset
+    try:
+        return session.target.speed_model(session, [preset] if preset else [])
+    except ValueError as error:
+        raise UserError(f"speed: {error}") from error
+
+
+def speed_floor_tps(config: Config, speed: SpeedModel | None) -> float | None:
+    """`search.min_speed` in decode tokens/s, resolved with the speed model's dense and preset speeds."""
+    if config.search.min_speed is None or speed is None:
+        return None
+    floor = speed_floor(config.search.min_speed)
+    preset = None if floor.preset is None else speed.preset(floor.preset).decode_tps
+    return floor.tokens(speed.dense.decode_tps, preset)
+
+
 class Objective:
     """Scores one trial: the plan it maps to, stitched into the resident model, measured on fitness tokens.
 
@@ -101,6 +125,12 @@ class Objective:
         self.max_bytes = max_bytes
         self.stages = stage_windows(len(session.pools.fitness), config.search.stage_fractions())
         self.disk_full: OSError | None = None  # what failed a trial for want of space: the search stops on it
+        self.speed = study_speed_model(session)
+        self.min_tps = speed_floor_tps(config, self.speed)
+
+    def predicted_speed(self, plan: CompressionPlan) -> Speed | None:
+        """The plan's predicted speed where the study predicts speed (arithmetic on a table: no model runs)."""
+        return None if self.speed is None else self.speed.predict(plan)
 
     def raise_if_disk_full(self) -> None:
         """Raise the full disk a trial met, once the search loop has stopped and recorded that trial's failure."""
@@ -110,12 +140,12 @@ class Objective:
     def loss_of(self, metrics: Metrics) -> float:
         return metrics.kl if self.config.search.loss == "kl" else metrics.ce
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         """The local backend's objective: the trial's plan, scored and recorded in its own user attributes."""
         plan = self.space.plan_for(trial)
         return self.score(plan, OptunaTrialContext(trial))
 
-    def score(self, plan: CompressionPlan, context: TrialContext) -> float | tuple[float, float]:
+    def score(self, plan: CompressionPlan, context: TrialContext) -> float | tuple[float, ...]:
         """Measure `plan`, record the outcome through `context.writer`, return the study's objective value(s).
 
         Raises optuna.TrialPruned for a plan stopped early; any other exception fails the trial, with its reason
@@ -123,11 +153,12 @@ class Objective:
         """
         search = self.config.search
         try:
+            speed = self.predicted_speed(plan)
             staged = len(self.stages) > 1
             if self.session.trains(plan):
                 measured = self.session.measure(plan, on_report=self.student_check(context, plan))
             elif staged:
-                measured = self.session.measure(plan, stages=self.stages, on_stage=self.stage_check(context))
+                measured = self.session.measure(plan, stages=self.stages, on_stage=self.stage_check(context, speed))
             else:
                 measured = self.session.measure(plan)
             metrics = measured.metrics
@@ -141,7 +172,7 @@ class Objective:
             if is_disk_full(error):
                 self.disk_full = error
             raise
-        outcome = self.outcome(metrics, measured.size, measured.stitch_s, measured.eval_s)
+        outcome = self.outcome(metrics, measured.size, measured.stitch_s, measured.eval_s, speed)
         if len(measured.stages) > 1:
             outcome["stage_losses"] = [(count, self.loss_of(part)) for count, part in measured.stages]
         if search.student is not None:
@@ -152,9 +183,11 @@ class Objective:
         context.writer.write(**outcome)
         return self.values(outcome)
 
-    def outcome(self, metrics: Metrics, size: SizeReport, stitch_s: float, eval_s: float) -> dict[str, float]:
-        """The record fields of a plan scored on the whole fitness pool."""
-        search = self.config.search
+    def outcome(
+        self, metrics: Metrics, size: SizeReport, stitch_s: float, eval_s: float, speed: Speed | None = None
+    ) -> dict[str, float]:
+        """The record fields of a plan scored on the whole fitness pool (with its predicted `speed` where the study
+        predicts speed)."""
         loss = self.loss_of(metrics)
         outcome = {
             "loss": loss,
@@ -163,20 +196,45 @@ class Objective:
             "ppl": metrics.ppl,
             "size_bytes": size.total_bytes,
             "size_ratio": size.ratio,
-            "objective": search.alpha * loss + search.beta * size.ratio,
             "stitch_s": stitch_s,
             "eval_s": eval_s,
             "forward_s": metrics.n_tokens / metrics.tokens_per_s,
         }
         if self.max_bytes is not None:
             outcome["size_over_limit"] = float(size.total_bytes - self.max_bytes)
+        if speed is not None:
+            outcome |= self.speed_fields(speed)
+        outcome["objective"] = self.scalar(loss, size.ratio, outcome.get("speed_ratio"))
         return outcome
 
-    def values(self, outcome: dict[str, float]) -> float | tuple[float, float]:
-        """The study's objective value(s) of a scored plan's record fields."""
-        if self.config.search.objective == "pareto":
-            return outcome["loss"], outcome["size_ratio"]
-        return outcome["objective"]
+    def speed_fields(self, speed: Speed) -> dict[str, float]:
+        """The record fields of a plan's predicted speed: tokens/s, the decode speed as a multiple of the dense
+        model's, and how far under the floor it falls (the Optuna constraint; feasible when <= 0)."""
+        fields = {
+            "predicted_decode_tps": speed.decode_tps,
+            "predicted_prompt_tps": speed.prompt_tps,
+            "speed_ratio": speed.decode_tps / self.speed.dense.decode_tps,
+        }
+        if self.min_tps is not None:
+            fields["speed_under_floor"] = self.min_tps - speed.decode_tps
+        return fields
+
+    def scalar(self, loss: float, size_ratio: float, speed_ratio: float | None) -> float:
+        """α·Loss + β·Size, − γ·Speed (the predicted decode tokens/s as a multiple of the dense model's) where
+        speed is an objective."""
+        search = self.config.search
+        value = search.alpha * loss + search.beta * size_ratio
+        if search.speed_objective and speed_ratio is not None:
+            value -= search.gamma * speed_ratio
+        return value
+
+    def values(self, outcome: dict[str, float]) -> float | tuple[float, ...]:
+        """The study's objective value(s) of a scored plan's record fields, in the order of `search.objectives`."""
+        search = self.config.search
+        if search.objective == "scalar":
+            return outcome["objective"]
+        named = {"loss": "loss", "size": "size_ratio", "speed": "predicted_decode_tps"}
+        return tuple(outcome[named[name]] for name in search.objectives)
 
     @property
     def teacher(self) -> dict[str, int]:
@@ -214,20 +272,22 @@ class Objective:
 
         return check
 
-    def stage_check(self, context: TrialContext) -> StageCallback:
+    def stage_check(self, context: TrialContext, speed: Speed | None = None) -> StageCallback:
         """The callback `measure` runs after each stage: record, report, and prune if hopeless."""
         search = self.config.search
         began = time.perf_counter()
         partial: list[tuple[int, float]] = []
+        speed_fields = {} if speed is None else self.speed_fields(speed)
+        tps = None if speed is None or not search.speed_objective else speed.decode_tps
 
         def check(index: int, windows: int, metrics: Metrics, size: SizeReport) -> None:
             loss = self.loss_of(metrics)
             partial.append((windows, loss))
             context.writer.write(stage_losses=partial)
-            beaten_by = self.beaten_by(context.peers(), windows, loss, size.total_bytes)
+            beaten_by = self.beaten_by(context.peers(), windows, loss, size.total_bytes, tps)
             optuna_prunes = False
             if search.objective == "scalar":
-                optuna_prunes = context.report(search.alpha * loss + search.beta * size.ratio, windows)
+                optuna_prunes = context.report(self.scalar(loss, size.ratio, speed_fields.get("speed_ratio")), windows)
             if context.is_seed or (beaten_by is None and not optuna_prunes):
                 return
             context.writer.write(
@@ -238,16 +298,21 @@ class Objective:
                 size_ratio=size.ratio,
                 stitch_s=self.session.last_stitch_s,
                 eval_s=time.perf_counter() - began - self.session.last_stitch_s,
+                **speed_fields,
             )
             raise optuna.TrialPruned(f"partial {search.loss} {loss:.4g} on {windows} windows")
 
         return check
 
-    def beaten_by(self, peers: Sequence[TrialRecord], windows: int, loss: float, size_bytes: int) -> int | None:
-        """A frontier member no larger than `size_bytes` whose loss on the same windows beats `loss` by
-        more than the margin; None when there is none."""
-        for member in frontier_of(peers, self.max_bytes):
+    def beaten_by(
+        self, peers: Sequence[TrialRecord], windows: int, loss: float, size_bytes: int, tps: float | None = None
+    ) -> int | None:
+        """A frontier member no larger than `size_bytes` (and, with speed an objective, no slower than `tps`)
+        whose loss on the same windows beats `loss` by more than the margin; None when there is none."""
+        for member in frontier_of(peers, self.max_bytes, self.min_tps, speed=tps is not None):
             if member.size_bytes > size_bytes * (1 + SIZE_SLACK):
+                continue
+            if tps is not None and member.predicted_decode_tps < tps * (1 - SIZE_SLACK):
                 continue
             reference = member.stage_loss.get(windows, member.loss)
             if loss > reference * (1 + self.config.search.margin()) and loss > reference:

@@ -225,6 +225,10 @@ class SearchSpace:
         scored = {"objective": search.objective, "loss": search.loss}
         if search.objective == "scalar":
             scored |= {"alpha": search.alpha, "beta": search.beta}
+        if search.speed_objective:  # left out otherwise, so studies made before speed existed still match
+            scored |= {"objectives": search.objectives, "speed_threads": search.speed_threads}
+            if search.objective == "scalar":
+                scored["gamma"] = search.gamma
         space = {
             "model": self.config.model.model_dump(exclude={"device"}),
             "data": self.config.data.model_dump(exclude={"batch_size"}),

@@ -22,11 +22,12 @@ from autocompress.allocation import (
     size_ceiling,
     unit_sizes,
 )
-from autocompress.config import Config, evenly_spaced
+from autocompress.config import Config, evenly_spaced, speed_floor
 from autocompress.errors import UserError
 from autocompress.models import check_consent
 from autocompress.plan import StudentArchitecture
 from autocompress.record import (
+    SpeedReference,
     StudyLocation,
     StudyRecord,
     creation_interrupted,
@@ -37,6 +38,7 @@ from autocompress.record import (
     record_creation,
     record_database,
     record_dense_bytes,
+    record_speed,
     record_unit_sizes,
     seed_attrs,
     seed_fields,
@@ -44,6 +46,7 @@ from autocompress.record import (
     stored_fingerprint,
 )
 from autocompress.search.evolution import BudgetEvolutionSampler
+from autocompress.search.objective import speed_floor_tps, study_speed_model
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import load_study, open_storage
 from autocompress.session import CompressionSession
@@ -99,6 +102,22 @@ CHANGED_SPACE = (
 )
 
 
+def objectives_text(config: Config) -> str:
+    search = config.search
+    return f"{search.objective} over [{', '.join(search.objectives)}]"
+
+
+def check_objectives(config: Config, study: optuna.Study) -> None:
+    """Refuse to resume a study with other objectives than it was created with: its trials' values, directions and
+    frontier are of those."""
+    stored = StudyRecord.of(study).config
+    if objectives_text(stored) != objectives_text(config):
+        raise UserError(
+            f"study {study.study_name!r} was created with objectives {objectives_text(stored)}, not this config's "
+            f"{objectives_text(config)}; a study's objectives are fixed at creation: use a new --study name"
+        )
+
+
 def check_before_loading(config: Config, location: StudyLocation) -> None:
     """What a search can check before its model loads (which takes minutes for a large one): that its storage
     opens, and that a study of its name, if there is one, was created with this search space (its units as
@@ -107,9 +126,11 @@ def check_before_loading(config: Config, location: StudyLocation) -> None:
     storage = open_storage(location.storage_url, search.heartbeat_interval, search.grace_period)
     if location.name not in {summary.study_name for summary in optuna.get_all_study_summaries(storage)}:
         return
-    stored = stored_fingerprint(optuna.load_study(study_name=location.name, storage=storage))
+    study = optuna.load_study(study_name=location.name, storage=storage)
+    stored = stored_fingerprint(study)
     if stored is None:
         return
+    check_objectives(config, study)
     described = json.loads(stored)
     if SearchSpace(config, described["units"], described.get("unit_levels")).fingerprint() != stored:
         raise UserError(CHANGED_SPACE.format(name=location.name))
@@ -139,7 +160,7 @@ def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed
     """
     search = config.search
     storage = open_storage(location.storage_url, search.heartbeat_interval, search.grace_period)
-    directions = ["minimize", "minimize"] if search.objective == "pareto" else ["minimize"]
+    directions = search.directions()
     location.out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(location.out_dir / ".study.lock"):
         study = optuna.create_study(
@@ -157,10 +178,11 @@ def open_study(config: Config, location: StudyLocation, space: SearchSpace, seed
                 study.enqueue_trial(params, user_attrs=seed_attrs(), skip_if_exists=True)
             record_created(study, space.fingerprint())
             return study, True
+    check_objectives(config, study)
     if stored != space.fingerprint():
         raise UserError(CHANGED_SPACE.format(name=location.name))
     if [direction.name.lower() for direction in study.directions] != directions:
-        raise UserError(f"study {location.name!r} has other objectives than this config's {search.objective!r}")
+        raise UserError(f"study {location.name!r} has other directions than this config's {objectives_text(config)}")
     return study, False
 
 
@@ -370,6 +392,7 @@ def prepare_study(
     baseline allocations enqueued as seed trials."""
     check_student_space(space, session.model.config)
     record_dense_bytes(study, session.dense_bytes)
+    record_study_speed(study, session)
     budget = space.config.search.budget
     ceiling = None
     if budget is not None and budget.dimension == "size":
@@ -404,6 +427,29 @@ def prepare_study(
         print(f"autocompress: {precomputed}", flush=True)
     enqueue_baselines(study, session, space, location, ceiling)
     requeue_failed_seeds(study, location)
+
+
+def record_study_speed(study: optuna.Study, session: CompressionSession) -> None:
+    """Where the study predicts speed: the target runtime's speed model, measured now where this machine's cache
+    lacks it, and the speeds a floor may be a multiple of (the dense model's, the preset the config names)."""
+    speed = study_speed_model(session)
+    if speed is None:
+        return
+    floor = session.config.search.min_speed
+    preset = None if floor is None else speed_floor(floor).preset
+    reference = SpeedReference(
+        dense_decode_tps=speed.dense.decode_tps,
+        dense_prompt_tps=speed.dense.prompt_tps,
+        threads=speed.threads,
+        presets={} if preset is None else {preset: speed.preset(preset).decode_tps},
+    )
+    record_speed(study, reference)
+    print(
+        f"autocompress: predicted speed on {speed.threads} thread(s): the dense model decodes "
+        f"{speed.dense.decode_tps:,.1f} tokens/s"
+        + ("" if floor is None else f"; the floor ({floor}) is {speed_floor_tps(session.config, speed):,.1f}"),
+        flush=True,
+    )
 
 
 def requeue_failed_seeds(study: optuna.Study, location: StudyLocation) -> None:

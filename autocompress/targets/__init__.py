@@ -81,6 +81,12 @@ def size_preset_targets() -> list[Target]:
     return [target for target in map(target_named, TARGETS) if target.size_presets()]
 
 
+def speed_targets() -> list[str]:
+    """The targets whose runtime's speed a study predicts (`Target.predicts_speed`: `search.objectives: [.., speed]`,
+    `search.min_speed`)."""
+    return [name for name in TARGETS if target_named(name).predicts_speed]
+
+
 def targets_serving_in_dtype() -> list[str]:
     """The targets that store untouched tensors in `compression.serve_dtype` (`Target.serves_in_dtype`)."""
     return [name for name in TARGETS if target_named(name).serves_in_dtype]

@@ -45,6 +45,30 @@ class PresetSeed:
     reason: str | None  # why not
 
 
+@dataclass(frozen=True)
+class Speed:
+    """Predicted (or measured) tokens per second: decoding one token at a time, and a prompt as one batch."""
+
+    decode_tps: float
+    prompt_tps: float
+
+
+class SpeedModel(ABC):
+    """A target runtime's predicted speed of a session's plans (`Target.speed_model`), from timings the runtime
+    itself produced on this machine, for `threads` CPU threads."""
+
+    dense: Speed  # the uncompressed model's, the unit of the scalar objective's speed term
+    threads: int
+
+    @abstractmethod
+    def predict(self, plan: CompressionPlan) -> Speed:
+        """The plan's predicted speed."""
+
+    @abstractmethod
+    def preset(self, name: str) -> Speed:
+        """The predicted speed of the model as the runtime's preset `name` (`Target.size_presets`) stores it."""
+
+
 @dataclass
 class ExportInput:
     """What a target's `export` writes: the model computing with the plan, and the stored forms behind it."""
@@ -123,6 +147,7 @@ class Target(ABC):
     export_format: ClassVar[str]  # what `autocompress export` writes of its studies (`--format` names it)
     runtime: ClassVar[str | None] = None  # the runtime that judges its written files, when not transformers
     runs_structure: ClassVar[bool] = False  # whether its runtime runs structural levels (`search.structure`)
+    predicts_speed: ClassVar[bool] = False  # whether `speed_model` predicts its runtime's tokens/s of a plan
     serves_in_dtype: ClassVar[bool] = False  # whether `compression.serve_dtype` sets what untouched tensors are in
     serve_dtype: torch.dtype | None = None  # what the untouched tensors are stored in; None: the target's own rule
 
@@ -158,6 +183,12 @@ class Target(ABC):
     @abstractmethod
     def weights(self, session: CompressionSession) -> Weights:
         """The weights backend of the session's resident model."""
+
+    def speed_model(self, session: CompressionSession, presets: Sequence[str] = ()) -> SpeedModel:
+        """The runtime's speed model of the session's plans, measured on this machine where not cached, holding the
+        `presets` too (`predicts_speed`); on a GPU the table would come from the device, which is not measured
+        here."""
+        raise ValueError(f"the {self.name} target predicts no speed of its runtime")
 
     def export_refusal(self, format: str) -> str | None:
         """Why a study of this target cannot be written in `format` (another target's, or the dense `hf`); None: it

@@ -43,15 +43,17 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 import torch
+from filelock import FileLock
 
 from autocompress.files import write_text_atomically
 from autocompress.models import cache_dir
+from autocompress.targets.base import Speed, SpeedModel
 from autocompress.targets.gguf.blocks import GgufBlocks, fits, quantize_rows
 from autocompress.targets.gguf.llama_cpp import LlamaCppModel, Timing, _threads
 
 if TYPE_CHECKING:
     from autocompress.plan import CompressionPlan
-    from autocompress.targets.gguf.weights import GgufWeights
+    from autocompress.targets.gguf.weights import GgufWeights, UnitTensor
 
 REFERENCE = "f16"  # every shape takes it; the types' times are differences from it
 PROBE_BYTES = 2 << 30  # the F16 layers of the longest probe, at most: the model's own layers where they fit
@@ -149,14 +151,6 @@ class Architecture:
             max_position_embeddings=4096,
             tie_word_embeddings=self.tied,
         )
-
-
-@dataclass(frozen=True)
-class Speed:
-    """Predicted (or measured) tokens per second: decoding one token at a time, and a prompt as one batch."""
-
-    decode_tps: float
-    prompt_tps: float
 
 
 def _key(type_name: str, shape: Sequence[int]) -> str:
@@ -569,6 +563,72 @@ def speed_table(
     )
     write_text_atomically(path, json.dumps(table.to_json(), indent=1))
     return table
+
+
+def locked_speed_table(
+    architecture: Architecture,
+    types: Iterable[str],
+    threads: int,
+    progress: Callable[[str], None] | None = None,
+) -> SpeedTable:
+    """`speed_table` under a lock beside the cached table, so that the processes of one study that start together
+    measure it once (two measuring at once would also time each other)."""
+    path = table_path(architecture, threads, PROMPT_TOKENS, DECODE_TOKENS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):
+        return speed_table(architecture, types, threads, progress=progress)
+
+
+def preset_tensors(tensors: Sequence[UnitTensor], config, preset: str) -> list[tuple[str, tuple[int, int]]]:
+    """The (type, [out, in]) of every matrix the model's file computes with under llama.cpp's `preset`
+    (`presets.preset_types`, with llama.cpp's fallbacks, as llama-quantize --imatrix assigns them)."""
+    from autocompress.targets.gguf.presets import preset_types
+
+    heads = config.num_attention_heads
+    types = preset_types(
+        preset,
+        [(tensor.gguf_name, tensor.shape) for tensor in tensors],
+        config.num_hidden_layers,
+        n_head=heads,
+        n_head_kv=getattr(config, "num_key_value_heads", None) or heads,
+        imatrix=True,
+    )
+    names = [tensor.gguf_name for tensor in tensors]
+    return [(types[tensor.gguf_name], tensor.shape) for tensor in tensors if _computed(tensor.gguf_name, names)]
+
+
+class PlanSpeed(SpeedModel):
+    """The gguf target's speed model of a session's plans: llama.cpp's speed table for the model's architecture
+    on `threads` threads, holding every level a unit may take, F16 (the dense file) and the types of `presets`."""
+
+    def __init__(
+        self,
+        weights: GgufWeights,
+        config,
+        levels: Iterable[str],
+        threads: int | None = None,
+        presets: Sequence[str] = (),
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.weights = weights
+        self.threads = threads or _threads()
+        self.architecture = Architecture.of_config(config)
+        self.layers = _layer_count(tensor.gguf_name for tensor in weights.tensors)
+        self.presets = {name: preset_tensors(weights.tensors, config, name) for name in presets}
+        names = [tensor.gguf_name for tensor in weights.tensors]
+        dense = [(REFERENCE, tensor.shape) for tensor in weights.tensors if _computed(tensor.gguf_name, names)]
+        types = {REFERENCE, *levels, *(kind for tensors in self.presets.values() for kind, _ in tensors)}
+        self.table = locked_speed_table(self.architecture, sorted(types), self.threads, progress)
+        self.dense = self.table.predict(dense, self.layers)
+
+    def predict(self, plan: CompressionPlan) -> Speed:
+        tensors, layers = plan_tensors(self.weights, plan)
+        return self.table.predict(tensors, layers)
+
+    def preset(self, name: str) -> Speed:
+        if name not in self.presets:
+            raise ValueError(f"the speed model holds the presets {sorted(self.presets)}, not {name!r}")
+        return self.table.predict(self.presets[name], self.layers)
 
 
 def file_speed(

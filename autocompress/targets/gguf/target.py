@@ -20,6 +20,7 @@ from autocompress.targets.base import ExportInput, PresetSeed, Target, Written
 from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_evaluation_lines, gguf_file
 from autocompress.targets.gguf.file import GGUF_FILE, gguf_layout, tokenizer_gguf, write_gguf, write_gguf_tensors
 from autocompress.targets.gguf.preset_sizes import preset_ceiling, preset_names
+from autocompress.targets.gguf.speed import PlanSpeed
 from autocompress.targets.gguf.weights import GgufWeights, check_config, preset_seeds, space_levels
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class GgufTarget(Target):
     export_format = "gguf"
     runtime = "llama.cpp"
     runs_structure = True  # llama.cpp's deci architecture: per-block FFN widths, KV groups, dropped blocks
+    predicts_speed = True  # llama.cpp's speed table (`targets.gguf.speed`), measured once per machine
     dense_form = "as an F16 GGUF file"
 
     def size_presets(self) -> tuple[str, ...]:
@@ -84,6 +86,20 @@ class GgufTarget(Target):
     def seeds(self, session: CompressionSession, unit_levels: Mapping[str, Sequence[str]]) -> list[PresetSeed]:
         """llama.cpp's k-quant presets, as llama.cpp assigns their types per tensor role (with its fallbacks)."""
         return preset_seeds(session.weights.tensors, session.model.config, unit_levels)
+
+    def speed_model(self, session: CompressionSession, presets: Sequence[str] = ()) -> PlanSpeed:
+        """llama.cpp's speed table for the session's model on `search.speed_threads` threads, holding every level
+        the study's units may take and the `presets`' types; what the cache lacks is measured now (minutes for a
+        small model), once per machine."""
+        levels = session.config.search.precision_levels()
+        return PlanSpeed(
+            session.weights,
+            session.model.config,
+            levels,
+            session.config.search.speed_threads,
+            presets,
+            progress=lambda text: print(f"autocompress: {text}", flush=True),
+        )
 
     def export_refusal(self, format: str) -> str | None:
         if format == self.export_format:
