@@ -22,6 +22,18 @@ perplexity, and the mean per-token KL to the dense model in transformers.
 
     .venv/bin/python benchmarks/speed.py                 # results/benchmarks/speed.csv, .json and .png
     .venv/bin/python benchmarks/speed.py --quick         # 5 files, 2 repeats: the plumbing, in minutes
+    .venv/bin/python benchmarks/speed.py --frontier      # parts (b) and (c), rows added to speed.csv
+
+Parts (b) and (c) (`--frontier`): two gguf studies of the embedded model under llama.cpp Q4_K_M's file size
+(search_spaces/smollm2-q4km.yaml's space), predicting speed on one thread, one with a floor at the preset's predicted
+decode speed (`min_speed: 1.0x q4_k_m`, part b) and one at 1.3 times it (part c), each searched for `--search-time`.
+The searched file of each (the lowest fitness loss under the size and the floor) is exported, judged by llama.cpp on
+the same held-out windows as the preset file llama-quantize writes (perplexity, KL to the dense model), and timed in
+`--pairs` back-to-back pairs with that preset file (alternating order): the speed ratio's 95% interval is a
+bootstrap over the pairs. (b) is met when the searched file's perplexity is below the preset's and the interval's
+lower bound is at least 0.97; (c) when its measured decode speed is at least 1.3 times the preset's. Each phase
+(studies, exports, judging, timings) is kept in results/speed-bench/frontier.json, so a rerun resumes after the
+last phase done; a study resumes from its storage.
 
 The GGUF files live in results/speed-bench[-quick]/ (not committed) and a rerun reuses them. The JSON beside the
 CSV holds the rank correlation, the median absolute relative error, the threads, the CPU and its flags, the
@@ -230,6 +242,222 @@ def plot(frame: pd.DataFrame, summary: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+FRONTIER_PARTS = {
+    "b": {"row": "(b) searched at Q4_K_M's size, not slower", "kind": "frontier", "floor": "1.0x q4_k_m"},
+    "c": {"row": "(c) searched at 1.3x Q4_K_M's decode speed", "kind": "speed-budget", "floor": "1.3x q4_k_m"},
+}
+PRESET_ROW = "llama.cpp q4_k_m (the reference of b and c)"
+
+
+def frontier_config(floor: str, threads: int, search_seconds: float) -> dict:
+    """The main job's space (search_spaces/smollm2-q4km.yaml) with a speed floor predicted on `threads`."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "search_spaces" / "smollm2-q4km.yaml").read_text())
+    raw["search"] |= {"min_speed": floor, "speed_threads": threads, "timeout": search_seconds}
+    return raw
+
+
+def searched_trial(study) -> dict:
+    """The searched plan of a study: the lowest fitness loss under its size budget and speed floor."""
+    from autocompress.frontier import frontier_of
+    from autocompress.record import StudyRecord, scored_records
+
+    record = StudyRecord.of(study)
+    ceiling = record.config.search.budget.max_bytes(record.dense_bytes, record.config)
+    under = sorted(frontier_of(scored_records(study), ceiling, record.min_tps()), key=lambda item: item.loss)
+    if not under:
+        raise SystemExit(f"study {record.name}: no trial under {ceiling:,} bytes at {record.min_tps():.1f} tokens/s")
+    best = under[0]
+    return {
+        "trial": best.number,
+        "loss": best.loss,
+        "seed": best.baseline or ("uniform" if best.seed else ""),
+        "predicted_decode_tps": best.predicted_decode_tps,
+        "floor_tps": record.min_tps(),
+        "preset_predicted_tps": record.speed.presets["q4_k_m"],
+        "trials": len(scored_records(study)),
+    }
+
+
+def paired_ratio(preset: Path, searched: Path, threads: int, pairs: int) -> dict:
+    """Decode and prompt timings of the searched file and the preset's in back-to-back pairs (alternating order):
+    the searched file's speed over the preset's per pair, their median and the bootstrap 95% interval of the mean."""
+    prompt_tokens, decode_tokens = speed.PROMPT_TOKENS, speed.DECODE_TOKENS
+    with (
+        speed.timing_model(preset, threads, prompt_tokens, decode_tokens) as theirs,
+        speed.timing_model(searched, threads, prompt_tokens, decode_tokens) as ours,
+    ):
+        prompt = speed._prompt(ours, prompt_tokens)
+        for model in (theirs, ours):
+            model.timings(prompt, 2)
+        timed: list[tuple[Timing, Timing]] = []
+        for repeat in range(pairs):
+            order = [theirs, ours] if repeat % 2 == 0 else [ours, theirs]
+            result = {id(model): model.timings(prompt, decode_tokens) for model in order}
+            timed.append((result[id(ours)], result[id(theirs)]))
+    ratios = np.array([their.decode_s / mine.decode_s for mine, their in timed])
+    generator = np.random.default_rng(0)
+    means = generator.choice(ratios, size=(10000, len(ratios))).mean(axis=1)
+    return {
+        "pairs": pairs,
+        "decode_ratios": ratios.tolist(),
+        "decode_ratio_median": float(np.median(ratios)),
+        "decode_ratio_mean": float(ratios.mean()),
+        "decode_ratio_ci": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+        "searched_decode_tps": float(np.median([1 / mine.decode_s for mine, _ in timed])),
+        "preset_decode_tps": float(np.median([1 / their.decode_s for _, their in timed])),
+        "searched_prompt_tps": float(np.median([prompt_tokens / mine.prompt_s for mine, _ in timed])),
+        "preset_prompt_tps": float(np.median([prompt_tokens / their.prompt_s for _, their in timed])),
+    }
+
+
+def run_frontier(args: argparse.Namespace) -> None:
+    """Parts (b) and (c), phase by phase (see the module's description), resuming from frontier.json."""
+    import optuna
+
+    from autocompress.config import Config
+    from autocompress.export import export_trial
+    from autocompress.record import StudyLocation, StudyRecord, trial_records
+    from autocompress.search import run_search
+
+    folder = ROOT / "results" / "speed-bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / "frontier.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    def done(key: str, value) -> None:
+        state[key] = value
+        write_text_atomically(state_path, json.dumps(state, indent=1))
+
+    model, tokenizer = load_model(EMBEDDED_MODEL, device="cpu")
+    base, preset = folder / "f16.gguf", folder / "q4_k_m.gguf"
+    if not base.is_file():
+        say("writing the F16 file")
+        write_gguf_tensors(model, tokenizer, {}, base, tokenizer_source=embedded_gguf())
+    if not preset.is_file():
+        say("llama.cpp quantizes q4_k_m")
+        quantize(base, preset, "q4_k_m")
+    pools = token_pools(DataConfig(), tokenizer)
+    heldout = pools.heldout[: args.windows]
+    dense = dense_reference(model, heldout, batch_size=2)
+    del model
+    studies = folder / "studies"
+    for part, setting in FRONTIER_PARTS.items():
+        name = f"speed-{part}"
+        if f"{part}:study" not in state:
+            say(f"part ({part}): searching with min_speed {setting['floor']} for {args.search_time:.0f} s")
+            config = Config.model_validate(frontier_config(setting["floor"], args.threads, args.search_time))
+            location = StudyLocation.resolve(name, studies)
+            study = run_search(config, location, progress=False)
+            done(f"{part}:study", searched_trial(study))
+        chosen = state[f"{part}:study"]
+        path = folder / f"searched-{part}"
+        if f"{part}:export" not in state:
+            say(f"part ({part}): exporting trial {chosen['trial']}")
+            location = StudyLocation.resolve(name, studies)
+            study = optuna.load_study(study_name=name, storage=location.storage_url)
+            record = StudyRecord.of(study)
+            trial = trial_records(study)[chosen["trial"]]
+            how = f"lowest fitness loss under Q4_K_M's size at {setting['floor']} predicted decode speed"
+            written = export_trial(record, location, trial, path, format="gguf", overwrite=True, chosen_by=how)
+            done(f"{part}:export", {"path": str(written.path / "model.gguf"), "bytes": written.weights_bytes})
+        if f"{part}:timing" not in state:
+            say(f"part ({part}): {args.pairs} timing pairs against llama.cpp's Q4_K_M file")
+            done(
+                f"{part}:timing", paired_ratio(preset, Path(state[f"{part}:export"]["path"]), args.threads, args.pairs)
+            )
+    judged = {name: judge(path, heldout, dense, args.threads) for name, path in [("preset", preset)]}
+    for part in FRONTIER_PARTS:
+        judged[part] = judge(Path(state[f"{part}:export"]["path"]), heldout, dense, args.threads)
+    write_frontier_rows(state, judged, preset, args)
+
+
+def write_frontier_rows(state: dict, judged: dict, preset: Path, args: argparse.Namespace) -> None:
+    """The rows of (b), (c) and the preset they were timed against, added to speed.csv (replacing earlier ones);
+    the figures and verdicts in speed-frontier.json; and speed-frontier.png."""
+    out = ROOT / "results" / "benchmarks"
+    reference = state["b:timing"]
+    rows = [
+        {
+            "row": PRESET_ROW,
+            "kind": "preset",
+            "size_bytes": preset.stat().st_size,
+            "heldout_ppl": judged["preset"][0],
+            "mean_kld": judged["preset"][1],
+            "predicted_decode_tps": state["b:study"]["preset_predicted_tps"],
+            "measured_decode_tps": reference["preset_decode_tps"],
+            "measured_prompt_tps": reference["preset_prompt_tps"],
+            "threads": args.threads,
+        }
+    ]
+    summary: dict = {"threads": args.threads, "search_seconds": args.search_time, "windows": args.windows}
+    for part, setting in FRONTIER_PARTS.items():
+        timing, chosen = state[f"{part}:timing"], state[f"{part}:study"]
+        path = Path(state[f"{part}:export"]["path"])
+        ppl, kld = judged[part]
+        rows.append(
+            {
+                "row": setting["row"],
+                "kind": setting["kind"],
+                "size_bytes": path.stat().st_size,
+                "heldout_ppl": ppl,
+                "mean_kld": kld,
+                "predicted_decode_tps": chosen["predicted_decode_tps"],
+                "measured_decode_tps": timing["searched_decode_tps"],
+                "measured_prompt_tps": timing["searched_prompt_tps"],
+                "threads": args.threads,
+            }
+        )
+        low = timing["decode_ratio_ci"][0]
+        if part == "b":
+            met = ppl < judged["preset"][0] and low >= 0.97 and path.stat().st_size <= preset.stat().st_size
+            claim = "held-out perplexity below the preset's, size no larger, speed ratio's 95% lower bound >= 0.97"
+        else:
+            met = timing["decode_ratio_median"] >= 1.3
+            claim = "measured decode speed (median paired ratio) at least 1.3 times the preset's"
+        summary[part] = chosen | timing | {"heldout_ppl": ppl, "mean_kld": kld, "claim": claim, "met": bool(met)}
+    summary["preset"] = {"heldout_ppl": judged["preset"][0], "mean_kld": judged["preset"][1]}
+    path = out / "speed.csv"
+    earlier = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
+    names = {row["row"] for row in rows}
+    frame = pd.concat([earlier[~earlier["row"].isin(names)], pd.DataFrame(rows)], ignore_index=True)
+    frame[COLUMNS].to_csv(path, index=False, float_format="%.6g")
+    write_text_atomically(out / "speed-frontier.json", json.dumps(summary, indent=1))
+    plot_frontier(rows, summary, out / "speed-frontier.png")
+    print(pd.DataFrame(rows)[COLUMNS].to_string(index=False))
+    for part in FRONTIER_PARTS:
+        item = summary[part]
+        low, high = item["decode_ratio_ci"]
+        print(
+            f"({part}) {'met' if item['met'] else 'NOT met'}: ppl {item['heldout_ppl']:.3f} vs "
+            f"{summary['preset']['heldout_ppl']:.3f}; decode ratio median {item['decode_ratio_median']:.3f}, "
+            f"95% CI [{low:.3f}, {high:.3f}] over {item['pairs']} pairs"
+        )
+
+
+def plot_frontier(rows: list[dict], summary: dict, path: Path) -> None:
+    """Held-out perplexity against measured decode tokens/s for the preset and the searched files, each searched
+    file's paired speed ratio and interval in its label."""
+    figure = Figure(figsize=(7.5, 4.8))
+    axis = figure.subplots()
+    colours = {"preset": "tab:blue", "frontier": "tab:orange", "speed-budget": "tab:green"}
+    for row in rows:
+        label = row["row"]
+        part = next((part for part, item in FRONTIER_PARTS.items() if item["row"] == label), None)
+        if part is not None:
+            low, high = summary[part]["decode_ratio_ci"]
+            label += f": ratio {summary[part]['decode_ratio_median']:.2f} [{low:.2f}, {high:.2f}]"
+        axis.scatter(row["measured_decode_tps"], row["heldout_ppl"], s=60, color=colours[row["kind"]], label=label)
+    axis.set_xlabel(f"measured decode tokens/s (llama.cpp, {summary['threads']} thread)")
+    axis.set_ylabel("held-out perplexity (llama.cpp)")
+    axis.set_title("SmolLM2-135M at Q4_K_M's size: searched files against the preset", fontsize=10)
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -240,11 +468,17 @@ def main() -> None:
     parser.add_argument("--no-judge", action="store_true", help="leave heldout_ppl and mean_kld empty")
     parser.add_argument("--windows", type=int, default=4, help="held-out windows to judge each file on")
     parser.add_argument("--files-only", action="store_true", help="write and judge the files; time nothing")
+    parser.add_argument("--frontier", action="store_true", help="parts (b) and (c) instead of part (a)")
+    parser.add_argument("--search-time", type=float, default=600, help="seconds each study of (b), (c) searches")
+    parser.add_argument("--pairs", type=int, default=20, help="timing pairs of (b), (c) against the preset")
     args = parser.parse_args()
     unavailable = llama_cpp_available()
     if unavailable:
         raise SystemExit(unavailable)
     torch.set_num_threads(args.threads)
+    if args.frontier:
+        run_frontier(args)
+        return
     suffix = "-quick" if args.quick else ""
     folder = ROOT / "results" / f"speed-bench{suffix}"
     out = ROOT / "results" / "benchmarks"
