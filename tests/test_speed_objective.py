@@ -217,3 +217,15 @@ def test_a_speed_floor_makes_slower_plans_infeasible_and_generations_respect_it(
         parent = scored[child.parent].predicted_decode_tps
         assert child.predicted_decode_tps >= floor or child.predicted_decode_tps > parent
     assert all(trial.predicted_decode_tps >= floor for trial in frontier_of(scored.values(), min_tps=floor))
+
+
+def test_the_ray_backend_asks_one_metric_per_direction_speed_maximized() -> None:
+    pytest.importorskip("ray")
+    from autocompress.search.ray_backend import StudySearcher
+    from autocompress.search.space import SearchSpace
+
+    study = optuna.create_study(directions=["minimize", "minimize", "maximize"])
+    searcher = StudySearcher(study, SearchSpace(Config(), ["model.layers.0"]), n_trials=1)
+    assert searcher._metric == ["value_0", "value_1", "value_2"] and searcher._mode == ["min", "min", "max"]
+    scalar = StudySearcher(optuna.create_study(), SearchSpace(Config(), ["model.layers.0"]), n_trials=1)
+    assert scalar._metric == "value_0" and scalar._mode == "min"

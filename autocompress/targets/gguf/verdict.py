@@ -91,13 +91,16 @@ def write_verdict(study: optuna.Study, location: StudyLocation) -> list[str]:
 
 
 def searched_trial(record, records: list[TrialRecord]) -> TrialRecord:
-    """The recorded plan under the budget's ceiling with the lowest fitness loss (the first such on a tie)."""
+    """The recorded plan under the budget's ceiling (and no slower than the speed floor, `search.min_speed`) with the
+    lowest fitness loss (the first such on a tie)."""
     from autocompress.frontier import frontier_of
 
     ceiling = record.config.search.budget.max_bytes(record.dense_bytes, record.config)
-    under = sorted(frontier_of(records, ceiling), key=lambda item: (item.loss, item.number))
+    floor = record.min_tps()
+    under = sorted(frontier_of(records, ceiling, floor), key=lambda item: (item.loss, item.number))
     if not under:
-        raise UserError(f"study {record.name!r}: no complete trial under its budget's {ceiling:,} bytes to judge")
+        at = "" if floor is None else f" at {floor:,.1f} predicted tokens/s or more"
+        raise UserError(f"study {record.name!r}: no complete trial under its budget's {ceiling:,} bytes{at} to judge")
     return under[0]
 
 
