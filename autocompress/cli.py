@@ -248,7 +248,8 @@ def command_export(args: argparse.Namespace) -> None:
     choosing = (args.alpha, args.beta, args.gamma, args.max_size, args.min_speed)
     if args.trial is not None and any(option is not None for option in choosing):
         raise UserError(
-            "--alpha, --beta, --gamma, --max-size and --min-speed choose among the frontier; they go with --pick"
+            "--alpha, --beta, --gamma, --max-size and --min-speed choose among the frontier; they go with --pick best "
+            "or --pick fastest"
         )
     chosen, chosen_by = choose_trial(
         study,
