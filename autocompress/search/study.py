@@ -392,7 +392,6 @@ def prepare_study(
     baseline allocations enqueued as seed trials."""
     check_student_space(space, session.model.config)
     record_dense_bytes(study, session.dense_bytes)
-    record_study_speed(study, session)
     budget = space.config.search.budget
     ceiling = None
     if budget is not None and budget.dimension == "size":
@@ -425,6 +424,7 @@ def prepare_study(
     precomputed = session.weights.precompute(session.unit_levels(), session.progress)  # GGUF blocks, in parallel
     if precomputed is not None:
         print(f"autocompress: {precomputed}", flush=True)
+    record_study_speed(study, session)  # after the blocks: a table another process is measuring is waited for
     enqueue_baselines(study, session, space, location, ceiling)
     requeue_failed_seeds(study, location)
 
