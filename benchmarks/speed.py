@@ -271,7 +271,8 @@ def frontier_config(floor: str, threads: int, search_seconds: float) -> dict:
 
 def searched_trial(study, multiple: float) -> dict:
     """The searched plan: the lowest fitness loss under the size budget at `multiple` times the Q4_K_M preset's
-    predicted decode speed or more."""
+    predicted decode speed or more; when no plan the search scored meets that floor, the fastest one under the size
+    budget (`meets_floor` false), so that what the search reached is still measured."""
     from autocompress.frontier import frontier_of
     from autocompress.record import StudyRecord, scored_records
 
@@ -279,10 +280,13 @@ def searched_trial(study, multiple: float) -> dict:
     ceiling = record.config.search.budget.max_bytes(record.dense_bytes, record.config)
     floor = multiple * record.speed.presets["q4_k_m"]
     under = sorted(frontier_of(scored_records(study), ceiling, floor), key=lambda item: item.loss)
+    meets = bool(under)
     if not under:
-        raise SystemExit(f"study {record.name}: no trial under {ceiling:,} bytes at {floor:.1f} tokens/s")
+        fits = [item for item in scored_records(study) if item.size_bytes <= ceiling]
+        under = sorted(fits, key=lambda item: (-item.predicted_decode_tps, item.loss))
     best = under[0]
     return {
+        "meets_floor": meets,
         "trial": best.number,
         "loss": best.loss,
         "seed": best.baseline or ("uniform" if best.seed else ""),
