@@ -432,6 +432,13 @@ def write_frontier_rows(state: dict, judged: dict, preset: Path, args: argparse.
             claim = "measured decode speed (median paired ratio) at least 1.3 times the preset's"
         summary[part] = chosen | timing | {"heldout_ppl": ppl, "mean_kld": kld, "claim": claim, "met": bool(met)}
     summary["preset"] = {"heldout_ppl": judged["preset"][0], "mean_kld": judged["preset"][1]}
+    summary["b_met_by"] = [  # (b)'s claim of each searched file: the faster search may reach it too
+        part
+        for part in FRONTIER_PARTS
+        if judged[part][0] < judged["preset"][0]
+        and state[f"{part}:timing"]["decode_ratio_ci"][0] >= 0.97
+        and Path(state[f"{part}:export"]["path"]).stat().st_size <= preset.stat().st_size
+    ]
     path = out / "speed.csv"
     earlier = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
     names = {row["row"] for row in rows}
@@ -440,6 +447,7 @@ def write_frontier_rows(state: dict, judged: dict, preset: Path, args: argparse.
     write_text_atomically(out / "speed-frontier.json", json.dumps(summary, indent=1))
     plot_frontier(rows, summary, out / "speed-frontier.png")
     print(pd.DataFrame(rows)[COLUMNS].to_string(index=False))
+    print(f"(b)'s claim (better perplexity, no larger, not slower) holds for the files of: {summary['b_met_by']}")
     for part in FRONTIER_PARTS:
         item = summary[part]
         low, high = item["decode_ratio_ci"]
