@@ -34,8 +34,8 @@ content), so the distillation runs once, in the first joint study's set-up, and 
 
 Writes results/benchmarks/structure.csv and structure.png, and structure.json beside them (the distillation
 seconds, the database bytes, each phase's wall seconds and load average, the search seconds, which rows ran).
-Studies, files and the state folder live in results/structure-bench/ (not committed). `--code DIR` runs the
-command line from another checkout of the package (put first on PYTHONPATH).
+Studies, files and the state folder live in results/structure-bench/ (not committed). The command line runs from
+the package this script imports (PYTHONPATH=CHECKOUT to run another checkout's).
 """
 
 from __future__ import annotations
@@ -188,11 +188,10 @@ def sizes(settings: Settings) -> dict[str, int]:
 class Bench:
     """The work folder, the state of finished phases, and the product's command line."""
 
-    def __init__(self, work: Path, code: Path | None, settings: Settings, log: Log) -> None:
+    def __init__(self, work: Path, settings: Settings, log: Log) -> None:
         self.work = work
         self.state = work / "state"
         self.state.mkdir(parents=True, exist_ok=True)
-        self.code = code
         self.settings = settings
         self.log = log
 
@@ -208,12 +207,9 @@ class Bench:
     def autocompress(self, *args: str, accept: tuple[str, ...] = ()) -> tuple[str, float]:
         """Run `autocompress ARGS`; its stdout and the wall seconds. Its output goes to a log beside the studies.
         A failure is raised with its last line, unless that line holds one of `accept`."""
-        env = dict(os.environ)
-        if self.code is not None:
-            env["PYTHONPATH"] = os.pathsep.join([str(self.code), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         command = [sys.executable, "-c", "from autocompress.cli import main; main()", *args]
         began = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=self.work)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=self.work)
         seconds = time.perf_counter() - began
         logs = self.work / "logs"
         logs.mkdir(exist_ok=True)
@@ -584,7 +580,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, help="studies, files, state (default results/structure-bench[-smoke])")
     parser.add_argument("--out", type=Path, help="CSV (default results/benchmarks/structure[-smoke].csv)")
-    parser.add_argument("--code", type=Path, help="run the command line from this checkout (first on PYTHONPATH)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads when judging (default 2)")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"whose phases run (default {','.join(SIZES)})")
     args = parser.parse_args(argv)
@@ -613,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
-    bench = Bench(work, args.code.resolve() if args.code else None, settings, log)
+    bench = Bench(work, settings, log)
     known = sizes(settings)
     log(f"sizes: {json.dumps(known)}; search {settings.search_seconds:g} s per study; work {work}")
     if "presets" in phases:
