@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import autocompress.compress
-import autocompress.session
+import autocompress.measurement
 from autocompress.cli import build_parser, main
 from autocompress.config import Config, size_limit
 from autocompress.errors import UserError
@@ -140,7 +140,7 @@ def test_trials_raising_at_random_points_of_stitch_and_measure_leave_every_compl
     chance = random.Random(13)
     config, location = load_config(space_file(max_failures=50)), StudyLocation.resolve("faulty", tmp_path)
     with monkeypatch.context() as patch:
-        for owner, name in [(autocompress.compress, "compress_weight"), (autocompress.session, "evaluate")]:
+        for owner, name in [(autocompress.compress, "compress_weight"), (autocompress.measurement, "evaluate")]:
             real = getattr(owner, name)
 
             def sometimes_failing(*args, _real=real, **kwargs):
