@@ -89,6 +89,8 @@ class StoredLogProbs:
         try:
             with path.open("rb") as file:
                 (length,) = struct.unpack("<Q", file.read(8))
+                if length > path.stat().st_size - 8:  # garbage read as a length: reading it could exhaust memory
+                    raise ValueError(f"a header of {length} bytes in a file of {path.stat().st_size}")
                 header = json.loads(file.read(length))
             entry = header[REFERENCE_KEY]
             begin, end = entry["data_offsets"]

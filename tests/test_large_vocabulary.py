@@ -131,7 +131,9 @@ def test_the_reference_stored_on_disk_reads_back_piece_by_piece_and_scores_as_in
     assert (from_disk.kl, from_disk.ce) == (from_memory.kl, from_memory.ce)
 
 
-def test_a_stored_reference_of_another_shape_or_cut_short_is_not_read(large_vocabulary_model, tmp_path: Path) -> None:
+def test_a_stored_reference_of_another_shape_cut_short_or_garbage_is_not_read(
+    large_vocabulary_model, tmp_path: Path
+) -> None:
     path = tmp_path / "reference.safetensors"
     tokens = torch.randint(0, VOCAB, (2, 16))
     store_reference(large_vocabulary_model, tokens, batch_size=2, path=path)
@@ -139,6 +141,8 @@ def test_a_stored_reference_of_another_shape_or_cut_short_is_not_read(large_voca
     assert StoredLogProbs.open(path, (3, 16, VOCAB)) is None
     assert StoredLogProbs.open(tmp_path / "missing.safetensors", (2, 16, VOCAB)) is None
     path.write_bytes(path.read_bytes()[:-1000])
+    assert StoredLogProbs.open(path, (2, 16, VOCAB)) is None
+    path.write_bytes(b"garbage" * 10)  # its first 8 bytes read as a header of ~7e18 bytes
     assert StoredLogProbs.open(path, (2, 16, VOCAB)) is None
 
 
