@@ -25,6 +25,8 @@ from autocompress.errors import UserError
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 MAX_RETRIES = 3
 TABLE_CREATION_ATTEMPTS = 4
+# PostgreSQL's codes for "duplicate table" and "duplicate object": another worker created it first.
+CREATED_CONCURRENTLY = frozenset({"42P07", "42710"})
 
 
 def masked_url(url: str) -> str:
@@ -145,10 +147,14 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     while True:
         try:
             return storage_class(url, engine_kwargs=engine_kwargs, **heartbeat)
-        except sqlalchemy.exc.IntegrityError as error:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
             # Workers started together on a new database race to create its tables; the loser's DDL is rolled
-            # back, and the tables are there when it looks again.
-            if attempt == TABLE_CREATION_ATTEMPTS:
+            # back (a unique violation, or PostgreSQL's "relation already exists"), and the tables are there when
+            # it looks again.
+            lost_the_race = isinstance(error, sqlalchemy.exc.IntegrityError) or (
+                getattr(error.orig, "pgcode", None) in CREATED_CONCURRENTLY
+            )
+            if not lost_the_race or attempt == TABLE_CREATION_ATTEMPTS:
                 raise unopenable(url, error) from error
             time.sleep(0.5 * attempt)
             attempt += 1
