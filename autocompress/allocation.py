@@ -173,10 +173,14 @@ class SizeCeiling:
             }
             if self.fits(allocation | wider):
                 allocation |= wider
+        return self._raised_while_it_fits(allocation, self.units)
+
+    def _raised_while_it_fits(self, allocation: dict[str, int], units: Sequence[str]) -> dict[str, int]:
+        """`allocation` with `units` raised one level at a time, in order, round after round, while it fits."""
         raised = True
         while raised:
             raised = False
-            for unit in self.units:
+            for unit in units:
                 if allocation[unit] + 1 < len(self.levels[unit]):
                     allocation[unit] += 1
                     if self.fits(allocation):
@@ -300,18 +304,7 @@ class StructuredCeiling(SizeCeiling):
         allocation = dict.fromkeys(self.units, 0) | shapes
         while not self.fits(allocation) and self._step_down(allocation, self.shapes):
             pass
-        raised = True
-        while raised:
-            raised = False
-            for unit in self.units:
-                if unit in self.shapes or allocation[unit] + 1 >= len(self.levels[unit]):
-                    continue
-                allocation[unit] += 1
-                if self.fits(allocation):
-                    raised = True
-                else:
-                    allocation[unit] -= 1
-        return allocation
+        return self._raised_while_it_fits(allocation, [unit for unit in self.units if unit not in self.shapes])
 
     def fitted(self, allocation: Mapping[str, int]) -> dict[str, int]:
         fitted = dict(allocation)
