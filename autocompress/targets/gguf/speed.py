@@ -582,17 +582,9 @@ def locked_speed_table(
 def preset_tensors(tensors: Sequence[UnitTensor], config, preset: str) -> list[tuple[str, tuple[int, int]]]:
     """The (type, [out, in]) of every matrix the model's file computes with under llama.cpp's `preset`
     (`presets.preset_types`, with llama.cpp's fallbacks, as llama-quantize --imatrix assigns them)."""
-    from autocompress.targets.gguf.presets import preset_types
+    from autocompress.targets.gguf.weights import model_preset_types
 
-    heads = config.num_attention_heads
-    types = preset_types(
-        preset,
-        [(tensor.gguf_name, tensor.shape) for tensor in tensors],
-        config.num_hidden_layers,
-        n_head=heads,
-        n_head_kv=getattr(config, "num_key_value_heads", None) or heads,
-        imatrix=True,
-    )
+    types = model_preset_types(preset, tensors, config)
     names = [tensor.gguf_name for tensor in tensors]
     return [(types[tensor.gguf_name], tensor.shape) for tensor in tensors if _computed(tensor.gguf_name, names)]
 

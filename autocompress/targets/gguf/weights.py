@@ -167,14 +167,11 @@ def data_bytes(tensors: Iterable[UnitTensor], unit_level: Mapping[str, str]) -> 
     return {tensor.module: tensor_bytes(unit_level[tensor.unit], *tensor.shape) for tensor in tensors}
 
 
-def preset_levels(
-    preset: str, tensors: Sequence[UnitTensor], config, allowed: Mapping[str, Sequence[str]]
-) -> tuple[dict[str, str] | None, str | None]:
-    """The level of every unit under llama.cpp's `preset` (`presets.preset_types`: by tensor role and layer,
-    with llama.cpp's fallbacks for rows its blocks do not split), or None and the reason the space cannot hold it:
-    a unit that holds tensors of different types (block granularity), or a type the unit's levels do not offer."""
+def model_preset_types(preset: str, tensors: Sequence[UnitTensor], config) -> dict[str, str]:
+    """The type of every tensor (by GGUF name) that `llama-quantize --imatrix` gives it under `preset` in a model of
+    `config` (`presets.preset_types`, with llama.cpp's fallbacks)."""
     heads = config.num_attention_heads
-    types = preset_types(
+    return preset_types(
         preset,
         [(tensor.gguf_name, tensor.shape) for tensor in tensors],
         config.num_hidden_layers,
@@ -182,6 +179,15 @@ def preset_levels(
         n_head_kv=getattr(config, "num_key_value_heads", None) or heads,
         imatrix=True,
     )
+
+
+def preset_levels(
+    preset: str, tensors: Sequence[UnitTensor], config, allowed: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, str] | None, str | None]:
+    """The level of every unit under llama.cpp's `preset` (`presets.preset_types`: by tensor role and layer,
+    with llama.cpp's fallbacks for rows its blocks do not split), or None and the reason the space cannot hold it:
+    a unit that holds tensors of different types (block granularity), or a type the unit's levels do not offer."""
+    types = model_preset_types(preset, tensors, config)
     levels: dict[str, str] = {}
     for tensor in tensors:
         level = types[tensor.gguf_name]
