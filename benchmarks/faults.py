@@ -36,6 +36,7 @@ from unittest import mock
 
 import optuna
 import pandas as pd
+import yaml
 from optuna.trial import TrialState
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -597,9 +598,140 @@ def fuzz_gguf_headers(
     return FaultRun(f"gguf-header-fuzz-{command}", len(paths), survived, 0, time.perf_counter() - began)
 
 
+GGUF_CORRUPTIONS = ("flipped", "truncated", "undigested")
+GGUF_FORMATS = ["q4_0", "q5_1", "q8_0"]  # types whose blocks of 32 weights fit the tiny model's rows of 64
+
+
+def corrupt_gguf_blocks(space: Path, out: Path, n_trials: int, files: int, seed: int = 0) -> FaultRun:
+    """`files` block files of a `target: gguf` study's block cache (`cache/<key>/gguf/<tensor>/<level>.npy`) at
+    the levels of its `search.formats`, which every run checks before its trials (F16 blocks are checked as trials
+    read them), damaged in turn three ways: bytes flipped at the file's length, cut short, and bytes flipped with
+    the digest beside it deleted (a file no length check tells from a whole one). The next run must quantize each
+    again, to the bytes and digest it first held (the first run's quantization: a fresh one), lose or change no
+    trial, and continue the study. A damaged file kept as found counts as data lost: trials would decode it."""
+    from autocompress.targets.gguf.weights import digest_path
+
+    began = time.perf_counter()
+    study = f"gguf-blocks-{uuid.uuid4().hex[:8]}"
+    url = storage_url(out, study, None)
+    subprocess.run(search_command(space, out, study, n_trials // 2, None), check=True, capture_output=True)
+    before = completed(url, study)
+    formats = yaml.safe_load(space.read_text())["search"]["formats"]
+    stored = sorted(path for path in (out / study / "cache").rglob("gguf/*/*.npy") if path.stem in formats)
+    chance = random.Random(seed)
+    damaged = chance.sample(stored, min(files, len(stored)))
+    originals = {path: (path.read_bytes(), digest_path(path).read_text()) for path in damaged}
+    for index, path in enumerate(damaged):
+        data = bytearray(path.read_bytes())
+        corruption = GGUF_CORRUPTIONS[index % len(GGUF_CORRUPTIONS)]
+        if corruption == "truncated":
+            del data[chance.randrange(len(data) // 4, len(data)) :]
+        else:
+            for _ in range(chance.randint(1, 4)):  # in the blocks, past numpy's header
+                data[chance.randrange(len(data) // 2, len(data))] ^= 0xFF
+        if corruption == "undigested":
+            digest_path(path).unlink()
+        path.write_bytes(bytes(data))
+    finished = subprocess.run(search_command(space, out, study, n_trials, None), capture_output=True, text=True)
+    after = completed(url, study)
+    healed = sum(
+        path.is_file() and digest_path(path).is_file() and (path.read_bytes(), digest_path(path).read_text()) == kept
+        for path, kept in originals.items()
+    )
+    lost = lost_trials(before, after) + broken_files(out / study) + len(damaged) - healed
+    continued = finished.returncode == 0 and len(after) >= n_trials
+    if not continued:
+        print(
+            f"the run after the damage did not finish the study: exit {finished.returncode}; {finished.stderr[-500:]}"
+        )
+    survived = healed if continued and lost == 0 else 0
+    return FaultRun("corrupted-gguf-blocks", len(damaged), survived, lost, time.perf_counter() - began)
+
+
+RACER = """
+import json, os, sys, time
+from pathlib import Path
+import autocompress.search.generations as generations
+delay, folder, workers = float(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+search = generations.GenerationSearch
+real_add, real_init, real_run, real_score = generations.add_scored_trial, search.__init__, search.run, search.score
+def slow_add(*args, **kwargs):  # the write that records a plan, slowed: the race window widened
+    time.sleep(delay)
+    return real_add(*args, **kwargs)
+def one_seed(self, study, objective, seed, *args, **kwargs):  # every worker draws the same offspring
+    real_init(self, study, objective, 0, *args, **kwargs)
+def together(self, *args, **kwargs):  # the first generation starts once every worker is ready for it
+    (folder / f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + 120
+    while len(list(folder.glob("ready-*"))) < workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return real_run(self, *args, **kwargs)
+def logged(self, candidate, windows):  # a plan scored on the whole pool: one this worker goes on to record
+    scored = real_score(self, candidate, windows)
+    if scored and windows == self.stages[-1][0]:
+        with open(folder / f"scored-{os.getpid()}.jsonl", "a") as log:
+            log.write(json.dumps(candidate.params, sort_keys=True) + "\\n")
+    return scored
+generations.add_scored_trial, search.__init__, search.run, search.score = slow_add, one_seed, together, logged
+from autocompress.cli import main
+main(sys.argv[4:])
+"""
+
+
+def race_generation_workers(
+    space: Path, out: Path, rounds: int, trials_per_round: int, workers: int = 2, delay: float = 0.5
+) -> FaultRun:
+    """`rounds` times, `workers` generation workers (`autocompress worker`, one process each, in the environments
+    `worker --n-workers` gives its processes) continue one generations study on SQLite by `trials_per_round`
+    trials. The race is forced: the workers start their first generation together, draw the same offspring (one
+    seed) and take `delay` s over each write that records a plan, so they score the same plans and reach the write
+    together. Each plan that more than one worker scored on the whole pool is a race injected; it survived when the
+    study holds it once. Data lost: complete trials holding a plan another one holds, trials lost or changed, files
+    that do not read back whole, and rounds that did not reach their trial count."""
+    from autocompress.config import Config
+    from autocompress.search import StudyLocation, run_search
+    from autocompress.search.worker import worker_environments
+
+    began = time.perf_counter()
+    study = f"racing-{uuid.uuid4().hex[:8]}"
+    url = storage_url(out, study, None)
+    config = Config.model_validate(yaml.safe_load(space.read_text()))
+    run_search(config, StudyLocation.resolve(study, out), n_trials=1, progress=False, write_reports=False)  # seeds
+    lost = 0
+    raced: set[str] = set()
+    for race in range(rounds):
+        before = completed(url, study)
+        folder = out / f"race-{race}"
+        folder.mkdir(parents=True)
+        command = ["worker", "--study", study, "--results", str(out), "--n-trials", str(len(before) + trials_per_round)]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, str(delay), str(folder), str(workers), *command, "--quiet"],
+                env=environment,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for environment in worker_environments(workers)
+        ]
+        errors = [process.communicate(timeout=600)[1] for process in processes]
+        failed = [error[-500:] for process, error in zip(processes, errors, strict=True) if process.returncode != 0]
+        for stderr in failed:
+            print(f"a racing worker failed: {stderr}")
+        now = completed(url, study)
+        lost += lost_trials(before, now) + bool(failed or len(now) < len(before) + trials_per_round)
+        scored_by = [set(path.read_text().splitlines()) for path in folder.glob("scored-*.jsonl")]
+        raced |= {plan for plan in set().union(*scored_by) if sum(plan in plans for plans in scored_by) > 1}
+    trials = optuna.load_study(study_name=study, storage=url).get_trials(states=(TrialState.COMPLETE,))
+    holding = [json.dumps(trial.params, sort_keys=True) for trial in trials]
+    lost += len(holding) - len(set(holding)) + broken_files(out / study)
+    survived = sum(holding.count(plan) == 1 for plan in raced)
+    return FaultRun("racing-generation-workers", len(raced), survived, lost, time.perf_counter() - began)
+
+
 EARLIER_KINDS = ("sigkill", "disk-full-variants", "corrupted-cache", "locked-study-database", "truncated-artifact")
 LINE_KINDS = ("kill-between-creation-writes", "kill-between-seed-enqueues", "kill-during-generation-seed")
-NEW_KINDS = (*LINE_KINDS, "disk-full-cache", "gguf-header-fuzz")
+NEW_KINDS = (*LINE_KINDS, "disk-full-cache", "gguf-header-fuzz", "corrupted-gguf-blocks", "racing-generation-workers")
 UNIFORM_SEEDS = 5  # the tiny space's sparsity levels at 16 bits and bit-widths unpruned, (0, 16) once
 
 
@@ -708,6 +840,15 @@ def main() -> None:
         if "gguf-header-fuzz" in kinds:
             runs.append(fuzz_gguf_headers(work / "fuzz-evaluate", args.fuzz_files))
             runs.append(fuzz_gguf_headers(work / "fuzz-apply", args.fuzz_files, seed=1, config=study_config))
+        if "corrupted-gguf-blocks" in kinds:
+            gguf = study_config | {
+                "compression": study_config["compression"] | {"target": "gguf", "granularity": "linear"},
+                "search": study_config["search"] | {"sparsity": [0.0], "bits": [16], "formats": GGUF_FORMATS},
+            }
+            runs.append(corrupt_gguf_blocks(write_yaml(work / "gguf.yaml", gguf), work / "gguf-blocks", 8, files=12))
+        if "racing-generation-workers" in kinds:
+            racing = generations | {"compression": generations["compression"] | {"granularity": "linear"}}
+            runs.append(race_generation_workers(write_yaml(work / "racing.yaml", racing), work / "racing", 5, 6))
     print(write_runs(runs).to_string(index=False))
 
 

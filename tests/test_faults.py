@@ -43,13 +43,16 @@ from autocompress.targets.artifact import (
 )
 from autocompress.variants import VariantDatabase
 from benchmarks.faults import (
+    GGUF_FORMATS,
     corrupt_caches,
+    corrupt_gguf_blocks,
     fill_the_disk_while_building_variants,
     fill_the_disk_while_caching,
     fuzz_gguf_headers,
     kill_at_exact_lines,
     kill_at_random_moments,
     lock_the_study_database,
+    race_generation_workers,
     truncate_an_artifact,
 )
 from tests.conftest import POSTGRES_URL, complete_trials, load_config, needs_postgres, tiny_study_config, write_yaml
@@ -783,6 +786,34 @@ def test_a_cached_student_changed_on_disk_or_cut_short_is_distilled_again_to_the
         assert weights_digest(again) == digest and again_curve == curve
         with safe_open(path, "pt") as stored:  # and stored whole again
             assert stored.metadata()["sha256"] == digest
+
+
+def test_gguf_block_files_flipped_cut_short_or_without_their_digest_are_quantized_again_and_the_study_goes_on(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    compression = {"target": "gguf", "granularity": "linear"}
+    search = {"sparsity": [0.0], "bits": [16], "formats": GGUF_FORMATS, "seeds": "none"}
+    config = tiny_study_config(tmp_path, tiny_model_dir, compression=compression, search=search)
+    run = corrupt_gguf_blocks(write_yaml(tmp_path / "gguf.yaml", config), tmp_path / "results", n_trials=2, files=3)
+    assert (run.injected, run.survived, run.data_lost) == (3, 3, 0)
+
+
+# 12. Generation workers on one machine record each plan once.
+
+
+def test_generation_workers_racing_to_record_the_plans_they_all_scored_record_each_once(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    search = {
+        "sparsity": [0.1, 0.2, 0.3, 0.4, 0.5],
+        "bits": [16],
+        "budget": {"sparsity": 0.3},
+        "generations": {"offspring": 2, "stages": [0.5, 1.0], "survivors": [2, 1]},
+    }
+    config = tiny_study_config(tmp_path, tiny_model_dir, compression={"granularity": "linear"}, search=search)
+    space = write_yaml(tmp_path / "generations.yaml", config)
+    run = race_generation_workers(space, tmp_path / "results", rounds=1, trials_per_round=2)
+    assert run.injected >= 1 and (run.survived, run.data_lost) == (run.injected, 0)
 
 
 def test_a_phi3_model_under_the_gguf_target_takes_llama_cpp_s_phi3_tensor_names_and_presets(tmp_path: Path) -> None:
