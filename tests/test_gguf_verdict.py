@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from autocompress.cli import main
 from autocompress.config import Config, load_config
 from autocompress.targets.gguf.llama_cpp import llama_cpp_available
 from autocompress.targets.gguf.verdict import budget_preset
@@ -98,3 +99,39 @@ def test_a_search_under_a_preset_size_ends_with_llama_cpps_verdict_against_the_p
     )
     assert "| preset | searched | gap closed | 95% CI |" in reported.stdout.decode()
     assert (out / "verdict.csv").stat().st_mtime_ns == before
+
+
+def preset_budget_study(folder: Path, formats: list[str]) -> Path:
+    """A config file of a generations study of a tiny Mistral under Q4_K_M's size with `formats` as its levels."""
+    model_dir = folder / "model"
+    tiny_model("mistral").save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    generations = {"offspring": 2, "stages": [0.5, 1.0], "survivors": [2, 1]}
+    search = {"sparsity": [0.0], "bits": [16], "formats": formats, "budget": {"size": "q4_k_m"}, "seeds": "none"}
+    raw = tiny_study_config(
+        folder, model_dir, compression={"target": "gguf"}, search=search | {"generations": generations, "loss": "kl"}
+    )
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    return write_yaml(folder / "verdict.yaml", raw)
+
+
+@pytest.mark.parametrize(
+    ("formats", "n_trials", "why"),
+    [
+        (LEVELS, 0, "no trial fit the budget's"),  # the search recorded nothing (a time limit too short)
+        (["q3_k", "q5_k", "q6_k", "q8_0"], 2, "cannot reproduce its file: it gives model.layers.0.self_attn.q_proj"),
+    ],
+    ids=["no trial under the budget", "levels without the presets' types"],
+)
+def test_a_search_that_cannot_be_judged_ends_in_one_line_and_writes_no_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], formats: list[str], n_trials: int, why: str
+) -> None:
+    """The study stands (exit 0, its trials kept); the verdict it cannot have is said in one line, and not a file of
+    it is written."""
+    config = preset_budget_study(tmp_path, formats)
+    results = tmp_path / "results"
+    main(["search", str(config), "--results", str(results), "--n-trials", str(n_trials), "--quiet"])
+    printed = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in printed if "llama.cpp verdict" in line]
+    assert line.startswith("no llama.cpp verdict against Q4_K_M: ") and why in line
+    assert not [path for path in (results / "verdict").iterdir() if path.name.startswith("verdict")]

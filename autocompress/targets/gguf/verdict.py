@@ -74,11 +74,23 @@ def write_verdict(study: optuna.Study, location: StudyLocation) -> list[str]:
     preset = budget_preset(record.config)
     if preset is None:
         return []
+    chosen = searched_trial(record, trial_records(study))
+    # The study stands in each case below; only what its verdict needs is missing, said in one line.
+    if chosen is None:
+        ceiling = record.config.search.budget.max_bytes(record.dense_bytes, record.config)
+        floor = record.min_tps()
+        at = "" if floor is None else f" at {floor:,.1f} predicted tokens/s or more"
+        return [
+            f"no llama.cpp verdict against {preset.upper()}: no trial fit the budget's {ceiling:,} bytes{at} "
+            "(search longer: the study resumes)"
+        ]
+    unreproducible = preset_refusal(record.config, preset)
+    if unreproducible is not None:
+        return [f"no llama.cpp verdict against {preset.upper()}: {unreproducible}"]
     unavailable = llama_cpp_available()
-    if unavailable is not None:  # the study stands; only its judge is missing
+    if unavailable is not None:
         return [f"no llama.cpp verdict against {preset.upper()}: {unavailable}"]
     folder = location.out_dir / VERDICT_DIR
-    chosen = searched_trial(record, trial_records(study))
     rows = _read_rows(location.out_dir / "verdict.csv")
     files = [Path(row["path"]) for row in rows if row["path"]]
     if not rows or rows[-1]["trial"] != str(chosen.number) or not all(file.is_file() for file in files):
@@ -90,22 +102,36 @@ def write_verdict(study: optuna.Study, location: StudyLocation) -> list[str]:
     return lines
 
 
-def searched_trial(record, records: list[TrialRecord]) -> TrialRecord:
+def searched_trial(record, records: list[TrialRecord]) -> TrialRecord | None:
     """The recorded plan under the budget's ceiling (and no slower than the speed floor, `search.min_speed`) with the
-    lowest fitness loss (the first such on a tie)."""
+    lowest fitness loss (the first such on a tie); None when no complete trial is under it."""
     from autocompress.frontier import frontier_of
 
     ceiling = record.config.search.budget.max_bytes(record.dense_bytes, record.config)
-    floor = record.min_tps()
-    under = sorted(frontier_of(records, ceiling, floor), key=lambda item: (item.loss, item.number))
-    if not under:
-        at = "" if floor is None else f" at {floor:,.1f} predicted tokens/s or more"
-        raise UserError(f"study {record.name!r}: no complete trial under its budget's {ceiling:,} bytes{at} to judge")
-    return under[0]
+    under = sorted(frontier_of(records, ceiling, record.min_tps()), key=lambda item: (item.loss, item.number))
+    return under[0] if under else None
+
+
+def preset_refusal(config, preset: str) -> str | None:
+    """Why the study of `config` cannot reproduce llama.cpp's `preset` file (its levels lack a type the preset gives a
+    tensor, or a unit holds tensors the preset types differently), from the model's config alone; None: it can, and
+    the preset is among the study's seeds."""
+    from autocompress.models import meta_model
+    from autocompress.targets.gguf.weights import SEED_PRESETS, gguf_tensors, preset_levels, space_levels
+
+    if preset not in SEED_PRESETS:
+        return f"only llama.cpp's k-quant presets ({', '.join(SEED_PRESETS)}) are reproduced to judge against"
+    model = meta_model(config.model)
+    tensors = gguf_tensors(model, config.compression.granularity)
+    _, reason = preset_levels(preset, tensors, model.config, space_levels(config))
+    if reason is None:
+        return None
+    return f"the study cannot reproduce its file: {reason}; add that type to search.formats to be judged against it"
 
 
 def preset_trial(study: optuna.Study, preset: str) -> TrialRecord:
-    """The study's seed trial of llama.cpp's `preset`, its plan read even before it ran."""
+    """The study's seed trial of llama.cpp's `preset`, its plan read even before it ran (`preset_refusal` says
+    beforehand when there is none)."""
     from autocompress.record import TrialRecord, planned_params
     from autocompress.targets.gguf.weights import PRESET_BASELINE
 
@@ -114,10 +140,7 @@ def preset_trial(study: optuna.Study, preset: str) -> TrialRecord:
         record = TrialRecord.of(trial)
         if record.baseline == name:
             return record.model_copy(update={"params": planned_params(trial)})
-    raise UserError(
-        f"study: {name} is not among its seeds (its levels cannot hold the preset's types), so the verdict has no "
-        "preset file to judge against; add the preset's types to search.formats"
-    )
+    raise UserError(f"study: {name} is not among its seeds, so the verdict has no preset file to judge against")
 
 
 def _judge(
