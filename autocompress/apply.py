@@ -9,6 +9,7 @@ from autocompress.calibration import collect_statistics
 from autocompress.compress import apply_plan, statistics_needed
 from autocompress.config import Config
 from autocompress.data import token_pools
+from autocompress.export import check_plan_ships
 from autocompress.metrics import evaluate
 from autocompress.models import compressible_linears, load_model
 from autocompress.plan import CompressionPlan
@@ -33,8 +34,9 @@ class OneshotResult:
 
 
 def oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> OneshotResult:
-    if plan.trains:
-        return trained_oneshot(config, plan, progress)
+    check_plan_ships(config, plan)
+    if plan.trains or plan.structure:
+        return session_oneshot(config, plan, progress)
     target = target_named(config.compression.target).for_config(config)
     target.check_model(config)
     model, tokenizer = load_model(**config.model.model_dump())
@@ -61,12 +63,14 @@ def oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> One
     )
 
 
-def trained_oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> OneshotResult:
-    """A plan that trains (a student, a recovery): built beside the dense teacher, distilled with the config's
-    `search.student.distillation` settings (the defaults without one), compressed, then judged the same way."""
+def session_oneshot(config: Config, plan: CompressionPlan, progress: bool = True) -> OneshotResult:
+    """A plan that trains (a student, a recovery: built beside the dense teacher, distilled with the config's
+    `search.student.distillation` settings, the defaults without one, then compressed) or that gives blocks their
+    own shapes (stitched from the alternatives `search.structure` trains, as a trial's are), judged the same way."""
     from autocompress.session import CompressionSession
 
     session = CompressionSession(config, progress=progress)
+    session.check_plan(plan)
     measured = session.measure(plan, pool="heldout")
     session.restore_dense()
     dense_metrics = evaluate(session.model, session.pools.heldout, batch_size=session.batch_size)

@@ -44,13 +44,7 @@ def plan_from_args(config: Config, args: argparse.Namespace) -> CompressionPlan:
         options["group_size"] = args.group_size
     try:
         if args.plan:
-            try:
-                text = Path(args.plan).read_text(encoding="utf-8")
-            except OSError as error:
-                raise UserError(f"--plan: cannot read {args.plan} ({error.strerror or error})") from error
-            plan = CompressionPlan.from_json(text)
-            if plan.structure:  # built and exported by autocompress.structure, not yet applied by these commands
-                raise UserError("--plan: per-block shapes (structure) are not applied by apply or export yet")
+            plan = read_plan(args.plan)
             overrides = {key: value for key, value in options.items() if key in ("pruning", "quantization")}
             return plan.model_copy(update=overrides) if args.method else plan
         if args.format is not None and args.bits != 16:
@@ -58,6 +52,18 @@ def plan_from_args(config: Config, args: argparse.Namespace) -> CompressionPlan:
         return CompressionPlan.uniform(sparsity=args.sparsity, bits=args.bits, format=args.format, **options)
     except ValidationError as error:
         raise UserError(f"plan: {describe_validation_error(error)}") from error
+
+
+def read_plan(path: str) -> CompressionPlan:
+    """The CompressionPlan in the JSON file `path` (`--plan`)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"--plan: cannot read {path} ({error.strerror or error})") from error
+    try:
+        return CompressionPlan.from_json(text)
+    except ValidationError as error:
+        raise UserError(f"--plan: {describe_validation_error(error)}") from error
 
 
 def command_apply(args: argparse.Namespace) -> None:
@@ -240,35 +246,41 @@ def print_conclusion(study: optuna.Study, location: StudyLocation, config: Confi
 
 
 def command_export(args: argparse.Namespace) -> None:
-    from autocompress.export import choose_trial, export_trial
+    from autocompress.export import choose_trial, export_plan, export_trial
     from autocompress.search.study import load_existing
 
-    location = study_location(args.study, args)
-    study, record = load_existing(location)
     choosing = (args.alpha, args.beta, args.gamma, args.max_size, args.min_speed)
-    if args.trial is not None and any(option is not None for option in choosing):
+    if args.pick is None and any(option is not None for option in choosing):
         raise UserError(
             "--alpha, --beta, --gamma, --max-size and --min-speed choose among the frontier; they go with --pick best "
             "or --pick fastest"
         )
-    chosen, chosen_by = choose_trial(
-        study,
-        record,
-        args.trial,
-        args.alpha,
-        args.beta,
-        args.max_size,
-        pick=args.pick or "best",
-        gamma=args.gamma,
-        min_speed=args.min_speed,
-    )
-    result = export_trial(record, location, chosen, args.out_dir, args.format, args.overwrite, chosen_by)
+    plan = None if args.plan is None else read_plan(args.plan)  # a bad file is refused before the study opens
+    location = study_location(args.study, args)
+    study, record = load_existing(location)
+    if plan is not None:
+        chosen_by = f"the plan in {args.plan}"
+        result = export_plan(record, location, plan, args.out_dir, args.format, args.overwrite, chosen_by)
+    else:
+        chosen, chosen_by = choose_trial(
+            study,
+            record,
+            args.trial,
+            args.alpha,
+            args.beta,
+            args.max_size,
+            pick=args.pick or "best",
+            gamma=args.gamma,
+            min_speed=args.min_speed,
+        )
+        result = export_trial(record, location, chosen, args.out_dir, args.format, args.overwrite, chosen_by)
     if result.warning is not None:
         print(f"autocompress: warning: {result.warning}", file=sys.stderr)
     if args.json:
         print(json_text(result.as_dict()))
         return
-    print(f"exported trial {result.trial} of study {location.name!r} ({chosen_by}) to {result.path}")
+    exported = "the plan" if result.trial is None else f"trial {result.trial}"
+    print(f"exported {exported} of study {location.name!r} ({chosen_by}) to {result.path}")
     if result.trial_loss is not None:
         print(f"fitness loss       {result.fitness_loss:.6f} (the trial recorded {result.trial_loss:.6f})")
     accounted = result.trial_size_bytes or result.accounted_bytes
@@ -417,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(export, study_required=True)
     chosen = export.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--trial", type=int, help="the trial number to export")
+    chosen.add_argument(
+        "--plan", help="a CompressionPlan JSON file to export instead of a trial, compressed as the study's trials are"
+    )
     chosen.add_argument(
         "--pick",
         choices=["best", "fastest"],

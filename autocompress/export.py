@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 from transformers import PreTrainedModel
 
+from autocompress.config import Config
 from autocompress.errors import UserError
 from autocompress.frontier import frontier_points
 from autocompress.metrics import evaluate
@@ -29,7 +30,7 @@ from autocompress.targets.base import ExportInput, Written
 class ExportResult:
     path: Path
     format: str
-    trial: int
+    trial: int | None  # None: a plan given as JSON (`export --plan`)
     plan: CompressionPlan
     accounted_bytes: int  # what size accounting says the plan takes
     trial_size_bytes: int | None  # what the trial recorded
@@ -109,13 +110,31 @@ def export_trial(
     chosen_by: str = "",
     session: CompressionSession | None = None,
 ) -> ExportResult:
-    """Compress a fresh dense model with the trial's plan (the study's cached calibration statistics) and write it,
-    in `format`: the study's deployment target's own by default, another target's, or `hf` (a dense folder).
+    """Compress a fresh dense model with the trial's plan (the study's cached calibration statistics) and write it
+    (`export_plan`)."""
+    plan = SearchSpace.of_record(record).plan_from_params(chosen.params)  # the plan, before any model loads
+    return export_plan(record, location, plan, out_dir, format, overwrite, chosen_by, session, chosen)
+
+
+def export_plan(
+    record: StudyRecord,
+    location: StudyLocation,
+    plan: CompressionPlan,
+    out_dir: Path | str,
+    format: str | None = None,
+    overwrite: bool = False,
+    chosen_by: str = "",
+    session: CompressionSession | None = None,
+    chosen: TrialRecord | None = None,
+) -> ExportResult:
+    """Compress a fresh dense model with `plan` (a trial's, `chosen`, or one given as JSON) with the study's cached
+    calibration statistics and write it, in `format`: the study's deployment target's own by default, another
+    target's, or `hf` (a dense folder).
 
     `session`, a session of the study's config, compresses instead of a fresh one: its resident model takes the
     plan as a trial's would, so that several plans export with one model load (the gguf verdict's files)."""
     config = record.config
-    plan = SearchSpace.of_record(record).plan_from_params(chosen.params)  # the plan, before any model loads
+    check_plan_ships(config, plan)
     target = target_named(config.compression.target)
     format = format or target.export_format
     try:
@@ -152,16 +171,35 @@ def export_trial(
     return ExportResult(
         path=written.path,
         format=format,
-        trial=chosen.number,
+        trial=None if chosen is None else chosen.number,
         plan=plan,
         accounted_bytes=accounted,
-        trial_size_bytes=chosen.size_bytes,
-        trial_loss=chosen.loss,
+        trial_size_bytes=None if chosen is None else chosen.size_bytes,
+        trial_loss=None if chosen is None else chosen.loss,
         fitness_loss=fitness_loss,
         weights_bytes=written.weights_bytes,
         notes=written.notes,
         warning=written.warning,
     )
+
+
+def check_plan_ships(config: Config, plan: CompressionPlan) -> None:
+    """A UserError (one line), from the config alone, for a plan whose per-block shapes the config's study cannot
+    build: its target's runtime runs none, or the config offers none (`search.structure`, whose alternatives a
+    plan's shapes are stitched from; a shape it does not offer is refused once the model loads: `check_plan`)."""
+    if not plan.structure:
+        return
+    target = config.compression.target
+    if not target_named(target).runs_structure:
+        raise UserError(
+            "plan: per-block shapes (structure) ship as llama.cpp's deci architecture, under compression.target gguf "
+            f"only, not {target}"
+        )
+    if config.search.structure is None:
+        raise UserError(
+            "plan: per-block shapes (structure) are built from the alternatives search.structure trains, and the "
+            "config has none; give it a search.structure offering the plan's shapes"
+        )
 
 
 def _write_dense(

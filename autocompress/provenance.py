@@ -55,26 +55,29 @@ def _redacted(url: str) -> str:
 def trial_provenance(
     record: StudyRecord,
     location: StudyLocation,
-    chosen: TrialRecord,
+    chosen: TrialRecord | None,
     chosen_by: str,
     accounted: int,
     fitness_loss: float,
 ) -> dict[str, Any]:
-    """The provenance of an export of trial `chosen` of a study: what it was compressed from and how, what the
-    trial measured, and what the export accounted and measured again."""
+    """The provenance of an export of trial `chosen` of a study (None: a plan given as JSON, which no trial
+    measured): what it was compressed from and how, what the trial measured, and what the export accounted and
+    measured again."""
     config = record.config
     recorded = ("loss", "kl", "ce", "ppl", "size_bytes", "size_ratio", "objective")
-    heldout = record.heldout.get(chosen.number)
+    heldout = None if chosen is None else record.heldout.get(chosen.number)
+    measured = [] if chosen is None else [(key, getattr(chosen, key)) for key in recorded]
+    metrics = {key: value for key, value in measured if value is not None}
     provenance = {
         "base_model": config.model.model_dump(mode="json"),
         "study": location.name,
         "storage": _redacted(location.storage_url),
-        "trial": chosen.number,
+        "trial": None if chosen is None else chosen.number,
         "chosen_by": chosen_by or f"trial {chosen.number}",
         "data": config.data.model_dump(mode="json"),
         "compression": config.compression.model_dump(mode="json"),
         "scoring": {"loss": config.search.loss, "alpha": config.search.alpha, "beta": config.search.beta},
-        "metrics": {key: getattr(chosen, key) for key in recorded if getattr(chosen, key) is not None},
+        "metrics": metrics,
         "heldout": None if heldout is None else heldout.model_dump(exclude_none=True),
         "dense_heldout": None if record.dense_heldout is None else record.dense_heldout.model_dump(exclude_none=True),
         "dense_bytes": record.dense_bytes,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import gguf
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -19,14 +20,15 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FixedTrial
 
 from autocompress.block_distillation import AlternativeStore
+from autocompress.cli import main
 from autocompress.config import load_config
 from autocompress.metrics import log_probs
-from autocompress.plan import BlockStructure
+from autocompress.plan import BlockStructure, CompressionPlan
 from autocompress.record import StudyLocation, StudyRecord, scored_records
 from autocompress.search.space import SearchSpace
 from autocompress.session import CompressionSession
 from autocompress.structure import block_shapes, is_structured
-from autocompress.targets.gguf.file import write_gguf_tensors
+from autocompress.targets.gguf.file import PLAN_KEY, write_gguf_tensors
 from autocompress.targets.gguf.llama_cpp import llama_cpp_available
 from autocompress.targets.gguf.speed import plan_tensors
 from autocompress.targets.gguf.structured import AlternativeTensor, storable_level
@@ -214,6 +216,58 @@ def test_export_writes_the_trial_as_a_deci_gguf_that_evaluate_runs(study: tuple[
     result = json.loads(evaluated.stdout)
     assert result["runtime"] == "llama.cpp" and result["trial"] == trial.number
     assert result["heldout_kl"] == pytest.approx(result["predicted_heldout_kl"], rel=0.05, abs=2e-3)
+
+
+def test_a_structural_plan_given_as_json_exports_and_applies_as_its_trial_does(
+    study: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`export --plan` writes the deci GGUF that exporting the plan's trial writes (the same tensors, the plan read
+    back from the file), which llama.cpp runs; `apply --plan` measures the plan at the trial's size."""
+    config_path, results = study
+    trial = min(structural_trials(results), key=lambda trial: trial.size_bytes)
+    _, record, _ = study_record(results)
+    plan = SearchSpace.of_record(record).plan_from_params(trial.params)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(plan.to_json())
+    exported = {}
+    for name, chosen in (("plan", ["--plan", str(plan_path)]), ("trial", ["--trial", str(trial.number)])):
+        out = tmp_path / name
+        main(["export", "--study", "structure", "--results", str(results), *chosen, "--out", str(out), "--json"])
+        result = json.loads(capsys.readouterr().out)
+        assert result["accounted_bytes"] == trial.size_bytes
+        exported[name] = gguf.GGUFReader(out / "model.gguf")
+    from_plan, from_trial = exported["plan"], exported["trial"]
+    assert from_plan.fields["general.architecture"].contents() == "deci"
+    assert CompressionPlan.from_json(from_plan.fields[PLAN_KEY].contents()) == plan
+    assert [(tensor.name, tensor.tensor_type) for tensor in from_plan.tensors] == [
+        (tensor.name, tensor.tensor_type) for tensor in from_trial.tensors
+    ]
+    assert all(
+        np.array_equal(ours.data, theirs.data)
+        for ours, theirs in zip(from_plan.tensors, from_trial.tensors, strict=True)
+    )
+
+    main(["apply", str(config_path), "--plan", str(plan_path), "--json"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["size_bytes"] == trial.size_bytes
+
+    require(llama_cpp_available())
+    tokens = CompressionSession(load_config(config_path), cache_dir=None).pools.fitness
+    assert torch.isfinite(llama_cpp_log_probs(tmp_path / "plan" / "model.gguf", tokens)).all()
+
+
+def test_a_structural_plan_a_config_trains_no_alternatives_for_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gguf config without search.structure (another target: `test_structure`): one line, exit 2, no model."""
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(CompressionPlan(structure={"model.layers.1": BlockStructure(ffn=0.5)}).to_json())
+    search = {"sparsity": [0.0], "bits": [16], "formats": FORMATS}
+    raw = tiny_study_config(tmp_path, tmp_path / "no-model", compression={"target": "gguf"}, search=search)
+    config = write_yaml(tmp_path / "plain.yaml", raw)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["apply", str(config), "--plan", str(plan_path)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "the config has none; give it a search.structure" in line
 
 
 def test_workers_on_one_cache_train_different_blocks_and_read_back_the_rest(tmp_path: Path) -> None:

@@ -218,7 +218,8 @@ class StructuredGgufWeights(GgufWeights):
         self, levels: Mapping[int, Mapping[str, list[int]]], importance: Importance, store, progress: bool
     ) -> dict[SubBlockLevel, Alternative]:
         model, calibration = self.model, self.calibration
-        return distill_alternatives(model, calibration, importance, dict(levels), self.options, store, progress)
+        with torch.enable_grad():  # it trains, also when a stitch (no_grad) asks before `precompute` ran (`apply`)
+            return distill_alternatives(model, calibration, importance, dict(levels), self.options, store, progress)
 
     def _distill_shared(
         self, importance: Importance, store: AlternativeStore, progress: bool
@@ -383,8 +384,18 @@ class StructuredGgufWeights(GgufWeights):
             self.stitcher.restore()
 
     def check_plan(self, plan: CompressionPlan) -> None:
+        """Besides the types: shapes the model can take and llama.cpp run, each one whose alternative the study's
+        `search.structure` trains (a plan given as JSON may name others)."""
         super().check_plan(plan)
         check_structure(plan.structure, self.model.config, self.blocks_name)
+        for index, levels in self.changed_sub_blocks(plan).items():
+            for kind, level in levels.items():
+                if level not in self.levels_per_block[index][kind]:
+                    what = f"{level} key/value groups" if kind == "attention" else f"{level} FFN channels"
+                    raise ValueError(
+                        f"{self.blocks_name}.{index}: search.structure offers no alternative with {what} there; "
+                        "offer the plan's shapes in search.structure"
+                    )
 
     @torch.no_grad()
     def stitch(self, plan: CompressionPlan) -> SizeReport:
