@@ -250,8 +250,8 @@ class StructuredCeiling(SizeCeiling):
     """A size budget over the units' levels and the blocks' shapes (`search.structure`) together: each structural
     parameter (`{block}.ffn`, `.kv_groups`, `.removed`) is a unit of its own whose levels run from the smallest shape
     to the teacher's. A block's bytes depend on its shape and its units' types at once, so a total is the plan's
-    exact size (`total_of`, memoized) rather than a sum of per-unit bytes; the additive seed, which needs that sum,
-    is not offered."""
+    exact size (`total_of`, memoized) rather than a sum of per-unit bytes (the additive seed linearizes it:
+    `additive.structured_bytes`)."""
 
     def __init__(
         self,
@@ -311,6 +311,12 @@ class StructuredCeiling(SizeCeiling):
         while not self.fits(fitted) and self._step_down(fitted, self.units):
             pass
         return fitted
+
+    def fitted_and_filled(self, allocation: Mapping[str, int]) -> dict[str, int]:
+        """`allocation` moved under the ceiling (`fitted`), then its units (not its shapes) raised one level at a time
+        in model order while it still fits: a plan whose size was estimated, made exact."""
+        units = [unit for unit in self.units if unit not in self.shapes]
+        return self._raised_while_it_fits(self.fitted(allocation), units)
 
 
 def size_ceiling(session: CompressionSession, space: SearchSpace, ceiling: int) -> SizeCeiling:

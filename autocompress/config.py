@@ -800,11 +800,6 @@ class Config(Section):
             )
         if self.search.student is not None:
             raise ValueError("search.structure: a smaller architecture is made one way; drop search.student")
-        if self.search.budget is not None and "additive" in self.search.baseline_names():
-            raise ValueError(
-                "search.structure: the additive seed sums per-unit bytes, which block shapes do not add up to; "
-                "drop additive from search.baselines"
-            )
         return self
 
     @model_validator(mode="after")

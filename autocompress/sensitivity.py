@@ -58,11 +58,13 @@ def measure_sensitivity(
     save: Callable[[dict[str, Any]], None],
     progress: bool = False,
     desc: str = "sensitivity",
+    units: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Fill `stored` ({"base": loss of the base plan, "values": {unit: {variant label: loss increase}}}) for every
-    unit of the space and every variant (the same for every unit, or each unit's own from `variants(unit)`), on the
-    first `windows` fitness windows; `save` is called after the base and after each unit, so an interrupted
-    measurement resumes where it stopped."""
+    unit of the space (or of `units`: any prefix of trial parameters, such as a decoder block's for its shape) and
+    every variant (the same for every unit, or each unit's own from `variants(unit)`), on the first `windows` fitness
+    windows; `save` is called after the base and after each unit, so an interrupted measurement resumes where it
+    stopped."""
     loss_name = session.config.search.loss
 
     def loss_of(params: Params) -> float:
@@ -73,7 +75,7 @@ def measure_sensitivity(
     if stored.get("base") is None:
         stored["base"] = loss_of(base)
         save(stored)
-    todo = [unit for unit in space.units if unit not in stored["values"]]
+    todo = [unit for unit in (space.units if units is None else units) if unit not in stored["values"]]
     for unit in tqdm(todo, desc=desc, disable=not progress, leave=False):
         row = {}
         for variant in variants(unit) if callable(variants) else variants:

@@ -186,10 +186,6 @@ def test_a_family_deci_does_not_run_is_refused_naming_those_it_does(tmp_path: Pa
         ({"search": {"structure": {"ffn": [1.5]}}}, "fractions of the teacher's in (0, 1]"),
         ({"search": {"structure": {"kv_groups": [-1]}}}, "0 or more"),
         ({"search": {"structure": {"kv_groups": [0]}}}, "offer a count above 0 too"),
-        (
-            {"search": {"budget": {"size": "50%"}, "generations": {}, "baselines": ["additive"]}},
-            "the additive seed sums per-unit bytes",
-        ),
     ],
 )
 def test_a_structure_section_that_cannot_ship_is_one_line(tmp_path: Path, section: dict, message: str) -> None:

@@ -342,3 +342,45 @@ def test_a_size_budget_below_what_types_alone_reach_is_met_by_searching_shapes(t
     session = CompressionSession(Config.model_validate(raw), cache_dir=location.cache_dir)
     best = min(generated, key=lambda trial: trial.loss)
     assert session.size(space.plan_from_params(best.params)).total_bytes == best.size_bytes
+
+
+def test_the_additive_seed_chooses_block_shapes_where_types_alone_cannot_fit(tmp_path: Path) -> None:
+    """`baselines: [additive]` with `search.structure`: each block's shapes measured alone beside each unit's types,
+    the knapsack over both; under a ceiling no plan of the teacher's shapes fits, the seed narrows or removes blocks
+    and is a plan under the ceiling, its size the exact size of its file."""
+    from autocompress.additive import additive_allocation
+    from autocompress.config import Config
+    from autocompress.search import run_search
+    from autocompress.search.study import study_size_ceiling
+
+    model_dir = tmp_path / "model"
+    teacher().save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    structure = {"ffn": [1, 0.5], "kv_groups": [2, 1], "drop_blocks": True, "distillation": {"steps": 1}}
+    search = {
+        "sparsity": [0.0],
+        "bits": [16],
+        "formats": ["q4_k", "q8_0"],
+        "budget": {"size": "20%"},  # below q4_k everywhere (4.5 bits of 16)
+        "baselines": ["uniform", "additive"],
+        "generations": {"offspring": 2, "stages": [0.5, 1.0], "survivors": [2, 1]},
+        "loss": "kl",
+        "structure": structure,
+    }
+    raw = tiny_study_config(tmp_path, model_dir, compression={"target": "gguf"}, search=search)
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    location = StudyLocation.resolve("additive", tmp_path / "results")
+    study = run_search(Config.model_validate(raw), location, n_trials=2, progress=False)
+    record = StudyRecord.of(study)
+    space = SearchSpace.of_record(record)
+    (seed,) = [trial for trial in scored_records(study) if trial.baseline == "additive"]
+    plan = space.plan_from_params(seed.params)
+    assert plan.structure and seed.size_bytes <= int(0.2 * record.dense_bytes)
+    session = CompressionSession(Config.model_validate(raw), cache_dir=location.cache_dir)
+    assert session.size(plan).total_bytes == seed.size_bytes
+    session_space = SearchSpace(session.config, session.units, session.unit_levels())
+    ceiling = study_size_ceiling(session, session_space)
+    teachers = {unit: len(ceiling.levels[unit]) - 1 if unit in ceiling.shapes else 0 for unit in ceiling.units}
+    assert not ceiling.fits(teachers)  # the teacher's shapes at the smallest types: over the ceiling
+    assert ceiling.params_of(additive_allocation(session, session_space, ceiling), "format") == seed.params
+    assert list((location.cache_dir / session.inputs_key / "profiles").glob("additive-structure-*.json"))
