@@ -135,6 +135,11 @@ def uniform_allocation(grid: BudgetGrid) -> Allocation:
     return allocation
 
 
+def below_the_smallest_plan(ceiling: int, smallest: int) -> str:
+    """Why a size budget is refused: no plan fits under its `ceiling`, the smallest taking `smallest` bytes."""
+    return f"the size budget of {ceiling:,} bytes is below the smallest plan's {smallest:,} bytes"
+
+
 class SizeCeiling:
     """Levels per unit (fewest bits first) under a ceiling on the model's bytes, for a size budget.
 
@@ -153,7 +158,7 @@ class SizeCeiling:
         self.ceiling = ceiling
         smallest = self.total(dict.fromkeys(self.units, 0))
         if smallest > ceiling:
-            raise ValueError(f"the size budget of {ceiling:,} bytes is below the smallest plan's {smallest:,} bytes")
+            raise ValueError(below_the_smallest_plan(ceiling, smallest))
 
     def total(self, allocation: Mapping[str, int]) -> int:
         return self.fixed + sum(self.unit_bytes[unit][index] for unit, index in allocation.items())
@@ -269,7 +274,7 @@ class StructuredCeiling(SizeCeiling):
         self._totals: dict[tuple[int, ...], int] = {}
         smallest = self.total(dict.fromkeys(self.units, 0))
         if smallest > ceiling:
-            raise ValueError(f"the size budget of {ceiling:,} bytes is below the smallest plan's {smallest:,} bytes")
+            raise ValueError(below_the_smallest_plan(ceiling, smallest))
 
     def param(self, unit: str, key: str) -> str:
         return unit if unit in self.shapes else f"{unit}.{key}"

@@ -135,3 +135,26 @@ def test_a_search_that_cannot_be_judged_ends_in_one_line_and_writes_no_verdict(
     (line,) = [line for line in printed if "llama.cpp verdict" in line]
     assert line.startswith("no llama.cpp verdict against Q4_K_M: ") and why in line
     assert not [path for path in (results / "verdict").iterdir() if path.name.startswith("verdict")]
+
+
+def test_a_preset_budget_no_plan_of_the_levels_fits_is_refused_before_the_model_loads_or_a_study_is_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Q2_K's file is smaller than every plan of q8_0 and f16: refused in one line from the model's config alone (the
+    folder holds no weights), and no storage is written."""
+    model_dir = tmp_path / "model"
+    tiny_model("mistral").config.save_pretrained(model_dir)  # the config alone: loading the model would fail
+    bpe_tokenizer().save_pretrained(model_dir)
+    generations = {"offspring": 2, "stages": [0.5, 1.0], "survivors": [2, 1]}
+    search = {"sparsity": [0.0], "bits": [16], "formats": ["q8_0", "f16"], "budget": {"size": "q2_k"}}
+    raw = tiny_study_config(
+        tmp_path, model_dir, compression={"target": "gguf"}, search=search | {"generations": generations}
+    )
+    config = write_yaml(tmp_path / "impossible.yaml", raw)
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", str(config), "--results", str(results)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert line.startswith("autocompress: error: search.budget: the size budget of ") and "smallest plan" in line
+    assert not results.exists()

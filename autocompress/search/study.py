@@ -50,6 +50,7 @@ from autocompress.search.objective import speed_floor_tps, study_speed_model
 from autocompress.search.space import SearchSpace
 from autocompress.search.storage import load_study, open_storage
 from autocompress.session import CompressionSession
+from autocompress.targets import target_named
 from autocompress.targets.base import PresetSeed
 
 
@@ -119,9 +120,11 @@ def check_objectives(config: Config, study: optuna.Study) -> None:
 
 
 def check_before_loading(config: Config, location: StudyLocation) -> None:
-    """What a search can check before its model loads (which takes minutes for a large one): that its storage
+    """What a search can check before its model loads (which takes minutes for a large one): what its target can
+    refuse from the model's config alone (before anything is stored: `Target.check_search`), that its storage
     opens, and that a study of its name, if there is one, was created with this search space (its units as
     stored: the model config that determines them is part of the space)."""
+    target_named(config.compression.target).for_config(config).check_search(config)
     search = config.search
     storage = open_storage(location.storage_url, search.heartbeat_interval, search.grace_period)
     if location.name not in {summary.study_name for summary in optuna.get_all_study_summaries(storage)}:

@@ -2,7 +2,9 @@
 
 A target (`compression.target`) decides
 - which levels a unit may take: `check_config` refuses, in one line and before any model is loaded, the sparsity
-  and levels its runtime cannot run; `check_model` refuses those the model's shapes rule out, from its config alone;
+  and levels its runtime cannot run; `check_model` refuses those the model's shapes rule out, from its config alone,
+  and `check_search` what else a search can be refused for before anything is stored (gguf: a size budget below the
+  smallest plan);
 - its units and their bytes, through the weights backend (`Weights`) it builds for a session: the backend
   discovers the units, quantizes, caches and stitches them into the resident model (with rollback), and counts a
   plan's bytes as the runtime stores them, so Size is what ships;
@@ -174,6 +176,12 @@ class Target(ABC):
     def check_model(self, config: Config) -> None:
         """Raise UserError (one line) for a level the model's Linears cannot take, reading its config only."""
         return None
+
+    def check_search(self, config: Config) -> None:
+        """Raise UserError (one line) for a search of the config that cannot run, reading the model's config only
+        (`search` calls it before the study's storage opens): what `check_model` refuses, and whatever else the
+        target can tell without the weights."""
+        self.check_model(config)
 
     def conclude(self, study: optuna.Study, location: StudyLocation) -> list[str]:
         """After a search or `report`: write what the target's runtime judges of the study's result beside its

@@ -50,6 +50,25 @@ def preset_ceiling(config: Config, preset: str) -> int:
     return file_bytes - metadata_bytes
 
 
+def check_size_budget(config: Config) -> None:
+    """A UserError (one line) for a size budget below the smallest plan of a gguf study without block shapes (every
+    unit at its first level), from the model's config alone: what a study refuses once its model loads
+    (`search.study.check_budget`), refused before. The smallest plan with block shapes is a deci file whose layout
+    needs the model's blocks, so that refusal waits for the model."""
+    from autocompress.allocation import below_the_smallest_plan
+    from autocompress.targets.gguf.weights import space_levels
+
+    budget = config.search.budget
+    if budget is None or budget.dimension != "size" or config.search.structure is not None:
+        return
+    _, tensors, layout = _layout(config.model.model_dump_json(), config.compression.granularity)
+    levels = space_levels(config)
+    smallest = layout.file_bytes({f"{tensor.module}.weight": levels[tensor.unit][0] for tensor in tensors})
+    ceiling = budget.max_bytes(layout.file_bytes(), config)
+    if smallest > ceiling:
+        raise UserError(f"search.budget: {below_the_smallest_plan(ceiling, smallest)}")
+
+
 @functools.lru_cache(maxsize=16)
 def _sizes(config_json: str, preset: str) -> tuple[int, int]:
     """(the preset's file bytes, the bytes an export's metadata adds to a trial's) for the study of `config_json`."""

@@ -19,7 +19,7 @@ from autocompress.structure import check_levels
 from autocompress.targets.base import ExportInput, PresetSeed, Target, Written
 from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_evaluation_lines, gguf_file
 from autocompress.targets.gguf.file import GGUF_FILE, gguf_layout, tokenizer_gguf, write_gguf, write_gguf_tensors
-from autocompress.targets.gguf.preset_sizes import preset_ceiling, preset_names
+from autocompress.targets.gguf.preset_sizes import check_size_budget, preset_ceiling, preset_names
 from autocompress.targets.gguf.speed import PlanSpeed
 from autocompress.targets.gguf.weights import GgufWeights, check_config, preset_seeds, space_levels
 
@@ -55,6 +55,10 @@ class GgufTarget(Target):
         space_levels(config)
         if config.search.structure is not None:
             check_structure_levels(config)
+
+    def check_search(self, config: Config) -> None:
+        self.check_model(config)
+        check_size_budget(config)
 
     def weights(self, session: CompressionSession) -> GgufWeights:
         """The GGUF units of the session's resident model; their importance needs lm_head's inputs too."""
