@@ -679,54 +679,80 @@ main(sys.argv[4:])
 
 
 def race_generation_workers(
-    space: Path, out: Path, rounds: int, trials_per_round: int, workers: int = 2, delay: float = 0.5
+    space: Path,
+    out: Path,
+    rounds: int,
+    trials_per_round: int,
+    workers: int = 2,
+    delay: float = 0.5,
+    storage: str | None = None,
 ) -> FaultRun:
     """`rounds` times, `workers` generation workers (`autocompress worker`, one process each, in the environments
-    `worker --n-workers` gives its processes) continue one generations study on SQLite by `trials_per_round`
-    trials. The race is forced: the workers start their first generation together, draw the same offspring (one
-    seed) and take `delay` s over each write that records a plan, so they score the same plans and reach the write
-    together. Each plan that more than one worker scored on the whole pool is a race injected; it survived when the
-    study holds it once. Data lost: complete trials holding a plan another one holds, trials lost or changed, files
-    that do not read back whole, and rounds that did not reach their trial count."""
+    `worker --n-workers` gives its processes) continue one generations study by `trials_per_round` trials. On
+    SQLite they share its results folder, as workers on one machine do; on a `storage` server (PostgreSQL) each
+    has a results folder of its own, as workers on separate machines would, so no file lock is common to them.
+    The race is forced: the workers start their first generation together, draw the same offspring (one seed) and
+    take `delay` s over each write that records a plan, so they score the same plans and reach the write together.
+    Each plan that more than one worker scored on the whole pool is a race injected; it survived when the study
+    holds it once. Data lost: complete trials holding a plan another one holds, trials lost or changed, files that
+    do not read back whole, and rounds that did not reach their trial count."""
     from autocompress.config import Config
     from autocompress.search import StudyLocation, run_search
     from autocompress.search.worker import worker_environments
 
     began = time.perf_counter()
     study = f"racing-{uuid.uuid4().hex[:8]}"
-    url = storage_url(out, study, None)
+    url = storage_url(out, study, storage)
     config = Config.model_validate(yaml.safe_load(space.read_text()))
-    run_search(config, StudyLocation.resolve(study, out), n_trials=1, progress=False, write_reports=False)  # seeds
+    run_search(config, StudyLocation.resolve(study, out, storage), n_trials=1, progress=False, write_reports=False)
+    results = [out if storage is None else out / f"machine-{index}" for index in range(workers)]
     lost = 0
     raced: set[str] = set()
-    for race in range(rounds):
-        before = completed(url, study)
-        folder = out / f"race-{race}"
-        folder.mkdir(parents=True)
-        command = ["worker", "--study", study, "--results", str(out), "--n-trials", str(len(before) + trials_per_round)]
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-c", RACER, str(delay), str(folder), str(workers), *command, "--quiet"],
-                env=environment,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for environment in worker_environments(workers)
-        ]
-        errors = [process.communicate(timeout=600)[1] for process in processes]
-        failed = [error[-500:] for process, error in zip(processes, errors, strict=True) if process.returncode != 0]
-        for stderr in failed:
-            print(f"a racing worker failed: {stderr}")
-        now = completed(url, study)
-        lost += lost_trials(before, now) + bool(failed or len(now) < len(before) + trials_per_round)
-        scored_by = [set(path.read_text().splitlines()) for path in folder.glob("scored-*.jsonl")]
-        raced |= {plan for plan in set().union(*scored_by) if sum(plan in plans for plans in scored_by) > 1}
-    trials = optuna.load_study(study_name=study, storage=url).get_trials(states=(TrialState.COMPLETE,))
+    try:
+        for race in range(rounds):
+            before = completed(url, study)
+            folder = out / f"race-{race}"
+            folder.mkdir(parents=True)
+            command = ["worker", "--study", study, "--n-trials", str(len(before) + trials_per_round), "--quiet"]
+            command += ["--storage", storage] if storage else []
+            processes = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        RACER,
+                        str(delay),
+                        str(folder),
+                        str(workers),
+                        *command,
+                        "--results",
+                        str(at),
+                    ],
+                    env=environment,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for environment, at in zip(worker_environments(workers), results, strict=True)
+            ]
+            errors = [process.communicate(timeout=600)[1] for process in processes]
+            failed = [error[-500:] for process, error in zip(processes, errors, strict=True) if process.returncode != 0]
+            for stderr in failed:
+                print(f"a racing worker failed: {stderr}")
+            now = completed(url, study)
+            lost += lost_trials(before, now) + bool(failed or len(now) < len(before) + trials_per_round)
+            scored_by = [set(path.read_text().splitlines()) for path in folder.glob("scored-*.jsonl")]
+            raced |= {plan for plan in set().union(*scored_by) if sum(plan in plans for plans in scored_by) > 1}
+        trials = optuna.load_study(study_name=study, storage=url).get_trials(states=(TrialState.COMPLETE,))
+    finally:
+        if storage:
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=study, storage=storage)
     holding = [json.dumps(trial.params, sort_keys=True) for trial in trials]
-    lost += len(holding) - len(set(holding)) + broken_files(out / study)
+    lost += len(holding) - len(set(holding)) + broken_files(out)
     survived = sum(holding.count(plan) == 1 for plan in raced)
-    return FaultRun("racing-generation-workers", len(raced), survived, lost, time.perf_counter() - began)
+    kind = "racing-generation-workers" + ("" if storage is None else "-" + storage.split(":")[0].split("+")[0])
+    return FaultRun(kind, len(raced), survived, lost, time.perf_counter() - began)
 
 
 EARLIER_KINDS = ("sigkill", "disk-full-variants", "corrupted-cache", "locked-study-database", "truncated-artifact")
@@ -848,7 +874,10 @@ def main() -> None:
             runs.append(corrupt_gguf_blocks(write_yaml(work / "gguf.yaml", gguf), work / "gguf-blocks", 8, files=12))
         if "racing-generation-workers" in kinds:
             racing = generations | {"compression": generations["compression"] | {"granularity": "linear"}}
-            runs.append(race_generation_workers(write_yaml(work / "racing.yaml", racing), work / "racing", 5, 6))
+            racing_space = write_yaml(work / "racing.yaml", racing)
+            runs.append(race_generation_workers(racing_space, work / "racing", 5, 6))
+            if args.storage and postgres_available():
+                runs.append(race_generation_workers(racing_space, work / "racing-pg", 5, 6, storage=args.storage))
     print(write_runs(runs).to_string(index=False))
 
 

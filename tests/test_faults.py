@@ -798,12 +798,16 @@ def test_gguf_block_files_flipped_cut_short_or_without_their_digest_are_quantize
     assert (run.injected, run.survived, run.data_lost) == (3, 3, 0)
 
 
-# 12. Generation workers on one machine record each plan once.
+# 12. Generation workers record each plan once: on one machine, and on several machines sharing a PostgreSQL study.
 
 
+@pytest.mark.parametrize(
+    "storage", [pytest.param(None, id="sqlite"), pytest.param(POSTGRES_URL, id="postgresql", marks=needs_postgres)]
+)
 def test_generation_workers_racing_to_record_the_plans_they_all_scored_record_each_once(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, storage: str | None
 ) -> None:
+    """On PostgreSQL each worker has a results folder of its own, as on separate machines: no file lock is common."""
     search = {
         "sparsity": [0.1, 0.2, 0.3, 0.4, 0.5],
         "bits": [16],
@@ -812,7 +816,7 @@ def test_generation_workers_racing_to_record_the_plans_they_all_scored_record_ea
     }
     config = tiny_study_config(tmp_path, tiny_model_dir, compression={"granularity": "linear"}, search=search)
     space = write_yaml(tmp_path / "generations.yaml", config)
-    run = race_generation_workers(space, tmp_path / "results", rounds=1, trials_per_round=2)
+    run = race_generation_workers(space, tmp_path / "results", rounds=1, trials_per_round=2, storage=storage)
     assert run.injected >= 1 and (run.survived, run.data_lost) == (run.injected, 0)
 
 

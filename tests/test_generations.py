@@ -28,6 +28,7 @@ from autocompress.search import SearchSpace, generations, run_search
 from autocompress.search.generations import GenerationSearch, selection_stages
 from autocompress.search.objective import Objective
 from autocompress.search.ray_backend import run_ray_search
+from autocompress.search.storage import recording_lock
 from autocompress.search.study import study_session
 from autocompress.session import CompressionSession
 from tests.conftest import CLI, POSTGRES_URL, needs_postgres, run_together, tiny_study_config, wait_for, write_yaml
@@ -227,7 +228,7 @@ def test_two_workers_that_scored_the_same_plan_record_it_once(
     study = run_search(config, location, n_trials=1, progress=False, write_reports=False)  # its seed
     session, space = study_session(config, location.cache_dir)
     objective = Objective(config, session, space, StudyRecord.of(study).max_bytes())
-    lock = location.out_dir / ".record.lock"
+    lock = recording_lock(location.storage_url, "once", location.out_dir)
     workers = [GenerationSearch(study, objective, seed=0, recording_lock=lock) for _ in range(2)]
     for worker in workers:
         worker.read_study()

@@ -1,9 +1,12 @@
-"""Study storages travel to other processes intact."""
+"""Study storages travel to other processes intact, and the lock under which generation workers record a plan
+serializes them wherever they share the study."""
 
 from __future__ import annotations
 
 import multiprocessing
 import pickle
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from autocompress.search.storage import SQLiteStorage, open_storage
+from autocompress.search.storage import SQLiteStorage, open_storage, recording_lock
 from tests.conftest import POSTGRES_URL, needs_postgres
 
 
@@ -94,3 +97,43 @@ def test_a_trial_added_whole_reads_back_as_optuna_would_have_written_it(tmp_path
             assert stored.constraints == {"c": -1.0}
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+@needs_postgres
+def test_the_recording_lock_of_a_postgresql_study_serializes_workers_with_no_common_folder(tmp_path: Path) -> None:
+    """Generation workers on several machines share only the database: its lock serializes each study's recording
+    (a worker waits while another holds it), and the lock of another study does not wait."""
+    name = f"locked-{uuid.uuid4().hex[:8]}"
+    holder = recording_lock(POSTGRES_URL, name, tmp_path / "machine-a")
+    waiter = recording_lock(POSTGRES_URL, name, tmp_path / "machine-b")
+    other_study = recording_lock(POSTGRES_URL, f"other-{name}", tmp_path / "machine-b")
+    events: list[str] = []
+    held = threading.Event()
+
+    def hold() -> None:
+        with holder():
+            held.set()
+            time.sleep(1.0)
+            events.append("holder releases")
+
+    def wait() -> None:
+        held.wait(10)
+        with waiter():
+            events.append("waiter holds")
+
+    threads = [threading.Thread(target=hold), threading.Thread(target=wait)]
+    for thread in threads:
+        thread.start()
+    assert held.wait(10)
+    began = time.monotonic()
+    with other_study():
+        assert time.monotonic() - began < 0.5, "another study's lock is free while this one's is held"
+    for thread in threads:
+        thread.join(30)
+    assert events == ["holder releases", "waiter holds"]
+
+
+def test_the_recording_lock_of_a_study_on_one_machine_is_a_file_beside_it(tmp_path: Path) -> None:
+    for url in (f"sqlite:///{tmp_path / 'study.db'}", f"journal:{tmp_path / 'study.log'}"):
+        with recording_lock(url, "s", tmp_path / "s")() as lock:
+            assert lock.lock_file == str(tmp_path / "s" / ".record.lock")

@@ -18,10 +18,11 @@ A generation, with `search.generations` (offspring λ, stages, survivors):
    (`add_scored_trial`), with their parent and the number of scores the generation made. The best of them, if it
    beats the parent, is the study's best trial and so the next parent.
 
-Workers on one machine record a plan once: each checks the study for it and records it under one lock beside the
-study (`recording_lock`), so of two workers that scored the same plan the second finds it recorded and drops its
-copy. Workers on several machines sharing a PostgreSQL study hold no common lock: there the check just before
-recording leaves a window of one storage write in which both may record it (the record names its `worker`).
+Workers record a plan once: each reads the study again and records its new plans under the study's recording
+lock (`storage.recording_lock`), so of two workers that scored the same plan the second finds it recorded and drops
+its copy. On PostgreSQL the lock is the database's (an advisory lock keyed by the study's name), so this holds for
+workers on any machines sharing the study. On any other storage it is a file lock in the study's results folder,
+which holds for the workers on one machine sharing that folder: every worker of a SQLite or journal-file study.
 
 Only those trials are stored: no running trial, heartbeat or per-parameter write exists for the plans that lose a
 stage. That is what keeps bookkeeping per evaluation small (benchmarks/overhead.py). A kill loses only the
@@ -38,12 +39,10 @@ import random
 import socket
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import optuna
-from filelock import FileLock
 from optuna.trial import TrialState
 
 from autocompress.allocation import BudgetGrid, SizeCeiling, uniform_allocation
@@ -55,6 +54,7 @@ from autocompress.record import StudyRecord, TrialRecord, add_scored_trial, plan
 from autocompress.search.evolution import level_switches
 from autocompress.search.objective import Objective, failure_reason, stage_window
 from autocompress.search.space import Params
+from autocompress.search.storage import RecordingLock
 from autocompress.search.study import study_size_ceiling
 from autocompress.size import SizeReport
 from autocompress.targets.base import Speed
@@ -111,10 +111,10 @@ class GenerationSearch:
     """Runs generations on one study until it holds a number of finished trials (see the module docstring)."""
 
     def __init__(
-        self, study: optuna.Study, objective: Objective, seed: int, recording_lock: Path | None = None
+        self, study: optuna.Study, objective: Objective, seed: int, recording_lock: RecordingLock = nullcontext
     ) -> None:
         self.study = study
-        self.recording_lock = recording_lock  # shared by the processes on this machine that search the study
+        self.recording_lock = recording_lock  # shared by the workers that search the study (`record_new`)
         self.objective = objective
         self.space = objective.space
         self.settings = objective.config.search.generations
@@ -279,15 +279,12 @@ class GenerationSearch:
     def record_new(self, candidates: Sequence[Candidate], parent: int | None, evaluations: int) -> int:
         """Record the candidates that are plans the study does not hold yet; how many. The study is read again, and
         the plans recorded, under the recording lock: a plan another worker recorded meanwhile is dropped here."""
-        with self._locked():
+        with self.recording_lock():
             self.read_study()
             new = [c for c in candidates if c.number is None and tuple(c.levels.values()) not in self._seen]
             for candidate in new:
                 self.record(candidate, parent, evaluations)
         return len(new)
-
-    def _locked(self) -> AbstractContextManager:
-        return nullcontext() if self.recording_lock is None else FileLock(self.recording_lock)
 
     def score(self, candidate: Candidate, windows: int) -> bool:
         """Score `candidate` on the windows it lacks up to `windows`; whether it could be scored."""

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from contextlib import nullcontext
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -21,6 +21,7 @@ from autocompress.search.generations import GenerationSearch
 from autocompress.search.heldout import Pending, judge_pending
 from autocompress.search.objective import Objective, OptunaTrialContext
 from autocompress.search.space import SearchSpace
+from autocompress.search.storage import RecordingLock, recording_lock
 from autocompress.search.study import check_budget, prepare_study, study_session
 
 
@@ -39,7 +40,7 @@ class LocalEngine(Engine):
 
     def prepare(self, study: optuna.Study, location: StudyLocation) -> None:
         prepare_study(study, self.session, self.space, location)
-        self.recording_lock = location.out_dir / ".record.lock"  # generation workers on this machine share it
+        self.recording_lock = recording_lock(location.storage_url, study.study_name, location.out_dir)
 
     def run(
         self,
@@ -127,12 +128,12 @@ def run_generations(
     seed: int,
     bar: ProgressBar,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
-    recording_lock: Path | None = None,
+    recording_lock: RecordingLock = nullcontext,
 ) -> GenerationSearch:
     """A generations search (`search.generations`): the enqueued seeds (baselines) first, as trials of their own
     through Optuna's loop (heartbeats and retries included), then generations until the study holds `n_trials`
-    finished trials or `timeout` seconds pass; a UserError when it stops after `max_failures` in a row. The processes
-    sharing `recording_lock` record each plan once (`GenerationSearch.record_new`)."""
+    finished trials or `timeout` seconds pass; a UserError when it stops after `max_failures` in a row. The workers
+    sharing `recording_lock` (`storage.recording_lock`) record each plan once (`GenerationSearch.record_new`)."""
     deadline = time.monotonic() + (math.inf if timeout is None else timeout)
 
     def seeds_waiting(study: optuna.Study) -> bool:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -160,6 +162,43 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             attempt += 1
         except Exception as error:  # SQLAlchemy raises many types for bad URLs and unreachable servers
             raise unopenable(url, error) from error
+
+
+RecordingLock = Callable[[], AbstractContextManager[object]]
+
+
+def recording_lock(storage_url: str, study_name: str, out_dir: Path) -> RecordingLock:
+    """The lock under which generation workers check a study for a plan and record it, so that each plan is
+    recorded once: a new context manager per call, held for one check-and-record.
+
+    On PostgreSQL it is the database's own (`advisory_lock`), so it serializes workers on every machine sharing the
+    study. For any other storage it is a file lock in the results folder `out_dir`, which serializes the processes
+    on this machine that share that folder: all of them for SQLite and journal files, which live on one machine;
+    workers on several machines sharing another server database (MySQL) are not serialized."""
+    if storage_url.split(":", 1)[0].split("+", 1)[0] == "postgresql":
+        return advisory_lock(storage_url, study_name)
+    path = out_dir / ".record.lock"
+    return lambda: FileLock(path)
+
+
+def advisory_lock(storage_url: str, study_name: str) -> RecordingLock:
+    """A PostgreSQL transaction-level advisory lock keyed by the study's name, taken on a connection of its own.
+
+    Transaction-level, so the server releases it whenever the transaction ends: at commit, at rollback on an error,
+    or with the connection when the process dies; a session-level lock is released only by an explicit unlock or
+    the end of the session. The key is a 64-bit hash of the name, stable across processes and machines (unlike
+    Python's `hash`); the prefix keeps it apart from other applications' advisory locks on the same database."""
+    digest = hashlib.blake2b(f"autocompress.record:{study_name}".encode(), digest_size=8).digest()
+    key = int.from_bytes(digest, "big", signed=True)
+    engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
+
+    @contextmanager
+    def locked() -> Iterator[None]:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+            yield
+
+    return locked
 
 
 def unopenable(url: str, error: BaseException) -> UserError:
