@@ -528,8 +528,6 @@ class SearchConfig(Section):
                 "objectives: generations select the lowest loss under a budget, one objective; keep [loss, size] and "
                 "give the speed as a floor, search.min_speed"
             )
-        if self.uses_speed and self.structure is not None:
-            raise ValueError("structure: the speed model predicts llama's architecture, not deci's; drop the speed")
         return self
 
     def _formats_are_valid(self) -> None:

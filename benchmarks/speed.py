@@ -153,11 +153,11 @@ def write_files(folder: Path, quick: bool, model, tokenizer, calibration: torch.
         if not path.is_file():
             say(f"writing {name}")
             write_gguf_tensors(model, tokenizer, weights.blocks_of(plan), path, tokenizer_source=embedded_gguf())
-        tensors, layers = speed.plan_tensors(weights, plan)
-        _, from_file, file_layers = speed.file_architecture(path)
-        if sorted(tensors) != sorted(from_file) or layers != file_layers:
+        tensors, blocks = speed.plan_tensors(weights, plan, model.config)
+        _, from_file, file_blocks = speed.file_architecture(path)
+        if sorted(tensors) != sorted(from_file) or blocks != file_blocks:
             raise AssertionError(f"{name}: the plan's matrices differ from its file's")
-        rows.append({"row": name, "kind": "plan", "path": path, "tensors": tensors, "layers": layers})
+        rows.append({"row": name, "kind": "plan", "path": path, "tensors": tensors, "blocks": blocks})
     return rows
 
 
@@ -520,9 +520,9 @@ def main() -> None:
     architecture = speed.Architecture.of_config(model.config)
     types = set()
     for row in rows:
-        _, tensors, layers = speed.file_architecture(row["path"])
+        _, tensors, blocks = speed.file_architecture(row["path"])
         row.setdefault("tensors", tensors)
-        row.setdefault("layers", layers)
+        row.setdefault("blocks", blocks)
         types |= {type_name for type_name, _ in row["tensors"]}
     say(f"speed table for {sorted(types)} on {args.threads} thread(s); load average {load_before}")
     table = speed.speed_table(
@@ -546,7 +546,7 @@ def main() -> None:
 
     records = []
     for row in rows:
-        predicted = table.predict(row["tensors"], row["layers"])
+        predicted = table.predict(row["tensors"], row["blocks"])
         measured: Timing = row["measured"]
         ppl, kld = judged.get(row["row"], (None, None))
         records.append(

@@ -229,3 +229,70 @@ def test_the_ray_backend_asks_one_metric_per_direction_speed_maximized() -> None
     assert searcher._metric == ["value_0", "value_1", "value_2"] and searcher._mode == ["min", "min", "max"]
     scalar = StudySearcher(optuna.create_study(), SearchSpace(Config(), ["model.layers.0"]), n_trials=1)
     assert scalar._metric == "value_0" and scalar._mode == "min"
+
+
+def test_a_structure_and_speed_study_runs_from_the_cli_and_predicts_each_blocks_shape(tmp_path: Path, capsys) -> None:
+    """`search.structure` with the speed objective: the table holds the alternatives the structure offers (timed
+    on llama.cpp's deci probes), and a structural trial's predicted decode time is exactly the table's sum over its
+    blocks (nothing for a removed one) and its matrices at their own shapes; export --pick fastest writes it."""
+    require(llama_cpp_available())
+    from autocompress.session import CompressionSession
+    from autocompress.targets.gguf.speed import plan_tensors
+    from tests.conftest import tiny_study_config
+    from tests.test_gguf_export import SEQ_LEN, bpe_tokenizer
+    from tests.test_structure_gguf import teacher
+
+    model_dir = tmp_path / "model"
+    teacher().save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    structure = {"ffn": [1, 0.5], "kv_groups": [2, 1, 0], "drop_blocks": True, "distillation": {"steps": 1}}
+    search = {
+        "sparsity": [0.0],
+        "bits": [16],
+        "formats": ["q4_k", "q8_0"],
+        "n_trials": 8,
+        "loss": "kl",
+        "structure": structure,
+        "objectives": ["loss", "size", "speed"],
+        "speed_threads": 1,
+    }
+    raw = tiny_study_config(tmp_path, model_dir, compression={"target": "gguf"}, search=search)
+    raw["data"] |= {"seq_len": SEQ_LEN, "heldout": 2}
+    config = write_yaml(tmp_path / "shapes.yaml", raw)
+    results = tmp_path / "results"
+    main(["search", str(config), "--results", str(results), "--quiet"])
+    capsys.readouterr()
+
+    location = StudyLocation.resolve("shapes", results)
+    study = optuna.load_study(study_name="shapes", storage=location.storage_url)
+    record = StudyRecord.of(study)
+    session = CompressionSession(Config.model_validate(raw), cache_dir=location.cache_dir)
+    from autocompress.search.space import SearchSpace
+
+    space = SearchSpace.of_record(record)
+    speed = session.target.speed_model(session)  # the cached table: nothing is measured again
+    table = speed.table
+    assert set(table.sub_blocks) == {"ffn:256", "attention:1", "attention:0"}  # the teacher's FFN is 512 wide
+    structural = [trial for trial in scored_records(study) if space.plan_from_params(trial.params).structure]
+    assert structural, "no sampled trial changed a block's shape"
+    for trial in structural:
+        plan = space.plan_from_params(trial.params)
+        tensors, blocks = plan_tensors(session.weights, plan, session.model.config)
+        seconds = table.fixed.decode_s + table.head.decode_s
+        for index, block in enumerate(blocks):
+            shape = plan.structure.get(f"model.layers.{index}")
+            if shape is not None and shape.removed:
+                continue
+            seconds += table.layer.decode_s
+            if shape is not None and shape.kv_groups is not None and shape.kv_groups < 2:
+                seconds += table.sub_blocks[f"attention:{shape.kv_groups}"].decode_s
+            if shape is not None and shape.ffn < 1:
+                seconds += table.sub_blocks[f"ffn:{block.intermediate_size}"].decode_s
+        seconds += sum(table.delta(type_name, matrix).decode_s for type_name, matrix in tensors)
+        assert trial.predicted_decode_tps == pytest.approx(1 / seconds, rel=1e-9)
+
+    fastest = max(frontier_of(scored_records(study), speed=True), key=lambda trial: trial.predicted_decode_tps)
+    arguments = ["export", "--study", "shapes", "--results", str(results), "--pick", "fastest", "--json"]
+    code, out, err = run_main([*arguments, "--out", str(tmp_path / "fastest")], capsys)
+    assert code == 0, err
+    assert json.loads(out)["trial"] == fastest.number

@@ -183,7 +183,8 @@ def test_the_deci_file_holds_the_bytes_accounted_and_llama_cpp_computes_what_was
         level = session.weights.levels(plan)[tensor.unit]
         assert stored[tensor.gguf_name] == storable_level(level, tensor.shape[1])
     assert any(isinstance(tensor, AlternativeTensor) for tensor in session.weights.active(plan))
-    matrices, _layers = plan_tensors(session.weights, plan)  # what the speed model sees: the file's own matrices
+    # what the speed model sees: the file's own matrices
+    matrices, _blocks = plan_tensors(session.weights, plan, session.model.config)
     computed = [tensor for tensor in reader.tensors if len(tensor.shape) == 2 and tensor.name != "token_embd.weight"]
     assert sorted(shape for _, shape in matrices) == sorted(
         tuple(reversed(tensor.shape.tolist())) for tensor in computed
@@ -215,6 +216,7 @@ def test_export_writes_the_trial_as_a_deci_gguf_that_evaluate_runs(study: tuple[
     evaluated = subprocess.run([*CLI, "evaluate", str(path), "--json"], check=True, capture_output=True, text=True)
     result = json.loads(evaluated.stdout)
     assert result["runtime"] == "llama.cpp" and result["trial"] == trial.number
+    assert "speed_note" not in result and result["predicted_decode_tps"] > 0  # predicted at its blocks' shapes
     assert result["heldout_kl"] == pytest.approx(result["predicted_heldout_kl"], rel=0.05, abs=2e-3)
 
 

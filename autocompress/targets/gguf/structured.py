@@ -71,7 +71,7 @@ from autocompress.variants import save_atomically
 if TYPE_CHECKING:
     from autocompress.config import StructureConfig
     from autocompress.plan import CompressionPlan
-    from autocompress.targets.gguf.file import GgufLayout
+    from autocompress.targets.gguf.file import GgufLayout, TensorSlot
 
 # llama.cpp's tensor_type_fallback, with IQ4_XS going to its 32-block sibling IQ4_NL.
 FALLBACK = {**_FALLBACK, "iq4_xs": "iq4_nl"}
@@ -439,21 +439,31 @@ class StructuredGgufWeights(GgufWeights):
             self._layouts[key] = reshaped_layout(self._deci, skeleton, self._deci_kv_bytes)
         return self._layouts[key]
 
+    def _slot_levels(self, plan: CompressionPlan) -> list[tuple[TensorSlot, UnitTensor, str]]:
+        """The tensors of the deci file of the plan's shapes that a unit sets the type of: each one's slot, the
+        teacher's tensor it takes the place of, and the type it stores (shapes alone: nothing is built)."""
+        levels = self.levels(plan)
+        found = []
+        for key, slot in self.layout_for(plan).slots.items():
+            teacher = self.by_module.get(key.removesuffix(".weight"))
+            if teacher is not None and key.endswith(".weight"):
+                found.append((slot, teacher, storable_level(levels[teacher.unit], slot.shape[1])))
+        return found
+
+    def stored_shapes(self, plan: CompressionPlan) -> list[tuple[str, str, tuple[int, int]]]:
+        if not plan.structure:
+            return super().stored_shapes(plan)
+        return [(slot.name, level, slot.shape) for slot, _, level in self._slot_levels(plan)]
+
     def size(self, plan: CompressionPlan) -> SizeReport:
         """The exact bytes of the plan's file: the deci file of its shapes, each tensor in the type it stores."""
         if not plan.structure:
             return super().size(plan)
-        levels = self.levels(plan)
-        layout = self.layout_for(plan)
         types, per_layer = {}, {}
-        for key, slot in layout.slots.items():
-            teacher = self.by_module.get(key.removesuffix(".weight"))
-            if teacher is None or not key.endswith(".weight"):
-                continue
-            level = storable_level(levels[teacher.unit], slot.shape[1])
-            types[key] = level
+        for slot, teacher, level in self._slot_levels(plan):
+            types[slot.key] = level
             per_layer[teacher.module] = tensor_bytes(level, *slot.shape)
-        return SizeReport(layout.file_bytes(types), self.dense_bytes, per_layer)
+        return SizeReport(self.layout_for(plan).file_bytes(types), self.dense_bytes, per_layer)
 
     def blocks_of(self, plan: CompressionPlan) -> dict[str, GgufBlocks]:
         blocks = {}

@@ -15,7 +15,7 @@ from autocompress.errors import UserError
 from autocompress.files import staged_write
 from autocompress.models import CompressibleLinear, meta_model, module_name
 from autocompress.provenance import with_versions
-from autocompress.structure import check_levels
+from autocompress.structure import check_levels, ffn_width, teacher_shape
 from autocompress.targets.base import ExportInput, PresetSeed, Target, Written
 from autocompress.targets.gguf.evaluation import evaluate_gguf, gguf_evaluation_lines, gguf_file
 from autocompress.targets.gguf.file import GGUF_FILE, gguf_layout, tokenizer_gguf, write_gguf, write_gguf_tensors
@@ -93,16 +93,26 @@ class GgufTarget(Target):
 
     def speed_model(self, session: CompressionSession, presets: Sequence[str] = ()) -> PlanSpeed:
         """llama.cpp's speed table for the session's model on `search.speed_threads` threads, holding every level
-        the study's units may take and the `presets`' types; what the cache lacks is measured now (minutes for a
-        small model), once per machine."""
+        the study's units may take, the `presets`' types and the block alternatives `search.structure` offers;
+        what the cache lacks is measured now (minutes for a small model), once per machine."""
         levels = session.config.search.precision_levels()
+        structure = session.config.search.structure
+        config = session.model.config
+        teacher = teacher_shape(config)
+        sub_blocks = []
+        if structure is not None:
+            widths = {ffn_width(fraction, config) for fraction in structure.ffn}
+            sub_blocks += [("ffn", width) for width in sorted(widths) if width < teacher.intermediate_size]
+            groups = set(structure.kv_groups or ())
+            sub_blocks += [("attention", count) for count in sorted(groups) if count < teacher.num_key_value_heads]
         return PlanSpeed(
             session.weights,
-            session.model.config,
+            config,
             levels,
             session.config.search.speed_threads,
             presets,
             progress=lambda text: print(f"autocompress: {text}", flush=True),
+            sub_blocks=sub_blocks,
         )
 
     def export_refusal(self, format: str) -> str | None:

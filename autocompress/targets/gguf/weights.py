@@ -287,6 +287,11 @@ class GgufWeights(Weights):
         levels = self.levels(plan)
         return [(tensor, levels[tensor.unit]) for tensor in self.tensors]
 
+    def stored_shapes(self, plan: CompressionPlan) -> list[tuple[str, str, tuple[int, int]]]:
+        """Every tensor of the plan's file that a unit sets the type of: its GGUF name, the type it stores and its
+        [out, in], from shapes alone."""
+        return [(tensor.gguf_name, level, tensor.shape) for tensor, level in self.stored_tensors(plan)]
+
     def _path(self, module: str, level: str) -> Path:
         return self.cache / module / f"{level}.npy"
 
